@@ -1,0 +1,40 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both bootstrap .venv (Python >= 3.11) with everything they need; nothing else is assumed.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SRC    := $(shell find src connectors -name '*.py' -o -name '*.json' -o -name '*.md') pyproject.toml
+
+.PHONY: demo test test-fast bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Dependencies are (re)installed when pyproject.toml changes; the package itself whenever a source changes.
+$(VENV)/.deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet ".[test]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SRC)
+	$(BIN)/pip install --quiet --no-deps --force-reinstall .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/syncbridge demo
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/pip install --quiet ".[bench]"
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,81 @@
+"""The hash-chained audit log: every observed change and every write, tamper-evident.
+
+Each entry's hash covers its content and the previous entry's hash; ``audit_head`` holds the
+last sequence number and hash. Editing an entry breaks its hash, deleting one breaks the chain
+or the head. ``syncbridge audit --verify`` walks the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["GENESIS", "AuditWriter", "VerifyResult", "entry_hash", "verify"]
+
+GENESIS = "0" * 64
+
+
+def entry_hash(prev: str, seq: int, at: str, kind: str, connector: str | None, appointment_id: str | None, detail: str) -> str:
+    h = hashlib.sha256()
+    for part in (prev, str(seq), at, kind, connector or "", appointment_id or "", detail):
+        h.update(part.encode())
+        h.update(b"\x1f")
+    return h.hexdigest()
+
+
+class AuditWriter:
+    """Appends entries within the caller's transaction; reads the head once per transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        row = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        self.seq, self.hash = (row[0], row[1]) if row else (0, GENESIS)
+        self.rows: list[tuple[Any, ...]] = []
+
+    def add(self, at: str, kind: str, connector: str | None, appointment_id: str | None, detail: dict[str, Any]) -> None:
+        text = json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str)
+        seq = self.seq + 1
+        digest = entry_hash(self.hash, seq, at, kind, connector, appointment_id, text)
+        self.rows.append((seq, at, kind, connector, appointment_id, text, self.hash, digest))
+        self.seq, self.hash = seq, digest
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        self.conn.executemany("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?)", self.rows)
+        self.conn.execute(
+            "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+            (self.seq, self.hash),
+        )
+        self.rows = []
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    ok: bool
+    entries: int
+    head: str
+    problem: str = ""
+
+
+def verify(conn: sqlite3.Connection) -> VerifyResult:
+    prev, expected_seq, count = GENESIS, 1, 0
+    for seq, at, kind, connector, appointment_id, detail, prev_hash, digest in conn.execute(
+        "SELECT seq, at, kind, connector, appointment_id, detail, prev_hash, hash FROM audit ORDER BY seq"
+    ):
+        if seq != expected_seq:
+            return VerifyResult(False, count, prev, f"entry {expected_seq} is missing (next is {seq})")
+        if prev_hash != prev:
+            return VerifyResult(False, count, prev, f"entry {seq} does not follow entry {seq - 1}")
+        if entry_hash(prev, seq, at, kind, connector, appointment_id, detail) != digest:
+            return VerifyResult(False, count, prev, f"entry {seq} was altered (its hash does not match its content)")
+        prev, expected_seq, count = digest, seq + 1, count + 1
+    head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+    if count and (head is None or head[0] != count or head[1] != prev):
+        return VerifyResult(False, count, prev, f"the log ends at entry {count} but the head records entry {head[0] if head else 0}: entries were removed from the end")
+    if not count and head is not None:
+        return VerifyResult(False, 0, prev, "the log is empty but the head records entries: the log was truncated")
+    return VerifyResult(True, count, prev)

@@ -1,0 +1,285 @@
+"""The ``syncbridge`` command line. Every subcommand has ``--help``.
+
+Exit codes: 0 ok, 1 a check failed (audit broken, connector unreachable), 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from .config import PracticeConfig, load_config
+from .errors import ConfigError, MalformedRecord, SyncbridgeError
+from .model import CANCELLED_STATES, CancelKind, CancelledBy, iso
+from .store import Store
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG = os.environ.get("SYNCBRIDGE_CONFIG", "/etc/syncbridge/config.yaml")
+
+
+def _config(args: argparse.Namespace) -> PracticeConfig:
+    return load_config(args.config)
+
+
+def _store(cfg: PracticeConfig) -> Store:
+    return Store(cfg.store.path)
+
+
+def _table(rows: list[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [list(map(str, header))] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runtime import run_daemon
+
+    return run_daemon(args.config, _config(args))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    print(f"config ok: {len(cfg.clinicians)} clinicians, {len(cfg.connectors)} connectors, store {cfg.store.path}")
+    if args.no_connect:
+        return 0
+    from .registry import build_connectors
+
+    connectors = build_connectors(cfg)
+
+    async def probe() -> list[tuple[str, str, str, str]]:
+        rows = []
+        for name, c in connectors.items():
+            try:
+                seen = await asyncio.wait_for(c.check(), timeout=args.timeout)
+                rows.append((name, c.config.type, "ok", seen))
+            except SyncbridgeError as err:
+                rows.append((name, c.config.type, "FAILED", str(err)))
+            except TimeoutError:
+                rows.append((name, c.config.type, "FAILED", f"no answer within {args.timeout:.0f}s: check the URL and the firewall"))
+            finally:
+                await c.close()
+        return rows
+
+    rows = asyncio.run(probe())
+    print(_table(rows, ("connector", "type", "result", "detail / fix")))
+    return 0 if all(r[2] == "ok" for r in rows) else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    store = _store(cfg)
+    if args.appointment:
+        return _status_one(store, args.appointment)
+    counts = store.outbox_counts()
+    open_work = store.worklist()
+    rows = []
+    now = datetime.now(UTC)
+    for name, conn in cfg.connectors.items():
+        st = store.connector_state(name)
+        age = ""
+        if st["updated_at"]:
+            age = f"{(now - datetime.fromisoformat(st['updated_at'].replace('Z', '+00:00'))).total_seconds():.0f}s"
+        pending, dead = counts.get(name, (0, 0))
+        work = sum(1 for w in open_work if w.connector == name)
+        health = "ok" if st["healthy"] else f"UNHEALTHY: {st['note'] or ''}"
+        rows.append((name, conn.type, health, st["last_good_pull"] or "never", age, pending, dead, work))
+    print(_table(rows, ("connector", "type", "health", "last good pull", "cursor age", "outbox", "dead", "worklist")))
+    return 0
+
+
+def _status_one(store: Store, appointment_id: str) -> int:
+    appt = store.appointment(appointment_id)
+    if appt is None:
+        print(f"no appointment {appointment_id}", file=sys.stderr)
+        return 1
+    f = appt.fields
+    print(f"{appt.id}  v{appt.version}  {f['status']}  {appt.local_start:%a %Y-%m-%d %H:%M %Z}  clinician {f['clinician']}  billing {f['billing']}")
+    if f.get("cancellation"):
+        c = f["cancellation"]
+        print(f"cancelled by {c['by']} ({c['kind']}, fee {c['fee']}) at {c['at']} via {c['via']}")
+    rows = []
+    for link, applied_at in store.links_for(appt.id):
+        state = "current" if link.applied_version >= appt.version else "pending"
+        rows.append((link.connector, link.external_id or "-", f"v{link.applied_version}", applied_at or "-", "gone" if link.gone else state))
+    print(_table(rows, ("connector", "external id", "applied", "at", "copy")))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .policy.cancellation import decide
+
+    cfg = _config(args)
+    store = _store(cfg)
+    appt = store.appointment(args.appointment)
+    if appt is None:
+        print(f"no appointment {args.appointment}", file=sys.stderr)
+        return 1
+    if appt.fields["status"] in CANCELLED_STATES:
+        print(f"{appt.id} is already {appt.fields['status']}")
+        return 0
+    tags = frozenset(t for t, on in (("waive", args.waive), ("crisis", args.crisis)) if on)
+    status, record = decide(
+        cfg.policy.cancellation, start=appt.start, now=datetime.now(UTC), via="cli", tags=tags,
+        by=args.by, kind=args.kind, reason=args.reason,
+    )
+    engine = Engine(store, {}, cfg)
+    from .registry import build_connectors
+
+    engine.connectors = build_connectors(cfg)
+    version = engine.change(appt.id, dict(appt.fields) | {"status": status, "cancellation": record}, via="cli", kind="cancelled")
+    print(f"{appt.id} {status} ({record['kind']}, fee {record['fee']}) as version {version}; the daemon applies it everywhere")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    store = _store(cfg)
+    if args.verify:
+        result = store.verify_audit()
+        if result.ok:
+            print(f"audit ok: {result.entries} entries, head {result.head}")
+            return 0
+        print(f"AUDIT BROKEN after {result.entries} good entries: {result.problem}", file=sys.stderr)
+        return 1
+    for e in reversed(store.audit_entries(appointment_id=args.appointment, kind=args.kind, limit=args.limit)):
+        print(json.dumps(e, sort_keys=True))
+    return 0
+
+
+def cmd_worklist(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    store = _store(cfg)
+    now = iso(datetime.now(UTC))
+    if args.action in ("close", "confirm"):
+        item = next((w for w in store.worklist() if w.id == args.id), None)
+        if item is None:
+            print(f"no open worklist item {args.id}", file=sys.stderr)
+            return 1
+        with store.tx() as tx:
+            if args.action == "confirm" and item.kind == "mass_cancel_guard":
+                tx.conn.execute("UPDATE held_batches SET approved = 1 WHERE connector = ?", (item.connector,))
+            tx.close_work(item.key, now, "cli")
+            tx.audit.add(now, f"worklist_{args.action}", item.connector, item.appointment_id, {"key": item.key})
+        print(f"worklist item {item.id} {args.action}ed")
+        return 0
+    items = store.worklist(include_closed=args.all)
+    rows = [(w.id, w.kind, w.connector or "", w.opened_at, w.closed_at or "open", w.instruction) for w in items]
+    print(_table(rows, ("id", "kind", "connector", "opened", "closed", "what to do")) if rows else "worklist is empty")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    store = _store(cfg)
+    appt = store.appointment(args.appointment)
+    if appt is None:
+        print(f"no appointment {args.appointment}", file=sys.stderr)
+        return 1
+    import time
+
+    with store.tx() as tx:
+        tx.enqueue(args.connector, appt.id, appt.version, time.time())
+        tx.close_work(f"dead:{args.connector}:{appt.id}", iso(datetime.now(UTC)), "cli")
+    print(f"{appt.id} queued for {args.connector}")
+    return 0
+
+
+def cmd_resync(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.connector not in cfg.connectors:
+        print(f"no connector {args.connector!r} (known: {', '.join(cfg.connectors)})", file=sys.stderr)
+        return 2
+    store = _store(cfg)
+    with store.tx() as tx:
+        tx.forget_cursor(args.connector)
+        tx.audit.add(iso(datetime.now(UTC)), "resync_requested", args.connector, None, {})
+    print(f"{args.connector}: cursor forgotten; the daemon reconciles it from scratch on its next poll")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="syncbridge", description="Cancel once, anywhere: keeps calendars, the EHR and directories in step.")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"config file (default: {DEFAULT_CONFIG}, or $SYNCBRIDGE_CONFIG)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=argparse.SUPPRESS, help="config file (also accepted before the command)")
+
+    def add(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        sp.set_defaults(func=func)
+        return sp
+
+    add("run", cmd_run, "run the daemon (polls, webhooks, outbox) until SIGTERM")
+    c = add("check", cmd_check, "validate the config, then authenticate to each connector and make one harmless read")
+    c.add_argument("--no-connect", action="store_true", help="only validate the file")
+    c.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for each connector")
+    s = add("status", cmd_status, "per connector: health, last good pull, cursor age, outbox, dead letters, worklist")
+    s.add_argument("appointment", nargs="?", help="show one appointment and where its current version was applied")
+    k = add("cancel", cmd_cancel, "cancel a session once, from the command line; the daemon applies it everywhere")
+    k.add_argument("appointment", help="canonical appointment id (see `syncbridge status`)")
+    k.add_argument("--kind", choices=[e.value for e in CancelKind], help="default: cancel, or late_cancel inside the late-cancel window")
+    k.add_argument("--by", choices=[e.value for e in CancelledBy], default=CancelledBy.CLIENT.value, help="who cancelled (default: client)")
+    k.add_argument("--reason", help="free text, kept only in the store and the EHR")
+    k.add_argument("--waive", action="store_true", help="waive any late-cancel or no-show fee")
+    k.add_argument("--crisis", action="store_true", help="clinical reason (crisis, illness): fee waived by default")
+    a = add("audit", cmd_audit, "show the audit log, or --verify its hash chain")
+    a.add_argument("--verify", action="store_true", help="check that no entry was edited or deleted (exit 1 if one was)")
+    a.add_argument("--appointment", help="only entries of this appointment")
+    a.add_argument("--kind", help="only entries of this kind (observed, applied, conflict, ...)")
+    a.add_argument("--limit", type=int, default=50)
+    w = add("worklist", cmd_worklist, "what a person must do: read-only systems, claims already sent, held batches")
+    w.add_argument("action", nargs="?", choices=["list", "close", "confirm"], default="list")
+    w.add_argument("id", nargs="?", type=int, help="worklist item id for close/confirm")
+    w.add_argument("--all", action="store_true", help="include closed items")
+    r = add("retry", cmd_retry, "queue a dead-lettered write again after fixing its cause")
+    r.add_argument("connector")
+    r.add_argument("appointment")
+    y = add("resync", cmd_resync, "forget a connector's cursor and reconcile it from scratch (no duplicates)")
+    y.add_argument("connector")
+    d = add("demo", cmd_demo, "run the built-in sandbox: emulators, a small practice, one cancellation")
+    d.add_argument("--state-dir", help="where the demo keeps its store (default: a new temporary folder)")
+    d.add_argument("--no-wait", action="store_true", help="exit after the cancellation instead of serving the status page")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "worklist" and args.action in ("close", "confirm") and args.id is None:
+        parser.error(f"worklist {args.action} needs an item id")
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"syncbridge: configuration refused: {err}", file=sys.stderr)
+        return 2
+    except MalformedRecord as err:
+        print(f"syncbridge: {err}", file=sys.stderr)
+        return 2
+    except SyncbridgeError as err:
+        print(f"syncbridge: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

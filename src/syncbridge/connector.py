@@ -1,0 +1,201 @@
+"""The connector contract: a small async interface with capabilities declared as data.
+
+The engine never asks *which* connector it talks to, only what it can do. A connector turns its
+vendor's records into :class:`Observation` snapshots (in canonical field space, restricted to
+``capabilities.fields``) and converges an external copy to a desired snapshot under a
+precondition. Third-party connectors register a factory in the ``syncbridge.connectors``
+entry-point group.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from .model import CANCELLED_STATES, Role, Snapshot, Status
+
+if TYPE_CHECKING:
+    from .config import ConnectorConfig, PracticeConfig
+
+__all__ = [
+    "ApplyResult",
+    "BusyInterval",
+    "Capabilities",
+    "Connector",
+    "Link",
+    "Observation",
+    "PullResult",
+    "WebhookRoute",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a connector can do; the engine reads only this, never the connector's type."""
+
+    role: Role
+    #: canonical fields the external copy expresses (and so can be compared and written)
+    fields: frozenset[str]
+    read_only: bool = False
+    #: may hold appointments that originated elsewhere (an EHR, a calendar: yes; a directory: no)
+    accepts_new: bool = True
+    #: the vendor pushes change hints (webhooks, watch channels, subscriptions)
+    push: bool = False
+    #: reports free/busy time from events that are not appointments
+    busy_time: bool = False
+    #: statuses the external copy can express; others are shown as the mapped value
+    status_map: Mapping[str, str] = field(default_factory=dict)
+
+    def project(self, snap: Snapshot) -> Snapshot:
+        """The canonical snapshot as this connector can hold it; equal projections need no write."""
+        out = {k: snap.get(k) for k in self.fields}
+        if "status" in out and out["status"] in self.status_map:
+            out["status"] = self.status_map[out["status"]]
+        return out
+
+
+#: the usual mirror: a calendar shows a session or does not
+MIRROR_STATUS_MAP: Mapping[str, str] = {
+    Status.ARRIVED: Status.BOOKED,
+    Status.FULFILLED: Status.BOOKED,
+    **{s.value: Status.CANCELLED.value for s in CANCELLED_STATES},
+}
+
+
+@dataclass(slots=True)
+class Observation:
+    """One external record as last seen, already mapped to canonical field space.
+
+    ``fields`` holds only what the vendor expresses. ``deleted`` means the record is gone.
+    ``tags`` are the reason tags (``late``, ``noshow``, ``waive``...) found in its text; the text
+    itself never leaves the connector.
+    """
+
+    external_id: str
+    etag: str | None = None
+    canonical_id: str | None = None
+    fields: Snapshot = field(default_factory=dict)
+    deleted: bool = False
+    tags: frozenset[str] = frozenset()
+    modified_at: str | None = None
+    #: a record/channel may report the full cancellation record (who, kind, fee, reason)
+    cancellation: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class PullResult:
+    """A batch of observations and the cursor that follows it.
+
+    ``complete`` means the batch lists *every* current record in scope (a full sync): linked
+    records missing from it are gone. ``more`` asks the engine to pull again right away.
+    """
+
+    observations: list[Observation]
+    cursor: str | None
+    complete: bool = False
+    more: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """What the store knows of one appointment's copy in one connector."""
+
+    connector: str
+    appointment_id: str
+    external_id: str | None
+    etag: str | None
+    base: Snapshot | None
+    applied_version: int = 0
+    gone: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """The outcome of a write; ``etag`` is recorded so the echo of our own write is dropped."""
+
+    external_id: str | None
+    etag: str | None
+    #: which privacy-relevant fields left for this destination (recorded in the audit)
+    disclosed: tuple[str, ...] = ()
+    gone: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BusyInterval:
+    clinician: str
+    start: datetime
+    end: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRoute:
+    """An HTTP route the runtime mounts; the handler authenticates before storing anything."""
+
+    path: str
+    methods: Sequence[str]
+    handler: Any  # starlette endpoint: async (Request) -> Response
+
+
+class Connector(abc.ABC):
+    """Base class of every connector. Subclasses set ``capabilities`` and implement the I/O."""
+
+    capabilities: Capabilities
+    #: pydantic model of the connector's own config keys (validated by ``syncbridge check``)
+    Options: type[BaseModel] | None = None
+
+    def __init__(self, name: str, config: ConnectorConfig, practice: PracticeConfig) -> None:
+        self.name = name
+        self.config = config
+        self.practice = practice
+        self.options: Any = self.Options(**config.options) if self.Options else config.options
+        #: clinician key -> this connector's account settings for that clinician
+        self.clinicians: dict[str, dict[str, Any]] = practice.clinicians_of(name)
+        if config.role is not None and config.role != self.capabilities.role:
+            from dataclasses import replace
+
+            self.capabilities = replace(self.capabilities, role=config.role)
+
+    @abc.abstractmethod
+    async def pull(self, cursor: str | None) -> PullResult:
+        """Changes since ``cursor``; ``None`` means a full listing (``complete=True``).
+
+        Raise :class:`~syncbridge.errors.CursorExpired` when the vendor rejects the cursor.
+        """
+
+    @abc.abstractmethod
+    async def read(self, external_id: str) -> Observation:
+        """The record as it is now (``deleted=True`` if it is gone)."""
+
+    @abc.abstractmethod
+    async def apply(self, appointment_id: str, desired: Snapshot, link: Link | None) -> ApplyResult:
+        """Converge the external copy to ``desired`` (a projection of the canonical snapshot).
+
+        Create when ``link`` is None or gone, otherwise update under ``link.etag`` as precondition;
+        raise :class:`~syncbridge.errors.ConflictError` when the precondition fails. A create
+        must be idempotent (derive the external id from ``appointment_id``) so a retried create
+        never duplicates.
+        """
+
+    async def busy(self, start: datetime, end: datetime) -> list[BusyInterval]:
+        """Busy time from the clinician's other events; text is never returned."""
+        return []
+
+    def instruction(self, appointment: Snapshot, desired: Snapshot) -> str:
+        """For read-only connectors: what a person must do in the vendor's UI."""
+        return f"Update the appointment in {self.name} to status {desired.get('status')}"
+
+    def webhook_routes(self) -> list[WebhookRoute]:
+        return []
+
+    async def check(self) -> str:
+        """Authenticate and make one harmless read; returns a short description of what was seen."""
+        result = await self.pull(None)
+        return f"{len(result.observations)} appointments visible"
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,276 @@
+"""Observe, match, merge, commit (DESIGN section 4): one SQLite transaction per pulled batch.
+
+The engine knows connectors only through :class:`~syncbridge.connector.Capabilities`. After every
+change it decides, per connector, whether that copy differs from the canonical record (compared
+in the connector's projection) and enqueues a state-based outbox row, or, for a read-only
+system, opens a worklist item saying what a person must do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+
+from .config import PracticeConfig
+from .connector import Connector, Link, Observation, PullResult
+from .errors import CursorExpired, MalformedRecord
+from .merge import merge
+from .model import CANCELLED_STATES, Role, Snapshot, canonical_id_for, iso, utcnow, validate_snapshot
+from .policy.cancellation import CANCELLING_TAGS
+from .store import Store, Tx
+
+__all__ = ["Engine", "ObserveReport"]
+
+log = structlog.get_logger("syncbridge.engine")
+
+
+@dataclass(slots=True)
+class ObserveReport:
+    seen: int = 0
+    created: int = 0
+    updated: int = 0
+    echoes: int = 0
+    ignored: int = 0
+    rejected: int = 0
+    conflicts: int = 0
+    held: bool = False
+    changed_ids: list[str] = field(default_factory=list)
+
+    def add(self, other: ObserveReport) -> None:
+        for name in ("seen", "created", "updated", "echoes", "ignored", "rejected", "conflicts"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.held = self.held or other.held
+        self.changed_ids.extend(other.changed_ids)
+
+
+class Engine:
+    def __init__(
+        self,
+        store: Store,
+        connectors: dict[str, Connector],
+        config: PracticeConfig,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.connectors = connectors
+        self.config = config
+        self.clock = clock
+        #: called with (connector, report) after each committed batch; the runtime hooks metrics here
+        self.listeners: list[Callable[[str, ObserveReport], None]] = []
+
+    # --- pulling ------------------------------------------------------------------------
+
+    async def sync(self, name: str, *, full: bool = False) -> ObserveReport:
+        """Pull ``name`` from its stored cursor (or from scratch) until it has nothing more."""
+        connector = self.connectors[name]
+        cursor = None if full else self.store.cursor(name)
+        total = ObserveReport()
+        while True:
+            try:
+                result = await connector.pull(cursor)
+            except CursorExpired:
+                log.warning("cursor_expired", connector=name)
+                with self.store.tx() as tx:
+                    tx.audit.add(iso(self.clock()), "cursor_expired", name, None, {})
+                result = await connector.pull(None)
+            report = self.observe(name, result)
+            total.add(report)
+            if report.held or not result.more:
+                return total
+            cursor = result.cursor
+
+    def observe(self, name: str, result: PullResult, *, advance: bool = True) -> ObserveReport:
+        """Commit one batch: canonical versions, links, audit, outbox rows and the cursor, atomically."""
+        connector = self.connectors[name]
+        now_dt = self.clock()
+        now = iso(now_dt)
+        observations = list(result.observations)
+        if result.complete:
+            seen = {o.external_id for o in observations}
+            observations += [
+                Observation(external_id=lk.external_id, deleted=True)
+                for lk in self.store.links_of(name)
+                if lk.external_id and not lk.gone and lk.external_id not in seen
+            ]
+        report = ObserveReport(seen=len(observations))
+        with self.store.tx() as tx:
+            if self._guard(tx, connector, observations, now):
+                report.held = True
+                return report
+            for obs in observations:
+                try:
+                    self._observe_one(tx, connector, obs, now_dt, now, report)
+                except MalformedRecord as err:
+                    report.rejected += 1
+                    tx.audit.add(now, "rejected", name, None, {"external_id": obs.external_id, "problem": str(err)})
+                    log.warning("record_rejected", connector=name, external_id=obs.external_id, problem=str(err))
+            if advance:
+                tx.set_cursor(name, result.cursor, now, full=result.complete)
+        for listener in self.listeners:
+            listener(name, report)
+        return report
+
+    def _guard(self, tx: Tx, connector: Connector, observations: list[Observation], now: str) -> bool:
+        """Mass-disappearance guard: hold a batch that would cancel too much at once."""
+        policy = self.config.policy.mass_cancel_guard
+        cancelling = [o for o in observations if o.deleted or o.fields.get("status") in CANCELLED_STATES or o.tags & CANCELLING_TAGS]
+        if len(cancelling) < policy.min_count:
+            return False
+        live = {
+            r[0]: r[1]
+            for r in tx.conn.execute(
+                "SELECT l.external_id, a.status FROM links l JOIN appointments a ON a.id = l.appointment_id "
+                "WHERE l.connector = ? AND l.gone = 0 AND l.external_id IS NOT NULL",
+                (connector.name,),
+            )
+        }
+        live_ids = {k for k, status in live.items() if status not in CANCELLED_STATES}
+        would = sum(1 for o in cancelling if o.external_id in live_ids)
+        if would < policy.min_count or would <= policy.max_share * len(live_ids):
+            return False
+        approved = tx.conn.execute("SELECT approved FROM held_batches WHERE connector = ?", (connector.name,)).fetchone()
+        if approved and approved[0]:
+            tx.conn.execute("DELETE FROM held_batches WHERE connector = ?", (connector.name,))
+            tx.audit.add(now, "guard_released", connector.name, None, {"would_cancel": would, "linked": len(live_ids)})
+            return False
+        tx.hold(connector.name, now, would, len(live_ids))
+        note = f"held a pull that would cancel {would} of {len(live_ids)} appointments"
+        tx.set_health(connector.name, False, note)
+        tx.open_work(
+            f"guard:{connector.name}",
+            "mass_cancel_guard",
+            f"{connector.name} reported {would} of {len(live_ids)} linked sessions as cancelled or gone at once. "
+            f"Check that the calendar or account is still shared and authorised. If the cancellations are real, "
+            f"run `syncbridge worklist confirm` on this item to apply them.",
+            now,
+            connector=connector.name,
+        )
+        tx.audit.add(now, "guard_held", connector.name, None, {"would_cancel": would, "linked": len(live_ids)})
+        log.error("mass_cancel_guard", connector=connector.name, would_cancel=would, linked=len(live_ids))
+        return True
+
+    def _match(self, tx: Tx, connector: Connector, obs: Observation) -> tuple[str | None, Link | None]:
+        name = connector.name
+        link = self.store.link_by_external(name, obs.external_id)
+        if link is not None:
+            return link.appointment_id, link
+        if obs.canonical_id:
+            return obs.canonical_id, self.store.link(name, obs.canonical_id)
+        if connector.capabilities.role != Role.MIRROR and not obs.deleted:
+            f = obs.fields
+            if f.get("clinician") and f.get("start"):
+                rows = tx.conn.execute(
+                    "SELECT a.id, json_extract(a.snapshot, '$.client_key') FROM appointments a WHERE a.clinician = ? "
+                    "AND a.start = ? AND NOT EXISTS (SELECT 1 FROM links l WHERE l.appointment_id = a.id AND l.connector = ?)",
+                    (f["clinician"], f["start"], name),
+                ).fetchall()
+                for appt_id, client_key in rows:
+                    if f.get("client_key") and client_key == f["client_key"]:
+                        return appt_id, None
+        return None, None
+
+    def _observe_one(self, tx: Tx, connector: Connector, obs: Observation, now_dt: datetime, now: str, report: ObserveReport) -> None:
+        name, caps = connector.name, connector.capabilities
+        appt_id, link = self._match(tx, connector, obs)
+        if link is not None and link.external_id == obs.external_id and not obs.deleted and obs.etag and obs.etag == link.etag:
+            report.echoes += 1
+            return
+        if obs.deleted and (link is None or link.gone):
+            report.ignored += 1
+            return
+        appt = self.store.appointment(appt_id) if appt_id else None
+        outcome = merge(
+            role=caps.role,
+            project=caps.project,
+            base=link.base if link else None,
+            canonical=appt.fields if appt else None,
+            canonical_updated_at=appt.updated_at if appt else None,
+            obs=obs,
+            policy=self.config.policy.cancellation,
+            now=now_dt,
+            via=name,
+        )
+        if outcome.action == "ignore":
+            report.ignored += 1
+            return
+        snap: Snapshot
+        if outcome.action == "noop":
+            assert appt is not None
+            snap, version = appt.fields, appt.version
+        else:
+            assert outcome.new is not None
+            snap = outcome.new
+            if appt is None:
+                appt_id = appt_id or canonical_id_for(name, obs.external_id)
+                version = 1
+                report.created += 1
+            else:
+                version = appt.version + 1
+                report.updated += 1
+            assert appt_id is not None
+            tx.put_appointment(appt_id, snap, version, now, name)
+            report.changed_ids.append(appt_id)
+            tx.audit.add(now, "observed", name, appt_id, {"version": version, "changed": list(outcome.changed), "status": snap["status"]})
+            for c in outcome.conflicts:
+                report.conflicts += 1
+                tx.audit.add(now, "conflict", name, appt_id, {"field": c.field, "winner": c.winner, "rule": c.rule})
+        assert appt_id is not None
+        if obs.deleted:
+            base = dict(link.base or caps.project(snap)) if link else caps.project(snap)
+            base["status"] = "cancelled"
+        else:
+            base = {k: obs.fields.get(k) for k in caps.fields}
+        new_link = Link(name, appt_id, obs.external_id, obs.etag, base, version, gone=obs.deleted)
+        tx.put_link(new_link)
+        self.fan_out(tx, appt_id, snap, version, now, origin=(name, new_link))
+
+    # --- local changes (CLI, the runtime's policies) ---------------------------------------
+
+    def change(self, appt_id: str, snap: Snapshot, *, via: str, kind: str = "changed") -> int:
+        """Commit a change made here (``syncbridge cancel``, a booking); returns the new version."""
+        validate_snapshot(snap)
+        now = iso(self.clock())
+        with self.store.tx() as tx:
+            current = self.store.appointment(appt_id)
+            version = (current.version if current else 0) + 1
+            tx.put_appointment(appt_id, snap, version, now, via)
+            changed = [k for k in snap if current is None or current.fields.get(k) != snap[k]]
+            tx.audit.add(now, kind, via, appt_id, {"version": version, "changed": changed, "status": snap["status"]})
+            self.fan_out(tx, appt_id, snap, version, now)
+        return version
+
+    # --- deciding who must converge ------------------------------------------------------
+
+    def serves(self, connector: Connector, clinician: str) -> bool:
+        if connector.clinicians:
+            return clinician in connector.clinicians
+        return connector.capabilities.role != Role.MIRROR
+
+    def fan_out(self, tx: Tx, appt_id: str, snap: Snapshot, version: int, now: str, origin: tuple[str, Link] | None = None) -> None:
+        """Enqueue every connector whose copy differs from ``snap``; open or close read-only work."""
+        links = {lk.connector: lk for lk, _ in self.store.links_for(appt_id)}
+        if origin is not None:
+            links[origin[0]] = origin[1]
+        cancelled = snap["status"] in CANCELLED_STATES
+        stamp = time.time()
+        for name, connector in self.connectors.items():
+            caps = connector.capabilities
+            link = links.get(name)
+            if link is None or link.gone:
+                needed = not cancelled and caps.accepts_new and self.serves(connector, snap["clinician"])
+                if link is not None and link.gone and cancelled:
+                    needed = False
+            else:
+                needed = caps.project(snap) != link.base
+            work_key = f"readonly:{name}:{appt_id}"
+            if caps.read_only:
+                if needed:
+                    tx.open_work(work_key, "manual_update", connector.instruction(snap, caps.project(snap)), now, name, appt_id)
+                elif tx.close_work(work_key, now, "observed"):
+                    tx.audit.add(now, "worklist_closed", name, appt_id, {"key": work_key})
+            elif needed:
+                tx.enqueue(name, appt_id, version, stamp)

@@ -1,0 +1,101 @@
+"""The one error hierarchy of syncbridge, grouped by what the caller must do.
+
+    SyncbridgeError
+    +-- ConfigError          refuse to start; names the key, the problem and the line
+    +-- AuthError            an operator must act (re-consent, rotate a secret)
+    +-- TransientError       retry with backoff and jitter, honouring ``retry_after``
+    |   +-- RateLimited      the vendor throttled us (429, 403 rateLimitExceeded, 503)
+    +-- ConflictError        a precondition failed (412/409): re-read, re-merge, retry
+    +-- CursorExpired        the incremental cursor is no longer valid: full resync
+    +-- PermanentError       dead-letter this one item, raise a worklist item, go on
+        +-- MalformedRecord  one external record cannot be understood
+
+Connectors translate foreign exceptions at their boundary (``raise ... from err``) so the
+engine only ever sees these.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthError",
+    "ConfigError",
+    "ConflictError",
+    "CursorExpired",
+    "MalformedRecord",
+    "PermanentError",
+    "RateLimited",
+    "SyncbridgeError",
+    "TransientError",
+    "error_kind",
+]
+
+
+class SyncbridgeError(Exception):
+    """Base of every error syncbridge raises on purpose."""
+
+    kind = "error"
+
+
+class ConfigError(SyncbridgeError):
+    """The configuration cannot be used; nothing was started or changed."""
+
+    kind = "config"
+
+    def __init__(self, key: str, problem: str, line: int | None = None, source: str | None = None):
+        self.key = key
+        self.problem = problem
+        self.line = line
+        self.source = source
+        where = f"{source}:{line}: " if source and line else (f"line {line}: " if line else "")
+        super().__init__(f"{where}{key}: {problem}")
+
+
+class AuthError(SyncbridgeError):
+    """Credentials were refused; retrying will not help until a person acts."""
+
+    kind = "auth"
+
+    def __init__(self, message: str, *, action: str = ""):
+        self.action = action
+        super().__init__(f"{message}{' -- ' + action if action else ''}")
+
+
+class TransientError(SyncbridgeError):
+    """Worth retrying later; ``retry_after`` (seconds) comes from the vendor when it said so."""
+
+    kind = "transient"
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class RateLimited(TransientError):
+    kind = "throttled"
+
+
+class ConflictError(SyncbridgeError):
+    """The external copy changed since we last read it (HTTP 412/409)."""
+
+    kind = "conflict"
+
+
+class CursorExpired(SyncbridgeError):
+    """The sync token, delta link or watermark is no longer accepted."""
+
+    kind = "cursor_expired"
+
+
+class PermanentError(SyncbridgeError):
+    """This item will never succeed as it is; the rest carries on."""
+
+    kind = "permanent"
+
+
+class MalformedRecord(PermanentError):
+    kind = "malformed"
+
+
+def error_kind(exc: BaseException) -> str:
+    """A short label for metrics and status, never containing record content."""
+    return exc.kind if isinstance(exc, SyncbridgeError) else "unexpected"

@@ -1,0 +1,148 @@
+"""Schema migrations, applied in order inside one transaction each; ``schema_version`` records them."""
+
+from __future__ import annotations
+
+import sqlite3
+
+__all__ = ["MIGRATIONS", "migrate"]
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE appointments (
+            id TEXT PRIMARY KEY,
+            clinician TEXT NOT NULL,
+            start TEXT NOT NULL,
+            status TEXT NOT NULL,
+            snapshot TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            updated_at TEXT NOT NULL,
+            updated_via TEXT NOT NULL
+        );
+        CREATE INDEX appointments_clinician_start ON appointments (clinician, start);
+        CREATE TABLE appointment_versions (
+            appointment_id TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            snapshot TEXT NOT NULL,
+            at TEXT NOT NULL,
+            via TEXT NOT NULL,
+            PRIMARY KEY (appointment_id, version)
+        ) WITHOUT ROWID;
+        CREATE TABLE series (
+            id TEXT PRIMARY KEY,
+            clinician TEXT NOT NULL,
+            timezone TEXT NOT NULL,
+            rule TEXT,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE links (
+            connector TEXT NOT NULL,
+            appointment_id TEXT NOT NULL,
+            external_id TEXT,
+            etag TEXT,
+            base TEXT,
+            applied_version INTEGER NOT NULL DEFAULT 0,
+            applied_at TEXT,
+            gone INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (connector, appointment_id)
+        ) WITHOUT ROWID;
+        CREATE UNIQUE INDEX links_external ON links (connector, external_id) WHERE external_id IS NOT NULL;
+        CREATE INDEX links_appointment ON links (appointment_id);
+        CREATE TABLE cursors (
+            connector TEXT PRIMARY KEY,
+            cursor TEXT,
+            updated_at TEXT,
+            last_good_pull TEXT,
+            last_full_sweep TEXT,
+            healthy INTEGER NOT NULL DEFAULT 1,
+            note TEXT
+        );
+        CREATE TABLE outbox (
+            connector TEXT NOT NULL,
+            appointment_id TEXT NOT NULL,
+            target_version INTEGER NOT NULL,
+            due_at REAL NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            dead INTEGER NOT NULL DEFAULT 0,
+            enqueued_at REAL NOT NULL,
+            PRIMARY KEY (connector, appointment_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX outbox_due ON outbox (dead, due_at);
+        CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY,
+            at TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            connector TEXT,
+            appointment_id TEXT,
+            detail TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        );
+        CREATE INDEX audit_appointment ON audit (appointment_id);
+        CREATE INDEX audit_kind ON audit (kind);
+        CREATE TABLE audit_head (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq INTEGER NOT NULL,
+            hash TEXT NOT NULL
+        );
+        CREATE TABLE worklist (
+            id INTEGER PRIMARY KEY,
+            key TEXT NOT NULL,
+            connector TEXT,
+            appointment_id TEXT,
+            kind TEXT NOT NULL,
+            instruction TEXT NOT NULL,
+            opened_at TEXT NOT NULL,
+            closed_at TEXT,
+            closed_by TEXT
+        );
+        CREATE UNIQUE INDEX worklist_open_key ON worklist (key) WHERE closed_at IS NULL;
+        CREATE TABLE webhook_inbox (
+            id INTEGER PRIMARY KEY,
+            connector TEXT NOT NULL,
+            received_at TEXT NOT NULL,
+            headers TEXT NOT NULL,
+            body BLOB NOT NULL,
+            processed_at TEXT
+        );
+        CREATE TABLE held_batches (
+            connector TEXT PRIMARY KEY,
+            held_at TEXT NOT NULL,
+            would_cancel INTEGER NOT NULL,
+            linked INTEGER NOT NULL,
+            approved INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE busy (
+            connector TEXT NOT NULL,
+            clinician TEXT NOT NULL,
+            start TEXT NOT NULL,
+            "end" TEXT NOT NULL
+        );
+        CREATE INDEX busy_clinician ON busy (clinician, start);
+        """,
+    ),
+]
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to the newest version; returns it. Each step commits or rolls back whole."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL)")
+    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    current = row[0] or 0
+    for version, sql in MIGRATIONS:
+        if version <= current:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in sql.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_version VALUES (?, datetime('now'))", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        current = version
+    return current

@@ -1,0 +1,1 @@
+"""Practice policies: cancellation and fees, privacy of calendar text."""

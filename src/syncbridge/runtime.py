@@ -1,0 +1,152 @@
+"""The daemon: APScheduler runs the polls and sweeps, one task drains the outbox.
+
+SIGTERM and SIGINT stop polling, let in-flight writes finish, and exit cleanly; SIGHUP reloads
+the configuration, keeping the old one when the new one is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from .config import PracticeConfig, load_config
+from .connector import Connector
+from .engine import Engine
+from .errors import AuthError, ConfigError, SyncbridgeError, error_kind
+from .logging import configure
+from .outbox import Outbox
+from .registry import build_connectors
+from .store import Store
+
+__all__ = ["Daemon"]
+
+log = structlog.get_logger("syncbridge.runtime")
+
+
+class Daemon:
+    def __init__(self, config_path: str | os.PathLike[str] | None, config: PracticeConfig) -> None:
+        self.config_path = Path(config_path) if config_path else None
+        self.config = config
+        self.store = Store(config.store.path)
+        self.connectors: dict[str, Connector] = build_connectors(config)
+        self.engine = Engine(self.store, self.connectors, config)
+        self.outbox = Outbox(self.engine)
+        self.scheduler = AsyncIOScheduler()
+        self.stopping = asyncio.Event()
+        self.poke = asyncio.Event()
+        self.polls_done = 0
+
+    # --- jobs ----------------------------------------------------------------------------
+
+    async def poll(self, name: str, full: bool = False) -> None:
+        if name not in self.connectors:
+            return
+        started = time.monotonic()
+        try:
+            report = await self.engine.sync(name, full=full)
+        except AuthError as err:
+            with self.store.tx() as tx:
+                tx.set_health(name, False, f"authentication failed: {err}")
+            log.error("pull_auth_failed", connector=name, action=err.action)
+            return
+        except SyncbridgeError as err:
+            log.warning("pull_failed", connector=name, kind=error_kind(err))
+            return
+        except Exception:
+            log.exception("pull_unexpected", connector=name)
+            return
+        self.polls_done += 1
+        if report.changed_ids or report.held:
+            log.info(
+                "pulled", connector=name, full=full, seen=report.seen, created=report.created, updated=report.updated,
+                echoes=report.echoes, held=report.held, seconds=round(time.monotonic() - started, 3),
+            )
+        self.poke.set()
+
+    async def outbox_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self.outbox.drain()
+            except Exception:
+                log.exception("outbox_unexpected")
+            next_due = self.store.outbox_next_due()
+            wait = 1.0 if next_due is None else min(1.0, max(0.0, next_due - time.time()))
+            self.poke.clear()
+            try:
+                await asyncio.wait_for(self.poke.wait(), timeout=wait)
+            except TimeoutError:
+                pass
+
+    def schedule(self) -> None:
+        for job in self.scheduler.get_jobs():
+            job.remove()
+        for name, connector in self.connectors.items():
+            interval = connector.config.poll_interval
+            self.scheduler.add_job(
+                self.poll, "interval", seconds=interval, jitter=interval * 0.1, args=[name], id=f"poll:{name}",
+                max_instances=1, coalesce=True, next_run_time=_now(),
+            )
+            self.scheduler.add_job(
+                self.poll, "interval", seconds=connector.config.full_sweep_interval, args=[name, True],
+                id=f"sweep:{name}", max_instances=1, coalesce=True,
+            )
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        if self.config_path is None:
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as err:
+            log.error("reload_refused", problem=str(err))
+            return
+        if new.store.path != self.config.store.path:
+            log.error("reload_refused", problem="store.path cannot change while running; restart instead")
+            return
+        old = self.connectors
+        self.config = new
+        self.connectors = build_connectors(new)
+        self.engine.connectors = self.connectors
+        self.engine.config = new
+        self.schedule()
+        for c in old.values():
+            asyncio.get_running_loop().create_task(c.close())
+        log.info("reloaded", connectors=sorted(self.connectors))
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.schedule()
+        self.scheduler.start()
+        worker = asyncio.create_task(self.outbox_loop())
+        log.info("started", connectors=sorted(self.connectors), store=str(self.config.store.path))
+        await self.stopping.wait()
+        log.info("stopping")
+        self.scheduler.shutdown(wait=False)
+        self.poke.set()
+        await worker  # the current drain finishes its in-flight writes
+        for c in self.connectors.values():
+            await c.close()
+        self.store.close()
+        log.info("stopped")
+        return 0
+
+
+def _now():  # type: ignore[no-untyped-def]
+    from datetime import datetime
+
+    return datetime.now().astimezone()
+
+
+def run_daemon(config_path: str | None, config: PracticeConfig) -> int:
+    configure(config.logging.level, config.logging.json_logs)
+    return asyncio.run(Daemon(config_path, config).run())
