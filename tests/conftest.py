@@ -42,4 +42,4 @@ socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign]
 def _logging() -> None:
     from syncbridge.logging import configure
 
-    configure(level="debug", json_logs=True)
+    configure(level="info", json_logs=True)

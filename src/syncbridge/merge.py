@@ -103,8 +103,9 @@ def merge(
             conflicts.append(Conflict(name, "observed" if take else "canonical", "later modification wins; ties to record"))
         if take:
             for f, v in zip(group, ov, strict=True):
-                new[f] = v
-            changed.extend(group)
+                if new[f] != v:
+                    new[f] = v
+                    changed.append(f)
 
     status_change = _status(role, observed, obs, base, canonical, c_proj, policy, now, via)
     if status_change is not None:

@@ -15,7 +15,7 @@ import sqlite3
 import uuid
 from contextlib import closing
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -72,21 +72,21 @@ def touch(conn: sqlite3.Connection, ext_id: str, **values: Any) -> str:
 class ReplicaConnector(Connector):
     class Options(BaseModel):
         path: str
-        role: Literal["mirror", "record", "channel"] = "mirror"
         latency: float = 0.0
         fail_rate: float = 0.0
         page_size: int = 200
+        seed: int | None = None
 
     capabilities = Capabilities(role=Role.MIRROR, fields=MIRROR_FIELDS, status_map=MIRROR_STATUS_MAP)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        role = Role(self.options.role)
+        role = self.capabilities.role  # the common `role:` key, applied by the base class
         if role == Role.MIRROR:
             self.capabilities = Capabilities(role=role, fields=MIRROR_FIELDS, status_map=MIRROR_STATUS_MAP)
         else:
             self.capabilities = Capabilities(role=role, fields=RECORD_FIELDS, accepts_new=role == Role.RECORD)
-        self.rng = random.Random()
+        self.rng = random.Random(self.options.seed)
         with closing(open_db(self.options.path)):
             pass
 
@@ -214,6 +214,10 @@ class ReplicaVendor:
         with closing(self._conn()) as conn:
             touch(conn, external_id, deleted=1)
 
+    async def undelete(self, external_id: str) -> None:
+        with closing(self._conn()) as conn:
+            touch(conn, external_id, deleted=0)
+
     async def retitle(self, external_id: str, title: str) -> None:
         with closing(self._conn()) as conn:
             touch(conn, external_id, title=title)
@@ -232,8 +236,8 @@ class ReplicaVendor:
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('throttle', ?)", (str(requests),))
 
     async def book(self, start: datetime, end: datetime, client_key: str, clinician: str = "dr_rivera") -> str:
-        ext_id = "b-" + uuid.uuid4().hex[:10]
         with closing(self._conn()) as conn:
+            ext_id = "b-%05d" % (conn.execute("SELECT COUNT(*) FROM items").fetchone()[0] + 1)
             conn.execute("INSERT INTO items (ext_id, title) VALUES (?, 'Session')", (ext_id,))
             touch(
                 conn, ext_id, clinician=clinician, client_key=client_key, start=iso(start), end=iso(end),
