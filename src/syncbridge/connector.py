@@ -181,6 +181,13 @@ class Connector(abc.ABC):
         never duplicates.
         """
 
+    def external_id_for(self, appointment_id: str) -> str | None:
+        """The id a create for ``appointment_id`` uses, when the connector derives it (idempotent creates).
+
+        Lets the engine re-read a copy whose create answer was lost before anything was linked.
+        """
+        return None
+
     async def busy(self, start: datetime, end: datetime) -> list[BusyInterval]:
         """Busy time from the clinician's other events; text is never returned."""
         return []

@@ -179,7 +179,7 @@ class Engine:
         if link is not None and link.external_id == obs.external_id and not obs.deleted and obs.etag and obs.etag == link.etag:
             report.echoes += 1
             return
-        if obs.deleted and (link is None or link.gone):
+        if obs.deleted and (link is not None and link.gone or link is None and obs.canonical_id is None):
             report.ignored += 1
             return
         appt = self.store.appointment(appt_id) if appt_id else None

@@ -121,9 +121,10 @@ class Outbox:
         """Precondition failed: read the copy as it is, merge it, and let the fan-out re-enqueue."""
         connector = self.engine.connectors[item.connector]
         try:
-            if link is None or link.external_id is None:
-                raise ConflictError("create conflicted but nothing is linked yet")
-            obs = await connector.read(link.external_id)
+            external_id = link.external_id if link is not None else connector.external_id_for(item.appointment_id)
+            if external_id is None:
+                raise ConflictError("create conflicted but the connector cannot say which copy exists")
+            obs = await connector.read(external_id)
         except SyncbridgeError as err:
             self._retry(item, err, None, ApplyReport())
             return

@@ -145,6 +145,9 @@ class ReplicaConnector(Connector):
             obs = [self._observation(r) for r in rows if self._clinician_ok(r["clinician"])]
             return PullResult(obs, f"{epoch}:{last}", more=last < head)
 
+    def external_id_for(self, appointment_id: str) -> str | None:
+        return f"r-{appointment_id}"
+
     async def read(self, external_id: str) -> Observation:
         await self._call("read")
         with closing(open_db(self.options.path)) as conn:
@@ -162,6 +165,10 @@ class ReplicaConnector(Connector):
             conn.execute("BEGIN IMMEDIATE")
             row = conn.execute("SELECT etag, deleted FROM items WHERE ext_id = ?", (ext_id,)).fetchone()
             creating = link is None or link.gone or link.external_id is None
+            if row is not None and row[1] and (not creating or link is None):
+                # If-Match on a deleted copy fails; a create over a tombstone is refused (Google answers 409)
+                conn.execute("ROLLBACK")
+                raise ConflictError("412 Precondition Failed: the copy was deleted")
             if row is None:
                 if desired.get("status") == "cancelled" and self.capabilities.role == Role.MIRROR:
                     conn.execute("COMMIT")
@@ -169,7 +176,7 @@ class ReplicaConnector(Connector):
                 conn.execute(
                     "INSERT INTO items (ext_id, canonical_id, title, creates) VALUES (?, ?, 'Client session', 1)", (ext_id, appointment_id)
                 )
-            elif not creating and row[0] != link.etag and not row[1]:
+            elif not creating and row[0] != link.etag:
                 conn.execute("ROLLBACK")
                 raise ConflictError("412 Precondition Failed")
             if self.capabilities.role == Role.MIRROR and desired.get("status") == "cancelled":
