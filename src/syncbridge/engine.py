@@ -21,7 +21,8 @@ from .errors import CursorExpired, MalformedRecord
 from .merge import merge
 from .model import CANCELLED_STATES, Role, Snapshot, canonical_id_for, iso, utcnow, validate_snapshot
 from .policy.cancellation import CANCELLING_TAGS
-from .store import Store, Tx
+from .store import Store
+from .tx import Tx
 
 __all__ = ["Engine", "ObserveReport"]
 
@@ -101,6 +102,7 @@ class Engine:
             if self._guard(tx, connector, observations, now):
                 report.held = True
                 return report
+            tx.prefetch(name, (o.external_id for o in observations), (o.canonical_id for o in observations if o.canonical_id))
             for obs in observations:
                 try:
                     self._observe_one(tx, connector, obs, now_dt, now, report)
@@ -155,14 +157,15 @@ class Engine:
 
     def _match(self, tx: Tx, connector: Connector, obs: Observation) -> tuple[str | None, Link | None]:
         name = connector.name
-        link = self.store.link_by_external(name, obs.external_id)
+        link = tx.link_by_external(name, obs.external_id)
         if link is not None:
             return link.appointment_id, link
         if obs.canonical_id:
-            return obs.canonical_id, self.store.link(name, obs.canonical_id)
+            return obs.canonical_id, tx.link(name, obs.canonical_id)
         if connector.capabilities.role != Role.MIRROR and not obs.deleted:
             f = obs.fields
             if f.get("clinician") and f.get("start"):
+                tx.flush()
                 rows = tx.conn.execute(
                     "SELECT a.id, json_extract(a.snapshot, '$.client_key') FROM appointments a WHERE a.clinician = ? "
                     "AND a.start = ? AND NOT EXISTS (SELECT 1 FROM links l WHERE l.appointment_id = a.id AND l.connector = ?)",
@@ -182,7 +185,7 @@ class Engine:
         if obs.deleted and (link is not None and link.gone or link is None and obs.canonical_id is None):
             report.ignored += 1
             return
-        appt = self.store.appointment(appt_id) if appt_id else None
+        appt = tx.appointment(appt_id) if appt_id else None
         outcome = merge(
             role=caps.role,
             project=caps.project,
@@ -226,7 +229,7 @@ class Engine:
             base = {k: obs.fields.get(k) for k in caps.fields}
         new_link = Link(name, appt_id, obs.external_id, obs.etag, base, version, gone=obs.deleted)
         tx.put_link(new_link)
-        self.fan_out(tx, appt_id, snap, version, now, origin=(name, new_link))
+        self.fan_out(tx, appt_id, snap, version, now)
 
     # --- local changes (CLI, the runtime's policies) ---------------------------------------
 
@@ -235,7 +238,7 @@ class Engine:
         validate_snapshot(snap)
         now = iso(self.clock())
         with self.store.tx() as tx:
-            current = self.store.appointment(appt_id)
+            current = tx.appointment(appt_id)
             version = (current.version if current else 0) + 1
             tx.put_appointment(appt_id, snap, version, now, via)
             changed = [k for k in snap if current is None or current.fields.get(k) != snap[k]]
@@ -250,11 +253,9 @@ class Engine:
             return clinician in connector.clinicians
         return connector.capabilities.role != Role.MIRROR
 
-    def fan_out(self, tx: Tx, appt_id: str, snap: Snapshot, version: int, now: str, origin: tuple[str, Link] | None = None) -> None:
+    def fan_out(self, tx: Tx, appt_id: str, snap: Snapshot, version: int, now: str) -> None:
         """Enqueue every connector whose copy differs from ``snap``; open or close read-only work."""
-        links = {lk.connector: lk for lk, _ in self.store.links_for(appt_id)}
-        if origin is not None:
-            links[origin[0]] = origin[1]
+        links = tx.links_of(appt_id)
         cancelled = snap["status"] in CANCELLED_STATES
         stamp = time.time()
         for name, connector in self.connectors.items():

@@ -84,5 +84,5 @@ def configure(level: str = "info", json_logs: bool = True, stream: TextIO | None
     root.handlers[:] = [handler]
     root.setLevel(lvl)
     # request lines of HTTP clients carry URLs with calendar names: keep them at warning
-    for noisy in ("httpx", "httpcore", "caldav", "urllib3"):
+    for noisy in ("httpx", "httpcore", "caldav", "urllib3", "apscheduler"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))

@@ -28,7 +28,7 @@ MIGRATIONS: list[tuple[int, str]] = [
             at TEXT NOT NULL,
             via TEXT NOT NULL,
             PRIMARY KEY (appointment_id, version)
-        ) WITHOUT ROWID;
+        );
         CREATE TABLE series (
             id TEXT PRIMARY KEY,
             clinician TEXT NOT NULL,
@@ -46,7 +46,7 @@ MIGRATIONS: list[tuple[int, str]] = [
             applied_at TEXT,
             gone INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (connector, appointment_id)
-        ) WITHOUT ROWID;
+        );
         CREATE UNIQUE INDEX links_external ON links (connector, external_id) WHERE external_id IS NOT NULL;
         CREATE INDEX links_appointment ON links (appointment_id);
         CREATE TABLE cursors (
@@ -68,7 +68,7 @@ MIGRATIONS: list[tuple[int, str]] = [
             dead INTEGER NOT NULL DEFAULT 0,
             enqueued_at REAL NOT NULL,
             PRIMARY KEY (connector, appointment_id)
-        ) WITHOUT ROWID;
+        );
         CREATE INDEX outbox_due ON outbox (dead, due_at);
         CREATE TABLE audit (
             seq INTEGER PRIMARY KEY,

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
@@ -24,10 +23,13 @@ from .connector import Link
 from .migrations import migrate
 from .model import Appointment, Snapshot
 
-__all__ = ["OutboxItem", "Store", "Tx", "WorkItem"]
+if TYPE_CHECKING:
+    from .tx import Tx
 
-_dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
-_loads = json.loads
+__all__ = ["OutboxItem", "Store", "WorkItem", "dumps", "loads", "row_link", "LINK_COLS"]
+
+dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+loads = json.loads
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +55,11 @@ class WorkItem:
     closed_at: str | None
 
 
-def _row_link(r: tuple[Any, ...]) -> Link:
-    return Link(r[0], r[1], r[2], r[3], _loads(r[4]) if r[4] else None, r[5], bool(r[6]))
+def row_link(r: tuple[Any, ...]) -> Link:
+    return Link(r[0], r[1], r[2], r[3], loads(r[4]) if r[4] else None, r[5], bool(r[6]))
 
 
-_LINK_COLS = "connector, appointment_id, external_id, etag, base, applied_version, gone"
+LINK_COLS = "connector, appointment_id, external_id, etag, base, applied_version, gone"
 
 
 class Store:
@@ -74,6 +76,10 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA cache_size=-65536")  # 64 MiB of page cache
+            conn.execute("PRAGMA mmap_size=268435456")
+            conn.execute("PRAGMA wal_autocheckpoint=10000")
+            conn.execute("PRAGMA temp_store=MEMORY")
             self.schema_version = migrate(conn)
         finally:
             os.umask(old)
@@ -83,11 +89,14 @@ class Store:
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:
+        """One transaction; writes are buffered in the Tx and flushed in bulk just before COMMIT."""
+        from .tx import Tx
+
         self.conn.execute("BEGIN IMMEDIATE")
         tx = Tx(self)
         try:
             yield tx
-            tx.audit.flush()
+            tx.flush()
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
@@ -99,7 +108,7 @@ class Store:
         r = self.conn.execute(
             "SELECT id, snapshot, version, updated_at, updated_via FROM appointments WHERE id = ?", (appointment_id,)
         ).fetchone()
-        return Appointment(r[0], _loads(r[1]), r[2], r[3], r[4]) if r else None
+        return Appointment(r[0], loads(r[1]), r[2], r[3], r[4]) if r else None
 
     def appointments(self, ids: Iterable[str] | None = None) -> list[Appointment]:
         sql = "SELECT id, snapshot, version, updated_at, updated_via FROM appointments"
@@ -111,11 +120,11 @@ class Store:
             for i in range(0, len(ids), 500):
                 chunk = ids[i : i + 500]
                 rows += self.conn.execute(sql + f" WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
-        return [Appointment(r[0], _loads(r[1]), r[2], r[3], r[4]) for r in rows]
+        return [Appointment(r[0], loads(r[1]), r[2], r[3], r[4]) for r in rows]
 
     def history(self, appointment_id: str) -> list[tuple[int, Snapshot, str, str]]:
         return [
-            (r[0], _loads(r[1]), r[2], r[3])
+            (r[0], loads(r[1]), r[2], r[3])
             for r in self.conn.execute(
                 "SELECT version, snapshot, at, via FROM appointment_versions WHERE appointment_id = ? ORDER BY version",
                 (appointment_id,),
@@ -124,25 +133,25 @@ class Store:
 
     def link(self, connector: str, appointment_id: str) -> Link | None:
         r = self.conn.execute(
-            f"SELECT {_LINK_COLS} FROM links WHERE connector = ? AND appointment_id = ?", (connector, appointment_id)
+            f"SELECT {LINK_COLS} FROM links WHERE connector = ? AND appointment_id = ?", (connector, appointment_id)
         ).fetchone()
-        return _row_link(r) if r else None
+        return row_link(r) if r else None
 
     def link_by_external(self, connector: str, external_id: str) -> Link | None:
         r = self.conn.execute(
-            f"SELECT {_LINK_COLS} FROM links WHERE connector = ? AND external_id = ?", (connector, external_id)
+            f"SELECT {LINK_COLS} FROM links WHERE connector = ? AND external_id = ?", (connector, external_id)
         ).fetchone()
-        return _row_link(r) if r else None
+        return row_link(r) if r else None
 
     def links_of(self, connector: str) -> list[Link]:
-        return [_row_link(r) for r in self.conn.execute(f"SELECT {_LINK_COLS} FROM links WHERE connector = ?", (connector,))]
+        return [row_link(r) for r in self.conn.execute(f"SELECT {LINK_COLS} FROM links WHERE connector = ?", (connector,))]
 
     def links_for(self, appointment_id: str) -> list[tuple[Link, str | None]]:
         """Every link of an appointment with the time its current version was applied (the receipt)."""
         return [
-            (_row_link(r[:7]), r[7])
+            (row_link(r[:7]), r[7])
             for r in self.conn.execute(
-                f"SELECT {_LINK_COLS}, applied_at FROM links WHERE appointment_id = ? ORDER BY connector", (appointment_id,)
+                f"SELECT {LINK_COLS}, applied_at FROM links WHERE appointment_id = ? ORDER BY connector", (appointment_id,)
             )
         ]
 
@@ -208,7 +217,7 @@ class Store:
         sql += " ORDER BY seq DESC LIMIT ?"
         args.append(limit)
         keys = ("seq", "at", "kind", "connector", "appointment_id", "detail")
-        return [dict(zip(keys, (*r[:5], _loads(r[5])), strict=True)) for r in self.conn.execute(sql, args)]
+        return [dict(zip(keys, (*r[:5], loads(r[5])), strict=True)) for r in self.conn.execute(sql, args)]
 
     def verify_audit(self) -> VerifyResult:
         return verify(self.conn)
@@ -224,124 +233,4 @@ class Store:
         if connector:
             sql += " AND connector = ?"
             args = (connector,)
-        return [(r[0], r[1], _loads(r[2]), r[3]) for r in self.conn.execute(sql + " ORDER BY id", args)]
-
-
-class Tx:
-    """Writes inside one transaction; the audit chain is extended in memory and flushed at commit."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.conn = store.conn
-        self.audit = AuditWriter(store.conn)
-
-    def put_appointment(self, appointment_id: str, snap: Snapshot, version: int, at: str, via: str) -> None:
-        text = _dumps(snap)
-        self.conn.execute(
-            "INSERT INTO appointments (id, clinician, start, status, snapshot, version, updated_at, updated_via) "
-            "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET clinician = excluded.clinician, start = excluded.start, "
-            "status = excluded.status, snapshot = excluded.snapshot, version = excluded.version, "
-            "updated_at = excluded.updated_at, updated_via = excluded.updated_via",
-            (appointment_id, snap["clinician"], snap["start"], snap["status"], text, version, at, via),
-        )
-        self.conn.execute("INSERT INTO appointment_versions VALUES (?,?,?,?,?)", (appointment_id, version, text, at, via))
-
-    def put_link(self, link: Link, applied_at: str | None = None) -> None:
-        self.conn.execute(
-            "INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, applied_at, gone) "
-            "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (connector, appointment_id) DO UPDATE SET external_id = excluded.external_id, "
-            "etag = excluded.etag, base = excluded.base, applied_version = excluded.applied_version, "
-            "applied_at = COALESCE(excluded.applied_at, links.applied_at), gone = excluded.gone",
-            (
-                link.connector,
-                link.appointment_id,
-                link.external_id,
-                link.etag,
-                _dumps(link.base) if link.base is not None else None,
-                link.applied_version,
-                applied_at,
-                int(link.gone),
-            ),
-        )
-
-    def set_cursor(self, connector: str, cursor: str | None, at: str, *, full: bool = False) -> None:
-        self.conn.execute(
-            "INSERT INTO cursors (connector, cursor, updated_at, last_good_pull, last_full_sweep, healthy) VALUES (?,?,?,?,?,1) "
-            "ON CONFLICT (connector) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at, "
-            "last_good_pull = excluded.last_good_pull, healthy = 1, note = NULL, "
-            "last_full_sweep = COALESCE(excluded.last_full_sweep, cursors.last_full_sweep)",
-            (connector, cursor, at, at, at if full else None),
-        )
-
-    def forget_cursor(self, connector: str) -> None:
-        self.conn.execute("UPDATE cursors SET cursor = NULL WHERE connector = ?", (connector,))
-
-    def set_health(self, connector: str, healthy: bool, note: str | None) -> None:
-        self.conn.execute(
-            "INSERT INTO cursors (connector, healthy, note) VALUES (?,?,?) "
-            "ON CONFLICT (connector) DO UPDATE SET healthy = excluded.healthy, note = excluded.note",
-            (connector, int(healthy), note),
-        )
-
-    def enqueue(self, connector: str, appointment_id: str, version: int, now: float) -> None:
-        """State-based: one row per (connector, appointment); a newer version replaces the target."""
-        self.conn.execute(
-            "INSERT INTO outbox (connector, appointment_id, target_version, due_at, attempts, dead, enqueued_at) "
-            "VALUES (?,?,?,?,0,0,?) ON CONFLICT (connector, appointment_id) DO UPDATE SET "
-            "target_version = MAX(outbox.target_version, excluded.target_version), due_at = MIN(outbox.due_at, excluded.due_at), "
-            "attempts = 0, dead = 0, last_error = NULL",
-            (connector, appointment_id, version, now, now),
-        )
-
-    def outbox_done(self, connector: str, appointment_id: str, version: int) -> None:
-        """Remove the item unless a newer version was enqueued meanwhile."""
-        self.conn.execute(
-            "DELETE FROM outbox WHERE connector = ? AND appointment_id = ? AND target_version <= ?", (connector, appointment_id, version)
-        )
-
-    def outbox_retry(self, connector: str, appointment_id: str, due_at: float, error: str) -> None:
-        self.conn.execute(
-            "UPDATE outbox SET attempts = attempts + 1, due_at = ?, last_error = ? WHERE connector = ? AND appointment_id = ?",
-            (due_at, error, connector, appointment_id),
-        )
-
-    def outbox_dead(self, connector: str, appointment_id: str, error: str) -> None:
-        self.conn.execute(
-            "UPDATE outbox SET dead = 1, attempts = attempts + 1, last_error = ? WHERE connector = ? AND appointment_id = ?",
-            (error, connector, appointment_id),
-        )
-
-    def open_work(self, key: str, kind: str, instruction: str, at: str, connector: str | None = None, appointment_id: str | None = None) -> bool:
-        """Open a worklist item unless one with ``key`` is already open; True if opened."""
-        cur = self.conn.execute(
-            "INSERT INTO worklist (key, connector, appointment_id, kind, instruction, opened_at) VALUES (?,?,?,?,?,?) "
-            "ON CONFLICT (key) WHERE closed_at IS NULL DO NOTHING",
-            (key, connector, appointment_id, kind, instruction, at),
-        )
-        return cur.rowcount > 0
-
-    def close_work(self, key: str, at: str, by: str) -> bool:
-        cur = self.conn.execute("UPDATE worklist SET closed_at = ?, closed_by = ? WHERE key = ? AND closed_at IS NULL", (at, by, key))
-        return cur.rowcount > 0
-
-    def hold(self, connector: str, at: str, would_cancel: int, linked: int) -> None:
-        self.conn.execute(
-            "INSERT INTO held_batches VALUES (?,?,?,?,0) ON CONFLICT (connector) DO UPDATE SET held_at = excluded.held_at, "
-            "would_cancel = excluded.would_cancel, linked = excluded.linked",
-            (connector, at, would_cancel, linked),
-        )
-
-    def replace_busy(self, connector: str, clinician: str, intervals: Iterable[tuple[str, str]]) -> None:
-        self.conn.execute("DELETE FROM busy WHERE connector = ? AND clinician = ?", (connector, clinician))
-        self.conn.executemany("INSERT INTO busy VALUES (?,?,?,?)", [(connector, clinician, s, e) for s, e in intervals])
-
-    def inbox_put(self, connector: str, at: str, headers: dict[str, str], body: bytes) -> int:
-        cur = self.conn.execute("INSERT INTO webhook_inbox (connector, received_at, headers, body) VALUES (?,?,?,?)", (connector, at, _dumps(headers), body))
-        return int(cur.lastrowid or 0)
-
-    def inbox_done(self, ids: Iterable[int], at: str) -> None:
-        self.conn.executemany("UPDATE webhook_inbox SET processed_at = ? WHERE id = ?", [(at, i) for i in ids])
-
-
-def monotonic_now() -> float:
-    return time.time()
+        return [(r[0], r[1], loads(r[2]), r[3]) for r in self.conn.execute(sql + " ORDER BY id", args)]

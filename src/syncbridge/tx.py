@@ -1,0 +1,226 @@
+"""One store transaction: reads through a per-transaction cache, writes buffered and flushed in bulk.
+
+A batch of observations touches the same rows again and again (the appointment, its links, the
+outbox); keeping them in memory for the length of the transaction and writing each table once
+with ``executemany`` is what makes a batch cheap. Raw SQL inside a transaction must call
+:meth:`Tx.flush` first so it sees the buffered writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from .audit import AuditWriter
+from .connector import Link
+from .model import Appointment, Snapshot
+from .store import LINK_COLS, dumps, loads, row_link
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["Tx"]
+
+_UPSERT_APPOINTMENT = (
+    "INSERT INTO appointments (id, clinician, start, status, snapshot, version, updated_at, updated_via) "
+    "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET clinician = excluded.clinician, start = excluded.start, "
+    "status = excluded.status, snapshot = excluded.snapshot, version = excluded.version, "
+    "updated_at = excluded.updated_at, updated_via = excluded.updated_via"
+)
+_UPSERT_LINK = (
+    "INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, applied_at, gone) "
+    "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (connector, appointment_id) DO UPDATE SET external_id = excluded.external_id, "
+    "etag = excluded.etag, base = excluded.base, applied_version = excluded.applied_version, "
+    "applied_at = COALESCE(excluded.applied_at, links.applied_at), gone = excluded.gone"
+)
+_ENQUEUE = (
+    "INSERT INTO outbox (connector, appointment_id, target_version, due_at, attempts, dead, enqueued_at) "
+    "VALUES (?,?,?,?,0,0,?) ON CONFLICT (connector, appointment_id) DO UPDATE SET "
+    "target_version = MAX(outbox.target_version, excluded.target_version), due_at = MIN(outbox.due_at, excluded.due_at), "
+    "attempts = 0, dead = 0, last_error = NULL"
+)
+
+
+class Tx:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.conn = store.conn
+        self.audit = AuditWriter(store.conn)
+        self._appts: dict[str, Appointment | None] = {}
+        self._links: dict[str, dict[str, Link]] = {}  # appointment -> connector -> link
+        self._ext: dict[tuple[str, str], str] = {}  # (connector, external id) -> appointment
+        self._appt_rows: dict[str, tuple[Any, ...]] = {}
+        self._versions: list[tuple[Any, ...]] = []
+        self._link_rows: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._outbox: dict[tuple[str, str], tuple[int, float]] = {}
+
+    # --- cached reads ----------------------------------------------------------------------
+
+    def prefetch(self, connector: str, external_ids: Iterable[str], canonical_ids: Iterable[str]) -> None:
+        """Load, in a few queries, everything a batch from ``connector`` will read."""
+        ext = [e for e in external_ids if (connector, e) not in self._ext]
+        appt_ids = {c for c in canonical_ids if c not in self._links}
+        for i in range(0, len(ext), 500):
+            chunk = ext[i : i + 500]
+            rows = self.conn.execute(
+                f"SELECT appointment_id FROM links WHERE connector = ? AND external_id IN ({','.join('?' * len(chunk))})",
+                (connector, *chunk),
+            ).fetchall()
+            appt_ids.update(r[0] for r in rows)
+        self._load(sorted(appt_ids - self._links.keys()))
+
+    def _load(self, appt_ids: list[str]) -> None:
+        for i in range(0, len(appt_ids), 500):
+            chunk = appt_ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for appt_id in chunk:
+                self._appts.setdefault(appt_id, None)
+                self._links.setdefault(appt_id, {})
+            for r in self.conn.execute(
+                f"SELECT id, snapshot, version, updated_at, updated_via FROM appointments WHERE id IN ({marks})", chunk
+            ):
+                self._appts[r[0]] = Appointment(r[0], loads(r[1]), r[2], r[3], r[4])
+            for r in self.conn.execute(f"SELECT {LINK_COLS} FROM links WHERE appointment_id IN ({marks})", chunk):
+                link = row_link(r)
+                self._links[link.appointment_id][link.connector] = link
+                if link.external_id:
+                    self._ext[(link.connector, link.external_id)] = link.appointment_id
+
+    def appointment(self, appointment_id: str) -> Appointment | None:
+        if appointment_id not in self._appts:
+            self._load([appointment_id])
+        return self._appts[appointment_id]
+
+    def links_of(self, appointment_id: str) -> dict[str, Link]:
+        if appointment_id not in self._links:
+            self._load([appointment_id])
+        return self._links[appointment_id]
+
+    def link(self, connector: str, appointment_id: str) -> Link | None:
+        return self.links_of(appointment_id).get(connector)
+
+    def link_by_external(self, connector: str, external_id: str) -> Link | None:
+        appt_id = self._ext.get((connector, external_id))
+        if appt_id is None:
+            r = self.conn.execute("SELECT appointment_id FROM links WHERE connector = ? AND external_id = ?", (connector, external_id)).fetchone()
+            if r is None:
+                return None
+            appt_id = r[0]
+            self._load([appt_id])
+        link = self.links_of(appt_id).get(connector)
+        return link if link is not None and link.external_id == external_id else None
+
+    def set_cursor(self, connector: str, cursor: str | None, at: str, *, full: bool = False) -> None:
+        self.conn.execute(
+            "INSERT INTO cursors (connector, cursor, updated_at, last_good_pull, last_full_sweep, healthy) VALUES (?,?,?,?,?,1) "
+            "ON CONFLICT (connector) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at, "
+            "last_good_pull = excluded.last_good_pull, healthy = 1, note = NULL, "
+            "last_full_sweep = COALESCE(excluded.last_full_sweep, cursors.last_full_sweep)",
+            (connector, cursor, at, at, at if full else None),
+        )
+
+    def forget_cursor(self, connector: str) -> None:
+        self.conn.execute("UPDATE cursors SET cursor = NULL WHERE connector = ?", (connector,))
+
+    def set_health(self, connector: str, healthy: bool, note: str | None) -> None:
+        self.conn.execute(
+            "INSERT INTO cursors (connector, healthy, note) VALUES (?,?,?) "
+            "ON CONFLICT (connector) DO UPDATE SET healthy = excluded.healthy, note = excluded.note",
+            (connector, int(healthy), note),
+        )
+
+    def outbox_done(self, connector: str, appointment_id: str, version: int) -> None:
+        """Remove the item unless a newer version was enqueued meanwhile."""
+        self.flush()
+        self.conn.execute(
+            "DELETE FROM outbox WHERE connector = ? AND appointment_id = ? AND target_version <= ?", (connector, appointment_id, version)
+        )
+
+    def outbox_retry(self, connector: str, appointment_id: str, due_at: float, error: str) -> None:
+        self.flush()
+        self.conn.execute(
+            "UPDATE outbox SET attempts = attempts + 1, due_at = ?, last_error = ? WHERE connector = ? AND appointment_id = ?",
+            (due_at, error, connector, appointment_id),
+        )
+
+    def outbox_dead(self, connector: str, appointment_id: str, error: str) -> None:
+        self.flush()
+        self.conn.execute(
+            "UPDATE outbox SET dead = 1, attempts = attempts + 1, last_error = ? WHERE connector = ? AND appointment_id = ?",
+            (error, connector, appointment_id),
+        )
+
+    def open_work(self, key: str, kind: str, instruction: str, at: str, connector: str | None = None, appointment_id: str | None = None) -> bool:
+        """Open a worklist item unless one with ``key`` is already open; True if opened."""
+        cur = self.conn.execute(
+            "INSERT INTO worklist (key, connector, appointment_id, kind, instruction, opened_at) VALUES (?,?,?,?,?,?) "
+            "ON CONFLICT (key) WHERE closed_at IS NULL DO NOTHING",
+            (key, connector, appointment_id, kind, instruction, at),
+        )
+        return cur.rowcount > 0
+
+    def close_work(self, key: str, at: str, by: str) -> bool:
+        cur = self.conn.execute("UPDATE worklist SET closed_at = ?, closed_by = ? WHERE key = ? AND closed_at IS NULL", (at, by, key))
+        return cur.rowcount > 0
+
+    def hold(self, connector: str, at: str, would_cancel: int, linked: int) -> None:
+        self.conn.execute(
+            "INSERT INTO held_batches VALUES (?,?,?,?,0) ON CONFLICT (connector) DO UPDATE SET held_at = excluded.held_at, "
+            "would_cancel = excluded.would_cancel, linked = excluded.linked",
+            (connector, at, would_cancel, linked),
+        )
+
+    def replace_busy(self, connector: str, clinician: str, intervals: Iterable[tuple[str, str]]) -> None:
+        self.conn.execute("DELETE FROM busy WHERE connector = ? AND clinician = ?", (connector, clinician))
+        self.conn.executemany("INSERT INTO busy VALUES (?,?,?,?)", [(connector, clinician, s, e) for s, e in intervals])
+
+    def inbox_put(self, connector: str, at: str, headers: dict[str, str], body: bytes) -> int:
+        cur = self.conn.execute("INSERT INTO webhook_inbox (connector, received_at, headers, body) VALUES (?,?,?,?)", (connector, at, dumps(headers), body))
+        return int(cur.lastrowid or 0)
+
+    def inbox_done(self, ids: Iterable[int], at: str) -> None:
+        self.conn.executemany("UPDATE webhook_inbox SET processed_at = ? WHERE id = ?", [(at, i) for i in ids])
+
+    # --- buffered writes ---------------------------------------------------------------------
+
+    def put_appointment(self, appointment_id: str, snap: Snapshot, version: int, at: str, via: str) -> None:
+        text = dumps(snap)
+        self._appt_rows[appointment_id] = (appointment_id, snap["clinician"], snap["start"], snap["status"], text, version, at, via)
+        self._versions.append((appointment_id, version, text, at, via))
+        self._appts[appointment_id] = Appointment(appointment_id, snap, version, at, via)
+        self._links.setdefault(appointment_id, {})
+
+    def put_link(self, link: Link, applied_at: str | None = None) -> None:
+        links = self.links_of(link.appointment_id)
+        old = links.get(link.connector)
+        if old is not None and old.external_id and old.external_id != link.external_id:
+            self._ext.pop((link.connector, old.external_id), None)
+        links[link.connector] = link
+        if link.external_id:
+            self._ext[(link.connector, link.external_id)] = link.appointment_id
+        base = dumps(link.base) if link.base is not None else None
+        self._link_rows[(link.connector, link.appointment_id)] = (
+            link.connector, link.appointment_id, link.external_id, link.etag, base, link.applied_version, applied_at, int(link.gone),
+        )
+
+    def enqueue(self, connector: str, appointment_id: str, version: int, now: float) -> None:
+        """State-based: one row per (connector, appointment); a newer version replaces the target."""
+        key = (connector, appointment_id)
+        old = self._outbox.get(key)
+        self._outbox[key] = (max(version, old[0]), min(now, old[1])) if old else (version, now)
+
+    def flush(self) -> None:
+        if self._appt_rows:
+            self.conn.executemany(_UPSERT_APPOINTMENT, list(self._appt_rows.values()))
+            self.conn.executemany("INSERT INTO appointment_versions VALUES (?,?,?,?,?)", self._versions)
+        if self._link_rows:
+            # an external id may move between appointments within a batch: clear it first
+            self.conn.executemany(
+                "UPDATE links SET external_id = NULL WHERE connector = ? AND external_id = ? AND appointment_id != ?",
+                [(r[0], r[2], r[1]) for r in self._link_rows.values() if r[2]],
+            )
+            self.conn.executemany(_UPSERT_LINK, list(self._link_rows.values()))
+        if self._outbox:
+            self.conn.executemany(_ENQUEUE, [(c, a, v, due, due) for (c, a), (v, due) in self._outbox.items()])
+        self._appt_rows, self._versions, self._link_rows, self._outbox = {}, [], {}, {}
+        self.audit.flush()
