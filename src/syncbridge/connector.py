@@ -85,6 +85,8 @@ class Observation:
     modified_at: str | None = None
     #: a record/channel may report the full cancellation record (who, kind, fee, reason)
     cancellation: dict[str, Any] | None = None
+    #: set when the record could not be understood (too large, no start...); the engine skips it
+    problem: str | None = None
 
 
 @dataclass(slots=True)

@@ -105,6 +105,8 @@ class Engine:
             tx.prefetch(name, (o.external_id for o in observations), (o.canonical_id for o in observations if o.canonical_id))
             for obs in observations:
                 try:
+                    if obs.problem:
+                        raise MalformedRecord(obs.problem)
                     self._observe_one(tx, connector, obs, now_dt, now, report)
                 except MalformedRecord as err:
                     report.rejected += 1

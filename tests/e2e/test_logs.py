@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from syncbridge.store import Store
-from tests.support.replica import ReplicaVendor, touch
+from tests.support.replica import ReplicaVendor, open_db, touch
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def test_full_sync_logs_no_client_data(tmp_path: Path) -> None:
     start = datetime(2027, 3, 1, 15, tzinfo=UTC)
     for i, name in enumerate(NAMES):
         ext = asyncio.run(ehr.book(start + timedelta(hours=i), start + timedelta(hours=i, minutes=50), name, clinician="dr_a"))
-        with closing(sqlite3.connect(tmp_path / "ehr.db")) as conn:
+        with closing(open_db(str(tmp_path / "ehr.db"))) as conn:
             touch(conn, ext, title=f"Session with {name} #late", location=f"{name}'s home")
     # and one broken record whose text names a client
     bad = asyncio.run(ehr.book(start, start - timedelta(hours=1), "Jane Doe", clinician="dr_a"))

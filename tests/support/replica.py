@@ -28,7 +28,8 @@ from syncbridge.connector import (
     Observation,
     PullResult,
 )
-from syncbridge.errors import ConflictError, CursorExpired, RateLimited, TransientError
+from syncbridge.errors import ConflictError, CursorExpired, MalformedRecord, RateLimited, TransientError
+from syncbridge.limits import check_record_size
 from syncbridge.model import Role, Snapshot, iso
 from syncbridge.policy.cancellation import find_tags
 
@@ -106,6 +107,10 @@ class ReplicaConnector(Connector):
         return bool(self.options.fail_rate) and self.rng.random() < self.options.fail_rate / 2
 
     def _observation(self, row: sqlite3.Row) -> Observation:
+        try:
+            check_record_size(sum(len(str(row[k] or "")) for k in row.keys()), f"record {row['ext_id']}")
+        except MalformedRecord as err:
+            return Observation(external_id=row["ext_id"], problem=str(err))
         if row["deleted"]:
             return Observation(external_id=row["ext_id"], deleted=True, canonical_id=row["canonical_id"])
         fields = {k: row[k] for k in COLUMNS if k in self.capabilities.fields}

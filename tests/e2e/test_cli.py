@@ -1,0 +1,168 @@
+"""The command line, run as an admin runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from syncbridge.config import load_config
+from syncbridge.engine import Engine
+from syncbridge.registry import build_connectors
+from syncbridge.store import Store
+from tests.support.replica import ReplicaVendor, open_db, touch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def sb(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "syncbridge.cli", *args], cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=60,
+    )
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture
+def practice(tmp_path: Path) -> Path:
+    """A practice with an EHR and one calendar, synced once, with three sessions."""
+    conf = {
+        "practice": {"timezone": "America/New_York"},
+        "store": {"path": str(tmp_path / "store.db")},
+        "clinicians": {"dr_lee": {"accounts": {"cal": {}}}},
+        "connectors": {
+            "ehr": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "ehr.db"), "role": "record"},
+            "cal": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "cal.db")},
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    ehr = ReplicaVendor(str(tmp_path / "ehr.db"))
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=5)
+    for i in range(3):
+        asyncio.run(ehr.book(start + timedelta(hours=i), start + timedelta(hours=i, minutes=50), f"c{i}", clinician="dr_lee"))
+    cfg = load_config(path)
+    store = Store(cfg.store.path)
+    engine = Engine(store, build_connectors(cfg), cfg)
+    asyncio.run(engine.sync("ehr"))
+    store.close()
+    return path
+
+
+def digest(path: Path) -> str:
+    with closing(sqlite3.connect(path)) as conn:
+        return hashlib.sha256(repr(list(conn.iterdump())).encode()).hexdigest()
+
+
+def test_every_command_has_help() -> None:
+    """`--help` works for every subcommand and says what it does."""
+    for cmd in ("run", "check", "status", "cancel", "audit", "worklist", "retry", "resync", "demo"):
+        done = sb(cmd, "--help", check=True)
+        assert "usage: syncbridge" in done.stdout and len(done.stdout.splitlines()) > 3
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        ("practice:\n  timezone: Mars/Olympus\n", "practice.timezone: unknown time zone 'Mars/Olympus'"),
+        ("store: {path: [unclosed\n", "not valid YAML"),
+        ("connectors:\n  ehr:\n    type: epic-magic\n", "connectors.ehr.type: unknown connector type 'epic-magic'"),
+    ],
+)
+def test_bad_config_is_refused_and_store_untouched(practice: Path, tmp_path: Path, text: str, expect: str) -> None:
+    """`syncbridge check` refuses a broken config with key and line; the existing store is unchanged."""
+    before = digest(tmp_path / "store.db")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    done = sb("check", "--config", str(bad))
+    assert done.returncode == 2
+    assert expect in done.stderr and str(bad) in done.stderr
+    assert sb("run", "--config", str(bad)).returncode == 2
+    assert digest(tmp_path / "store.db") == before
+
+
+def test_check_validates_and_reaches_connectors(practice: Path) -> None:
+    """A good config checks ok and each connector answers a harmless read."""
+    done = sb("check", "--config", str(practice), check=True)
+    assert "config ok: 1 clinicians, 2 connectors" in done.stdout
+    assert done.stdout.count(" ok ") == 2
+
+
+def test_cancel_once_from_the_command_line(practice: Path) -> None:
+    """`syncbridge cancel` records who and why, and queues the change for every system."""
+    store = Store(load_config(practice).store.path)
+    appt = store.appointments()[0]
+    store.close()
+    done = sb("cancel", appt.id, "--by", "clinician", "--reason", "conference", "--config", str(practice), check=True)
+    assert "cancelled (cancel, fee none)" in done.stdout
+    store = Store(load_config(practice).store.path)
+    cancelled = store.appointment(appt.id)
+    assert cancelled.fields["cancellation"]["by"] == "clinician" and cancelled.fields["cancellation"]["via"] == "cli"
+    queued = {(i.connector, i.appointment_id) for i in store.outbox_due(float("inf"), 100)}
+    assert ("ehr", appt.id) in queued
+    status = sb("status", appt.id, "--config", str(practice), check=True)
+    assert "cancelled by clinician" in status.stdout and "ehr" in status.stdout
+    assert sb("cancel", appt.id, "--config", str(practice), check=True).stdout.endswith("already cancelled\n")
+
+
+def test_status_lists_connectors(practice: Path) -> None:
+    """`syncbridge status` shows each connector's health and queues."""
+    done = sb("status", "--config", str(practice), check=True)
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:3] == ["connector", "type", "health"]
+    assert any(line.startswith("ehr") and " ok " in line for line in lines)
+
+
+def test_audit_verify_catches_tampering(practice: Path, tmp_path: Path) -> None:
+    """`syncbridge audit --verify` passes on an intact log and fails, naming the entry, on an edited one."""
+    assert "audit ok" in sb("audit", "--verify", "--config", str(practice), check=True).stdout
+    with closing(sqlite3.connect(tmp_path / "store.db")) as conn:
+        conn.execute("UPDATE audit SET detail = '{}' WHERE seq = 2")
+        conn.commit()
+    done = sb("audit", "--verify", "--config", str(practice))
+    assert done.returncode == 1 and "entry 2 was altered" in done.stderr
+
+
+def test_bad_records_are_skipped_and_nothing_stored_is_lost(practice: Path, tmp_path: Path) -> None:
+    """A 10 MB event and one ending before it starts are refused by name; the good ones and the store stay intact."""
+    cfg = load_config(practice)
+    store = Store(cfg.store.path)
+    before = {a.id: a.fields for a in store.appointments()}
+    ehr = ReplicaVendor(str(tmp_path / "ehr.db"))
+    start = datetime(2027, 5, 3, 15, tzinfo=UTC)
+    huge = asyncio.run(ehr.book(start, start + timedelta(minutes=50), "c-huge", clinician="dr_lee"))
+    with closing(open_db(str(tmp_path / "ehr.db"))) as conn:
+        touch(conn, huge, title="x" * (10 * 2**20))
+    backwards = asyncio.run(ehr.book(start, start - timedelta(hours=1), "c-back", clinician="dr_lee"))
+    good = asyncio.run(ehr.book(start + timedelta(hours=2), start + timedelta(hours=3), "c-good", clinician="dr_lee"))
+    engine = Engine(store, build_connectors(cfg), cfg)
+    report = asyncio.run(engine.sync("ehr"))
+    assert report.rejected == 2 and report.created == 1
+    problems = {e["detail"]["external_id"]: e["detail"]["problem"] for e in store.audit_entries(kind="rejected")}
+    assert "over the 1,048,576-byte limit" in problems[huge]
+    assert "ends" in problems[backwards] and "before it starts" in problems[backwards]
+    after = {a.id: a.fields for a in store.appointments()}
+    assert {k: after[k] for k in before} == before and len(after) == len(before) + 1
+    assert store.link_by_external("ehr", good) is not None
+    assert store.verify_audit().ok
+
+
+def test_worklist_and_resync(practice: Path) -> None:
+    """An admin can list the worklist and ask for a from-scratch resync of one connector."""
+    assert "worklist is empty" in sb("worklist", "--config", str(practice), check=True).stdout
+    done = sb("resync", "ehr", "--config", str(practice), check=True)
+    assert "cursor forgotten" in done.stdout
+    store = Store(load_config(practice).store.path)
+    assert store.cursor("ehr") is None
+    assert sb("resync", "nope", "--config", str(practice)).returncode == 2

@@ -1,0 +1,79 @@
+"""A bad config is refused with the key, the problem and the line; secrets are references only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from syncbridge.config import parse_config
+from syncbridge.errors import AuthError, ConfigError
+from syncbridge.secrets import SecretRef
+
+GOOD = """\
+practice:
+  name: Lakeside Therapy
+  timezone: America/Chicago
+clinicians:
+  dr_lee:
+    accounts:
+      cal: {}
+connectors:
+  cal:
+    type: tests.support.replica:ReplicaConnector
+    path: /tmp/x.db
+"""
+
+
+def test_good_config_loads() -> None:
+    """A valid file gives typed settings with defaults filled in."""
+    cfg = parse_config(GOOD)
+    assert cfg.practice.timezone == "America/Chicago"
+    assert cfg.clinicians_of("cal") == {"dr_lee": {}}
+    assert cfg.policy.cancellation.late_cancel_window_hours == 24
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line", "words"),
+    [
+        ("practice:\n  timezone: Mars/Olympus\n", "practice.timezone", 2, "unknown time zone 'Mars/Olympus'"),
+        ("practice: [1, 2\n", "<yaml>", 2, "not valid YAML"),
+        ("connectors:\n  ehr:\n    type: epic-magic\n", "connectors.ehr.type", 3, "unknown connector type 'epic-magic'"),
+        ("http:\n  port: 99999\n", "http.port", 2, "less than or equal to 65535"),
+        ("http:\n  token: hunter2\n", "http.token", 2, "never inline"),
+        ("clinicians:\n  dr_x:\n    accounts:\n      nowhere: {}\n", "clinicians.dr_x.accounts.nowhere", 4, "no connector named 'nowhere'"),
+        ("polcy:\n  x: 1\n", "polcy", 1, "Extra inputs are not permitted"),
+        ("connectors:\n  cal:\n    type: tests.support.replica:ReplicaConnector\n    pth: /x\n", "connectors.cal.path", 2, "Field required"),
+    ],
+)
+def test_bad_config_names_key_and_line(text: str, key: str, line: int, words: str) -> None:
+    """Each mistake is reported with the offending key, what is wrong and where."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "practice.yaml")
+    err = info.value
+    assert err.key == key
+    assert words in err.problem
+    assert err.line == line
+    assert str(err).startswith(f"practice.yaml:{line}: {key}:")
+
+
+def test_environment_overrides_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SYNCBRIDGE_ variables override the file, nested with double underscores."""
+    monkeypatch.setenv("SYNCBRIDGE_STORE__PATH", "/var/lib/syncbridge/x.db")
+    monkeypatch.setenv("SYNCBRIDGE_HTTP__PORT", "9000")
+    cfg = parse_config(GOOD)
+    assert str(cfg.store.path) == "/var/lib/syncbridge/x.db" and cfg.http.port == 9000
+
+
+def test_secret_references(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Secrets resolve from the environment, a file or a systemd credential, and say where they were missing."""
+    monkeypatch.setenv("SB_TOKEN", "from-env")
+    assert SecretRef(env="SB_TOKEN").reveal() == "from-env"
+    (tmp_path / "secret").write_text("from-file\n")
+    assert SecretRef(file=tmp_path / "secret").reveal() == "from-file"
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert SecretRef(credential="secret").reveal() == "from-file"
+    with pytest.raises(AuthError, match="SB_MISSING is not set"):
+        SecretRef(env="SB_MISSING").reveal()
+    with pytest.raises(ValueError):
+        SecretRef(env="A", file=tmp_path)

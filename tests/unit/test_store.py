@@ -1,0 +1,81 @@
+"""The store: private file, migrations recorded, audit chain that detects tampering."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from syncbridge.migrations import MIGRATIONS
+from syncbridge.store import Store
+
+
+def _store_with_entries(path: Path, n: int = 5) -> Store:
+    store = Store(path)
+    with store.tx() as tx:
+        for i in range(n):
+            tx.audit.add(f"2026-11-23T10:0{i}:00Z", "observed", "cal", f"sb-{i}", {"version": i})
+    return store
+
+
+def test_store_file_is_private(tmp_path: Path) -> None:
+    """The database and its WAL files are readable by the service user only."""
+    old = os.umask(0o022)
+    try:
+        store = _store_with_entries(tmp_path / "s.db")
+    finally:
+        os.umask(old)
+    for name in ("s.db", "s.db-wal"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    store.close()
+
+
+def test_migrations_are_recorded_once(tmp_path: Path) -> None:
+    """Opening a store twice applies each migration once and records its version."""
+    Store(tmp_path / "s.db").close()
+    store = Store(tmp_path / "s.db")
+    rows = store.conn.execute("SELECT version FROM schema_version").fetchall()
+    assert [r[0] for r in rows] == [v for v, _ in MIGRATIONS]
+    assert store.schema_version == MIGRATIONS[-1][0]
+
+
+def test_intact_chain_verifies(tmp_path: Path) -> None:
+    """An untouched audit log verifies."""
+    result = _store_with_entries(tmp_path / "s.db").verify_audit()
+    assert result.ok and result.entries == 5
+
+
+def test_edited_entry_is_detected(tmp_path: Path) -> None:
+    """Changing what an entry says breaks the chain at that entry."""
+    store = _store_with_entries(tmp_path / "s.db")
+    store.conn.execute("""UPDATE audit SET detail = '{"version":99}' WHERE seq = 3""")
+    result = store.verify_audit()
+    assert not result.ok and "entry 3 was altered" in result.problem
+
+
+def test_deleted_entry_is_detected(tmp_path: Path) -> None:
+    """Removing an entry from the middle is detected."""
+    store = _store_with_entries(tmp_path / "s.db")
+    store.conn.execute("DELETE FROM audit WHERE seq = 2")
+    result = store.verify_audit()
+    assert not result.ok and "entry 2 is missing" in result.problem
+
+
+def test_truncated_tail_is_detected(tmp_path: Path) -> None:
+    """Removing the newest entries is detected through the recorded head."""
+    store = _store_with_entries(tmp_path / "s.db")
+    store.conn.execute("DELETE FROM audit WHERE seq >= 4")
+    result = store.verify_audit()
+    assert not result.ok and "removed from the end" in result.problem
+
+
+def test_rewritten_chain_is_detected(tmp_path: Path) -> None:
+    """Re-hashing an edited entry still breaks the link to the next one."""
+    from syncbridge.audit import entry_hash
+
+    store = _store_with_entries(tmp_path / "s.db")
+    seq, at, kind, conn_, appt, detail, prev, _ = store.conn.execute("SELECT * FROM audit WHERE seq = 2").fetchone()
+    forged = entry_hash(prev, seq, at, kind, conn_, appt, '{"version":42}')
+    store.conn.execute("UPDATE audit SET detail = ?, hash = ? WHERE seq = 2", ('{"version":42}', forged))
+    result = store.verify_audit()
+    assert not result.ok and "entry 3 does not follow entry 2" in result.problem
