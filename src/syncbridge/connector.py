@@ -10,9 +10,10 @@ entry-point group.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -30,6 +31,7 @@ __all__ = [
     "Link",
     "Observation",
     "PullResult",
+    "Sandbox",
     "WebhookRoute",
 ]
 
@@ -134,6 +136,20 @@ class BusyInterval:
     end: datetime
 
 
+@dataclass
+class Sandbox:
+    """A local stand-in for a connector's system (its emulator, or a real test server) for the demo.
+
+    ``delete_event`` deletes a copy the way a person using that system would.
+    """
+
+    connector_config: dict[str, Any]
+    accounts: dict[str, dict[str, Any]]
+    close: Callable[[], None]
+    delete_event: Callable[[str], Awaitable[None]] | None = None
+    describe: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class WebhookRoute:
     """An HTTP route the runtime mounts; the handler authenticates before storing anything."""
@@ -188,6 +204,11 @@ class Connector(abc.ABC):
 
         Lets the engine re-read a copy whose create answer was lost before anything was linked.
         """
+        return None
+
+    @classmethod
+    def sandbox(cls, workdir: Path, clinicians: list[str]) -> Sandbox | None:
+        """Start a local stand-in for this system (used by ``syncbridge demo``); None if there is none."""
         return None
 
     async def busy(self, start: datetime, end: datetime) -> list[BusyInterval]:

@@ -22,6 +22,7 @@ from .errors import AuthError, ConfigError, SyncbridgeError, error_kind
 from .logging import configure
 from .outbox import Outbox
 from .registry import build_connectors
+from .sdnotify import notify, watchdog_interval
 from .store import Store
 
 __all__ = ["Daemon"]
@@ -97,6 +98,11 @@ class Daemon:
                 id=f"sweep:{name}", max_instances=1, coalesce=True,
             )
 
+    def _watchdog(self) -> None:
+        counts = self.store.outbox_counts()
+        pending = sum(p for p, _ in counts.values())
+        notify(watchdog=1, status=f"{len(self.connectors)} connectors, {pending} writes pending, {self.polls_done} pulls done")
+
     # --- lifecycle -------------------------------------------------------------------------
 
     def reload(self) -> None:
@@ -116,8 +122,12 @@ class Daemon:
         self.engine.connectors = self.connectors
         self.engine.config = new
         self.schedule()
+        interval = watchdog_interval()
+        if interval:
+            self.scheduler.add_job(self._watchdog, "interval", seconds=interval, id="watchdog")
         for c in old.values():
             asyncio.get_running_loop().create_task(c.close())
+        notify(status=f"reloaded: syncing {len(self.connectors)} connectors")
         log.info("reloaded", connectors=sorted(self.connectors))
 
     async def run(self) -> int:
@@ -129,7 +139,12 @@ class Daemon:
         self.scheduler.start()
         worker = asyncio.create_task(self.outbox_loop())
         log.info("started", connectors=sorted(self.connectors), store=str(self.config.store.path))
+        notify(ready=1, status=f"syncing {len(self.connectors)} connectors")
+        interval = watchdog_interval()
+        if interval:
+            self.scheduler.add_job(self._watchdog, "interval", seconds=interval, id="watchdog")
         await self.stopping.wait()
+        notify(stopping=1, status="finishing in-flight writes")
         log.info("stopping")
         self.scheduler.shutdown(wait=False)
         self.poke.set()

@@ -77,7 +77,6 @@ class Store:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA cache_size=-65536")  # 64 MiB of page cache
-            conn.execute("PRAGMA mmap_size=268435456")
             conn.execute("PRAGMA wal_autocheckpoint=10000")
             conn.execute("PRAGMA temp_store=MEMORY")
             self.schema_version = migrate(conn)

@@ -77,3 +77,11 @@ def test_secret_references(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         SecretRef(env="SB_MISSING").reveal()
     with pytest.raises(ValueError):
         SecretRef(env="A", file=tmp_path)
+
+
+def test_example_config_is_valid() -> None:
+    """The shipped config.example.yaml loads: it documents options that really exist."""
+    from syncbridge.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "config.example.yaml")
+    assert cfg.connectors and cfg.clinicians

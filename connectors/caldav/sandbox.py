@@ -1,0 +1,96 @@
+"""A real CalDAV server (Radicale, from PyPI) on loopback, for ``syncbridge demo``.
+
+Radicale is the CalDAV connector's stand-in: it is a real RFC 4791/6578 server, so the demo
+exercises exactly what a practice's Fastmail or Nextcloud account would.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from syncbridge.connector import Sandbox
+
+__all__ = ["start_sandbox"]
+
+USER = "sandbox"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox | None:
+    try:
+        import radicale  # noqa: F401
+    except ImportError:
+        return None
+    workdir.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(16)
+    secret = workdir / "password"
+    secret.write_text(password)
+    secret.chmod(0o600)
+    users = workdir / "users"
+    users.write_text(f"{USER}:{password}\n")
+    users.chmod(0o600)
+    port = _free_port()
+    config = workdir / "radicale.conf"
+    config.write_text(
+        f"[server]\nhosts = 127.0.0.1:{port}\n"
+        f"[auth]\ntype = htpasswd\nhtpasswd_filename = {users}\nhtpasswd_encryption = plain\ndelay = 0\n"
+        f"[rights]\ntype = owner_only\n[storage]\nfilesystem_folder = {workdir / 'collections'}\n[logging]\nlevel = warning\n"
+    )
+    log = (workdir / "radicale.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "radicale", "--config", str(config)],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    auth = (USER, password)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.request("OPTIONS", base + "/", timeout=1.0)
+            break
+        except httpx.TransportError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"Radicale did not start; see {workdir / 'radicale.log'}") from None
+            time.sleep(0.1)
+    accounts = {}
+    with httpx.Client(auth=auth, timeout=10) as client:
+        for key in clinicians:
+            url = f"{base}/{USER}/{key}/"
+            client.request("MKCALENDAR", url)
+            accounts[key] = {"calendar": url}
+
+    def close() -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+    async def delete_event(href: str) -> None:
+        """What a calendar app does when the therapist deletes the event."""
+        async with httpx.AsyncClient(auth=auth, timeout=10) as client:
+            r = await client.delete(base + href if href.startswith("/") else href)
+            r.raise_for_status()
+
+    return Sandbox(
+        connector_config={"type": "caldav", "url": base + "/", "username": USER, "password": {"file": str(secret)}},
+        accounts=accounts,
+        close=close,
+        delete_event=delete_event,
+        describe=f"Radicale CalDAV server on {base} ({len(clinicians)} calendars)",
+    )

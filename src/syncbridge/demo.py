@@ -1,0 +1,165 @@
+"""``syncbridge demo``: the built-in sandbox.
+
+Every installed connector type that can start a local stand-in for its system (an emulator or a
+real test server) does so on loopback; a small practice is seeded; the daemon runs on SQLite;
+one session is cancelled the way a therapist would (deleting its event), and the demo shows where
+the cancellation was applied. It then keeps running until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import yaml
+
+from .config import load_config
+from .connector import Sandbox
+from .logging import configure
+from .model import empty_snapshot, iso, new_canonical_id
+from .registry import connector_class, known_types
+from .runtime import Daemon
+
+__all__ = ["run_demo"]
+
+CLINICIANS = {"dr_rivera": "Dr. Rivera", "dr_chen": "Dr. Chen", "dr_okafor": "Dr. Okafor"}
+ZONE = "America/New_York"
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _seed(daemon: Daemon) -> list[str]:
+    """A week of weekly sessions: three clinicians, three sessions a day, Monday to Friday."""
+    tz = ZoneInfo(ZONE)
+    today = datetime.now(tz).date()
+    monday = today + timedelta(days=7 - today.weekday())
+    ids = []
+    for n, clinician in enumerate(CLINICIANS):
+        for day in range(5):
+            for slot, hour in enumerate((9 + n, 13, 16)):
+                start = datetime(monday.year, monday.month, monday.day, hour, tzinfo=tz) + timedelta(days=day)
+                snap = empty_snapshot() | {
+                    "clinician": clinician,
+                    "client_key": f"client-{n}{day}{slot}",
+                    "start": iso(start),
+                    "end": iso(start + timedelta(minutes=50)),
+                    "timezone": ZONE,
+                    "service_code": "90837",
+                    "location": f"Room {n + 1}",
+                    "modality": "telehealth" if slot == 2 else "in_person",
+                }
+                appt_id = new_canonical_id()
+                daemon.engine.change(appt_id, snap, via="sandbox-seed", kind="booked")
+                ids.append(appt_id)
+    return ids
+
+
+async def _until(predicate, timeout: float, step: float = 0.25) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(step)
+    return False
+
+
+async def _demo(workdir: Path, wait: bool) -> int:
+    sandboxes: dict[str, Sandbox] = {}
+    for type_name in known_types():
+        sandbox = connector_class(type_name).sandbox(workdir / type_name, list(CLINICIANS))
+        if sandbox is not None:
+            sandboxes[f"{type_name}_sandbox"] = sandbox
+            _say(f"  started {sandbox.describe or type_name}")
+    if not sandboxes:
+        _say("no installed connector offers a sandbox")
+        return 1
+    config = {
+        "practice": {"name": "Lakeside Therapy (sandbox)", "timezone": ZONE},
+        "store": {"path": str(workdir / "syncbridge.db")},
+        "clinicians": {
+            key: {"display_name": name, "accounts": {c: s.accounts[key] for c, s in sandboxes.items() if key in s.accounts}}
+            for key, name in CLINICIANS.items()
+        },
+        "connectors": {name: s.connector_config | {"poll_interval": 2} for name, s in sandboxes.items()},
+        "logging": {"level": "warning", "json": False},
+    }
+    config_path = workdir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cfg = load_config(config_path)
+    configure("warning", json_logs=False)
+    daemon = Daemon(config_path, cfg)
+    try:
+        ids = _seed(daemon)
+        _say(f"  seeded {len(ids)} sessions for {len(CLINICIANS)} clinicians (next week, {ZONE})")
+        runner = asyncio.create_task(daemon.run())
+        started = time.monotonic()
+        mirrored = await _until(lambda: not daemon.store.outbox_counts() or all(p == 0 for p, _ in daemon.store.outbox_counts().values()), 120)
+        links = sum(1 for name in sandboxes for _ in daemon.store.links_of(name))
+        _say(f"  mirrored {links} events into {len(sandboxes)} system(s) in {time.monotonic() - started:.1f}s" + ("" if mirrored else " (still working)"))
+
+        victim = ids[4]
+        origin, sandbox = next((n, s) for n, s in sandboxes.items() if s.delete_event)
+        link = daemon.store.link(origin, victim)
+        assert link is not None and link.external_id and sandbox.delete_event
+        appt = daemon.store.appointment(victim)
+        assert appt is not None
+        when = appt.local_start.strftime("%a %d %b %H:%M")
+        _say()
+        _say(f"A therapist deletes the {when} session of {CLINICIANS[appt.fields['clinician']]} in {origin} ...")
+        t0 = time.monotonic()
+        await sandbox.delete_event(link.external_id)
+
+        def cancelled_everywhere() -> bool:
+            a = daemon.store.appointment(victim)
+            return bool(a and a.cancelled and not daemon.store.outbox_due(float("inf"), 1))
+
+        ok = await _until(cancelled_everywhere, 60)
+        appt = daemon.store.appointment(victim)
+        assert appt is not None
+        elapsed = time.monotonic() - t0
+        if not ok or not appt.cancelled:
+            _say("  the cancellation has not arrived yet; see `syncbridge status` below")
+        else:
+            c = appt.fields["cancellation"]
+            _say(f"  cancelled in {elapsed:.1f}s: by {c['by']}, {c['kind'].replace('_', ' ')}, fee {c['fee']}, via {c['via']}")
+        for lk, applied_at in daemon.store.links_for(victim):
+            state = "event removed" if lk.gone else ("applied" if lk.applied_version >= appt.version else "pending")
+            _say(f"    {lk.connector:<20} {state:<14} {applied_at or ''}")
+        records = [n for n, c in daemon.connectors.items() if c.capabilities.role.value == "record"]
+        if records:
+            _say(f"  claim suppression handed to the record system(s): {', '.join(records)}")
+        else:
+            _say("  no EHR is connected in this sandbox, so there is no claim to suppress yet")
+        _say()
+        _say(f"The sandbox keeps running. In another shell:")
+        _say(f"  .venv/bin/syncbridge status --config {config_path}")
+        _say(f"  .venv/bin/syncbridge status {victim} --config {config_path}")
+        _say(f"  .venv/bin/syncbridge audit --verify --config {config_path}")
+        if wait:
+            _say("Press Ctrl-C to stop.")
+            await runner
+        else:
+            daemon.stopping.set()
+            await runner
+        return 0
+    finally:
+        daemon.stopping.set()
+        for s in sandboxes.values():
+            s.close()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    workdir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="syncbridge-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    _say(f"syncbridge sandbox in {workdir}")
+    try:
+        return asyncio.run(_demo(workdir, wait=not args.no_wait))
+    except KeyboardInterrupt:
+        return 0
