@@ -220,10 +220,10 @@ class Engine:
             tx.put_appointment(appt_id, snap, version, now, name)
             report.changed_ids.append(appt_id)
             tx.audit.add(now, "observed", name, appt_id, {"version": version, "changed": list(outcome.changed), "status": snap["status"]})
-            for c in outcome.conflicts:
-                report.conflicts += 1
-                tx.audit.add(now, "conflict", name, appt_id, {"field": c.field, "winner": c.winner, "rule": c.rule})
         assert appt_id is not None
+        for c in outcome.conflicts:
+            report.conflicts += 1
+            tx.audit.add(now, "conflict", name, appt_id, {"field": c.field, "winner": c.winner, "rule": c.rule})
         if obs.deleted:
             base = dict(link.base or caps.project(snap)) if link else caps.project(snap)
             base["status"] = "cancelled"

@@ -1,0 +1,94 @@
+"""Engine behaviours a practice would notice: the mass-cancel guard, conflicts in the audit, echoes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from syncbridge.config import parse_config
+from syncbridge.engine import Engine
+from syncbridge.outbox import Outbox
+from syncbridge.registry import build_connectors
+from syncbridge.store import Store
+from tests.support.replica import ReplicaVendor
+
+START = datetime(2027, 4, 5, 14, tzinfo=UTC)
+
+
+@pytest.fixture
+def practice(tmp_path: Path):  # type: ignore[no-untyped-def]
+    cfg = parse_config(yaml.safe_dump({
+        "store": {"path": str(tmp_path / "s.db")},
+        "clinicians": {"dr_a": {"accounts": {"cal": {}}}},
+        "connectors": {
+            "ehr": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "ehr.db"), "role": "record"},
+            "cal": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "cal.db")},
+        },
+        "policy": {"mass_cancel_guard": {"max_share": 0.3, "min_count": 5}},
+    }))
+    engine = Engine(Store(cfg.store.path), build_connectors(cfg), cfg)
+    ehr, cal = ReplicaVendor(str(tmp_path / "ehr.db")), ReplicaVendor(str(tmp_path / "cal.db"))
+    for i in range(20):
+        asyncio.run(ehr.book(START + timedelta(hours=i), START + timedelta(hours=i, minutes=50), f"c{i}", clinician="dr_a"))
+    asyncio.run(engine.sync("ehr"))
+    asyncio.run(Outbox(engine).drain())
+    asyncio.run(engine.sync("cal"))
+    return engine, ehr, cal
+
+
+def test_calendar_emptied_at_once_is_held(practice) -> None:  # type: ignore[no-untyped-def]
+    """A calendar that suddenly shows none of its sessions cancels nothing and asks a person."""
+    engine, _, cal = practice
+    for item in cal.all_items():
+        asyncio.run(cal.delete(item["ext_id"]))
+    report = asyncio.run(engine.sync("cal"))
+    assert report.held
+    assert not any(a.cancelled for a in engine.store.appointments())
+    state = engine.store.connector_state("cal")
+    assert not state["healthy"] and "20 of 20" in state["note"]
+    (item,) = engine.store.worklist()
+    assert item.kind == "mass_cancel_guard"
+    # the cursor did not move: once a person confirms, the same changes are applied
+    engine.store.conn.execute("UPDATE held_batches SET approved = 1")
+    report = asyncio.run(engine.sync("cal"))
+    assert not report.held and sum(a.cancelled for a in engine.store.appointments()) == 20
+
+
+def test_a_few_cancellations_pass_the_guard(practice) -> None:  # type: ignore[no-untyped-def]
+    """Ordinary cancellations (below the threshold) go straight through."""
+    engine, _, cal = practice
+    for item in cal.all_items()[:3]:
+        asyncio.run(cal.delete(item["ext_id"]))
+    report = asyncio.run(engine.sync("cal"))
+    assert not report.held and sum(a.cancelled for a in engine.store.appointments()) == 3
+
+
+def test_concurrent_moves_leave_a_conflict_entry(practice) -> None:  # type: ignore[no-untyped-def]
+    """Moved in the EHR and in the calendar before either was synced: one wins, the audit says so."""
+    engine, ehr, cal = practice
+    appt = engine.store.appointments()[0]
+    cal_ext = engine.store.link("cal", appt.id).external_id
+    ehr_ext = engine.store.link("ehr", appt.id).external_id
+    asyncio.run(ehr.move(ehr_ext, START + timedelta(days=1), START + timedelta(days=1, minutes=50)))
+    asyncio.run(engine.sync("ehr"))
+    time.sleep(1.1)  # modification times have one-second resolution
+    asyncio.run(cal.move(cal_ext, START + timedelta(days=2), START + timedelta(days=2, minutes=50)))
+    asyncio.run(engine.sync("cal"))
+    conflicts = engine.store.audit_entries(appointment_id=appt.id, kind="conflict")
+    assert len(conflicts) == 1 and conflicts[0]["detail"]["field"] == "time"
+    # the calendar's move was later, so it wins
+    assert engine.store.appointment(appt.id).start == START + timedelta(days=2)
+
+
+def test_own_writes_come_back_as_echoes(practice) -> None:  # type: ignore[no-untyped-def]
+    """Pulling what we just wrote is recognised by its etag and changes nothing."""
+    engine, _, _ = practice
+    versions = {a.id: a.version for a in engine.store.appointments()}
+    report = asyncio.run(engine.sync("cal", full=True))
+    assert report.echoes == 20 and report.updated == 0
+    assert {a.id: a.version for a in engine.store.appointments()} == versions

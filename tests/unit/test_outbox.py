@@ -1,0 +1,137 @@
+"""The outbox: coalescing, backoff that honours Retry-After, dead letters with a worklist item."""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from syncbridge.config import parse_config
+from syncbridge.connector import MIRROR_STATUS_MAP, ApplyResult, Capabilities, Connector, Link, Observation, PullResult
+from syncbridge.engine import Engine
+from syncbridge.errors import AuthError, PermanentError, RateLimited
+from syncbridge.model import Role, Snapshot, empty_snapshot, iso
+from syncbridge.outbox import Outbox, backoff_delay
+
+
+class Scripted(Connector):
+    """Answers apply() from a script of exceptions, then succeeds; counts calls."""
+
+    capabilities = Capabilities(role=Role.MIRROR, fields=frozenset({"clinician", "start", "end", "timezone", "status"}), status_map=MIRROR_STATUS_MAP)
+    script: list[BaseException] = []
+    calls: list[Snapshot] = []
+
+    async def pull(self, cursor: str | None) -> PullResult:
+        return PullResult([], cursor, complete=cursor is None)
+
+    async def read(self, external_id: str) -> Observation:
+        return Observation(external_id=external_id, deleted=True)
+
+    async def apply(self, appointment_id: str, desired: Snapshot, link: Link | None) -> ApplyResult:
+        Scripted.calls.append(desired)
+        if Scripted.script:
+            raise Scripted.script.pop(0)
+        return ApplyResult(f"ext-{appointment_id}", f"etag-{len(Scripted.calls)}")
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[Engine, Outbox]:
+    Scripted.script, Scripted.calls = [], []
+    cfg = parse_config(yaml.safe_dump({
+        "store": {"path": str(tmp_path / "s.db")},
+        "clinicians": {"dr_a": {"accounts": {"cal": {}}}},
+        "connectors": {"cal": {"type": "tests.unit.test_outbox:Scripted"}},
+        "outbox": {"backoff_base": 1.0, "backoff_max": 60.0, "max_attempts": 3},
+    }))
+    from syncbridge.registry import build_connectors
+    from syncbridge.store import Store
+
+    engine = Engine(Store(cfg.store.path), build_connectors(cfg), cfg)
+    return engine, Outbox(engine)
+
+
+def book(engine: Engine, hour: int = 10, **over: Any) -> str:
+    start = datetime(2027, 1, 5, hour, tzinfo=UTC)
+    snap = empty_snapshot() | {"clinician": "dr_a", "start": iso(start), "end": iso(start + timedelta(minutes=50)), "timezone": "America/New_York"} | over
+    engine.change("sb-1", snap, via="test")
+    return "sb-1"
+
+
+async def test_ten_edits_make_one_write(world: tuple[Engine, Outbox]) -> None:
+    """Edits made before the worker runs coalesce into one write of the latest state."""
+    engine, outbox = world
+    for hour in range(8, 18):
+        book(engine, hour)
+    report = await outbox.drain()
+    assert report.applied == 1 and len(Scripted.calls) == 1
+    assert Scripted.calls[0]["start"] == "2027-01-05T17:00:00Z"
+
+
+async def test_retry_after_is_honoured(world: tuple[Engine, Outbox]) -> None:
+    """A throttled write waits at least as long as the vendor asked."""
+    engine, outbox = world
+    Scripted.script = [RateLimited("429", retry_after=30)]
+    book(engine)
+    before = time.time()
+    await outbox.drain()
+    item = engine.store.conn.execute("SELECT due_at, attempts, last_error FROM outbox").fetchone()
+    assert item[0] >= before + 30 and item[1] == 1 and item[2].startswith("throttled")
+
+
+def test_backoff_grows_with_jitter_and_cap() -> None:
+    """Backoff doubles per attempt, jittered into the upper half, never past the cap."""
+    rng = random.Random(7)
+    delays = [backoff_delay(a, 1.0, 60.0, rng=rng) for a in range(10)]
+    for attempt, d in enumerate(delays):
+        assert min(60.0, 2**attempt) / 2 <= d <= min(60.0, 2**attempt)
+    assert backoff_delay(0, 1.0, 60.0, retry_after=120.0) == 120.0
+
+
+async def test_permanent_error_dead_letters_with_worklist(world: tuple[Engine, Outbox]) -> None:
+    """A write that can never succeed is dead-lettered and a person is told what to do."""
+    engine, outbox = world
+    Scripted.script = [PermanentError("400 invalid event")]
+    appt = book(engine)
+    report = await outbox.drain()
+    assert report.dead == 1
+    assert [d.appointment_id for d in engine.store.dead_letters()] == [appt]
+    work = engine.store.worklist()
+    assert len(work) == 1 and work[0].kind == "dead_letter" and f"syncbridge retry cal {appt}" in work[0].instruction
+
+
+async def test_repeated_transient_errors_end_in_dead_letter(world: tuple[Engine, Outbox]) -> None:
+    """A write failing max_attempts times stops retrying and is reported."""
+    engine, outbox = world
+    Scripted.script = [RateLimited("503")] * 3
+    book(engine)
+    for _ in range(3):
+        engine.store.conn.execute("UPDATE outbox SET due_at = 0")
+        await outbox.drain()
+    assert len(engine.store.dead_letters()) == 1
+
+
+async def test_auth_failure_marks_connector_unhealthy(world: tuple[Engine, Outbox]) -> None:
+    """Refused credentials mark the connector unhealthy with the action to take."""
+    engine, outbox = world
+    Scripted.script = [AuthError("401 from server", action="renew the app password")]
+    book(engine)
+    await outbox.drain()
+    state = engine.store.connector_state("cal")
+    assert not state["healthy"] and "renew the app password" in state["note"]
+
+
+async def test_applied_write_records_receipt(world: tuple[Engine, Outbox]) -> None:
+    """A successful write records the new etag and when the version was applied."""
+    engine, outbox = world
+    appt = book(engine)
+    await outbox.drain()
+    (link, applied_at), = engine.store.links_for(appt)
+    assert link.etag == "etag-1" and link.applied_version == 1 and applied_at
+    assert engine.store.outbox_due(float("inf"), 10) == []
+    kinds = [e["kind"] for e in engine.store.audit_entries(appointment_id=appt)]
+    assert kinds == ["applied", "changed"]
