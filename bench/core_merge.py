@@ -86,10 +86,14 @@ def main() -> None:
         )
 
     def run(name: str, make) -> float:  # type: ignore[no-untyped-def]
-        started = time.perf_counter()
+        """Seconds spent in the engine only; observations are built before the clock starts."""
+        spent = 0.0
         for lo in range(0, n, batch):
-            engine.observe(name, PullResult([make(i) for i in range(lo, min(n, lo + batch))], cursor=str(lo)))
-        return time.perf_counter() - started
+            result = PullResult([make(i) for i in range(lo, min(n, lo + batch))], cursor=str(lo))
+            started = time.perf_counter()
+            engine.observe(name, result)
+            spent += time.perf_counter() - started
+        return spent
 
     created = run("ehr", booking)
     ids = [r[0] for r in store.conn.execute("SELECT appointment_id FROM links WHERE connector = 'ehr' ORDER BY CAST(substr(external_id, 5) AS INTEGER)")]
