@@ -115,6 +115,7 @@ class OutboxConfig(_Strict):
 
 
 class HttpConfig(_Strict):
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
     public_url: str | None = None

@@ -12,6 +12,7 @@ import asyncio
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -52,7 +53,8 @@ class Outbox:
         self.store = engine.store
         self.cfg = engine.config.outbox
         self._sems: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(PER_CONNECTOR_CONCURRENCY))
-        self.listeners: list = []  # callables (connector, outcome, seconds_since_enqueue)
+        #: called with (connector, outcome, seconds from enqueue to applied or None) after each attempt
+        self.listeners: list[Callable[[str, str, float | None], None]] = []
 
     async def drain(self, *, until_empty: bool = True, max_rounds: int = 20) -> ApplyReport:
         """Apply every due item (and items that became due through re-merges), bounded in rounds."""
@@ -91,9 +93,11 @@ class Outbox:
             result = await connector.apply(appt.id, desired, link)
         except ConflictError:
             report.conflicts += 1
+            self._tell(item.connector, "conflict")
             await self._remerge(item, link)
             return
         except TransientError as err:
+            self._tell(item.connector, error_kind(err))
             self._retry(item, err, err.retry_after, report)
             return
         except AuthError as err:
@@ -102,6 +106,7 @@ class Outbox:
             self._retry(item, err, self.cfg.backoff_max, report)
             return
         except PermanentError as err:
+            self._tell(item.connector, "dead")
             self._dead(item, err, report)
             return
         except Exception as err:  # a bug or an untranslated library error: retry, then dead-letter
@@ -113,9 +118,12 @@ class Outbox:
             tx.outbox_done(item.connector, appt.id, appt.version)
             tx.audit.add(now, "applied", item.connector, appt.id, {"version": appt.version, "status": appt.fields["status"], "disclosed": list(result.disclosed)})
         report.applied += 1
-        for listener in self.listeners:
-            listener(item.connector, "applied", time.time() - item.due_at if item.attempts == 0 else None)
+        self._tell(item.connector, "applied", time.time() - item.due_at if item.attempts == 0 else None)
         log.info("applied", connector=item.connector, appointment=appt.id, version=appt.version)
+
+    def _tell(self, connector: str, outcome: str, seconds: float | None = None) -> None:
+        for listener in self.listeners:
+            listener(connector, outcome, seconds)
 
     async def _remerge(self, item: OutboxItem, link: Link | None) -> None:
         """Precondition failed: read the copy as it is, merge it, and let the fan-out re-enqueue."""

@@ -7,19 +7,24 @@ the configuration, keeping the old one when the new one is refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import uvicorn
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from .config import PracticeConfig, load_config
 from .connector import Connector
-from .engine import Engine
-from .errors import AuthError, ConfigError, SyncbridgeError, error_kind
+from .engine import Engine, ObserveReport
+from .errors import AuthError, ConfigError, RateLimited, SyncbridgeError, error_kind
 from .logging import configure
+from .metrics import Metrics
 from .outbox import Outbox
 from .registry import build_connectors
 from .sdnotify import notify, watchdog_interval
@@ -41,7 +46,24 @@ class Daemon:
         self.scheduler = AsyncIOScheduler()
         self.stopping = asyncio.Event()
         self.poke = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.exit_code = 0
         self.polls_done = 0
+        self.metrics = Metrics()
+        self.engine.listeners.append(self._observed)
+        self.outbox.listeners.append(self._written)
+        self.http: _QuietServer | None = None
+
+    def _observed(self, name: str, report: ObserveReport) -> None:
+        self.metrics.pulls.labels(name, "held" if report.held else "ok").inc()
+        self.metrics.observed.labels(name).inc(report.created + report.updated)
+
+    def _written(self, name: str, outcome: str, seconds: float | None) -> None:
+        self.metrics.writes.labels(name, outcome).inc()
+        if outcome == "throttled":
+            self.metrics.throttled.labels(name).inc()
+        if seconds is not None:
+            self.metrics.propagation.labels(name).observe(seconds)
 
     # --- jobs ----------------------------------------------------------------------------
 
@@ -52,11 +74,16 @@ class Daemon:
         try:
             report = await self.engine.sync(name, full=full)
         except AuthError as err:
+            self.metrics.errors.labels(name, "auth").inc()
             with self.store.tx() as tx:
                 tx.set_health(name, False, f"authentication failed: {err}")
             log.error("pull_auth_failed", connector=name, action=err.action)
             return
         except SyncbridgeError as err:
+            self.metrics.pulls.labels(name, "failed").inc()
+            self.metrics.errors.labels(name, error_kind(err)).inc()
+            if isinstance(err, RateLimited):
+                self.metrics.throttled.labels(name).inc()
             log.warning("pull_failed", connector=name, kind=error_kind(err))
             return
         except Exception:
@@ -98,6 +125,17 @@ class Daemon:
                 id=f"sweep:{name}", max_instances=1, coalesce=True,
             )
 
+    async def _serve(self, server: uvicorn.Server) -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn exits when it cannot bind
+            pass
+        if not server.started:
+            http = self.config.http
+            log.error("http_listen_failed", host=http.host, port=http.port, action="free the port or set http.port")
+            self.exit_code = 1
+            self.stopping.set()
+
     def _watchdog(self) -> None:
         counts = self.store.outbox_counts()
         pending = sum(p for p, _ in counts.values())
@@ -138,6 +176,15 @@ class Daemon:
         self.schedule()
         self.scheduler.start()
         worker = asyncio.create_task(self.outbox_loop())
+        server_task = None
+        if self.config.http.enabled:
+            from .http import build_app
+
+            self.http = _QuietServer(
+                uvicorn.Config(build_app(self), host=self.config.http.host, port=self.config.http.port, log_config=None, lifespan="off", access_log=False)
+            )
+            server_task = asyncio.create_task(self._serve(self.http))
+        self.ready.set()
         log.info("started", connectors=sorted(self.connectors), store=str(self.config.store.path))
         notify(ready=1, status=f"syncing {len(self.connectors)} connectors")
         interval = watchdog_interval()
@@ -149,11 +196,22 @@ class Daemon:
         self.scheduler.shutdown(wait=False)
         self.poke.set()
         await worker  # the current drain finishes its in-flight writes
+        if self.http is not None and server_task is not None:
+            self.http.should_exit = True
+            await server_task
         for c in self.connectors.values():
             await c.close()
         self.store.close()
         log.info("stopped")
-        return 0
+        return self.exit_code
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns SIGTERM, SIGINT and SIGHUP."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def _now():  # type: ignore[no-untyped-def]

@@ -40,6 +40,7 @@ def practice(tmp_path: Path) -> Path:
     conf = {
         "practice": {"timezone": "America/New_York"},
         "store": {"path": str(tmp_path / "store.db")},
+        "http": {"enabled": False},
         "clinicians": {"dr_lee": {"accounts": {"cal": {}}}},
         "connectors": {
             "ehr": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "ehr.db"), "role": "record"},

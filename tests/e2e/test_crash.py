@@ -35,6 +35,7 @@ BASE = datetime(2027, 2, 1, 14, 0, tzinfo=UTC)
 def write_config(tmp: Path) -> Path:
     conf = {
         "store": {"path": str(tmp / "store.db")},
+        "http": {"enabled": False},
         "clinicians": {"dr_a": {"accounts": {"cal_a": {}, "cal_b": {}}}},
         "connectors": {
             name: {

@@ -28,6 +28,7 @@ def test_full_sync_logs_no_client_data(tmp_path: Path) -> None:
     """A daemon syncing sessions titled with client names, e-mails and diagnoses never logs them."""
     conf = {
         "store": {"path": str(tmp_path / "store.db")},
+        "http": {"enabled": False},
         "clinicians": {"dr_a": {"accounts": {"cal": {}}}},
         "connectors": {
             "ehr": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "ehr.db"), "role": "record", "poll_interval": 0.2},

@@ -1,0 +1,179 @@
+"""`syncbridge run` as a process: HTTP endpoints, SIGHUP reloads, SIGTERM mid-sync."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from syncbridge.store import Store
+from tests.support.replica import ReplicaVendor
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "status-token-for-tests"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def config(tmp: Path, port: int, latency: float = 0.0, poll: float = 0.3) -> dict:
+    return {
+        "practice": {"name": "Lakeside Therapy"},
+        "store": {"path": str(tmp / "store.db")},
+        "clinicians": {"dr_lee": {"display_name": "Dr. Lee", "accounts": {"cal": {}}}},
+        "connectors": {
+            "ehr": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp / "ehr.db"), "role": "record", "poll_interval": poll, "latency": latency},
+            "cal": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp / "cal.db"), "poll_interval": poll, "latency": latency},
+        },
+        "http": {"port": port, "token": {"env": "SB_STATUS_TOKEN"}},
+    }
+
+
+class Daemon:
+    def __init__(self, tmp: Path, conf: dict) -> None:
+        self.tmp, self.path, self.log = tmp, tmp / "config.yaml", tmp / "daemon.log"
+        self.write(conf)
+        self.port = conf["http"]["port"]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "syncbridge.cli", "run", "--config", str(self.path)],
+            cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT), "SB_STATUS_TOKEN": TOKEN},
+            stdout=subprocess.DEVNULL, stderr=self.log.open("ab"),
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.wait_for(lambda: self.get("/healthz").status_code == 200, 20)
+
+    def write(self, conf: dict | str) -> None:
+        self.path.write_text(conf if isinstance(conf, str) else yaml.safe_dump(conf))
+
+    def get(self, path: str, **kw) -> httpx.Response:  # type: ignore[no-untyped-def]
+        try:
+            return httpx.get(self.url + path, timeout=5, **kw)
+        except httpx.TransportError:
+            return httpx.Response(599)
+
+    def wait_for(self, predicate, timeout: float) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            if predicate():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"timed out; log:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+
+def seed(tmp: Path, n: int) -> ReplicaVendor:
+    ehr = ReplicaVendor(str(tmp / "ehr.db"))
+    start = datetime.now(UTC).replace(microsecond=0, second=0, minute=0) + timedelta(days=3)
+    for i in range(n):
+        asyncio.run(ehr.book(start + timedelta(hours=i), start + timedelta(hours=i, minutes=50), f"c{i}", clinician="dr_lee"))
+    return ehr
+
+
+def synced(tmp: Path, n: int) -> bool:
+    store = Store(tmp / "store.db")
+    try:
+        return len(store.links_of("cal")) == n and not store.outbox_due(float("inf"), 1)
+    finally:
+        store.close()
+
+
+def test_endpoints_and_status_page(tmp_path: Path) -> None:
+    """Health is open; metrics and the status page need the token and show a cancellation and where it went."""
+    seed(tmp_path, 4)
+    d = Daemon(tmp_path, config(tmp_path, free_port()))
+    try:
+        d.wait_for(lambda: synced(tmp_path, 4), 30)
+        assert d.get("/readyz").json()["ready"] is True
+        assert d.get("/metrics").status_code == 401
+        assert d.get("/").status_code == 401 and "Basic" in d.get("/").headers["www-authenticate"]
+        assert d.get("/", auth=("admin", "wrong")).status_code == 401
+        metrics = d.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert metrics.status_code == 200 and 'syncbridge_writes_total{connector="cal",result="applied"} 4.0' in metrics.text
+        store = Store(tmp_path / "store.db")
+        appt = store.appointments()[1]
+        store.close()
+        ext = Store(tmp_path / "store.db").link("cal", appt.id).external_id
+        asyncio.run(ReplicaVendor(str(tmp_path / "cal.db")).delete(ext))
+
+        def shows_cancellation() -> bool:
+            page = d.get("/", auth=("admin", TOKEN)).text
+            return "late cancel by client" in page or "cancel by client" in page
+
+        d.wait_for(shows_cancellation, 20)
+        d.wait_for(lambda: "ehr: applied" in d.get("/", auth=("admin", TOKEN)).text, 20)
+        page = d.get("/", auth=("admin", TOKEN)).text
+        assert "Lakeside Therapy" in page and "Dr. Lee" in page and "cal: removed" in page
+        assert "c1" not in page  # client keys never appear
+        assert d.get("/webhooks/cal/nothing").status_code == 404
+        big = httpx.post(d.url + "/webhooks/cal/x", content=b"x" * (300 << 10), timeout=5)
+        assert big.status_code in (404, 413)
+    finally:
+        assert d.stop() == 0
+
+
+def test_sighup_reloads_good_config_and_keeps_old_on_bad(tmp_path: Path) -> None:
+    """SIGHUP applies a valid new config; a broken one is refused and the daemon keeps running."""
+    port = free_port()
+    seed(tmp_path, 2)
+    conf = config(tmp_path, port)
+    d = Daemon(tmp_path, conf)
+    try:
+        d.wait_for(lambda: synced(tmp_path, 2), 30)
+        d.write("practice:\n  timezone: Mars/Olympus\n")
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for(lambda: "reload_refused" in d.log.read_text(), 10)
+        assert "Mars/Olympus" in d.log.read_text()
+        assert d.get("/healthz").status_code == 200
+        # still syncing with the old config
+        seed_more = ReplicaVendor(str(tmp_path / "ehr.db"))
+        start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=9)
+        asyncio.run(seed_more.book(start, start + timedelta(minutes=50), "c9", clinician="dr_lee"))
+        d.wait_for(lambda: synced(tmp_path, 3), 20)
+        conf["practice"]["name"] = "Lakeside Therapy North"
+        d.write(conf)
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for(lambda: "Lakeside Therapy North" in d.get("/", auth=("admin", TOKEN)).text, 10)
+    finally:
+        assert d.stop() == 0
+
+
+def test_sigterm_mid_sync_finishes_writes_and_exits_cleanly(tmp_path: Path) -> None:
+    """SIGTERM while writes are in flight exits 0; a restart finishes the rest with nothing lost or doubled."""
+    seed(tmp_path, 40)
+    conf = config(tmp_path, free_port(), latency=0.05)
+    d = Daemon(tmp_path, conf)
+    d.wait_for(lambda: len(Store(tmp_path / "store.db").links_of("cal")) >= 3, 30)
+    started = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - started < 15
+    assert "stopped" in d.log.read_text()
+    store = Store(tmp_path / "store.db")
+    assert store.verify_audit().ok
+    store.close()
+    d = Daemon(tmp_path, conf)
+    try:
+        d.wait_for(lambda: synced(tmp_path, 40), 60)
+    finally:
+        assert d.stop() == 0
+    items = ReplicaVendor(str(tmp_path / "cal.db")).all_items()
+    assert len(items) == 40 and len({i["canonical_id"] for i in items}) == 40
