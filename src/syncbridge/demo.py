@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import tempfile
 import time
 from datetime import datetime, timedelta
@@ -33,6 +34,17 @@ ZONE = "America/New_York"
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
+
+
+def _free_port(preferred: int = 8765) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free port on 127.0.0.1")
 
 
 def _seed(daemon: Daemon) -> list[str]:
@@ -89,6 +101,7 @@ async def _demo(workdir: Path, wait: bool) -> int:
         },
         "connectors": {name: s.connector_config | {"poll_interval": 2} for name, s in sandboxes.items()},
         "logging": {"level": "warning", "json": False},
+        "http": {"host": "127.0.0.1", "port": _free_port()},
     }
     config_path = workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -138,7 +151,8 @@ async def _demo(workdir: Path, wait: bool) -> int:
         else:
             _say("  no EHR is connected in this sandbox, so there is no claim to suppress yet")
         _say()
-        _say(f"The sandbox keeps running. In another shell:")
+        _say(f"Status page: http://127.0.0.1:{cfg.http.port}/  (open from this machine; no token is set in the sandbox)")
+        _say("The sandbox keeps running. In another shell:")
         _say(f"  .venv/bin/syncbridge status --config {config_path}")
         _say(f"  .venv/bin/syncbridge status {victim} --config {config_path}")
         _say(f"  .venv/bin/syncbridge audit --verify --config {config_path}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -71,6 +71,7 @@ class Engine:
         cursor = None if full else self.store.cursor(name)
         total = ObserveReport()
         while True:
+            pulled_at = self.clock()
             try:
                 result = await connector.pull(cursor)
             except CursorExpired:
@@ -78,25 +79,29 @@ class Engine:
                 with self.store.tx() as tx:
                     tx.audit.add(iso(self.clock()), "cursor_expired", name, None, {})
                 result = await connector.pull(None)
-            report = self.observe(name, result)
+            report = self.observe(name, result, pulled_at=pulled_at)
             total.add(report)
             if report.held or not result.more:
                 return total
             cursor = result.cursor
 
-    def observe(self, name: str, result: PullResult, *, advance: bool = True) -> ObserveReport:
+    def observe(self, name: str, result: PullResult, *, advance: bool = True, pulled_at: datetime | None = None) -> ObserveReport:
         """Commit one batch: canonical versions, links, audit, outbox rows and the cursor, atomically."""
         connector = self.connectors[name]
         now_dt = self.clock()
         now = iso(now_dt)
         observations = list(result.observations)
         if result.complete:
+            # Linked copies missing from a full listing are gone, except those we wrote after the
+            # listing began: the listing could not have seen them.
             seen = {o.external_id for o in observations}
-            observations += [
-                Observation(external_id=lk.external_id, deleted=True)
-                for lk in self.store.links_of(name)
-                if lk.external_id and not lk.gone and lk.external_id not in seen
-            ]
+            since = iso((pulled_at or now_dt) - timedelta(seconds=1))
+            rows = self.store.conn.execute(
+                "SELECT external_id FROM links WHERE connector = ? AND gone = 0 AND external_id IS NOT NULL "
+                "AND (applied_at IS NULL OR applied_at < ?)",
+                (name, since),
+            )
+            observations += [Observation(external_id=ext, deleted=True) for (ext,) in rows if ext not in seen]
         report = ObserveReport(seen=len(observations))
         with self.store.tx() as tx:
             if self._guard(tx, connector, observations, now):

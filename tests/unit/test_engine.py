@@ -92,3 +92,29 @@ def test_own_writes_come_back_as_echoes(practice) -> None:  # type: ignore[no-un
     report = asyncio.run(engine.sync("cal", full=True))
     assert report.echoes == 20 and report.updated == 0
     assert {a.id: a.version for a in engine.store.appointments()} == versions
+
+
+def test_full_listing_does_not_cancel_copies_written_meanwhile(tmp_path: Path) -> None:
+    """A full listing taken while sessions are being written cancels none of the new ones."""
+    from syncbridge.model import utcnow
+
+    cfg = parse_config(yaml.safe_dump({
+        "store": {"path": str(tmp_path / "s.db")},
+        "clinicians": {"dr_a": {"accounts": {"cal": {}}}},
+        "connectors": {
+            "ehr": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "ehr.db"), "role": "record"},
+            "cal": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "cal.db")},
+        },
+        "policy": {"mass_cancel_guard": {"min_count": 1000}},
+    }))
+    engine = Engine(Store(cfg.store.path), build_connectors(cfg), cfg)
+    ehr = ReplicaVendor(str(tmp_path / "ehr.db"))
+    for i in range(3):
+        asyncio.run(ehr.book(START + timedelta(hours=i), START + timedelta(hours=i, minutes=50), f"c{i}", clinician="dr_a"))
+    asyncio.run(engine.sync("ehr"))
+    pulled_at = utcnow()
+    listing = asyncio.run(engine.connectors["cal"].pull(None))  # empty: nothing written yet
+    asyncio.run(Outbox(engine).drain())  # the writes land after the listing was taken
+    report = engine.observe("cal", listing, pulled_at=pulled_at)
+    assert report.updated == 0
+    assert not any(a.cancelled for a in engine.store.appointments())
