@@ -26,8 +26,17 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/syncbridge demo
 
-test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# The status-page test drives Debian's Chromium (Playwright never downloads a browser here).
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+	  echo "the browser test needs Debian's chromium: run 'sudo apt-get install chromium' (or set CHROMIUM=/path)"; exit 1; \
+	fi
+
+test: install $(CHROMIUM)
+	CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
