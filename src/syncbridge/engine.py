@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import structlog
 
@@ -95,10 +95,10 @@ class Engine:
             # Linked copies missing from a full listing are gone, except those we wrote after the
             # listing began: the listing could not have seen them.
             seen = {o.external_id for o in observations}
-            since = iso((pulled_at or now_dt) - timedelta(seconds=1))
+            since = (pulled_at or now_dt).timestamp()
             rows = self.store.conn.execute(
                 "SELECT external_id FROM links WHERE connector = ? AND gone = 0 AND external_id IS NOT NULL "
-                "AND (applied_at IS NULL OR applied_at < ?)",
+                "AND (applied_ts IS NULL OR applied_ts < ?)",
                 (name, since),
             )
             observations += [Observation(external_id=ext, deleted=True) for (ext,) in rows if ext not in seen]

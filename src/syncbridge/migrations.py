@@ -123,6 +123,14 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX busy_clinician ON busy (clinician, start);
         """,
     ),
+    (
+        2,
+        """
+        -- when our last write to the copy landed, to the microsecond: a full listing that began
+        -- before it cannot have seen the copy, so its absence there proves nothing
+        ALTER TABLE links ADD COLUMN applied_ts REAL;
+        """,
+    ),
 ]
 
 

@@ -8,6 +8,7 @@ with ``executemany`` is what makes a batch cheap. Raw SQL inside a transaction m
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +29,11 @@ _UPSERT_APPOINTMENT = (
     "updated_at = excluded.updated_at, updated_via = excluded.updated_via"
 )
 _UPSERT_LINK = (
-    "INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, applied_at, gone) "
-    "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (connector, appointment_id) DO UPDATE SET external_id = excluded.external_id, "
+    "INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, applied_at, gone, applied_ts) "
+    "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (connector, appointment_id) DO UPDATE SET external_id = excluded.external_id, "
     "etag = excluded.etag, base = excluded.base, applied_version = excluded.applied_version, "
-    "applied_at = COALESCE(excluded.applied_at, links.applied_at), gone = excluded.gone"
+    "applied_at = COALESCE(excluded.applied_at, links.applied_at), gone = excluded.gone, "
+    "applied_ts = COALESCE(excluded.applied_ts, links.applied_ts)"
 )
 _ENQUEUE = (
     "INSERT INTO outbox (connector, appointment_id, target_version, due_at, attempts, dead, enqueued_at) "
@@ -201,6 +203,7 @@ class Tx:
         base = dumps(link.base) if link.base is not None else None
         self._link_rows[(link.connector, link.appointment_id)] = (
             link.connector, link.appointment_id, link.external_id, link.etag, base, link.applied_version, applied_at, int(link.gone),
+            time.time() if applied_at else None,
         )
 
     def enqueue(self, connector: str, appointment_id: str, version: int, now: float) -> None:

@@ -1,0 +1,14 @@
+"""CalDAV mirror connector (iCloud, Fastmail, Nextcloud, any RFC 4791 server); see README.md."""
+
+from __future__ import annotations
+
+__all__ = ["CalDAVConnector", "CalDAVOptions"]
+
+
+def __getattr__(name: str) -> object:
+    # lazy, so importing the package (entry-point scanning) stays cheap
+    if name in __all__:
+        from . import connector
+
+        return getattr(connector, name)
+    raise AttributeError(name)
