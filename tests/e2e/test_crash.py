@@ -24,6 +24,7 @@ from syncbridge.config import load_config
 from syncbridge.registry import build_connectors
 from syncbridge.store import Store
 from tests.support.converge import divergences
+from tests.support.practice import replica_practice
 from tests.support.replica import ReplicaVendor
 
 pytestmark = pytest.mark.slow
@@ -33,23 +34,12 @@ BASE = datetime(2027, 2, 1, 14, 0, tzinfo=UTC)
 
 
 def write_config(tmp: Path) -> Path:
-    conf = {
-        "store": {"path": str(tmp / "store.db")},
-        "http": {"enabled": False},
-        "clinicians": {"dr_a": {"accounts": {"cal_a": {}, "cal_b": {}}}},
-        "connectors": {
-            name: {
-                "type": "tests.support.replica:ReplicaConnector",
-                "path": str(tmp / f"{name}.db"),
-                "role": "record" if name == "ehr" else "mirror",
-                "poll_interval": 0.3,
-                "latency": 0.004,
-            }
-            for name in REPLICAS
-        },
-        "outbox": {"backoff_base": 0.05, "backoff_max": 0.5, "max_attempts": 100},
-        "policy": {"mass_cancel_guard": {"min_count": 1000}},
-    }
+    conf = replica_practice(
+        tmp,
+        connector={"poll_interval": 0.3, "latency": 0.004},
+        outbox={"backoff_base": 0.05, "backoff_max": 0.5, "max_attempts": 100},
+        policy={"mass_cancel_guard": {"min_count": 1000}},
+    )
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(conf))
     return path

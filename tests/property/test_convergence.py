@@ -25,6 +25,7 @@ from syncbridge.outbox import Outbox
 from syncbridge.registry import build_connectors
 from syncbridge.store import Store
 from tests.support.converge import divergences
+from tests.support.practice import replica_practice
 from tests.support.replica import ReplicaVendor
 
 REPLICAS = ("ehr", "cal_a", "cal_b")
@@ -43,22 +44,12 @@ op = st.one_of(
 
 
 def world(tmp: Path, lossy: bool):
-    conf = {
-        "store": {"path": str(tmp / "store.db")},
-        "clinicians": {"dr_a": {"accounts": {"cal_a": {}, "cal_b": {}}}},
-        "connectors": {
-            name: {
-                "type": "tests.support.replica:ReplicaConnector",
-                "path": str(tmp / f"{name}.db"),
-                "role": "record" if name == "ehr" else "mirror",
-                "fail_rate": 0.2 if lossy else 0.0,
-                "seed": i,
-            }
-            for i, name in enumerate(REPLICAS)
-        },
-        "outbox": {"backoff_base": 0.001, "backoff_max": 0.002, "max_attempts": 50},
-        "policy": {"mass_cancel_guard": {"min_count": 1000}},
-    }
+    conf = replica_practice(
+        tmp,
+        connector={"fail_rate": 0.2 if lossy else 0.0, "seed": lambda i: i},
+        outbox={"backoff_base": 0.001, "backoff_max": 0.002, "max_attempts": 50},
+        policy={"mass_cancel_guard": {"min_count": 1000}},
+    )
     cfg = parse_config(yaml.safe_dump(conf))
     store = Store(cfg.store.path)
     connectors = build_connectors(cfg)

@@ -15,6 +15,7 @@ from syncbridge.engine import Engine
 from syncbridge.outbox import Outbox
 from syncbridge.registry import build_connectors
 from syncbridge.store import Store
+from tests.support.practice import replica_practice
 from tests.support.replica import ReplicaVendor
 
 START = datetime(2027, 4, 5, 14, tzinfo=UTC)
@@ -22,15 +23,7 @@ START = datetime(2027, 4, 5, 14, tzinfo=UTC)
 
 @pytest.fixture
 def practice(tmp_path: Path):  # type: ignore[no-untyped-def]
-    cfg = parse_config(yaml.safe_dump({
-        "store": {"path": str(tmp_path / "s.db")},
-        "clinicians": {"dr_a": {"accounts": {"cal": {}}}},
-        "connectors": {
-            "ehr": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "ehr.db"), "role": "record"},
-            "cal": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "cal.db")},
-        },
-        "policy": {"mass_cancel_guard": {"max_share": 0.3, "min_count": 5}},
-    }))
+    cfg = parse_config(yaml.safe_dump(replica_practice(tmp_path, ("cal",), policy={"mass_cancel_guard": {"max_share": 0.3, "min_count": 5}})))
     engine = Engine(Store(cfg.store.path), build_connectors(cfg), cfg)
     ehr, cal = ReplicaVendor(str(tmp_path / "ehr.db")), ReplicaVendor(str(tmp_path / "cal.db"))
     for i in range(20):
@@ -98,15 +91,7 @@ def test_full_listing_does_not_cancel_copies_written_meanwhile(tmp_path: Path) -
     """A full listing taken while sessions are being written cancels none of the new ones."""
     from syncbridge.model import utcnow
 
-    cfg = parse_config(yaml.safe_dump({
-        "store": {"path": str(tmp_path / "s.db")},
-        "clinicians": {"dr_a": {"accounts": {"cal": {}}}},
-        "connectors": {
-            "ehr": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "ehr.db"), "role": "record"},
-            "cal": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "cal.db")},
-        },
-        "policy": {"mass_cancel_guard": {"min_count": 1000}},
-    }))
+    cfg = parse_config(yaml.safe_dump(replica_practice(tmp_path, ("cal",), policy={"mass_cancel_guard": {"min_count": 1000}})))
     engine = Engine(Store(cfg.store.path), build_connectors(cfg), cfg)
     ehr = ReplicaVendor(str(tmp_path / "ehr.db"))
     for i in range(3):
