@@ -208,6 +208,61 @@ def cmd_resync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    """Pull every system into a scratch copy of the store and list the writes that would follow."""
+    import sqlite3
+    import tempfile
+    from pathlib import Path
+
+    from .engine import Engine
+    from .registry import build_connectors
+
+    cfg = _config(args)
+    scratch = Path(tempfile.mkdtemp(prefix="syncbridge-dry-run-")) / "scratch.db"
+    if Path(cfg.store.path).exists():
+        with sqlite3.connect(cfg.store.path) as live, sqlite3.connect(scratch) as copy:
+            live.backup(copy)  # the live store is only read
+    store = Store(scratch)
+    connectors = build_connectors(cfg)
+    engine = Engine(store, connectors, cfg)
+
+    async def pull_all() -> list[tuple[str, str]]:
+        failures = []
+        for name in connectors:
+            try:
+                await engine.sync(name)
+            except SyncbridgeError as err:
+                failures.append((name, str(err)))
+        for c in connectors.values():
+            await c.close()
+        return failures
+
+    failures = asyncio.run(pull_all())
+    rows = []
+    for item in store.outbox_due(float("inf"), 100_000):
+        appt = store.appointment(item.appointment_id)
+        link = store.link(item.connector, item.appointment_id)
+        if appt is None:
+            continue
+        action = "cancel" if appt.cancelled else ("update" if link and not link.gone else "create")
+        rows.append((item.connector, action, appt.id, appt.local_start.strftime("%Y-%m-%d %H:%M"), appt.fields["clinician"]))
+    rows.sort()
+    print(f"dry run: nothing was written; {len(rows)} writes would follow")
+    if rows:
+        shown = rows if args.all else rows[: args.limit]
+        print(_table(shown, ("connector", "would", "appointment", "starts", "clinician")))
+        if len(shown) < len(rows):
+            print(f"... {len(rows) - len(shown)} more (--all to list them)")
+    for name, err in failures:
+        print(f"{name}: could not be read: {err}", file=sys.stderr)
+    held = [w for w in store.worklist() if w.kind == "mass_cancel_guard"]
+    for w in held:
+        print(f"held: {w.instruction}", file=sys.stderr)
+    store.close()
+    scratch.unlink(missing_ok=True)
+    return 1 if failures else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -257,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("appointment")
     y = add("resync", cmd_resync, "forget a connector's cursor and reconcile it from scratch (no duplicates)")
     y.add_argument("connector")
+    dr = add("dry-run", cmd_dry_run, "read every system and show what the daemon would write, without writing anything")
+    dr.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
+    dr.add_argument("--all", action="store_true", help="show every row")
     d = add("demo", cmd_demo, "run the built-in sandbox: emulators, a small practice, one cancellation")
     d.add_argument("--state-dir", help="where the demo keeps its store (default: a new temporary folder)")
     d.add_argument("--no-wait", action="store_true", help="exit after the cancellation instead of serving the status page")

@@ -167,3 +167,33 @@ def test_worklist_and_resync(practice: Path) -> None:
     store = Store(load_config(practice).store.path)
     assert store.cursor("ehr") is None
     assert sb("resync", "nope", "--config", str(practice)).returncode == 2
+
+
+def test_dry_run_shows_writes_and_writes_nothing(practice: Path, tmp_path: Path) -> None:
+    """`syncbridge dry-run` lists what would be written to each system and changes no system and no store."""
+    before_store = digest(tmp_path / "store.db")
+    before_cal = ReplicaVendor(str(tmp_path / "cal.db")).all_items()
+    done = sb("dry-run", "--config", str(practice), check=True)
+    assert "dry run: nothing was written; 3 writes would follow" in done.stdout
+    assert done.stdout.count("cal  create") == 3 or done.stdout.count(" create ") == 3
+    assert digest(tmp_path / "store.db") == before_store
+    assert ReplicaVendor(str(tmp_path / "cal.db")).all_items() == before_cal
+
+
+def test_resync_rebuilds_without_duplicates(practice: Path, tmp_path: Path) -> None:
+    """After `syncbridge resync`, a from-scratch pull adds nothing twice and cancels nothing."""
+    cfg = load_config(practice)
+    store = Store(cfg.store.path)
+    engine = Engine(store, build_connectors(cfg), cfg)
+    from syncbridge.outbox import Outbox
+
+    asyncio.run(Outbox(engine).drain())
+    asyncio.run(engine.sync("cal"))
+    before = {a.id: a.version for a in store.appointments()}
+    sb("resync", "cal", "--config", str(practice), check=True)
+    sb("resync", "ehr", "--config", str(practice), check=True)
+    report = asyncio.run(engine.sync("cal"))
+    asyncio.run(engine.sync("ehr"))
+    assert report.created == 0 and report.updated == 0
+    assert {a.id: a.version for a in store.appointments()} == before
+    assert len(ReplicaVendor(str(tmp_path / "cal.db")).all_items()) == 3
