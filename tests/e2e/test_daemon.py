@@ -177,3 +177,34 @@ def test_sigterm_mid_sync_finishes_writes_and_exits_cleanly(tmp_path: Path) -> N
         assert d.stop() == 0
     items = ReplicaVendor(str(tmp_path / "cal.db")).all_items()
     assert len(items) == 40 and len({i["canonical_id"] for i in items}) == 40
+
+
+def test_tells_systemd_ready_watchdog_and_stopping(tmp_path: Path) -> None:
+    """Under systemd (Type=notify) the daemon reports READY, pings the watchdog and says when it stops."""
+    seed(tmp_path, 1)
+    sock_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(sock_path))
+    listener.settimeout(15)
+    conf = config(tmp_path, free_port())
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(conf))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "syncbridge.cli", "run", "--config", str(tmp_path / "config.yaml")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=os.environ | {"PYTHONPATH": str(ROOT), "SB_STATUS_TOKEN": TOKEN, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"},
+    )
+    try:
+        messages: list[str] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any("WATCHDOG=1" in m for m in messages):
+            messages.append(listener.recv(4096).decode())
+        assert any("READY=1" in m for m in messages)
+        assert any("WATCHDOG=1" in m for m in messages)
+        proc.send_signal(signal.SIGTERM)
+        while not any("STOPPING=1" in m for m in messages):
+            messages.append(listener.recv(4096).decode())
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        listener.close()
