@@ -211,6 +211,7 @@ class ConnectorContract:
     async def test_move_in_system_moves_session(self, world: World) -> None:
         """A session moved in the calendar is moved in the canonical record."""
         appt_id, ext = await self._booked(world)
+        await world.sync()  # a cursor exists, so the move arrives through an incremental pull
         new_start = next_weekday_at(14)
         await world.vendor.move(ext, new_start, new_start + timedelta(minutes=50))
         await world.sync()
@@ -230,6 +231,7 @@ class ConnectorContract:
     async def test_delete_in_system_cancels(self, world: World) -> None:
         """Deleting the event cancels the session, attributed to this connector."""
         appt_id, ext = await self._booked(world)
+        await world.sync()  # a cursor exists, so the delete arrives through an incremental pull
         await world.vendor.delete(ext)
         await world.sync()
         appt = world.store.appointment(appt_id)
