@@ -107,6 +107,9 @@ def _status_one(store: Store, appointment_id: str) -> int:
     if f.get("cancellation"):
         c = f["cancellation"]
         print(f"cancelled by {c['by']} ({c['kind']}, fee {c['fee']}) at {c['at']} via {c['via']}")
+    done, total, seconds = store.receipt(appt)
+    took = f" within {max(seconds, 0):.0f} s" if seconds is not None else ""
+    print(f"version {appt.version} is in {done} of {total} systems{took}")
     rows = []
     for link, applied_at in store.links_for(appt.id):
         state = "current" if link.applied_version >= appt.version else "pending"
@@ -118,27 +121,36 @@ def _status_one(store: Store, appointment_id: str) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from .engine import Engine
     from .policy.cancellation import decide
+    from .registry import build_connectors
 
     cfg = _config(args)
     store = _store(cfg)
-    appt = store.appointment(args.appointment)
-    if appt is None:
-        print(f"no appointment {args.appointment}", file=sys.stderr)
-        return 1
-    if appt.fields["status"] in CANCELLED_STATES:
-        print(f"{appt.id} is already {appt.fields['status']}")
-        return 0
+    now = datetime.now(UTC)
+    if args.series:
+        targets = [
+            a for a in store.appointments()
+            if a.fields.get("series_id") == args.appointment and a.start > now and a.fields["status"] not in CANCELLED_STATES
+        ]
+        if not targets:
+            print(f"no future sessions of series {args.appointment} to cancel", file=sys.stderr)
+            return 1
+    else:
+        appt = store.appointment(args.appointment)
+        if appt is None:
+            print(f"no appointment {args.appointment}", file=sys.stderr)
+            return 1
+        if appt.fields["status"] in CANCELLED_STATES:
+            print(f"{appt.id} is already {appt.fields['status']}")
+            return 0
+        targets = [appt]
     tags = frozenset(t for t, on in (("waive", args.waive), ("crisis", args.crisis)) if on)
-    status, record = decide(
-        cfg.policy.cancellation, start=appt.start, now=datetime.now(UTC), via="cli", tags=tags,
-        by=args.by, kind=args.kind, reason=args.reason,
-    )
-    engine = Engine(store, {}, cfg)
-    from .registry import build_connectors
-
-    engine.connectors = build_connectors(cfg)
-    version = engine.change(appt.id, dict(appt.fields) | {"status": status, "cancellation": record}, via="cli", kind="cancelled")
-    print(f"{appt.id} {status} ({record['kind']}, fee {record['fee']}) as version {version}; the daemon applies it everywhere")
+    engine = Engine(store, build_connectors(cfg), cfg)
+    for appt in targets:
+        status, record = decide(
+            cfg.policy.cancellation, start=appt.start, now=now, via="cli", tags=tags, by=args.by, kind=args.kind, reason=args.reason,
+        )
+        version = engine.change(appt.id, dict(appt.fields) | {"status": status, "cancellation": record}, via="cli", kind="cancelled")
+        print(f"{appt.id} {status} ({record['kind']}, fee {record['fee']}) as version {version}; the daemon applies it everywhere")
     return 0
 
 
@@ -292,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("status", cmd_status, "per connector: health, last good pull, cursor age, outbox, dead letters, worklist")
     s.add_argument("appointment", nargs="?", help="show one appointment and where its current version was applied")
     k = add("cancel", cmd_cancel, "cancel a session once, from the command line; the daemon applies it everywhere")
-    k.add_argument("appointment", help="canonical appointment id (see `syncbridge status`)")
+    k.add_argument("appointment", help="canonical appointment id (see `syncbridge status`), or a series id with --series")
+    k.add_argument("--series", action="store_true", help="cancel every future session of the series (therapy ended)")
     k.add_argument("--kind", choices=[e.value for e in CancelKind], help="default: cancel, or late_cancel inside the late-cancel window")
     k.add_argument("--by", choices=[e.value for e in CancelledBy], default=CancelledBy.CLIENT.value, help="who cancelled (default: client)")
     k.add_argument("--reason", help="free text, kept only in the store and the EHR")

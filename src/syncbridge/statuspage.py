@@ -60,6 +60,8 @@ def render_status(daemon: Daemon) -> str:
             done = link.gone or link.applied_version >= appt.version
             label = "removed" if link.gone else ("applied" if done else "pending")
             where.append(f'<span class="pill {"gone" if done else "pending"}">{_e(link.connector)}: {label}</span>')
+        done, total, seconds = store.receipt(appt)
+        where.append(f'<span class="muted">{done} of {total}{f" within {max(seconds, 0):.0f} s" if seconds is not None else ""}</span>')
         clinician = cfg.clinicians.get(appt.fields["clinician"])
         who = clinician.display_name if clinician and clinician.display_name else appt.fields["clinician"]
         cancel_rows.append([

@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,6 +154,16 @@ class Store:
                 f"SELECT {LINK_COLS}, applied_at FROM links WHERE appointment_id = ? ORDER BY connector", (appointment_id,)
             )
         ]
+
+    def receipt(self, appointment: Appointment) -> tuple[int, int, float | None]:
+        """(systems holding the current version, systems linked, seconds from the change to the last write)."""
+        links = self.conn.execute(
+            "SELECT applied_version, gone, applied_ts FROM links WHERE appointment_id = ?", (appointment.id,)
+        ).fetchall()
+        current = [r for r in links if r[1] or r[0] >= appointment.version]
+        changed = datetime.fromisoformat(appointment.updated_at.replace("Z", "+00:00")).timestamp()
+        stamps = [r[2] for r in current if r[2] is not None and r[2] >= changed - 1]
+        return len(current), len(links), (max(stamps) - changed if stamps and len(current) == len(links) else None)
 
     def cursor(self, connector: str) -> str | None:
         r = self.conn.execute("SELECT cursor FROM cursors WHERE connector = ?", (connector,)).fetchone()

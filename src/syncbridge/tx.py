@@ -55,6 +55,7 @@ class Tx:
         self._versions: list[tuple[Any, ...]] = []
         self._link_rows: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._outbox: dict[tuple[str, str], tuple[int, float]] = {}
+        self._series: dict[str, tuple[str, str, str, str]] = {}
 
     # --- cached reads ----------------------------------------------------------------------
 
@@ -189,6 +190,8 @@ class Tx:
         text = dumps(snap)
         self._appt_rows[appointment_id] = (appointment_id, snap["clinician"], snap["start"], snap["status"], text, version, at, via)
         self._versions.append((appointment_id, version, text, at, via))
+        if snap.get("series_id"):
+            self._series[snap["series_id"]] = (snap["series_id"], snap["clinician"], snap["timezone"], at)
         self._appts[appointment_id] = Appointment(appointment_id, snap, version, at, via)
         self._links.setdefault(appointment_id, {})
 
@@ -216,6 +219,11 @@ class Tx:
         if self._appt_rows:
             self.conn.executemany(_UPSERT_APPOINTMENT, list(self._appt_rows.values()))
             self.conn.executemany("INSERT INTO appointment_versions VALUES (?,?,?,?,?)", self._versions)
+        if self._series:
+            self.conn.executemany(
+                "INSERT INTO series (id, clinician, timezone, created_at) VALUES (?,?,?,?) ON CONFLICT (id) DO NOTHING",
+                list(self._series.values()),
+            )
         if self._link_rows:
             # an external id may move between appointments within a batch: clear it first
             self.conn.executemany(
@@ -225,5 +233,5 @@ class Tx:
             self.conn.executemany(_UPSERT_LINK, list(self._link_rows.values()))
         if self._outbox:
             self.conn.executemany(_ENQUEUE, [(c, a, v, due, due) for (c, a), (v, due) in self._outbox.items()])
-        self._appt_rows, self._versions, self._link_rows, self._outbox = {}, [], {}, {}
+        self._appt_rows, self._versions, self._link_rows, self._outbox, self._series = {}, [], {}, {}, {}
         self.audit.flush()

@@ -114,6 +114,7 @@ def test_cancel_once_from_the_command_line(practice: Path) -> None:
     assert ("ehr", appt.id) in queued
     status = sb("status", appt.id, "--config", str(practice), check=True)
     assert "cancelled by clinician" in status.stdout and "ehr" in status.stdout
+    assert "is in 0 of 1 systems" in status.stdout  # not written yet: no daemon is running
     assert sb("cancel", appt.id, "--config", str(practice), check=True).stdout.endswith("already cancelled\n")
 
 
@@ -197,3 +198,30 @@ def test_resync_rebuilds_without_duplicates(practice: Path, tmp_path: Path) -> N
     assert report.created == 0 and report.updated == 0
     assert {a.id: a.version for a in store.appointments()} == before
     assert len(ReplicaVendor(str(tmp_path / "cal.db")).all_items()) == 3
+
+
+def test_cancel_a_whole_series(tmp_path: Path) -> None:
+    """`syncbridge cancel SERIES --series` cancels every future session of a weekly series, and only those."""
+    conf = {
+        "store": {"path": str(tmp_path / "store.db")},
+        "http": {"enabled": False},
+        "clinicians": {"dr_lee": {}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    cfg = load_config(path)
+    store = Store(cfg.store.path)
+    engine = Engine(store, {}, cfg)
+    from syncbridge.model import empty_snapshot, iso
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    for week in range(-1, 4):
+        start = now + timedelta(weeks=week, hours=2)
+        snap = empty_snapshot() | {"clinician": "dr_lee", "start": iso(start), "end": iso(start + timedelta(minutes=50)),
+                                   "timezone": "America/New_York", "series_id": "series-7"}
+        engine.change(f"sb-w{week + 1}", snap, via="test")
+    assert store.conn.execute("SELECT clinician FROM series WHERE id = 'series-7'").fetchone() == ("dr_lee",)
+    done = sb("cancel", "series-7", "--series", "--by", "client", "--config", str(path), check=True)
+    assert done.stdout.count(" cancelled ") == 4
+    states = {a.id: a.fields["status"] for a in store.appointments()}
+    assert states == {"sb-w0": "booked", "sb-w1": "cancelled", "sb-w2": "cancelled", "sb-w3": "cancelled", "sb-w4": "cancelled"}

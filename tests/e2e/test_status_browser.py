@@ -50,6 +50,7 @@ def test_status_page_shows_cancellation_and_where_it_went(tmp_path: Path) -> Non
                 text = row.inner_text()
                 assert "no show by client" in text and "Dr. Lee" in text and "charge" in text
                 assert row.locator(".pill").all_inner_texts() == ["cal: removed", "ehr: applied"]
+                assert "2 of 2 within" in text
                 health = page.locator("h2:has-text('Connectors') + table").inner_text()
                 assert health.count("healthy") == 2
                 artifacts = ROOT / "test-artifacts"
