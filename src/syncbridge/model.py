@@ -8,7 +8,7 @@ is cheap and the merge is a pure function over plain data.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -174,7 +174,6 @@ class Appointment:
     version: int
     updated_at: str
     updated_via: str
-    history: list[Snapshot] = field(default_factory=list, compare=False)
 
     @property
     def status(self) -> Status:

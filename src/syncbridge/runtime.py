@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import uvicorn
@@ -214,9 +215,7 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
-def _now():  # type: ignore[no-untyped-def]
-    from datetime import datetime
-
+def _now() -> datetime:
     return datetime.now().astimezone()
 
 

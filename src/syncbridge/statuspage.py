@@ -56,7 +56,7 @@ def render_status(daemon: Daemon) -> str:
             continue
         c = appt.fields["cancellation"] or {}
         where = []
-        for link, applied_at in store.links_for(appt_id):
+        for link, _ in store.links_for(appt_id):
             done = link.gone or link.applied_version >= appt.version
             label = "removed" if link.gone else ("applied" if done else "pending")
             where.append(f'<span class="pill {"gone" if done else "pending"}">{_e(link.connector)}: {label}</span>')

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
-from .audit import AuditWriter, VerifyResult, verify
+from .audit import VerifyResult, verify
 from .connector import Link
 from .migrations import migrate
 from .model import Appointment, Snapshot

@@ -21,7 +21,6 @@ import pytest
 from syncbridge.config import parse_config
 from syncbridge.connector import Connector
 from syncbridge.engine import Engine
-from syncbridge.errors import RateLimited
 from syncbridge.model import Role, empty_snapshot, iso, new_canonical_id
 from syncbridge.outbox import Outbox
 from syncbridge.registry import build_connectors
@@ -307,14 +306,14 @@ class ConnectorContract:
             pytest.skip("connector does not hold appointments made elsewhere")
         await world.vendor.throttle(2)
         appt_id = world.book_here(next_weekday_at(10))
-        report = await world.drain()
+        await world.drain()
         for _ in range(20):
             if world.store.link(world.connector.name, appt_id):
                 break
             import asyncio
 
             await asyncio.sleep(0.3)
-            report = await world.drain()
+            await world.drain()
         assert world.store.link(world.connector.name, appt_id) is not None
         assert len(await world.vendor.live()) == 1
         assert world.store.dead_letters() == []

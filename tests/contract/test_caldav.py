@@ -21,7 +21,6 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import icalendar
 import pytest
-import structlog
 from caldav.davclient import DAVClient
 
 from syncbridge.config import parse_config

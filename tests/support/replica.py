@@ -249,7 +249,7 @@ class ReplicaVendor:
 
     async def book(self, start: datetime, end: datetime, client_key: str, clinician: str = "dr_rivera") -> str:
         with closing(self._conn()) as conn:
-            ext_id = "b-%05d" % (conn.execute("SELECT COUNT(*) FROM items").fetchone()[0] + 1)
+            ext_id = f"b-{conn.execute('SELECT COUNT(*) FROM items').fetchone()[0] + 1:05d}"
             conn.execute("INSERT INTO items (ext_id, title) VALUES (?, 'Session')", (ext_id,))
             touch(
                 conn, ext_id, clinician=clinician, client_key=client_key, start=iso(start), end=iso(end),
