@@ -32,7 +32,8 @@ class AuditWriter:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         row = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-        self.seq, self.hash = (row[0], row[1]) if row else (0, GENESIS)
+        self.seq: int = row[0] if row else 0
+        self.hash: str = row[1] if row else GENESIS
         self.rows: list[tuple[Any, ...]] = []
 
     def add(self, at: str, kind: str, connector: str | None, appointment_id: str | None, detail: dict[str, Any]) -> None:

@@ -187,7 +187,7 @@ def _line_map(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
-def _message(error: dict[str, Any]) -> str:
+def _message(error: Any) -> str:
     msg = str(error["msg"])
     return msg.removeprefix("Value error, ")
 

@@ -56,8 +56,9 @@ class Capabilities:
     def project(self, snap: Snapshot) -> Snapshot:
         """The canonical snapshot as this connector can hold it; equal projections need no write."""
         out = {k: snap.get(k) for k in self.fields}
-        if "status" in out and out["status"] in self.status_map:
-            out["status"] = self.status_map[out["status"]]
+        status = out.get("status")
+        if isinstance(status, str) and status in self.status_map:
+            out["status"] = self.status_map[status]
         return out
 
 

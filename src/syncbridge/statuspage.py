@@ -54,19 +54,19 @@ def render_status(daemon: Daemon) -> str:
         appt = store.appointment(appt_id)
         if appt is None or not appt.cancelled:
             continue
-        c = appt.fields["cancellation"] or {}
+        rec = appt.fields["cancellation"] or {}
         where = []
         for link, _ in store.links_for(appt_id):
-            done = link.gone or link.applied_version >= appt.version
-            label = "removed" if link.gone else ("applied" if done else "pending")
-            where.append(f'<span class="pill {"gone" if done else "pending"}">{_e(link.connector)}: {label}</span>')
+            current = link.gone or link.applied_version >= appt.version
+            label = "removed" if link.gone else ("applied" if current else "pending")
+            where.append(f'<span class="pill {"gone" if current else "pending"}">{_e(link.connector)}: {label}</span>')
         done, total, seconds = store.receipt(appt)
         where.append(f'<span class="muted">{done} of {total}{f" within {max(seconds, 0):.0f} s" if seconds is not None else ""}</span>')
         clinician = cfg.clinicians.get(appt.fields["clinician"])
         who = clinician.display_name if clinician and clinician.display_name else appt.fields["clinician"]
         cancel_rows.append([
-            _e(appt.local_start.strftime("%a %d %b %H:%M")), _e(who), _e(f"{c.get('kind', '').replace('_', ' ')} by {c.get('by')}"),
-            _e(c.get("fee")), _e(c.get("via")), _e(appt.fields.get("billing")), " ".join(where),
+            _e(appt.local_start.strftime("%a %d %b %H:%M")), _e(who), _e(f"{rec.get('kind', '').replace('_', ' ')} by {rec.get('by')}"),
+            _e(rec.get("fee")), _e(rec.get("via")), _e(appt.fields.get("billing")), " ".join(where),
         ])
         if len(cancel_rows) >= 20:
             break

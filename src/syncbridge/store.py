@@ -183,7 +183,7 @@ class Store:
             "WHERE dead = 0 AND due_at <= ? ORDER BY due_at LIMIT ?",
             (now, limit),
         ).fetchall()
-        return [OutboxItem(*r[:6], bool(r[6])) for r in rows]
+        return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
 
     def outbox_next_due(self) -> float | None:
         r = self.conn.execute("SELECT MIN(due_at) FROM outbox WHERE dead = 0").fetchone()
@@ -200,7 +200,7 @@ class Store:
         rows = self.conn.execute(
             "SELECT connector, appointment_id, target_version, due_at, attempts, last_error, dead FROM outbox WHERE dead = 1"
         ).fetchall()
-        return [OutboxItem(*r[:6], True) for r in rows]
+        return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], True) for r in rows]
 
     def worklist(self, include_closed: bool = False) -> list[WorkItem]:
         where = "" if include_closed else " WHERE closed_at IS NULL"
@@ -214,7 +214,7 @@ class Store:
         ]
 
     def audit_entries(self, *, appointment_id: str | None = None, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        sql, args = "SELECT seq, at, kind, connector, appointment_id, detail FROM audit", []
+        sql, args = "SELECT seq, at, kind, connector, appointment_id, detail FROM audit", list[Any]()
         conds = []
         if appointment_id:
             conds.append("appointment_id = ?")
