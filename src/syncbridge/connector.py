@@ -104,6 +104,9 @@ class PullResult:
     cursor: str | None
     complete: bool = False
     more: bool = False
+    #: a complete listing that only covers sessions starting in [start, end) (UTC snapshot strings):
+    #: linked sessions outside it are not missing, just out of view
+    window: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,10 +96,12 @@ class Engine:
             # listing began: the listing could not have seen them.
             seen = {o.external_id for o in observations}
             since = (pulled_at or now_dt).timestamp()
+            lo, hi = result.window or ("", "\uffff")
             rows = self.store.conn.execute(
-                "SELECT external_id FROM links WHERE connector = ? AND gone = 0 AND external_id IS NOT NULL "
-                "AND (applied_ts IS NULL OR applied_ts < ?)",
-                (name, since),
+                "SELECT l.external_id FROM links l JOIN appointments a ON a.id = l.appointment_id "
+                "WHERE l.connector = ? AND l.gone = 0 AND l.external_id IS NOT NULL "
+                "AND (l.applied_ts IS NULL OR l.applied_ts < ?) AND a.start >= ? AND a.start < ?",
+                (name, since, lo, hi),
             )
             observations += [Observation(external_id=ext, deleted=True) for (ext,) in rows if ext not in seen]
         report = ObserveReport(seen=len(observations))

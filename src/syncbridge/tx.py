@@ -154,10 +154,11 @@ class Tx:
         )
 
     def open_work(self, key: str, kind: str, instruction: str, at: str, connector: str | None = None, appointment_id: str | None = None) -> bool:
-        """Open a worklist item unless one with ``key`` is already open; True if opened."""
+        """Open a worklist item, or bring an open one's instruction up to date; True if anything changed."""
         cur = self.conn.execute(
             "INSERT INTO worklist (key, connector, appointment_id, kind, instruction, opened_at) VALUES (?,?,?,?,?,?) "
-            "ON CONFLICT (key) WHERE closed_at IS NULL DO NOTHING",
+            "ON CONFLICT (key) WHERE closed_at IS NULL DO UPDATE SET instruction = excluded.instruction "
+            "WHERE worklist.instruction != excluded.instruction",
             (key, connector, appointment_id, kind, instruction, at),
         )
         return cur.rowcount > 0

@@ -342,3 +342,40 @@ class ConnectorContract:
         appts = world.store.appointments()
         assert len(appts) == 1 and appts[0].start == start
         assert world.store.link(world.connector.name, appts[0].id).external_id == ext
+
+    async def _booked_there(self, world: World) -> tuple[str, str]:
+        if world.connector.capabilities.role == Role.MIRROR:
+            pytest.skip("calendars do not book sessions")
+        start = next_weekday_at(15)
+        ext = await world.vendor.book(start, start + timedelta(minutes=50), "client-abc")
+        await world.sync()
+        appt_id = world.store.link_by_external(world.connector.name, ext).appointment_id
+        await world.sync()  # the next change arrives through an incremental pull
+        return appt_id, ext
+
+    async def test_move_in_record_system_flows_in(self, world: World) -> None:
+        """A session moved in the EHR or the directory moves the canonical record."""
+        appt_id, ext = await self._booked_there(world)
+        new_start = next_weekday_at(17)
+        await world.vendor.move(ext, new_start, new_start + timedelta(minutes=50))
+        await world.sync()
+        assert world.store.appointment(appt_id).start == new_start
+
+    async def test_cancel_in_record_system_flows_in(self, world: World) -> None:
+        """A session cancelled (or removed) in the EHR or the directory is cancelled in the canonical record."""
+        appt_id, ext = await self._booked_there(world)
+        await world.vendor.delete(ext)
+        await world.sync()
+        assert world.store.appointment(appt_id).cancelled
+
+    async def test_read_only_system_gets_one_instruction(self, world: World) -> None:
+        """A system syncbridge cannot write gets one worklist item per change, never a write attempt."""
+        if not world.connector.capabilities.read_only:
+            pytest.skip("connector can be written")
+        appt_id, _ = await self._booked_there(world)
+        world.cancel_here(appt_id)
+        await world.drain()
+        await world.sync()
+        items = [w for w in world.store.worklist() if w.appointment_id == appt_id]
+        assert len(items) == 1 and items[0].connector == world.connector.name
+        assert world.store.outbox_due(float("inf"), 10) == [] and world.store.dead_letters() == []

@@ -1,0 +1,1 @@
+"""Read-only EHR calendar feeds (iCal export URLs, SimplePractice-style), with a worklist."""
