@@ -147,7 +147,15 @@ async def _demo(workdir: Path, wait: bool) -> int:
             _say(f"    {lk.connector:<20} {state:<14} {applied_at or ''}")
         records = [n for n, c in daemon.connectors.items() if c.capabilities.role.value == "record"]
         if records:
-            _say(f"  claim suppression handed to the record system(s): {', '.join(records)}")
+
+            def billed() -> bool:
+                a = daemon.store.appointment(victim)
+                return bool(a and a.fields.get("billing") != "pending")
+
+            await _until(billed, 20)
+            appt = daemon.store.appointment(victim)
+            assert appt is not None
+            _say(f"  billing in {', '.join(records)}: {appt.fields.get('billing')} (no claim goes to the payer for this session)")
         else:
             _say("  no EHR is connected in this sandbox, so there is no claim to suppress yet")
         _say()

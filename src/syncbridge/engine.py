@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import structlog
 
@@ -19,7 +20,7 @@ from .config import PracticeConfig
 from .connector import Connector, Link, Observation, PullResult
 from .errors import CursorExpired, MalformedRecord
 from .merge import merge
-from .model import CANCELLED_STATES, Role, Snapshot, canonical_id_for, iso, utcnow, validate_snapshot
+from .model import CANCELLED_STATES, Billing, Role, Snapshot, canonical_id_for, iso, parse_iso, utcnow, validate_snapshot
 from .policy.cancellation import CANCELLING_TAGS
 from .store import Store
 from .tx import Tx
@@ -225,6 +226,7 @@ class Engine:
                 report.updated += 1
             assert appt_id is not None
             tx.put_appointment(appt_id, snap, version, now, name)
+            self._billing_work(tx, appt_id, appt.fields if appt else None, snap, now, name)
             report.changed_ids.append(appt_id)
             tx.audit.add(now, "observed", name, appt_id, {"version": version, "changed": list(outcome.changed), "status": snap["status"]})
         assert appt_id is not None
@@ -250,10 +252,28 @@ class Engine:
             current = tx.appointment(appt_id)
             version = (current.version if current else 0) + 1
             tx.put_appointment(appt_id, snap, version, now, via)
+            self._billing_work(tx, appt_id, current.fields if current else None, snap, now, via)
             changed = [k for k in snap if current is None or current.fields.get(k) != snap[k]]
             tx.audit.add(now, kind, via, appt_id, {"version": version, "changed": changed, "status": snap["status"]})
             self.fan_out(tx, appt_id, snap, version, now)
         return version
+
+    def _billing_work(self, tx: Tx, appt_id: str, old: Snapshot | None, new: Snapshot, now: str, via: str) -> None:
+        """A claim already sent for a session that did not happen: a person must void it with the payer."""
+        key = f"void:{appt_id}"
+        if new.get("billing") == Billing.NEEDS_VOID and (old is None or old.get("billing") != Billing.NEEDS_VOID):
+            when = parse_iso(new["start"]).astimezone(ZoneInfo(new["timezone"]))
+            clinician = self.config.clinicians.get(new["clinician"])
+            who = clinician.display_name if clinician and clinician.display_name else new["clinician"]
+            tx.open_work(
+                key, "void_claim",
+                f"A claim was already submitted for the {when:%-I:%M %p} session of {who} on {when:%a %-d %b %Y}, "
+                f"which was {new['status'].replace('_', ' ')}. Void or replace the claim with the payer in {via}.",
+                now, via, appt_id,
+            )
+            tx.audit.add(now, "claim_needs_void", via, appt_id, {})
+        elif old is not None and old.get("billing") == Billing.NEEDS_VOID and new.get("billing") != Billing.NEEDS_VOID:
+            tx.close_work(key, now, via)
 
     # --- deciding who must converge ------------------------------------------------------
 

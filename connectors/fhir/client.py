@@ -1,0 +1,201 @@
+"""The FHIR R4 wire layer: every request the connector makes, and the one table from answers to errors.
+
+Knows REST (hl7.org/fhir/R4/http.html), SMART Backend Services auth and nothing of
+appointments. Every failure leaves as a :mod:`syncbridge.errors` exception, translated here and
+only here; messages name the method and the resource type, never resource content.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+from urllib.parse import quote
+
+import httpx
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from syncbridge.errors import AuthError, ConflictError, MalformedRecord, PermanentError, RateLimited, TransientError
+from syncbridge.limits import check_record_size
+
+__all__ = ["FHIRClient", "raise_for_status", "signed_assertion"]
+
+FHIR_JSON = "application/fhir+json"
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+SMART_HINT = (
+    "register this client's public key (JWKS) with the EHR as a SMART Backend Services app and make sure "
+    "client_id, token_url and private_key in the config belong to that registration (see connectors/fhir/README.md)"
+)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def signed_assertion(client_id: str, token_url: str, private_key_pem: str, kid: str | None = None) -> str:
+    """The RS384 client assertion JWT of SMART Backend Services (iss = sub = client_id, aud = token URL)."""
+    try:
+        key = serialization.load_pem_private_key(private_key_pem.encode(), password=None)
+    except (ValueError, TypeError) as err:
+        raise AuthError("the FHIR private key is not an unencrypted PEM private key", action=SMART_HINT) from err
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise AuthError("the FHIR private key must be an RSA key (RS384)", action=SMART_HINT)
+    header = {"alg": "RS384", "typ": "JWT", "kid": kid or client_id}
+    claims = {"iss": client_id, "sub": client_id, "aud": token_url, "exp": int(time.time()) + 300, "jti": uuid.uuid4().hex}
+    signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+    signature = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA384())
+    return f"{signing_input}.{_b64url(signature)}"
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def raise_for_status(status: int, what: str, *, retry_after: str | None = None) -> NoReturn:
+    """The one table from an unsuccessful HTTP status to what the caller must do (DESIGN section 9)."""
+    if status == 401:
+        raise AuthError(f"{what}: the EHR refused the access token (401)", action=SMART_HINT)
+    if status == 403:
+        raise AuthError(f"{what}: the client lacks a scope for this (403)", action="grant the scopes listed in connectors/fhir/README.md")
+    if status in (409, 412):
+        raise ConflictError(f"{what}: the EHR's copy changed since it was read ({status})")
+    if status in (429, 503):
+        raise RateLimited(f"{what}: the EHR asks to slow down ({status})", retry_after=_retry_after(retry_after))
+    if status >= 500 or status in (408, 425):
+        raise TransientError(f"{what}: server error ({status})", retry_after=_retry_after(retry_after))
+    raise PermanentError(f"{what}: refused ({status})")
+
+
+class FHIRClient:
+    """Thin async client: read, search (following ``next`` links), conditional create, update."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        client_id: str | None = None,
+        private_key: str | None = None,
+        token_url: str | None = None,
+        scope: str = "",
+        kid: str | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._static = token
+        self._smart = (client_id, private_key, token_url or f"{self.base_url}/auth/token", scope, kid)
+        self._access: tuple[str, float] | None = None
+        self._http = httpx.AsyncClient(timeout=30.0)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _token(self) -> str:
+        if self._static is not None:
+            return self._static
+        if self._access and self._access[1] > time.time() + 30:
+            return self._access[0]
+        client_id, key, token_url, scope, kid = self._smart
+        if not client_id or not key:
+            raise AuthError("SMART auth needs client_id and private_key", action=SMART_HINT)
+        form = {
+            "grant_type": "client_credentials",
+            "scope": scope,
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": signed_assertion(client_id, token_url, key, kid),
+        }
+        try:
+            r = await self._http.post(token_url, data=form)
+        except httpx.HTTPError as err:
+            raise TransientError(f"POST token: {type(err).__name__}") from err
+        if r.status_code in (400, 401, 403):
+            try:
+                detail = str(r.json().get("error_description") or r.json().get("error"))[:200]
+            except ValueError:
+                detail = ""
+            raise AuthError(f"the EHR's token endpoint refused this client ({r.status_code}: {detail})", action=SMART_HINT)
+        if r.status_code >= 300:
+            raise_for_status(r.status_code, "POST token", retry_after=r.headers.get("retry-after"))
+        body = r.json()
+        self._access = (body["access_token"], time.time() + float(body.get("expires_in", 300)))
+        return body["access_token"]
+
+    async def _request(
+        self, method: str, url: str, what: str, *, json_body: Any = None, headers: dict[str, str] | None = None, renewed: bool = False
+    ) -> httpx.Response:
+        full = url if url.startswith("http") else f"{self.base_url}/{url.lstrip('/')}"
+        hdrs = {"Accept": FHIR_JSON, "Authorization": f"Bearer {await self._token()}", **(headers or {})}
+        if json_body is not None:
+            hdrs["Content-Type"] = FHIR_JSON
+        try:
+            r = await self._http.request(method, full, content=json.dumps(json_body) if json_body is not None else None, headers=hdrs)
+        except httpx.HTTPError as err:
+            raise TransientError(f"{what}: {type(err).__name__}") from err
+        if r.status_code == 401 and self._static is None and not renewed:
+            self._access = None  # the token may have been revoked early: fetch a new one, once
+            return await self._request(method, url, what, json_body=json_body, headers=headers, renewed=True)
+        return r
+
+    @staticmethod
+    def _resource(r: httpx.Response, what: str) -> dict[str, Any]:
+        check_record_size(len(r.content), what)
+        try:
+            body = r.json()
+        except ValueError as err:
+            raise MalformedRecord(f"{what}: the answer is not JSON") from err
+        if not isinstance(body, dict):
+            raise MalformedRecord(f"{what}: the answer is not a resource")
+        return body
+
+    async def read(self, rtype: str, rid: str) -> dict[str, Any] | None:
+        """The resource, or None when it is gone (404/410)."""
+        what = f"GET {rtype}"
+        r = await self._request("GET", f"{rtype}/{quote(rid)}", what)
+        if r.status_code in (404, 410):
+            return None
+        if r.status_code >= 300:
+            raise_for_status(r.status_code, what, retry_after=r.headers.get("retry-after"))
+        return self._resource(r, what)
+
+    async def search(self, rtype: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+        """Every entry of a search, following the Bundle's ``next`` links (http.html#search, #paging)."""
+        what = f"GET {rtype}?"
+        url: str | None = f"{rtype}?" + "&".join(f"{k}={quote(v, safe='|:/')}" for k, v in params.items())
+        while url:
+            r = await self._request("GET", url, what)
+            if r.status_code >= 300:
+                raise_for_status(r.status_code, what, retry_after=r.headers.get("retry-after"))
+            try:
+                bundle = r.json()
+            except ValueError as err:
+                raise TransientError(f"{what}: the answer is not JSON") from err
+            for entry in bundle.get("entry", []):
+                if "resource" in entry:
+                    yield entry["resource"]
+            url = next((link["url"] for link in bundle.get("link", []) if link.get("relation") == "next"), None)
+
+    async def create(self, resource: dict[str, Any], if_none_exist: str | None = None) -> dict[str, Any]:
+        """POST, conditional when ``if_none_exist`` is given (http.html#ccreate): a retry makes no duplicate."""
+        rtype = resource["resourceType"]
+        what = f"POST {rtype}"
+        headers = {"If-None-Exist": if_none_exist} if if_none_exist else None
+        r = await self._request("POST", rtype, what, json_body=resource, headers=headers)
+        if r.status_code >= 300:
+            raise_for_status(r.status_code, what, retry_after=r.headers.get("retry-after"))
+        return self._resource(r, what)
+
+    async def update(self, resource: dict[str, Any], if_match: str | None) -> dict[str, Any]:
+        """PUT under ``If-Match: W/"versionId"`` (http.html#concurrency); 412 -> ConflictError."""
+        rtype = resource["resourceType"]
+        what = f"PUT {rtype}"
+        headers = {"If-Match": if_match} if if_match else None
+        r = await self._request("PUT", f"{rtype}/{quote(resource['id'])}", what, json_body=resource, headers=headers)
+        if r.status_code >= 300:
+            raise_for_status(r.status_code, what, retry_after=r.headers.get("retry-after"))
+        return self._resource(r, what)

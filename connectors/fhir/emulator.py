@@ -1,0 +1,385 @@
+"""A FHIR R4 server subset on loopback, for tests and ``syncbridge demo``.
+
+Follows the RESTful API of https://hl7.org/fhir/R4/http.html for the interactions the connector
+uses (cited by the page's anchors): ``#read`` (404 unknown, 410 deleted), ``#update`` with
+version-aware ``If-Match`` (``#concurrency``, "Managing Resource Contention": 412 on a stale weak
+ETag), ``#create`` (201 with ``Location: [base]/[type]/[id]/_history/[vid]``) and ``#ccreate``
+(``If-None-Exist``: no match -> create, one match -> 200 with the existing resource, several ->
+412), ``#search`` with paging links in a ``searchset`` Bundle (``#paging``, search.html#count),
+``#versioning`` (``ETag: W/"versionId"``, ``meta.versionId``/``meta.lastUpdated``) and
+OperationOutcome bodies on errors (``#Status``). Nothing is deleted by the connector (EHRs
+cancel), but ``#delete`` exists so "gone" can be tested.
+
+Search parameters kept (the reference each one follows is chosen to match R4's definitions):
+``_lastUpdated=ge<instant>``, ``_count``, ``_sort=_lastUpdated``, ``identifier=system|value``,
+``patient`` (Appointment.participant / Encounter.subject / ChargeItem.subject / Claim.patient),
+``practitioner`` (Appointment.participant), ``appointment`` (Encounter.appointment), ``context``
+(ChargeItem.context -> Encounter) and ``encounter`` (Claim.item.encounter).
+
+Auth follows SMART Backend Services (https://hl7.org/fhir/smart-app-launch/backend-services.html):
+``POST /auth/token`` with ``client_credentials`` and an RS384-signed JWT assertion; a static
+bearer token configured at start is also accepted. There is no referential integrity check, as
+real servers differ on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs
+
+import uvicorn
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+__all__ = ["FHIREmulator", "RESOURCE_TYPES", "running"]
+
+RESOURCE_TYPES = ("Appointment", "Encounter", "ChargeItem", "Claim", "Patient", "Practitioner")
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+FHIR_JSON = "application/fhir+json"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _instant(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _refs(resource: dict[str, Any], param: str) -> list[str]:
+    """The values a reference/token search parameter matches for ``resource`` (see module docstring)."""
+    t = resource["resourceType"]
+    if param == "identifier":
+        return [f"{i.get('system', '')}|{i.get('value', '')}" for i in resource.get("identifier", [])]
+    if param in ("patient", "practitioner"):
+        if t == "Appointment":
+            return [p.get("actor", {}).get("reference", "") for p in resource.get("participant", [])]
+        key = {"Encounter": "subject", "ChargeItem": "subject", "Claim": "patient"}.get(t)
+        return [resource.get(key, {}).get("reference", "")] if key else []
+    if param == "appointment":
+        return [r.get("reference", "") for r in resource.get("appointment", [])]
+    if param == "context":
+        return [resource.get("context", {}).get("reference", "")]
+    if param == "encounter":
+        return [e.get("reference", "") for item in resource.get("item", []) for e in item.get("encounter", [])]
+    return []
+
+
+def _matches(resource: dict[str, Any], param: str, value: str) -> bool:
+    if param in ("patient", "practitioner", "appointment", "context", "encounter"):
+        prefix = {"patient": "Patient/", "practitioner": "Practitioner/", "appointment": "Appointment/", "encounter": "Encounter/", "context": "Encounter/"}[param]
+        wanted = value if "/" in value else prefix + value
+        return wanted in _refs(resource, param)
+    return value in _refs(resource, param)
+
+
+def outcome(status: int, code: str, text: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OperationOutcome error body (http.html#Status)."""
+    body = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]}
+    return JSONResponse(body, status, headers=headers, media_type=FHIR_JSON)
+
+
+def _b64url_decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+@dataclass
+class FHIREmulator:
+    """The in-memory server. ``app`` is the starlette application; knobs are plain methods."""
+
+    static_token: str | None = None
+    #: SMART clients: client_id -> PEM public key
+    clients: dict[str, bytes] = field(default_factory=dict)
+    base_url: str = ""
+    page_size: int = 50
+    store: dict[str, dict[str, dict[str, Any]]] = field(default_factory=lambda: {t: {} for t in RESOURCE_TYPES})
+    deleted: set[tuple[str, str]] = field(default_factory=set)
+    log: list[tuple[str, str]] = field(default_factory=list)
+    _failures: list[tuple[int, float | None]] = field(default_factory=list)
+    _tokens: dict[str, float] = field(default_factory=dict)
+    _pages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # --- knobs --------------------------------------------------------------------------
+
+    def fail_next(self, status: int, n: int = 1, retry_after: float | None = None) -> None:
+        """The next ``n`` FHIR requests answer ``status`` (429/503 throttling), with Retry-After."""
+        self._failures.extend([(status, retry_after)] * n)
+
+    def revoke_tokens(self) -> None:
+        """Invalidate every issued access token early, as an EHR admin or a key rotation does."""
+        self._tokens.clear()
+
+    def register_client(self, client_id: str, public_key_pem: bytes) -> None:
+        self.clients[client_id] = public_key_pem
+
+    def reset(self) -> None:
+        with self._lock:
+            self.store = {t: {} for t in RESOURCE_TYPES}
+            self.deleted.clear()
+            self.log.clear()
+            self._failures.clear()
+            self._pages.clear()
+
+    def put(self, resource: dict[str, Any]) -> dict[str, Any]:
+        """Store a resource directly (a new version when it exists), as EHR staff or billing would."""
+        with self._lock:
+            return self._save(dict(resource))
+
+    def get(self, rtype: str, rid: str) -> dict[str, Any]:
+        return json.loads(json.dumps(self.store[rtype][rid]))
+
+    def all(self, rtype: str) -> list[dict[str, Any]]:
+        return [json.loads(json.dumps(r)) for r in self.store[rtype].values()]
+
+    # --- storage ------------------------------------------------------------------------
+
+    def _save(self, resource: dict[str, Any]) -> dict[str, Any]:
+        rtype = resource["resourceType"]
+        rid = resource.get("id") or f"{rtype[:3].lower()}{next(self._ids)}"
+        old = self.store[rtype].get(rid)
+        version = int(old["meta"]["versionId"]) + 1 if old else 1
+        resource["id"] = rid
+        resource["meta"] = {**resource.get("meta", {}), "versionId": str(version), "lastUpdated": _now()}
+        self.store[rtype][rid] = resource
+        self.deleted.discard((rtype, rid))
+        return json.loads(json.dumps(resource))
+
+    def _headers(self, resource: dict[str, Any]) -> dict[str, str]:
+        return {"ETag": f'W/"{resource["meta"]["versionId"]}"', "Last-Modified": resource["meta"]["lastUpdated"]}
+
+    # --- HTTP ---------------------------------------------------------------------------
+
+    @property
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/auth/token", self._token, methods=["POST"]),
+                Route("/{rtype}", self._type_level, methods=["GET", "POST"]),
+                Route("/{rtype}/{rid}", self._instance, methods=["GET", "PUT", "DELETE"]),
+            ]
+        )
+
+    def _gate(self, request: Request) -> Response | None:
+        self.log.append((request.method, request.url.path))
+        if self._failures:
+            status, retry_after = self._failures.pop(0)
+            headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+            return outcome(status, "throttled" if status == 429 else "transient", "try again later", headers)
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        ok = scheme.lower() == "bearer" and (
+            (self.static_token is not None and token == self.static_token) or self._tokens.get(token, 0) > time.time()
+        )
+        if not ok:
+            return outcome(401, "login", "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})
+        if request.path_params["rtype"] not in RESOURCE_TYPES:
+            return outcome(404, "not-supported", f"resource type {request.path_params['rtype']} is not supported")
+        return None
+
+    async def _body(self, request: Request, rtype: str) -> dict[str, Any] | Response:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return outcome(400, "structure", "the body is not JSON")
+        if not isinstance(body, dict) or body.get("resourceType") != rtype:
+            return outcome(400, "invalid", f"the body must be a {rtype} resource")
+        return body
+
+    async def _instance(self, request: Request) -> Response:
+        if (denied := self._gate(request)) is not None:
+            return denied
+        rtype, rid = request.path_params["rtype"], request.path_params["rid"]
+        with self._lock:
+            current = self.store[rtype].get(rid)
+            if request.method == "GET":
+                if current is None:
+                    gone = (rtype, rid) in self.deleted
+                    return outcome(410 if gone else 404, "deleted" if gone else "not-found", f"{rtype}/{rid} is not here")
+                return JSONResponse(current, headers=self._headers(current), media_type=FHIR_JSON)
+            if request.method == "DELETE":
+                if current is not None:
+                    del self.store[rtype][rid]
+                    self.deleted.add((rtype, rid))
+                return Response(status_code=204)
+        body = await self._body(request, rtype)
+        if isinstance(body, Response):
+            return body
+        if body.get("id") != rid:
+            return outcome(400, "invalid", "the resource id must match the URL (http.html#update)")
+        with self._lock:
+            current = self.store[rtype].get(rid)
+            match = request.headers.get("if-match")
+            if match is not None and (current is None or match != f'W/"{current["meta"]["versionId"]}"'):
+                return outcome(412, "conflict", f"{rtype}/{rid} changed since version {match}")
+            saved = self._save(body)
+        status = 200 if current is not None else 201
+        return JSONResponse(saved, status, headers=self._headers(saved), media_type=FHIR_JSON)
+
+    async def _type_level(self, request: Request) -> Response:
+        if (denied := self._gate(request)) is not None:
+            return denied
+        rtype = request.path_params["rtype"]
+        if request.method == "GET":
+            return self._search(request, rtype)
+        body = await self._body(request, rtype)
+        if isinstance(body, Response):
+            return body
+        with self._lock:
+            condition = request.headers.get("if-none-exist")
+            if condition:
+                try:
+                    found = self._filter(rtype, [(k, v) for k, _, v in (p.partition("=") for p in condition.split("&"))])
+                except ValueError as err:
+                    return outcome(400, "invalid", f"If-None-Exist: {err}")
+                if len(found) > 1:
+                    return outcome(412, "duplicate", "If-None-Exist matched more than one resource")
+                if found:  # http.html#ccreate: one match -> ignore the request, answer 200
+                    return JSONResponse(found[0], 200, headers=self._headers(found[0]), media_type=FHIR_JSON)
+            body.pop("id", None)
+            saved = self._save(body)
+        headers = self._headers(saved) | {"Location": f"{self.base_url}/{rtype}/{saved['id']}/_history/{saved['meta']['versionId']}"}
+        return JSONResponse(saved, 201, headers=headers, media_type=FHIR_JSON)
+
+    def _filter(self, rtype: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        out = list(self.store[rtype].values())
+        for name, value in params:
+            if name == "_lastUpdated":
+                prefix, when = value[:2], value[2:]
+                if prefix != "ge":
+                    raise ValueError("only _lastUpdated=ge<instant> is supported")
+                since = _instant(when)
+                out = [r for r in out if _instant(r["meta"]["lastUpdated"]) >= since]
+            elif name in ("identifier", "patient", "practitioner", "appointment", "context", "encounter"):
+                out = [r for r in out if _matches(r, name, value)]
+            elif name == "status":
+                out = [r for r in out if r.get("status") in value.split(",")]
+            elif name not in ("_count", "_sort"):
+                raise ValueError(f"search parameter {name} is not supported")
+        return [json.loads(json.dumps(r)) for r in out]
+
+    def _search(self, request: Request, rtype: str) -> Response:
+        """A searchset Bundle; the full result is frozen at the first page so paging never skips."""
+        q = request.query_params
+        token = q.get("_page")
+        with self._lock:
+            if token is None:
+                try:
+                    found = self._filter(rtype, [(k, v) for k, v in q.multi_items() if k != "_page"])
+                except ValueError as err:
+                    return outcome(400, "not-supported", str(err))
+                found.sort(key=lambda r: r["meta"]["lastUpdated"])
+                token = uuid.uuid4().hex
+                self._pages[token] = found
+            frozen = self._pages.get(token)
+        if frozen is None:
+            return outcome(410, "expired", "the paging link has expired; search again")
+        found = frozen
+        count = max(1, min(int(q.get("_count", self.page_size)), 500))
+        offset = int(q.get("_offset", 0))
+        page = found[offset : offset + count]
+        link = [{"relation": "self", "url": str(request.url)}]
+        if offset + count < len(found):
+            link.append({"relation": "next", "url": f"{self.base_url}/{rtype}?_page={token}&_offset={offset + count}&_count={count}"})
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "meta": {"lastUpdated": _now()},
+            "total": len(found),
+            "link": link,
+            "entry": [{"fullUrl": f"{self.base_url}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in page],
+        }
+        return JSONResponse(bundle, media_type=FHIR_JSON)
+
+    # --- SMART Backend Services ------------------------------------------------------------
+
+    async def _token(self, request: Request) -> Response:
+        """client_credentials with a signed JWT assertion (backend-services.html#obtaining-an-access-token)."""
+        self.log.append((request.method, request.url.path))
+        # application/x-www-form-urlencoded, parsed here (starlette's form() needs python-multipart)
+        form = {k: v[0] for k, v in parse_qs((await request.body()).decode(), keep_blank_values=True).items()}
+
+        def refuse(text: str) -> Response:
+            return JSONResponse({"error": "invalid_client", "error_description": text}, 401)
+
+        if form.get("grant_type") != "client_credentials":
+            return JSONResponse({"error": "unsupported_grant_type"}, 400)
+        if form.get("client_assertion_type") != ASSERTION_TYPE:
+            return JSONResponse({"error": "invalid_request", "error_description": "client_assertion_type must be jwt-bearer"}, 400)
+        try:
+            head_b64, claims_b64, sig_b64 = str(form.get("client_assertion", "")).split(".")
+            header = json.loads(_b64url_decode(head_b64))
+            claims = json.loads(_b64url_decode(claims_b64))
+            signature = _b64url_decode(sig_b64)
+        except ValueError:
+            return refuse("client_assertion is not a JWT")
+        if header.get("alg") != "RS384":
+            return refuse("the assertion must be signed with RS384")
+        client_id = claims.get("iss")
+        pem = self.clients.get(client_id)
+        if pem is None or claims.get("sub") != client_id:
+            return refuse("unknown client: iss and sub must be the registered client_id")
+        key = serialization.load_pem_public_key(pem)
+        if not isinstance(key, rsa.RSAPublicKey):
+            return refuse("the registered key is not an RSA key (RS384)")
+        try:
+            key.verify(signature, f"{head_b64}.{claims_b64}".encode(), padding.PKCS1v15(), hashes.SHA384())
+        except InvalidSignature:
+            return refuse("the assertion's signature does not match the registered public key")
+        if claims.get("aud") != f"{self.base_url}/auth/token":
+            return refuse("aud must be the token URL")
+        if not isinstance(claims.get("exp"), int | float) or claims["exp"] < time.time() or claims["exp"] > time.time() + 300 + 5:
+            return refuse("exp must be in the future and at most five minutes away")
+        token = uuid.uuid4().hex
+        self._tokens[token] = time.time() + 300
+        scope = str(form.get("scope", ""))
+        return JSONResponse({"access_token": token, "token_type": "bearer", "expires_in": 300, "scope": scope})
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Running:
+    emulator: FHIREmulator
+    base_url: str
+    stop: Callable[[], None]
+
+
+def running(emulator: FHIREmulator | None = None) -> Running:
+    """Serve ``emulator`` with uvicorn in a background thread on a free loopback port."""
+    emu = emulator or FHIREmulator()
+    port = _free_port()
+    emu.base_url = f"http://127.0.0.1:{port}"
+    server = uvicorn.Server(uvicorn.Config(emu.app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, name=f"fhir-emulator-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the FHIR emulator did not start")
+        time.sleep(0.01)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return Running(emu, emu.base_url, stop)

@@ -1,0 +1,235 @@
+"""Claim suppression and SMART auth of the FHIR connector, through Engine and Outbox (DESIGN section 6).
+
+Billing resources are seeded the way an EHR's check-in and billing staff would create them:
+an Encounter pointing at the Appointment, ChargeItems in that Encounter, Claims whose items name it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from syncbridge.config import parse_config
+from syncbridge.engine import Engine
+from syncbridge.errors import AuthError
+from syncbridge.model import iso
+from syncbridge.outbox import Outbox
+from syncbridge.policy.cancellation import FHIR_REASON_SYSTEM
+from syncbridge.registry import build_connectors
+from syncbridge.store import Store
+from syncbridge_connectors.fhir.claims import FEE_SYSTEM
+from syncbridge_connectors.fhir.emulator import FHIREmulator, running
+from tests.contract.suite import CLINICIAN, ZONE, World, next_weekday_at
+from tests.contract.test_fhir import PRACTITIONER, fhir_harness, fhir_server  # noqa: F401
+
+NAME = "ehr"
+
+
+async def _world(config: dict[str, Any], account: dict[str, Any], tmp_path: Path, vendor: Any = None) -> World:
+    cfg = parse_config(
+        yaml.safe_dump(
+            {
+                "practice": {"timezone": ZONE},
+                "store": {"path": str(tmp_path / "claims.db")},
+                "clinicians": {CLINICIAN: {"accounts": {NAME: account}}},
+                "connectors": {NAME: config},
+                "outbox": {"backoff_base": 0.05, "backoff_max": 0.2, "max_attempts": 6},
+            }
+        )
+    )
+    store = Store(cfg.store.path)
+    connectors = build_connectors(cfg)
+    engine = Engine(store, connectors, cfg)
+    return World(store, engine, Outbox(engine), connectors[NAME], vendor)
+
+
+@pytest.fixture
+async def world(fhir_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[World]:  # noqa: F811
+    harness = fhir_harness(fhir_server, monkeypatch)
+    w = await _world(harness.connector_config, harness.account, tmp_path, harness.vendor)
+    try:
+        yield w
+    finally:
+        await w.connector.close()
+        w.store.close()
+
+
+def emu(world: World) -> FHIREmulator:
+    return world.vendor.emulator
+
+
+async def booked_with_billing(world: World, claim_status: str = "draft") -> tuple[str, str, dict[str, str]]:
+    """A session in the EHR with the Encounter, ChargeItem and Claim billing staff would have made."""
+    appt_id = world.book_here(next_weekday_at(10))
+    await world.drain()
+    ext = world.external_id(appt_id)
+    patient = {"reference": f"Patient/{world.store.appointment(appt_id).fields['client_key']}"}
+    e = emu(world)
+    enc = e.put({"resourceType": "Encounter", "status": "planned", "subject": patient, "appointment": [{"reference": f"Appointment/{ext}"}]})
+    enc_ref = {"reference": f"Encounter/{enc['id']}"}
+    charge = e.put({"resourceType": "ChargeItem", "status": "billable", "subject": patient, "context": enc_ref, "code": {"text": "90837"}})
+    claim = e.put(
+        {"resourceType": "Claim", "status": claim_status, "use": "claim", "patient": patient, "item": [{"sequence": 1, "encounter": [enc_ref]}]}
+    )
+    return appt_id, ext, {"encounter": enc["id"], "charge": charge["id"], "claim": claim["id"]}
+
+
+def counts(world: World) -> dict[str, int]:
+    return {t: len(emu(world).all(t)) for t in ("Appointment", "Encounter", "ChargeItem", "Claim")}
+
+
+async def test_cancelled_session_is_never_billed(world: World) -> None:
+    """Cancelling a session cancels it in the EHR with the reason and stops its charge and draft claim."""
+    appt_id, ext, ids = await booked_with_billing(world)
+    world.cancel_here(appt_id)
+    await world.drain()
+    e = emu(world)
+    appt = e.get("Appointment", ext)
+    assert appt["status"] == "cancelled"
+    assert appt["cancelationReason"]["coding"] == [{"system": FHIR_REASON_SYSTEM, "code": "pat"}]
+    assert e.get("Encounter", ids["encounter"])["status"] == "cancelled"
+    assert e.get("ChargeItem", ids["charge"])["status"] == "not-billable"
+    assert e.get("Claim", ids["claim"])["status"] == "cancelled"
+    assert counts(world) == {"Appointment": 1, "Encounter": 1, "ChargeItem": 1, "Claim": 1}
+    await world.sync()
+    assert world.store.appointment(appt_id).fields["billing"] == "suppressed"
+
+
+async def test_reapplying_a_cancel_changes_nothing(world: World) -> None:
+    """Retrying the cancellation (a lost answer, a restart) creates and rewrites nothing in the EHR."""
+    appt_id, _, _ = await booked_with_billing(world)
+    world.cancel_here(appt_id)
+    await world.drain()
+    await world.sync()
+    before = {t: emu(world).all(t) for t in ("Appointment", "Encounter", "ChargeItem", "Claim")}
+    link = world.store.link(NAME, appt_id)
+    desired = world.connector.capabilities.project(world.store.appointment(appt_id).fields)
+    await world.connector.apply(appt_id, desired, link)
+    await world.connector.apply(appt_id, desired, None)  # a create whose answer was lost
+    assert {t: emu(world).all(t) for t in before} == before
+
+
+async def test_noshow_fee_is_self_pay_only(world: World) -> None:
+    """A charged no-show yields exactly one self-pay fee for the client and no insurance claim."""
+    appt_id = world.book_here(next_weekday_at(11))
+    await world.drain()
+    appt = world.store.appointment(appt_id)
+    record = {"by": "client", "kind": "no_show", "fee": "charge", "clinical": False, "reason": None, "at": iso(datetime.now(UTC)), "via": "test"}
+    world.engine.change(appt_id, dict(appt.fields) | {"status": "noshow", "cancellation": record}, via="test")
+    await world.drain()
+    await world.drain()
+    fees = emu(world).all("ChargeItem")
+    assert len(fees) == 1
+    fee = fees[0]
+    assert fee["identifier"] == [{"system": FEE_SYSTEM, "value": appt_id}]
+    assert fee["status"] == "billable" and fee["subject"] == {"reference": f"Patient/{appt.fields['client_key']}"}
+    assert fee["code"]["coding"][0]["code"] == "LATE-CANCEL-FEE"
+    assert "account" not in fee and emu(world).all("Claim") == []
+    assert emu(world).get("Appointment", world.external_id(appt_id))["status"] == "noshow"
+    await world.sync()
+    assert world.store.appointment(appt_id).fields["billing"] == "fee_self_pay"
+    await world.drain()
+    assert len(emu(world).all("ChargeItem")) == 1
+
+
+async def test_claim_already_sent_is_flagged_not_touched(world: World) -> None:
+    """A claim that already went to the payer is left alone; billing shows needs_void and a worklist item asks to void it."""
+    appt_id, _, ids = await booked_with_billing(world, claim_status="active")
+    claim_before = emu(world).get("Claim", ids["claim"])
+    world.cancel_here(appt_id)
+    await world.drain()
+    assert emu(world).get("Claim", ids["claim"]) == claim_before
+    await world.sync()
+    assert world.store.appointment(appt_id).fields["billing"] == "needs_void"
+    (item,) = [w for w in world.store.worklist() if w.kind == "void_claim"]
+    assert item.appointment_id == appt_id and "Void or replace the claim with the payer" in item.instruction
+
+
+async def test_ehr_staff_cancel_also_suppresses(world: World) -> None:
+    """A session cancelled by front-desk staff in the EHR has its draft claim cancelled too."""
+    appt_id, ext, ids = await booked_with_billing(world)
+    await world.sync()
+    await world.vendor.delete(ext)
+    await world.sync()
+    assert world.store.appointment(appt_id).fields["cancellation"]["by"] == "client"
+    await world.drain()
+    assert emu(world).get("Claim", ids["claim"])["status"] == "cancelled"
+    await world.sync()
+    assert world.store.appointment(appt_id).fields["billing"] == "suppressed"
+
+
+# --- SMART Backend Services ------------------------------------------------------------------
+
+
+def _pem(key: rsa.RSAPrivateKey) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+
+
+def _public(key: rsa.RSAPrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+async def _smart_world(tmp_path: Path, server: Any, key_file: Path) -> World:
+    config = {"type": "fhir", "base_url": server.base_url, "auth": "smart-backend", "client_id": "syncbridge-test", "private_key": {"file": str(key_file)}}
+    return await _world(config, {"practitioner": PRACTITIONER}, tmp_path)
+
+
+async def test_smart_backend_services_token(tmp_path: Path) -> None:
+    """With the registered key the connector gets an access token and reads the EHR."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    server = running(FHIREmulator())
+    server.emulator.register_client("syncbridge-test", _public(key))
+    (tmp_path / "key.pem").write_text(_pem(key))
+    world = await _smart_world(tmp_path, server, tmp_path / "key.pem")
+    try:
+        result = await world.connector.pull(None)
+        assert result.complete and result.observations == []
+        assert ("POST", "/auth/token") in server.emulator.log
+    finally:
+        await world.connector.close()
+        world.store.close()
+        server.stop()
+
+
+async def test_smart_token_revoked_early_is_renewed(tmp_path: Path) -> None:
+    """An access token the EHR revokes before it expires is replaced once, without an outage."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    server = running(FHIREmulator())
+    server.emulator.register_client("syncbridge-test", _public(key))
+    (tmp_path / "key.pem").write_text(_pem(key))
+    world = await _smart_world(tmp_path, server, tmp_path / "key.pem")
+    try:
+        await world.connector.pull(None)
+        server.emulator.revoke_tokens()
+        await world.connector.pull(None)
+        assert server.emulator.log.count(("POST", "/auth/token")) == 2
+    finally:
+        await world.connector.close()
+        world.store.close()
+        server.stop()
+
+
+async def test_smart_wrong_key_is_refused_with_the_fix(tmp_path: Path) -> None:
+    """A private key that does not match the registered one fails with a message saying what to register."""
+    registered = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    wrong = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    server = running(FHIREmulator())
+    server.emulator.register_client("syncbridge-test", _public(registered))
+    (tmp_path / "key.pem").write_text(_pem(wrong))
+    world = await _smart_world(tmp_path, server, tmp_path / "key.pem")
+    try:
+        with pytest.raises(AuthError) as err:
+            await world.connector.pull(None)
+        assert "signature" in str(err.value)
+        assert "public key" in err.value.action and "client_id" in err.value.action
+    finally:
+        await world.connector.close()
+        world.store.close()
+        server.stop()
