@@ -39,7 +39,8 @@ __all__ = ["FHIRConnector", "FHIROptions"]
 
 log = structlog.get_logger("syncbridge.fhir")
 
-DEFAULT_SCOPE = "system/Appointment.rs system/Encounter.rs system/ChargeItem.rs system/Claim.rs"
+# SMART v2 scopes: read and search everything we reconcile, create and update what claim suppression touches
+DEFAULT_SCOPE = "system/Appointment.cruds system/Encounter.rus system/ChargeItem.crus system/Claim.rus"
 
 
 class FHIROptions(BaseModel):
