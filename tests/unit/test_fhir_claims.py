@@ -233,3 +233,41 @@ async def test_smart_wrong_key_is_refused_with_the_fix(tmp_path: Path) -> None:
         await world.connector.close()
         world.store.close()
         server.stop()
+
+
+async def test_session_deleted_in_calendar_is_never_billed(fhir_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # noqa: F811
+    """A therapist deletes the session in their calendar: the EHR cancels it and suppresses its charge and draft claim."""
+    from tests.support.replica import ReplicaVendor
+
+    harness = fhir_harness(fhir_server, monkeypatch)
+    cfg = parse_config(yaml.safe_dump({
+        "practice": {"timezone": ZONE},
+        "store": {"path": str(tmp_path / "practice.db")},
+        "clinicians": {CLINICIAN: {"accounts": {NAME: harness.account, "cal": {}}}},
+        "connectors": {NAME: harness.connector_config, "cal": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "cal.db")}},
+    }))
+    store = Store(cfg.store.path)
+    connectors = build_connectors(cfg)
+    engine = Engine(store, connectors, cfg)
+    world = World(store, engine, Outbox(engine), connectors[NAME], harness.vendor)
+    try:
+        appt_id, ext, ids = await booked_with_billing(world)
+        assert store.link("cal", appt_id) is not None
+        await engine.sync("cal")
+        claims_before = len(emu(world).all("Claim"))
+        await ReplicaVendor(str(tmp_path / "cal.db")).delete(store.link("cal", appt_id).external_id)
+        await engine.sync("cal")
+        await world.drain()
+        e = emu(world)
+        assert e.get("Appointment", ext)["status"] == "cancelled"
+        assert e.get("Encounter", ids["encounter"])["status"] == "cancelled"
+        assert e.get("ChargeItem", ids["charge"])["status"] == "not-billable"
+        assert e.get("Claim", ids["claim"])["status"] == "cancelled"
+        assert len(e.all("Claim")) == claims_before  # no claim was created
+        await engine.sync(NAME)
+        assert store.appointment(appt_id).fields["billing"] == "suppressed"
+        assert store.appointment(appt_id).fields["cancellation"]["via"] == "cal"
+    finally:
+        for c in connectors.values():
+            await c.close()
+        store.close()
