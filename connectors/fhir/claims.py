@@ -36,10 +36,11 @@ def _is_fee(item: dict[str, Any]) -> bool:
     return any(i.get("system") == FEE_SYSTEM for i in item.get("identifier", []))
 
 
-async def _set_status(client: FHIRClient, resource: dict[str, Any], status: str) -> dict[str, Any]:
+async def _set_status(client: FHIRClient, resource: dict[str, Any], status: str, steps: list[str]) -> dict[str, Any]:
     if resource.get("status") == status:
         return resource
     changed = {k: v for k, v in resource.items() if k != "meta"} | {"status": status}
+    steps.append(f"{resource['resourceType']}/{resource['id']} {status}")
     return await client.update(changed, _etag(resource))
 
 
@@ -52,13 +53,18 @@ async def suppress(
     client_key: str | None,
     fee_code: str,
     fee_amount: float = 0.0,
+    steps: list[str] | None = None,
 ) -> str:
-    """Converge the billing resources of a cancelled Appointment; returns the canonical billing state."""
+    """Converge the billing resources of a cancelled Appointment; returns the canonical billing state.
+
+    Every change made is appended to ``steps`` (for the audit); re-running makes none.
+    """
+    steps = [] if steps is None else steps
     ref = f"Appointment/{appointment['id']}"
     encounters = [e async for e in client.search("Encounter", {"appointment": ref})]
     for i, enc in enumerate(encounters):
         if enc.get("status") in OPEN_ENCOUNTER:
-            encounters[i] = await _set_status(client, enc, "cancelled")
+            encounters[i] = await _set_status(client, enc, "cancelled", steps)
 
     needs_void = False
     for enc in encounters:
@@ -67,14 +73,15 @@ async def suppress(
             if _is_fee(item):
                 continue
             if item.get("status") in _CHARGEABLE:
-                await _set_status(client, item, "not-billable")
+                await _set_status(client, item, "not-billable", steps)
             elif item.get("status") == "billed":
                 needs_void = True  # already on a claim that went out
         async for claim in client.search("Claim", {"encounter": enc_ref}):
             if claim.get("status") == "draft":
-                await _set_status(client, claim, "cancelled")
+                await _set_status(client, claim, "cancelled", steps)
             elif claim.get("status") == "active":
                 needs_void = True  # sent to the payer: only a person can void or replace it
+                steps.append(f"Claim/{claim['id']} active: left for a person to void")
 
     record = cancellation or {}
     wants_fee = record.get("fee") == Fee.CHARGE and record.get("kind") in (CancelKind.LATE_CANCEL, CancelKind.NO_SHOW)
@@ -82,10 +89,11 @@ async def suppress(
     if wants_fee and not existing:
         fee = _fee_item(appointment, appointment_id, client_key, encounters, fee_code, fee_amount, record)
         existing = [await client.create(fee, if_none_exist=f"identifier={FEE_SYSTEM}|{appointment_id}")]
+        steps.append(f"ChargeItem/{existing[0]['id']} self-pay fee created")
     elif not wants_fee:
         for item in existing:  # the fee was waived after it was charged
             if item.get("status") in _CHARGEABLE:
-                await _set_status(client, item, "not-billable")
+                await _set_status(client, item, "not-billable", steps)
     if needs_void:
         return Billing.NEEDS_VOID.value
     if wants_fee:

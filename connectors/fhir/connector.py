@@ -14,6 +14,7 @@ contract's ApplyResult has no slot for it).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -216,6 +217,7 @@ class FHIRConnector(Connector):
             saved = await client.update(body | {"id": saved["id"]}, if_match)
         result = ApplyResult(saved["id"], _etag(saved), disclosed=("client_key", "service_code", "cancellation"))
         if desired["status"] in CANCELLED_STATES:
+            steps: list[str] = []
             billing = await suppress(
                 client,
                 appointment=saved,
@@ -224,7 +226,9 @@ class FHIRConnector(Connector):
                 client_key=desired.get("client_key"),
                 fee_code=self.options.late_cancel_fee_code or self.practice.policy.cancellation.fee_code,
                 fee_amount=self.practice.policy.cancellation.fee_amount,
+                steps=steps,
             )
+            result = replace(result, steps=tuple(steps))
             if extension(saved, EXT_BILLING) != billing:
                 # A later version on purpose: the result keeps the first etag, so this one is pulled
                 # back as the record's billing change (see the module docstring).

@@ -131,6 +131,9 @@ class ApplyResult:
     #: which privacy-relevant fields left for this destination (recorded in the audit)
     disclosed: tuple[str, ...] = ()
     gone: bool = False
+    #: further changes the write made in the system, one short line each (recorded in the audit),
+    #: e.g. "Encounter/12 cancelled", "Claim/9 active: left for a person to void"
+    steps: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,7 +116,8 @@ class Outbox:
         with self.store.tx() as tx:
             tx.put_link(Link(item.connector, appt.id, result.external_id, result.etag, desired, appt.version, gone=result.gone), applied_at=now)
             tx.outbox_done(item.connector, appt.id, appt.version)
-            tx.audit.add(now, "applied", item.connector, appt.id, {"version": appt.version, "status": appt.fields["status"], "disclosed": list(result.disclosed)})
+            tx.audit.add(now, "applied", item.connector, appt.id, {"version": appt.version, "status": appt.fields["status"], "disclosed": list(result.disclosed)}
+                | ({"steps": list(result.steps)} if result.steps else {}))
         report.applied += 1
         self._tell(item.connector, "applied", time.time() - item.due_at if item.attempts == 0 else None)
         log.info("applied", connector=item.connector, appointment=appt.id, version=appt.version)

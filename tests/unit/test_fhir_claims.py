@@ -100,6 +100,10 @@ async def test_cancelled_session_is_never_billed(world: World) -> None:
     assert counts(world) == {"Appointment": 1, "Encounter": 1, "ChargeItem": 1, "Claim": 1}
     await world.sync()
     assert world.store.appointment(appt_id).fields["billing"] == "suppressed"
+    (applied,) = [a for a in world.store.audit_entries(appointment_id=appt_id, kind="applied") if a["detail"].get("steps")]
+    assert applied["detail"]["steps"] == [
+        f"Encounter/{ids['encounter']} cancelled", f"ChargeItem/{ids['charge']} not-billable", f"Claim/{ids['claim']} cancelled",
+    ]
 
 
 async def test_reapplying_a_cancel_changes_nothing(world: World) -> None:
