@@ -6,6 +6,8 @@ an Encounter pointing at the Appointment, ChargeItems in that Encounter, Claims 
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -180,63 +182,50 @@ def _public(key: rsa.RSAPrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-async def _smart_world(tmp_path: Path, server: Any, key_file: Path) -> World:
-    config = {"type": "fhir", "base_url": server.base_url, "auth": "smart-backend", "client_id": "syncbridge-test", "private_key": {"file": str(key_file)}}
-    return await _world(config, {"practitioner": PRACTITIONER}, tmp_path)
+@contextlib.asynccontextmanager
+async def smart_world(tmp_path: Path, signing_key: rsa.RSAPrivateKey | None = None) -> AsyncIterator[tuple[World, Any]]:
+    """An EHR emulator with a registered backend app, and a connector signing with ``signing_key``
+    (the registered key when None)."""
+    registered = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    server = running(FHIREmulator())
+    server.emulator.register_client("syncbridge-test", _public(registered))
+    (tmp_path / "key.pem").write_text(_pem(signing_key or registered))
+    config = {"type": "fhir", "base_url": server.base_url, "auth": "smart-backend", "client_id": "syncbridge-test",
+              "private_key": {"file": str(tmp_path / "key.pem")}}
+    world = await _world(config, {"practitioner": PRACTITIONER}, tmp_path)
+    try:
+        yield world, server
+    finally:
+        await world.connector.close()
+        world.store.close()
+        server.stop()
 
 
 async def test_smart_backend_services_token(tmp_path: Path) -> None:
     """With the registered key the connector gets an access token and reads the EHR."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    server = running(FHIREmulator())
-    server.emulator.register_client("syncbridge-test", _public(key))
-    (tmp_path / "key.pem").write_text(_pem(key))
-    world = await _smart_world(tmp_path, server, tmp_path / "key.pem")
-    try:
+    async with smart_world(tmp_path) as (world, server):
         result = await world.connector.pull(None)
         assert result.complete and result.observations == []
         assert ("POST", "/auth/token") in server.emulator.log
-    finally:
-        await world.connector.close()
-        world.store.close()
-        server.stop()
 
 
 async def test_smart_token_revoked_early_is_renewed(tmp_path: Path) -> None:
     """An access token the EHR revokes before it expires is replaced once, without an outage."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    server = running(FHIREmulator())
-    server.emulator.register_client("syncbridge-test", _public(key))
-    (tmp_path / "key.pem").write_text(_pem(key))
-    world = await _smart_world(tmp_path, server, tmp_path / "key.pem")
-    try:
+    async with smart_world(tmp_path) as (world, server):
         await world.connector.pull(None)
         server.emulator.revoke_tokens()
         await world.connector.pull(None)
         assert server.emulator.log.count(("POST", "/auth/token")) == 2
-    finally:
-        await world.connector.close()
-        world.store.close()
-        server.stop()
 
 
 async def test_smart_wrong_key_is_refused_with_the_fix(tmp_path: Path) -> None:
     """A private key that does not match the registered one fails with a message saying what to register."""
-    registered = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     wrong = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    server = running(FHIREmulator())
-    server.emulator.register_client("syncbridge-test", _public(registered))
-    (tmp_path / "key.pem").write_text(_pem(wrong))
-    world = await _smart_world(tmp_path, server, tmp_path / "key.pem")
-    try:
+    async with smart_world(tmp_path, wrong) as (world, _):
         with pytest.raises(AuthError) as err:
             await world.connector.pull(None)
         assert "signature" in str(err.value)
         assert "public key" in err.value.action and "client_id" in err.value.action
-    finally:
-        await world.connector.close()
-        world.store.close()
-        server.stop()
 
 
 async def test_session_deleted_in_calendar_is_never_billed(fhir_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # noqa: F811
