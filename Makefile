@@ -43,7 +43,8 @@ test-fast: install
 
 bench: install
 	$(BIN)/pip install --quiet ".[bench]"
-	$(BIN)/python bench/run.py
+	taskset -c 0 $(BIN)/python bench/core_merge.py --appointments 100000
+	$(BIN)/python bench/caldav_vs_vdirsyncer.py --events 2000
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
