@@ -5,10 +5,9 @@ cursor also remembers which (id, versionId) pairs inside the overlap were alread
 re-read is not reported as a change and a held batch is re-read in full (the cursor only
 advances with the engine's commit). Writes are conditional: create with ``If-None-Exist`` on the
 canonical identifier, update with ``If-Match``. A cancelled or no-show session also runs claim
-suppression (claims.py); its outcome is written as a *second* Appointment version carrying the
-billing-state extension, and the result reports the etag of the first, so the next pull sees
-the billing change as the record's own and the engine moves canonical ``billing`` forward (the
-contract's ApplyResult has no slot for it).
+suppression (claims.py); its outcome is written on the Appointment as a billing-state extension
+and reported back to the engine (``ApplyResult.reported``), which moves canonical ``billing``
+forward as the record's own change.
 """
 
 from __future__ import annotations
@@ -230,12 +229,11 @@ class FHIRConnector(Connector):
             )
             result = replace(result, steps=tuple(steps))
             if extension(saved, EXT_BILLING) != billing:
-                # A later version on purpose: the result keeps the first etag, so this one is pulled
-                # back as the record's billing change (see the module docstring).
                 marked = _stripped(saved)
                 set_extension(marked, EXT_BILLING, "valueCode", billing)
-                await client.update(marked, _etag(saved))
+                saved = await client.update(marked | {"id": saved["id"]}, _etag(saved))
                 log.info("claim_suppression", connector=self.name, appointment=appointment_id, billing=billing)
+            result = replace(result, etag=_etag(saved), reported={"billing": billing} if billing != desired.get("billing") else {})
         return result
 
     def external_id_for(self, appointment_id: str) -> str | None:

@@ -134,6 +134,9 @@ class ApplyResult:
     #: further changes the write made in the system, one short line each (recorded in the audit),
     #: e.g. "Encounter/12 cancelled", "Claim/9 active: left for a person to void"
     steps: tuple[str, ...] = ()
+    #: fields the system itself set while applying (an EHR's billing outcome); merged back into the
+    #: canonical record as that system's change, under the usual rules
+    reported: Snapshot = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from .connector import Link, PullResult
+from .connector import Link, Observation, PullResult
 from .engine import Engine
 from .errors import AuthError, ConflictError, PermanentError, SyncbridgeError, TransientError, error_kind
 from .model import iso
@@ -114,10 +114,18 @@ class Outbox:
             self._retry(item, err, None, report)
             return
         with self.store.tx() as tx:
-            tx.put_link(Link(item.connector, appt.id, result.external_id, result.etag, desired, appt.version, gone=result.gone), applied_at=now)
+            # with fields reported back, the etag is left unknown until they are merged: if we stop
+            # in between, the next pull reads the copy as a change instead of as our echo
+            etag = None if result.reported else result.etag
+            tx.put_link(Link(item.connector, appt.id, result.external_id, etag, desired, appt.version, gone=result.gone), applied_at=now)
             tx.outbox_done(item.connector, appt.id, appt.version)
             tx.audit.add(now, "applied", item.connector, appt.id, {"version": appt.version, "status": appt.fields["status"], "disclosed": list(result.disclosed)}
                 | ({"steps": list(result.steps)} if result.steps else {}))
+        if result.reported:
+            # what the system decided while applying (say, a claim that already went out) flows back
+            # through the merge; without an etag it is never mistaken for an echo of our write
+            obs = Observation(external_id=result.external_id or "", etag=result.etag, canonical_id=appt.id, fields=desired | result.reported)
+            self.engine.observe(item.connector, PullResult([obs], cursor=None), advance=False)
         report.applied += 1
         self._tell(item.connector, "applied", time.time() - item.due_at if item.attempts == 0 else None)
         log.info("applied", connector=item.connector, appointment=appt.id, version=appt.version)
