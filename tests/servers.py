@@ -9,7 +9,6 @@ per test, so tests never see each other's events.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from syncbridge.emulation import free_port
 
 __all__ = [
     "DavServer",
@@ -33,13 +34,6 @@ __all__ = [
 USER = "clinician"
 PASSWORD = "app-specific-secret"
 STARTUP_SECONDS = 30.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

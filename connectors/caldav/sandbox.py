@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ from pathlib import Path
 import httpx
 
 from syncbridge.connector import Sandbox
+from syncbridge.emulation import free_port
 
 __all__ = ["start_sandbox"]
 
 USER = "sandbox"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox | None:
@@ -42,7 +36,7 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox | None:
     users = workdir / "users"
     users.write_text(f"{USER}:{password}\n")
     users.chmod(0o600)
-    port = _free_port()
+    port = free_port()
     config = workdir / "radicale.conf"
     config.write_text(
         f"[server]\nhosts = 127.0.0.1:{port}\n"

@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import socket
 import threading
 import time
 import uuid
@@ -37,7 +36,6 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
-import uvicorn
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -45,6 +43,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from syncbridge.emulation import free_port, serve_in_thread
 
 __all__ = ["FHIREmulator", "RESOURCE_TYPES", "running"]
 
@@ -351,12 +351,6 @@ class FHIREmulator:
         return JSONResponse({"access_token": token, "token_type": "bearer", "expires_in": 300, "scope": scope})
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Running:
     emulator: FHIREmulator
@@ -365,21 +359,9 @@ class Running:
 
 
 def running(emulator: FHIREmulator | None = None) -> Running:
-    """Serve ``emulator`` with uvicorn in a background thread on a free loopback port."""
+    """Serve ``emulator`` in a background thread on a free loopback port (its URL is needed first: token audience)."""
     emu = emulator or FHIREmulator()
-    port = _free_port()
+    port = free_port()
     emu.base_url = f"http://127.0.0.1:{port}"
-    server = uvicorn.Server(uvicorn.Config(emu.app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, name=f"fhir-emulator-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the FHIR emulator did not start")
-        time.sleep(0.01)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-    return Running(emu, emu.base_url, stop)
+    server = serve_in_thread(emu.app, port=port)
+    return Running(emu, emu.base_url, server.stop)

@@ -14,7 +14,7 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["RunningServer", "serve_in_thread"]
+__all__ = ["RunningServer", "free_port", "serve_in_thread"]
 
 
 @dataclass
@@ -28,11 +28,16 @@ class RunningServer:
         self.thread.join(timeout=10)
 
 
-def serve_in_thread(app: Any, host: str = "127.0.0.1") -> RunningServer:
-    """Start ``app`` on a free loopback port; returns once it accepts connections."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
     with socket.socket() as s:
         s.bind((host, 0))
-        port = int(s.getsockname()[1])
+        return int(s.getsockname()[1])
+
+
+def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int | None = None) -> RunningServer:
+    """Start ``app`` on ``port`` (a free one by default); returns once it accepts connections."""
+    port = port or free_port(host)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="off", access_log=False))
 
     def run() -> None:  # off the main thread uvicorn installs no signal handlers

@@ -16,18 +16,13 @@ import httpx
 import pytest
 import yaml
 
+from syncbridge.emulation import free_port
 from syncbridge.store import Store
 from tests.support.replica import ReplicaVendor
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "status-token-for-tests"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config(tmp: Path, port: int, latency: float = 0.0, poll: float = 0.3) -> dict:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from syncbridge.store import Store
-from tests.e2e.test_daemon import TOKEN, Daemon, config, free_port, seed, synced
+from syncbridge.emulation import free_port
+from tests.e2e.test_daemon import TOKEN, Daemon, config, seed, synced
 from tests.support.replica import ReplicaVendor
 
 pytestmark = pytest.mark.slow
