@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +28,12 @@ __all__ = [
     "BusyInterval",
     "Capabilities",
     "Connector",
+    "Host",
     "Link",
     "Observation",
     "PullResult",
     "Sandbox",
+    "Slot",
     "WebhookRoute",
 ]
 
@@ -52,6 +54,8 @@ class Capabilities:
     busy_time: bool = False
     #: statuses the external copy can express; others are shown as the mapped value
     status_map: Mapping[str, str] = field(default_factory=dict)
+    #: offers clients bookable slots (a directory): the runtime computes them and calls ``publish``
+    publishes_availability: bool = False
 
     def project(self, snap: Snapshot) -> Snapshot:
         """The canonical snapshot as this connector can hold it; equal projections need no write."""
@@ -146,6 +150,50 @@ class BusyInterval:
     end: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """A bookable slot offered to clients; aware datetimes."""
+
+    start: datetime
+    end: datetime
+
+
+class Host:
+    """What the running daemon offers a connector; this detached default serves tests and the CLI.
+
+    Connectors reach the daemon only through this object, so push channels, webhook inboxes and
+    stored tokens work the same for every connector type.
+    """
+
+    def __init__(self, public_url: str | None = None) -> None:
+        #: the external base URL of this connector's webhook routes (``.../webhooks/<name>``), or None
+        #: when the daemon is not reachable from outside (push then stays off; polling still runs)
+        self.public_url = public_url
+        self._vault: dict[str, str] = {}
+        self.pull_requests = 0
+        self.accepted: list[tuple[dict[str, str], bytes]] = []
+
+    def pull_soon(self) -> None:
+        """Ask for an incremental pull right away (debounced); a push hint calls this."""
+        self.pull_requests += 1
+
+    def accept_webhook(self, headers: Mapping[str, str], body: bytes) -> None:
+        """Persist an authenticated notification before answering; processed after (``webhook_targets``)."""
+        self.accepted.append((dict(headers), body))
+        self.pull_soon()
+
+    def vault_get(self, key: str) -> str | None:
+        """A secret the connector stored (a refresh token), decrypted; None if absent."""
+        return self._vault.get(key)
+
+    def vault_put(self, key: str, value: str) -> None:
+        """Store a secret encrypted at rest (the daemon uses ``store.secret_key``)."""
+        self._vault[key] = value
+
+    def vault_delete(self, key: str) -> None:
+        self._vault.pop(key, None)
+
+
 @dataclass
 class Sandbox:
     """A local stand-in for a connector's system (its emulator, or a real test server) for the demo.
@@ -183,6 +231,8 @@ class Connector(abc.ABC):
         self.options: Any = self.Options(**config.options) if self.Options else config.options
         #: clinician key -> this connector's account settings for that clinician
         self.clinicians: dict[str, dict[str, Any]] = practice.clinicians_of(name)
+        #: replaced by the daemon's own host when it runs the connector
+        self.host: Host = Host()
         if config.role is not None and config.role != self.capabilities.role:
             from dataclasses import replace
 
@@ -231,6 +281,25 @@ class Connector(abc.ABC):
 
     def webhook_routes(self) -> list[WebhookRoute]:
         return []
+
+    def webhook_targets(self, headers: Mapping[str, str], body: bytes) -> list[str] | None:
+        """External ids a persisted notification names, to be re-read; None means pull incrementally."""
+        return None
+
+    async def maintain(self) -> None:
+        """Keep push channels alive: create missing ones, renew those near expiry (called at start and
+        periodically). Stop them in :meth:`close`. Failures here must not stop polling."""
+        return None
+
+    async def publish(self, clinician: str, day: date, slots: Sequence[Slot]) -> None:
+        """Offer exactly these slots for ``day`` (clinician's local date); only for
+        ``capabilities.publishes_availability``. Called only when the day's slot set changed."""
+        raise NotImplementedError
+
+    async def authorize(self, clinician: str) -> str:
+        """Interactive sign-in for one clinician (``syncbridge auth``); stores what it obtains with
+        ``host.vault_put`` and returns a line for the person who ran it."""
+        raise NotImplementedError(f"{self.name} has no interactive sign-in; its credentials come from the config")
 
     async def check(self) -> str:
         """Authenticate and make one harmless read; returns a short description of what was seen."""
