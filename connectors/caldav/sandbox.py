@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import icalendar
 
 from syncbridge.connector import Sandbox
 from syncbridge.emulation import free_port
@@ -81,7 +82,18 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox | None:
             r = await client.delete(base + href if href.startswith("/") else href)
             r.raise_for_status()
 
+    async def state(href: str) -> str:
+        """What the therapist sees: no event, an event marked cancelled, or a live session."""
+        async with httpx.AsyncClient(auth=auth, timeout=10) as client:
+            r = await client.get(base + href if href.startswith("/") else href)
+        if r.status_code == 404:
+            return "gone"
+        r.raise_for_status()
+        event = next(iter(icalendar.Calendar.from_ical(r.content).walk("VEVENT")))
+        return "cancelled" if str(event.get("STATUS", "")).upper() == "CANCELLED" else "live"
+
     return Sandbox(
+        state=state,
         connector_config={"type": "caldav", "url": base + "/", "username": USER, "password": {"file": str(secret)}},
         accounts=accounts,
         close=close,

@@ -51,7 +51,16 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
             }
             (await http.put(f"/Appointment/{external_id}", json=appt, headers={"If-Match": r.headers["ETag"]})).raise_for_status()
 
+    async def state(external_id: str) -> str:
+        async with httpx.AsyncClient(base_url=server.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=10) as http:
+            r = await http.get(f"/Appointment/{external_id}")
+        if r.status_code in (404, 410):
+            return "gone"
+        r.raise_for_status()
+        return "cancelled" if r.json().get("status") in ("cancelled", "noshow", "entered-in-error") else "live"
+
     return Sandbox(
+        state=state,
         connector_config={"type": "fhir", "base_url": server.base_url, "auth": "static", "token": {"file": str(secret)}},
         accounts=accounts,
         close=server.stop,

@@ -198,7 +198,8 @@ class Host:
 class Sandbox:
     """A local stand-in for a connector's system (its emulator, or a real test server) for the demo.
 
-    ``delete_event`` deletes a copy the way a person using that system would.
+    ``delete_event`` deletes (or cancels) a copy the way a person using that system would; the
+    other callables let end-to-end tests look at the system as its users see it.
     """
 
     connector_config: dict[str, Any]
@@ -206,6 +207,12 @@ class Sandbox:
     close: Callable[[], None]
     delete_event: Callable[[str], Awaitable[None]] | None = None
     describe: str = ""
+    #: how a person looking at the system would describe a copy: "live", "cancelled" or "gone"
+    state: Callable[[str], Awaitable[str]] | None = None
+    #: a client books here (a directory): (clinician, start, end) -> the new external id
+    book: Callable[[str, datetime, datetime], Awaitable[str]] | None = None
+    #: start times a directory currently offers for a clinician on a local date
+    offered: Callable[[str, date], Awaitable[list[datetime]]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
