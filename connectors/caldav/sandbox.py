@@ -11,12 +11,13 @@ import secrets
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import icalendar
 
-from syncbridge.connector import Sandbox
+from syncbridge.connector import Sandbox, SeenCopy
 from syncbridge.emulation import free_port
 
 __all__ = ["start_sandbox"]
@@ -64,9 +65,9 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox | None:
     accounts = {}
     with httpx.Client(auth=auth, timeout=10) as client:
         for key in clinicians:
-            url = f"{base}/{USER}/{key}/"
-            client.request("MKCALENDAR", url)
-            accounts[key] = {"calendar": url}
+            cal_url = f"{base}/{USER}/{key}/"
+            client.request("MKCALENDAR", cal_url)
+            accounts[key] = {"calendar": cal_url}
 
     def close() -> None:
         proc.terminate()
@@ -79,21 +80,39 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox | None:
     async def delete_event(href: str) -> None:
         """What a calendar app does when the therapist deletes the event."""
         async with httpx.AsyncClient(auth=auth, timeout=10) as client:
-            r = await client.delete(base + href if href.startswith("/") else href)
+            r = await client.delete(url(href))
             r.raise_for_status()
 
-    async def state(href: str) -> str:
+    def url(href: str) -> str:
+        return base + href if href.startswith("/") else href
+
+    async def look(href: str) -> SeenCopy:
         """What the therapist sees: no event, an event marked cancelled, or a live session."""
         async with httpx.AsyncClient(auth=auth, timeout=10) as client:
-            r = await client.get(base + href if href.startswith("/") else href)
+            r = await client.get(url(href))
         if r.status_code == 404:
-            return "gone"
+            return SeenCopy("gone")
         r.raise_for_status()
         event = next(iter(icalendar.Calendar.from_ical(r.content).walk("VEVENT")))
-        return "cancelled" if str(event.get("STATUS", "")).upper() == "CANCELLED" else "live"
+        state = "cancelled" if str(event.get("STATUS", "")).upper() == "CANCELLED" else "live"
+        return SeenCopy(state, event.decoded("DTSTART"), event.decoded("DTEND"))
+
+    async def move(href: str, start: datetime, end: datetime) -> None:
+        """Drag the event to a new time, as a calendar app does (a PUT of the edited event)."""
+        async with httpx.AsyncClient(auth=auth, timeout=10) as client:
+            r = await client.get(url(href))
+            r.raise_for_status()
+            cal = icalendar.Calendar.from_ical(r.content)
+            for event in cal.walk("VEVENT"):
+                for key, value in (("DTSTART", start), ("DTEND", end)):
+                    del event[key]
+                    event.add(key, value)
+            put = await client.put(url(href), content=cal.to_ical(), headers={"If-Match": r.headers["ETag"], "Content-Type": "text/calendar"})
+            put.raise_for_status()
 
     return Sandbox(
-        state=state,
+        look=look,
+        move=move,
         connector_config={"type": "caldav", "url": base + "/", "username": USER, "password": {"file": str(secret)}},
         accounts=accounts,
         close=close,

@@ -33,6 +33,7 @@ __all__ = [
     "Observation",
     "PullResult",
     "Sandbox",
+    "SeenCopy",
     "Slot",
     "WebhookRoute",
 ]
@@ -194,6 +195,15 @@ class Host:
         self._vault.pop(key, None)
 
 
+@dataclass(frozen=True, slots=True)
+class SeenCopy:
+    """What a person sees of one copy: ``state`` is "live", "cancelled" or "gone"."""
+
+    state: str
+    start: datetime | None = None
+    end: datetime | None = None
+
+
 @dataclass
 class Sandbox:
     """A local stand-in for a connector's system (its emulator, or a real test server) for the demo.
@@ -207,8 +217,10 @@ class Sandbox:
     close: Callable[[], None]
     delete_event: Callable[[str], Awaitable[None]] | None = None
     describe: str = ""
-    #: how a person looking at the system would describe a copy: "live", "cancelled" or "gone"
-    state: Callable[[str], Awaitable[str]] | None = None
+    #: a copy as a person looking at the system sees it
+    look: Callable[[str], Awaitable[SeenCopy]] | None = None
+    #: move a copy to a new time the way a person would (drag the event, reschedule in the EHR)
+    move: Callable[[str, datetime, datetime], Awaitable[None]] | None = None
     #: a client books here (a directory): (clinician, start, end) -> the new external id
     book: Callable[[str, datetime, datetime], Awaitable[str]] | None = None
     #: start times a directory currently offers for a clinician on a local date
