@@ -18,7 +18,7 @@ import httpx
 import icalendar
 
 from syncbridge.connector import Sandbox, SeenCopy
-from syncbridge.emulation import free_port
+from syncbridge.emulation import free_port, reverse_proxy, serve_in_thread
 
 __all__ = ["start_sandbox"]
 
@@ -62,14 +62,17 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox | None:
                 proc.kill()
                 raise RuntimeError(f"Radicale did not start; see {workdir / 'radicale.log'}") from None
             time.sleep(0.1)
+    # the daemon reaches Radicale through a proxy that can count requests and inject failures;
+    # the "person" below (look, move, delete) talks to Radicale directly
+    proxy = serve_in_thread(reverse_proxy(base))
     accounts = {}
     with httpx.Client(auth=auth, timeout=10) as client:
         for key in clinicians:
-            cal_url = f"{base}/{USER}/{key}/"
-            client.request("MKCALENDAR", cal_url)
-            accounts[key] = {"calendar": cal_url}
+            client.request("MKCALENDAR", f"{base}/{USER}/{key}/")
+            accounts[key] = {"calendar": f"{proxy.url}/{USER}/{key}/"}
 
     def close() -> None:
+        proxy.stop()
         proc.terminate()
         try:
             proc.wait(timeout=10)
@@ -84,7 +87,7 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox | None:
             r.raise_for_status()
 
     def url(href: str) -> str:
-        return base + href if href.startswith("/") else href
+        return base + href if href.startswith("/") else href.replace(proxy.url, base, 1)
 
     async def look(href: str) -> SeenCopy:
         """What the therapist sees: no event, an event marked cancelled, or a live session."""
@@ -113,7 +116,8 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox | None:
     return Sandbox(
         look=look,
         move=move,
-        connector_config={"type": "caldav", "url": base + "/", "username": USER, "password": {"file": str(secret)}},
+        injector=proxy.injector,
+        connector_config={"type": "caldav", "url": proxy.url + "/", "username": USER, "password": {"file": str(secret)}},
         accounts=accounts,
         close=close,
         delete_event=delete_event,

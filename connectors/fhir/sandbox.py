@@ -78,6 +78,7 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
     return Sandbox(
         look=look,
         move=move,
+        injector=server.injector,
         connector_config={"type": "fhir", "base_url": server.base_url, "auth": "static", "token": {"file": str(secret)}},
         accounts=accounts,
         close=server.stop,

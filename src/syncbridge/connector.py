@@ -22,6 +22,7 @@ from .model import CANCELLED_STATES, Role, Snapshot, Status
 
 if TYPE_CHECKING:
     from .config import ConnectorConfig, PracticeConfig
+    from .emulation import Injector
 
 __all__ = [
     "ApplyResult",
@@ -225,6 +226,8 @@ class Sandbox:
     book: Callable[[str, datetime, datetime], Awaitable[str]] | None = None
     #: start times a directory currently offers for a clinician on a local date
     offered: Callable[[str, date], Awaitable[list[datetime]]] | None = None
+    #: counts the system's API requests and injects latency and failures (benchmarks, chaos tests)
+    injector: Injector | None = None
 
 
 @dataclass(frozen=True, slots=True)
