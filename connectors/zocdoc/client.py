@@ -32,8 +32,8 @@ CREDENTIALS_HINT = (
 
 
 def instant_param(dt: datetime) -> str:
-    """The ``format: instant`` query form of the spec's examples: ``2024-01-01 00:00:00+00:00``."""
-    return dt.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S+00:00")
+    """The ``format: instant`` query form of the spec's examples (``2024-01-01 00:00:00+00:00``), to the millisecond."""
+    return dt.astimezone(UTC).isoformat(sep=" ", timespec="milliseconds")
 
 
 def _retry_after(value: str | None) -> float | None:

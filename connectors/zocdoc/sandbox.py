@@ -44,10 +44,6 @@ def start_sandbox(workdir: Path, clinicians: list[str], zone: str = "America/New
         emulator.add_provider(provider_id(key), location_id(key), zone)
         accounts[key] = {"provider_id": provider_id(key), "location_id": location_id(key)}
 
-    async def delete_event(external_id: str) -> None:
-        """What a client does to call a session off: cancel it in Zocdoc."""
-        emulator.patient_cancel(external_id)
-
     return Sandbox(
         connector_config={
             "type": "zocdoc",
@@ -60,6 +56,8 @@ def start_sandbox(workdir: Path, clinicians: list[str], zone: str = "America/New
         },
         accounts=accounts,
         close=server.stop,
-        delete_event=delete_event,
+        # Zocdoc holds only sessions booked through it, never the demo's seeded ones, so it offers no
+        # "delete a copy" action; clients cancel with ``emulator.patient_cancel``
+        delete_event=None,
         describe=f"Zocdoc emulator on {server.base_url} ({len(clinicians)} providers)",
     )
