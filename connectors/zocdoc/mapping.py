@@ -91,7 +91,7 @@ def read_record(
     service_code: str | None = None,
 ) -> ZocdocRecord:
     """Map one ``AppointmentStatusResponseData``; raises MalformedRecord naming what is wrong."""
-    status_text = data.get("appointment_status")
+    status_text = str(data.get("appointment_status"))
     if status_text not in STATUS_IN:
         raise MalformedRecord(f"unknown Zocdoc appointment_status {status_text!r}")
     raw_start = data.get("start_time")

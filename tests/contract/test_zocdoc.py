@@ -27,6 +27,7 @@ from syncbridge.store import Store
 from syncbridge_connectors.zocdoc.emulator import ZocdocEmulator, running
 from syncbridge_connectors.zocdoc.mapping import LIVE_STATUSES
 from tests.contract.suite import CLINICIAN, ZONE, ConnectorContract, Harness, Vendor, World, next_weekday_at
+from tests.servers import PASSWORD, DavServer, radicale_server  # noqa: F401
 
 SECRET_ENV = "SYNCBRIDGE_TEST_ZOCDOC_SECRET"
 PROVIDER = "pr_rivera-1"
@@ -191,42 +192,69 @@ class TestZocdoc(ConnectorContract):
 # --- fan-out, the 1,000 cap, errors --------------------------------------------------------------
 
 
-async def test_zocdoc_booking_fans_out_to_the_ehr(zocdoc_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A booking made in Zocdoc becomes one canonical appointment and is created in the EHR."""
+@pytest.mark.slow
+async def test_zocdoc_booking_fans_out_and_its_cancel_is_applied_everywhere(
+    zocdoc_server: Any, radicale_server: DavServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path  # noqa: F811
+) -> None:
+    """A Zocdoc booking becomes one appointment in the EHR and the clinician's calendar; the client's cancel there removes both."""
     from syncbridge_connectors.fhir.emulator import FHIREmulator
     from syncbridge_connectors.fhir.emulator import running as fhir_running
 
     fhir = fhir_running(FHIREmulator(static_token="ehr-token"))
     fhir.emulator.put({"resourceType": "Practitioner", "id": "pr1"})
+    calendar = radicale_server.make_calendar()
     monkeypatch.setenv("SYNCBRIDGE_TEST_EHR_TOKEN", "ehr-token")
+    monkeypatch.setenv("SYNCBRIDGE_TEST_DAV_PASSWORD", PASSWORD)
+    accounts = {"zocdoc": dict(ACCOUNT), "ehr": {"practitioner": "Practitioner/pr1"}, "calendar": {"calendar": calendar}}
     cfg = parse_config(yaml.safe_dump({
         "practice": {"timezone": ZONE},
         "store": {"path": str(tmp_path / "fan.db")},
-        "clinicians": {CLINICIAN: {"accounts": {"zocdoc": dict(ACCOUNT), "ehr": {"practitioner": "Practitioner/pr1"}}}},
+        "clinicians": {CLINICIAN: {"accounts": accounts}},
         "connectors": {
             "zocdoc": zocdoc_config(zocdoc_server, monkeypatch),
             "ehr": {"type": "fhir", "base_url": fhir.base_url, "auth": "static", "token": {"env": "SYNCBRIDGE_TEST_EHR_TOKEN"}},
+            "calendar": {"type": "caldav", "url": radicale_server.base_url + "/", "username": radicale_server.username,
+                         "password": {"env": "SYNCBRIDGE_TEST_DAV_PASSWORD"}},
         },
     }))
     store = Store(cfg.store.path)
     connectors = build_connectors(cfg)
     engine = Engine(store, connectors, cfg)
+    outbox = Outbox(engine)
     try:
         start = next_weekday_at(13)
         ext = zocdoc_server.emulator.book(PROVIDER, LOCATION, start, visit_type="zocdoc_video_service")
         report = await engine.sync("zocdoc")
         assert report.created == 1
-        await Outbox(engine).drain()
+        await outbox.drain()
         [appt] = store.appointments()
         assert appt.start == start and appt.fields["modality"] == "telehealth"
-        assert store.link("zocdoc", appt.id).external_id == ext
+        assert {c for c in ("zocdoc", "ehr", "calendar") if store.link(c, appt.id)} == {"zocdoc", "ehr", "calendar"}
         ehr = [a for a in fhir.emulator.all("Appointment") if a["status"] == "booked"]
         assert len(ehr) == 1 and datetime.fromisoformat(ehr[0]["start"]) == start
+        with radicale_server.http() as dav:
+            assert "BEGIN:VEVENT" in dav.request("REPORT", calendar, headers={"Depth": "1"}, content=CALENDAR_QUERY).text
+
+        zocdoc_server.emulator.patient_cancel(ext)
+        await engine.sync("zocdoc")
+        await outbox.drain()
+        assert store.appointment(appt.id).cancelled
+        assert [a["status"] for a in fhir.emulator.all("Appointment")] == ["cancelled"]
+        with radicale_server.http() as dav:
+            assert "BEGIN:VEVENT" not in dav.request("REPORT", calendar, headers={"Depth": "1"}, content=CALENDAR_QUERY).text
+        assert store.dead_letters() == []
     finally:
         for c in connectors.values():
             await c.close()
         store.close()
         fhir.stop()
+        radicale_server.delete_calendar(calendar)
+
+
+CALENDAR_QUERY = (
+    b'<?xml version="1.0"?><c:calendar-query xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:caldav">'
+    b'<d:prop><c:calendar-data/></d:prop><c:filter><c:comp-filter name="VCALENDAR"/></c:filter></c:calendar-query>'
+)
 
 
 def _connector(server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **options: Any) -> Any:
