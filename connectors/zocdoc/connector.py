@@ -27,7 +27,7 @@ from syncbridge.secrets import SecretRef
 
 from .client import API_CAP, MAX_PAGE, ZocdocClient, instant_param
 from .mapping import LIVE_STATUSES, etag_of, local_start, provider_of, read_record, timeslot_bodies
-from .webhooks import appointment_ids, decode_key, webhook_route
+from .webhooks import WEBHOOK_PATH, appointment_ids, decode_key, webhook_route
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -100,6 +100,7 @@ class ZocdocConnector(Connector):
         super().__init__(name, config, practice)
         self._client: ZocdocClient | None = None
         self._key: bytes | None = None
+        self._told = False
         #: provider id -> clinician key
         self.clinician_of: dict[str, str] = {}
         for key, account in self.clinicians.items():
@@ -292,6 +293,18 @@ class ZocdocConnector(Connector):
 
     def webhook_targets(self, headers: Mapping[str, str], body: bytes) -> list[str] | None:
         return appointment_ids(body)
+
+    async def maintain(self) -> None:
+        """Zocdoc registers webhook URLs out of band; say once which URL to give them (or why push is off)."""
+        if self._told:
+            return
+        self._told = True
+        if self.options.webhook_secret is None:
+            log.info("zocdoc_push_off", connector=self.name, why="no webhook_secret configured; polling only")
+        elif self.host.public_url is None:
+            log.info("zocdoc_push_off", connector=self.name, why="http.public_url is not set; Zocdoc cannot reach the webhook route")
+        else:
+            log.info("zocdoc_webhook_url", connector=self.name, url=self.host.public_url.rstrip("/") + WEBHOOK_PATH)
 
     async def publish(self, clinician: str, day: date, slots: Sequence[Slot]) -> None:
         """Replace the clinician's Zocdoc slots for ``day`` with exactly ``slots`` (one PUT)."""

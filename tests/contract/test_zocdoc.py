@@ -362,3 +362,35 @@ async def test_emulator_follows_the_published_api(zocdoc_server: Any) -> None:
         assert again.status_code == 409 and again.json()["error_type"] == "invalid_request"
         wrong = await http.post("/v1/appointments/cancel", json={"appointment_id": some, "cancellation_reason_type": "bored"})
         assert wrong.status_code == 400
+
+
+async def test_malformed_record_is_skipped_by_name(zocdoc_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A Zocdoc record with an unknown status or no start is reported as a problem; the others still sync."""
+    emulator = zocdoc_server.emulator
+    good = emulator.book(PROVIDER, LOCATION, next_weekday_at(9))
+    odd = emulator.book(PROVIDER, LOCATION, next_weekday_at(10))
+    emulator.appointments[odd]["status"] = "teleported"
+    connector = _connector(zocdoc_server, monkeypatch, tmp_path)
+    try:
+        obs = {o.external_id: o for o in (await connector.pull(None)).observations}
+        assert obs[good].problem is None
+        assert "teleported" in (obs[odd].problem or "")
+    finally:
+        await connector.close()
+
+
+async def test_maintain_names_the_url_to_register(zocdoc_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """At start the log says which webhook URL to give Zocdoc, or why push is off; never a secret."""
+    from structlog.testing import capture_logs
+
+    from syncbridge.connector import Host
+
+    monkeypatch.setenv("ZD_KEY", "c2VjcmV0LWtleQ==")
+    connector = _connector(zocdoc_server, monkeypatch, tmp_path, webhook_secret={"env": "ZD_KEY"})
+    connector.host = Host(public_url="https://sync.practice.example/webhooks/zocdoc")
+    with capture_logs() as logs:
+        await connector.maintain()
+        await connector.maintain()
+    assert [e.get("url") for e in logs] == ["https://sync.practice.example/webhooks/zocdoc/appointments"]
+    assert "c2VjcmV0" not in repr(logs)
+    await connector.close()
