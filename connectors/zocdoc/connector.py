@@ -205,7 +205,9 @@ class ZocdocConnector(Connector):
         stamps = [parse_iso(str(d["last_modified_time_utc"])) for d in records if d.get("last_modified_time_utc")]
         newest = max(stamps, default=None)
         previous = parse_iso(state["since"]) if state.get("since") else None
-        since_next = max(x for x in (newest, previous, started - overlap) if x is not None)
+        # the watermark follows Zocdoc's own modification clock; ours only seeds an empty history
+        known = [x for x in (newest, previous) if x is not None]
+        since_next = max(known) if known else started - overlap
         return PullResult(observations, json.dumps({"since": iso(since_next)}), complete=cursor is None, window=window)
 
     async def read(self, external_id: str) -> Observation:
