@@ -20,7 +20,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from syncbridge.connector import ApplyResult, Capabilities, Connector, Link, Observation, PullResult, Slot, WebhookRoute
-from syncbridge.errors import ConfigError, ConflictError, MalformedRecord, PermanentError, TransientError
+from syncbridge.errors import ConfigError, ConflictError, CursorExpired, MalformedRecord, PermanentError, TransientError
 from syncbridge.model import CANCELLED_STATES, Role, Snapshot, Status, iso, parse_iso, utcnow
 from syncbridge.policy.cancellation import zocdoc_reason
 from syncbridge.secrets import SecretRef
@@ -45,6 +45,15 @@ ENVIRONMENTS: Mapping[str, tuple[str, str]] = {
 }
 #: "no older than 2 days to be marked as no_show" (PUT /v1/appointments/update-status)
 NO_SHOW_WINDOW = timedelta(days=2)
+
+
+def _modified(data: Mapping[str, Any]) -> datetime | None:
+    """``last_modified_time_utc`` as an instant, None when absent or unreadable."""
+    text = data.get("last_modified_time_utc")
+    try:
+        return parse_iso(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
 
 
 class VisitReason(BaseModel):
@@ -144,11 +153,8 @@ class ZocdocConnector(Connector):
                               service_code=reason.service_code if reason else None)
         except MalformedRecord as err:
             return Observation(external_id=ext, etag=etag, problem=str(err))
-        modified = data.get("last_modified_time_utc")
-        try:
-            modified_at = iso(parse_iso(modified)) if isinstance(modified, str) else None
-        except ValueError:
-            modified_at = None
+        modified = _modified(data)
+        modified_at = iso(modified) if modified else None
         return Observation(external_id=ext, etag=etag, fields=rec.fields, deleted=rec.failed, tags=rec.tags,
                            modified_at=modified_at, cancellation=rec.cancellation)
 
@@ -161,7 +167,8 @@ class ZocdocConnector(Connector):
             body = await self.client().appointments_page(params, page, size)
             data = [d for d in body.get("data") or [] if isinstance(d, dict)]
             items.extend(data)
-            total = int(body.get("total_count") or 0)
+            count = body.get("total_count")
+            total = count if isinstance(count, int) else 0
             if not body.get("next_url") or not data or len(items) >= API_CAP:
                 break
         return items, len(items) >= API_CAP or total > len(items)
@@ -182,13 +189,17 @@ class ZocdocConnector(Connector):
                 found[str(d.get("appointment_id"))] = d
             if not capped:
                 return list(found.values())
-            newest = max((parse_iso(str(d["last_modified_time_utc"])) for d in items if d.get("last_modified_time_utc")), default=None)
+            newest = max((m for m in map(_modified, items) if m), default=None)
             if newest is None or (low is not None and newest <= low):
                 raise TransientError("more than 1,000 Zocdoc appointments share one modification second; the API cannot page past them")
             low = newest  # the minimum is inclusive: the boundary second is read again, de-duplicated above
 
     async def pull(self, cursor: str | None) -> PullResult:
-        state = json.loads(cursor) if cursor else {}
+        try:
+            state = json.loads(cursor) if cursor else {}
+            previous = parse_iso(state["since"]) if state.get("since") else None
+        except (ValueError, TypeError, AttributeError) as err:
+            raise CursorExpired("the stored Zocdoc watermark cannot be read") from err
         started = utcnow()
         overlap = timedelta(seconds=self.options.overlap_seconds)
         if not self.clinician_of:
@@ -199,12 +210,10 @@ class ZocdocConnector(Connector):
             records = await self._listing(None, {"start_time_utc_min": instant_param(floor)})
             window = (iso(floor), "\uffff")
         else:
-            since = parse_iso(state["since"]) - overlap if state.get("since") else None
+            since = previous - overlap if previous else None
             records = await self._listing(since, {})
         observations = [o for o in (self._observe(d) for d in records) if o is not None]
-        stamps = [parse_iso(str(d["last_modified_time_utc"])) for d in records if d.get("last_modified_time_utc")]
-        newest = max(stamps, default=None)
-        previous = parse_iso(state["since"]) if state.get("since") else None
+        newest = max((m for m in map(_modified, records) if m), default=None)
         # the watermark follows Zocdoc's own modification clock; ours only seeds an empty history
         known = [x for x in (newest, previous) if x is not None]
         since_next = max(known) if known else started - overlap

@@ -394,3 +394,15 @@ async def test_maintain_names_the_url_to_register(zocdoc_server: Any, monkeypatc
     assert [e.get("url") for e in logs] == ["https://sync.practice.example/webhooks/zocdoc/appointments"]
     assert "c2VjcmV0" not in repr(logs)
     await connector.close()
+
+
+async def test_unreadable_cursor_asks_for_a_full_resync(zocdoc_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A stored watermark that cannot be read makes the engine resync in full rather than fail forever."""
+    from syncbridge.errors import CursorExpired
+
+    connector = _connector(zocdoc_server, monkeypatch, tmp_path)
+    try:
+        with pytest.raises(CursorExpired):
+            await connector.pull('{"since": "yesterday-ish"}')
+    finally:
+        await connector.close()
