@@ -85,6 +85,7 @@ EVENT = json.dumps({
         "appointment_id": "a-1", "appointment_updated_timestamp": "2026-11-02T15:00:00.000Z",
         "appointment_update_type": "cancelled", "changed_attributes": [{"attribute_path": "appointment.status"}]}},
 }).encode()
+HUGE = EVENT[:-1] + b', "pad": "' + b"x" * (300 << 10) + b'"}'
 
 
 async def test_zocdoc_cancellation_arrives_by_webhook(zocdoc: Any, connector: Any, receiver: str) -> None:
@@ -126,8 +127,10 @@ async def test_provider_reason_maps_back_to_clinician(zocdoc: Any, connector: An
         (lambda: _signed(b'{"data": {}}'), b'{"data": {}}', 400, "appointment_data"),
         (lambda: {"content-type": "application/json"}, EVENT, 401, "missing"),
         (lambda: _signed(EVENT) | {"webhook-signature": "garbage"}, EVENT, 401, "no version-prefixed"),
+        (lambda: _signed(EVENT) | {"webhook-timestamp": "soon"}, EVENT, 400, "unix seconds"),
+        (lambda: _signed(HUGE), HUGE, 413, "body over"),
     ],
-    ids=["forged", "stale", "future", "not-json", "no-appointment", "unsigned", "unparsable-signature"],
+    ids=["forged", "stale", "future", "not-json", "no-appointment", "unsigned", "unparsable-signature", "bad-timestamp", "huge"],
 )
 async def test_bad_webhooks_are_refused_and_change_nothing(connector: Any, receiver: str, headers: Any, body: bytes, status: int,
                                                            problem: str) -> None:
