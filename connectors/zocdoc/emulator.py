@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -63,6 +63,7 @@ from starlette.routing import Route
 from syncbridge.emulation import free_port, serve_in_thread
 
 from .delivery import WebhookSender
+from .emulator_slots import TimeslotStore, slot_problem
 
 __all__ = ["REASON_TYPES", "Running", "ZocdocEmulator", "running"]
 
@@ -119,8 +120,7 @@ class ZocdocEmulator:
     sender: WebhookSender = field(default_factory=WebhookSender)
     _failures: list[tuple[int, float | None]] = field(default_factory=list)
     _tokens: dict[str, float] = field(default_factory=dict)
-    _slots: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
-    _pending: list[tuple[float, tuple[str, str], list[dict[str, Any]]]] = field(default_factory=list)
+    slots: TimeslotStore = field(default_factory=TimeslotStore)
     _last_stamp: datetime = field(default_factory=lambda: datetime(2000, 1, 1, tzinfo=UTC))
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _lock: threading.RLock = field(default_factory=threading.RLock)
@@ -184,18 +184,13 @@ class ZocdocEmulator:
             return self._render(self.appointments[appt_id])
 
     def published(self, provider_id: str, day: date) -> list[datetime]:
-        """The instants of the slots a GET would show now, sorted (local time + zone, first occurrence)."""
-        with self._lock:
-            self._settle()
-            slots = self._slots.get((provider_id, day.isoformat()), [])
-            return sorted(datetime.fromisoformat(s["start_time"]).replace(tzinfo=ZoneInfo(s["time_zone"])) for s in slots)
+        """The instants of the slots a GET would show now, sorted."""
+        return self.slots.instants(self.slots.visible(provider_id, day))
 
     def wait_consistent(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
-        while self._pending and time.monotonic() < deadline:
+        while not self.slots.settled() and time.monotonic() < deadline:
             time.sleep(0.02)
-            with self._lock:
-                self._settle()
 
     # --- webhooks ----------------------------------------------------------------------------
 
@@ -404,13 +399,6 @@ class ZocdocEmulator:
 
     # --- calendar integration timeslots --------------------------------------------------------
 
-    def _settle(self) -> None:
-        now = time.monotonic()
-        due = [p for p in self._pending if p[0] <= now]
-        self._pending = [p for p in self._pending if p[0] > now]
-        for _, key, slots in sorted(due, key=lambda p: p[0]):
-            self._slots[key] = slots
-
     async def _timeslots(self, request: Request) -> Response:
         if (denied := self._gate(request)) is not None:
             return denied
@@ -433,7 +421,7 @@ class ZocdocEmulator:
         stored: list[dict[str, Any]] = []
         missing: list[str] = []
         for i, slot in enumerate(slots):
-            problem = _slot_problem(slot, provider_id, day)
+            problem = slot_problem(slot, provider_id, day)
             if problem:
                 return error(400, problem, f"timeslots[{i}]")
             if slot["location_id"] not in provider.location_ids:
@@ -442,8 +430,7 @@ class ZocdocEmulator:
             stored.append({k: slot.get(k) for k in ("provider_id", "location_id", "start_time", "time_zone", "allowed_visit_reason_ids",
                                                     "excluded_visit_reason_ids", "patient_type")}
                           | {"timeslot_id": f"slot:{next(self._ids)}", "created_utc": _z(datetime.now(UTC))})
-        with self._lock:
-            self._pending.append((time.monotonic() + self.consistency_delay, (provider_id, day.isoformat()), stored))
+        self.slots.replace(provider_id, day, stored, self.consistency_delay)
         return JSONResponse({"errors": {"not_found_location_ids": sorted(set(missing))}} if missing else {})
 
     def _get_slots(self, request: Request, provider_id: str, day: date) -> Response:
@@ -452,9 +439,7 @@ class ZocdocEmulator:
             offset = int(request.query_params.get("next_page_token") or 0)
         except ValueError:
             return error(400, "limit and next_page_token must be integers")
-        with self._lock:
-            self._settle()
-            slots = self._slots.get((provider_id, day.isoformat()), [])
+        slots = self.slots.visible(provider_id, day)
         chunk = slots[offset:offset + limit]
         token = str(offset + limit) if offset + limit < len(slots) else None
         next_url = str(request.url.include_query_params(next_page_token=token)) if token else None
@@ -487,30 +472,6 @@ def _event(appt_id: str, updated: str, update_type: str, changed: list[dict[str,
             "appointment_id": appt_id, "appointment_updated_timestamp": updated,
             "appointment_update_type": update_type, "changed_attributes": changed}},
     }
-
-
-def _slot_problem(slot: Any, provider_id: str, day: date) -> str | None:
-    """The first validation of ``TimeslotBaseRequest`` that ``slot`` fails (putProviderCalendarTimeslots)."""
-    if not isinstance(slot, dict):
-        return "each timeslot must be an object"
-    for key in ("provider_id", "location_id", "start_time", "time_zone"):
-        if not isinstance(slot.get(key), str):
-            return f"{key} is required"
-    if slot["provider_id"] != provider_id:
-        return "slot.provider_id must match the provider_id of the path"
-    try:
-        local = datetime.fromisoformat(slot["start_time"])
-    except ValueError:
-        return "slot.start_time must be a local date-time such as 2024-09-15T12:13:00"
-    if local.tzinfo is not None:
-        return "slot.start_time must be a local date-time without offset"
-    if local.date() != day:
-        return "the date of slot.start_time must match the date parameter"
-    try:
-        ZoneInfo(slot["time_zone"])
-    except (ZoneInfoNotFoundError, ValueError):
-        return "slot.time_zone must be a valid IANA time zone id"
-    return None
 
 
 @dataclass
