@@ -60,7 +60,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from syncbridge.emulation import free_port, serve_in_thread
+from syncbridge.emulation import Injector, free_port, serve_in_thread
 
 from .delivery import WebhookSender
 from .emulator_slots import TimeslotStore, slot_problem
@@ -479,6 +479,7 @@ class Running:
     emulator: ZocdocEmulator
     base_url: str
     stop: Callable[[], None]
+    injector: Injector
 
     @property
     def token_url(self) -> str:
@@ -496,4 +497,4 @@ def running(emulator: ZocdocEmulator | None = None) -> Running:
         emu.sender.stop()
         server.stop()
 
-    return Running(emu, emu.base_url, stop)
+    return Running(emu, emu.base_url, stop, server.injector)
