@@ -44,7 +44,7 @@ ERROR_RATE = 0.2
 KILL_EVERY = (2.0, 5.0)  # seconds between SIGKILLs
 NY = ZoneInfo("America/New_York")
 CLINICIANS = {"dr_rivera": "Dr. Rivera", "dr_chen": "Dr. Chen", "dr_okafor": "Dr. Okafor"}
-PER_CLINICIAN = 20
+PER_CLINICIAN = max(20, EDITS // 8)  # about a fifth of the edits cancel: enough sessions stay live
 
 
 class Person:
@@ -112,7 +112,20 @@ def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
     for c in connectors.values():
         asyncio.run(c.close())
 
-    daemon = DaemonProcess(tmp, conf)
+    current = [DaemonProcess(tmp, conf)]
+    try:
+        _chaos(tmp, sandboxes, rng, conf, cfg, path, roles, holds_all, ids, today, current)
+    finally:
+        if current[0].proc.poll() is None:  # a failed run leaves no daemon behind
+            current[0].proc.kill()
+            current[0].proc.wait()
+
+
+def _chaos(
+    tmp: Path, sandboxes: dict[str, Any], rng: random.Random, conf: dict[str, Any], cfg: Any, path: Path,
+    roles: dict[str, Role], holds_all: set[str], ids: list[str], today: datetime, current: list[DaemonProcess],
+) -> None:
+    daemon = current[0]
     watch = Store(cfg.store.path)
 
     def settled() -> bool:
@@ -133,7 +146,6 @@ def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
     # --- the daemon is killed and restarted throughout ---------------------------------------
     stop_killing = threading.Event()
     kills = [0]
-    current = [daemon]
 
     def killer() -> None:
         while not stop_killing.wait(rng.uniform(*KILL_EVERY)):
@@ -192,6 +204,8 @@ def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
     async def edits() -> None:
         for i in range(EDITS):
             live = [a for a in ids if a not in cancelled]
+            if not live:
+                break
             appt = rng.choice(live)
             roll = rng.random()
             if roll < 0.6 and movable:
@@ -256,10 +270,10 @@ def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
                 # (a session cancelled before it ever reached the EHR has nothing there to bill)
                 out.append(f"{appt} cancelled but billing {record.fields.get('billing')} in {in_record}")
             for name, sandbox in sandboxes.items():
-                ext = linked(appt, name)
-                if sandbox.look is None or ext is None:
+                copy = linked(appt, name)
+                if sandbox.look is None or copy is None:
                     continue
-                seen = asyncio.run(sandbox.look(ext))
+                seen = asyncio.run(sandbox.look(copy))
                 if record.cancelled and seen.state == "live":
                     out.append(f"{appt} cancelled but live in {name}")
                 if not record.cancelled and (seen.state != "live" or seen.start != record.start):
