@@ -8,9 +8,13 @@ Google), never the connector under test.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Iterator
-from datetime import datetime, timedelta
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +22,21 @@ import httpx
 import pytest
 import yaml
 
+from starlette.applications import Starlette
+from starlette.routing import Mount, Route
+
 from syncbridge.config import parse_config
+from syncbridge.connector import Host
+from syncbridge.emulation import RunningServer, serve_in_thread
+from syncbridge.engine import Engine
+from syncbridge.limits import MAX_WEBHOOK_BYTES
+from syncbridge.outbox import Outbox
 from syncbridge.registry import build_connectors
+from syncbridge.store import Store
 from syncbridge_connectors.google_calendar.connector import GoogleCalendarConnector
 from syncbridge_connectors.google_calendar.emulator import GoogleCalendarEmulator, Running, running
 from syncbridge_connectors.google_calendar.mapping import ID_KEY
-from tests.contract.suite import CLINICIAN, ZONE, ConnectorContract, Harness, Vendor
+from tests.contract.suite import CLINICIAN, ZONE, ConnectorContract, Harness, Vendor, World, next_weekday_at
 
 EMAIL = "dr.rivera@practice.example"
 SA_EMAIL = "syncbridge@practice-project.iam.gserviceaccount.com"
@@ -209,3 +222,136 @@ def test_recurring_events_expand_into_instances(google: Running) -> None:
         left = http.get(base, params={"singleEvents": "true"}).json()["items"]
         assert [e["id"] for e in left] == [instances[i]["id"] for i in (0, 1, 3)]
         assert http.get(base, params={"orderBy": "startTime"}).status_code == 400
+
+
+# --- push: a change in Google reaches the record through a watch channel ---------------------------
+
+
+class RecordingHost(Host):
+    """The daemon's side of a push, as the connector sees it: notifications accepted, pulls asked for."""
+
+    def __init__(self, public_url: str | None) -> None:
+        super().__init__(public_url)
+        self._loop = asyncio.get_running_loop()
+        self.woken = asyncio.Event()
+
+    def pull_soon(self) -> None:
+        super().pull_soon()  # called on the web server's thread
+        self._loop.call_soon_threadsafe(self.woken.set)
+
+
+@dataclass
+class PushWorld:
+    world: World
+    host: RecordingHost
+    receiver: RunningServer
+    emulator: GoogleCalendarEmulator
+
+
+@contextlib.asynccontextmanager
+async def push_world(harness: Harness, tmp_path: Path, **options: Any) -> AsyncIterator[PushWorld]:
+    """Store, engine and outbox around the connector, whose webhook routes are served on loopback
+    under /webhooks/<name>/ as the daemon mounts them."""
+    cfg = parse_config(
+        yaml.safe_dump(
+            {
+                "practice": {"timezone": ZONE},
+                "store": {"path": str(tmp_path / "push.db")},
+                "clinicians": {CLINICIAN: {"accounts": {harness.name: harness.account}}},
+                "connectors": {harness.name: harness.connector_config | options},
+                "outbox": {"backoff_base": 0.05, "backoff_max": 0.2, "max_attempts": 6},
+            }
+        )
+    )
+    store = Store(cfg.store.path)
+    connectors = build_connectors(cfg)
+    connector = connectors[harness.name]
+    engine = Engine(store, connectors, cfg)
+    prefix = f"/webhooks/{harness.name}"
+    app = Starlette(routes=[Mount(prefix, routes=[Route(r.path, r.handler, methods=list(r.methods)) for r in connector.webhook_routes()])])
+    receiver = serve_in_thread(app)
+    host = RecordingHost(receiver.url + prefix)
+    connector.host = host
+    vendor = harness.vendor
+    assert isinstance(vendor, CalendarUser)
+    try:
+        yield PushWorld(World(store, engine, Outbox(engine), connector, vendor), host, receiver, vendor.emulator)
+    finally:
+        await connector.close()
+        receiver.stop()
+        store.close()
+
+
+async def test_deletion_in_google_reaches_the_record_by_push(google: Running, tmp_path: Path) -> None:
+    """A session deleted in Google Calendar is cancelled in the record as soon as Google notifies, with no poll."""
+    async with push_world(google_harness(google, tmp_path), tmp_path) as pw:
+        w = pw.world
+        appt = w.book_here(next_weekday_at(10))
+        await w.drain()
+        await w.sync(full=True)
+        await w.connector.maintain()
+        google.emulator.settle()
+        assert [d.headers["X-Goog-Resource-State"] for d in google.emulator.deliveries] == ["sync"]
+        assert pw.host.accepted == [], "opening the channel is not a change"
+
+        await w.vendor.delete(w.external_id(appt))
+        await asyncio.wait_for(pw.host.woken.wait(), timeout=10)
+        (headers, body), = pw.host.accepted
+        assert headers["x-goog-resource-state"] == "exists" and body == b""
+        assert not any("token" in k for k in headers), "the channel secret is never persisted"
+        assert w.connector.webhook_targets(headers, body) is None  # the daemon pulls incrementally
+        await w.sync()
+        record = w.store.appointment(appt)
+        assert record.cancelled and record.fields["cancellation"]["via"] == w.connector.name
+        assert google.emulator.deliveries[-1].status == 200
+
+
+async def test_forged_notifications_are_refused(google: Running, tmp_path: Path) -> None:
+    """A notification without the channel's secret token is refused (401/403) and nothing is stored."""
+    async with push_world(google_harness(google, tmp_path), tmp_path) as pw:
+        await pw.world.connector.maintain()
+        (channel,) = google.emulator.channels.values()
+        url = pw.host.public_url + "/notify"
+        base = {"X-Goog-Channel-ID": channel.id, "X-Goog-Resource-State": "exists", "X-Goog-Resource-ID": channel.resource_id}
+        async with httpx.AsyncClient() as http:
+            assert (await http.post(url, headers=base)).status_code == 401
+            assert (await http.post(url, headers=base | {"X-Goog-Channel-Token": "guess"})).status_code == 403
+            other = base | {"X-Goog-Channel-ID": "someone-elses", "X-Goog-Channel-Token": channel.token or ""}
+            assert (await http.post(url, headers=other)).status_code == 403
+            huge = await http.post(url, headers=base | {"X-Goog-Channel-Token": channel.token or ""}, content=b"x" * (MAX_WEBHOOK_BYTES + 1))
+            assert huge.status_code == 413
+        assert pw.host.accepted == [] and pw.host.pull_requests == 0
+
+
+async def test_channels_are_renewed_and_stopped(google: Running, tmp_path: Path) -> None:
+    """A channel close to expiry is replaced (the old one stopped); closing the connector stops them all."""
+    async with push_world(google_harness(google, tmp_path), tmp_path) as pw:
+        connector = pw.world.connector
+        assert isinstance(connector, GoogleCalendarConnector)
+        await connector.maintain()
+        await connector.maintain()
+        (first,) = google.emulator.channels.values()
+        assert sum(1 for m, p in google.emulator.log if p.endswith("/events/watch")) == 1, "a live channel is kept"
+        connector.push.channels[EMAIL].expiration_ms = int(time.time() * 1000) + 60_000
+        await connector.maintain()
+        (second,) = google.emulator.channels.values()
+        assert second.id != first.id and second.expiration_ms > first.expiration_ms
+        # a restarted daemon (same vault) recognises the open channel and keeps it
+        again = connector_for(google_harness(google, tmp_path), tmp_path)
+        again.host = pw.host
+        await again.maintain()
+        assert list(google.emulator.channels) == [second.id]
+        await connector.close()
+        assert google.emulator.channels == {}
+        assert ("POST", "/calendar/v3/channels/stop") in google.emulator.log
+
+
+async def test_no_public_url_means_no_channel(google: Running, tmp_path: Path) -> None:
+    """Without http.public_url Google could not reach the daemon: no channel is opened, polling carries on."""
+    connector = connector_for(google_harness(google, tmp_path), tmp_path)
+    try:
+        await connector.maintain()
+        assert google.emulator.channels == {}
+        assert (await connector.pull(None)).complete
+    finally:
+        await connector.close()
