@@ -198,7 +198,7 @@ class GoogleCalendarEmulator:
         q = {k: v for k, v in parse_qs(query, keep_blank_values=True).items()}
         try:
             if path == "/token" and method == "POST":
-                status, payload = self.auth.token(body)
+                status, payload = self.auth.token(body, headers.get("authorization"))
                 return Answer(status, payload, {"Cache-Control": "no-store"})
             if path == "/o/oauth2/auth" and method == "GET":
                 status, target = self.auth.authorize({k: v[0] for k, v in q.items()})

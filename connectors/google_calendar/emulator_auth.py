@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlencode, urlsplit
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -127,9 +127,16 @@ class AuthServer:
 
     # --- token endpoint -----------------------------------------------------------------------
 
-    def token(self, form_body: bytes) -> tuple[int, dict[str, Any]]:
-        """POST /token (application/x-www-form-urlencoded)."""
+    def token(self, form_body: bytes, authorization: str | None = None) -> tuple[int, dict[str, Any]]:
+        """POST /token (application/x-www-form-urlencoded); client credentials in the form or as HTTP Basic."""
         form = {k: v[0] for k, v in parse_qs(form_body.decode(errors="replace"), keep_blank_values=True).items()}
+        scheme, _, encoded = (authorization or "").partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                cid, _, secret = base64.b64decode(encoded).decode().partition(":")
+            except ValueError:
+                return 401, {"error": "invalid_client", "error_description": "Unauthorized"}
+            form |= {"client_id": unquote_plus(cid), "client_secret": unquote_plus(secret)}
         grant_type = form.get("grant_type")
         if grant_type == JWT_BEARER:
             return self._jwt_bearer(form.get("assertion", ""))

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,16 @@ from syncbridge.config import parse_config
 from syncbridge.connector import Host
 from syncbridge.emulation import RunningServer, serve_in_thread
 from syncbridge.engine import Engine
+from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError
+from syncbridge.model import empty_snapshot, iso, new_canonical_id
 from syncbridge.limits import MAX_WEBHOOK_BYTES
 from syncbridge.outbox import Outbox
 from syncbridge.registry import build_connectors
 from syncbridge.store import Store
+from syncbridge_connectors.google_calendar.client import raise_for_status
 from syncbridge_connectors.google_calendar.connector import GoogleCalendarConnector
 from syncbridge_connectors.google_calendar.emulator import GoogleCalendarEmulator, Running, running
-from syncbridge_connectors.google_calendar.mapping import ID_KEY
+from syncbridge_connectors.google_calendar.mapping import ID_KEY, canonical_id_of
 from tests.contract.suite import CLINICIAN, ZONE, ConnectorContract, Harness, Vendor, World, next_weekday_at
 
 EMAIL = "dr.rivera@practice.example"
@@ -355,3 +358,164 @@ async def test_no_public_url_means_no_channel(google: Running, tmp_path: Path) -
         assert (await connector.pull(None)).complete
     finally:
         await connector.close()
+
+
+# --- auth ------------------------------------------------------------------------------------------
+
+
+async def test_missing_delegation_tells_the_admin_what_to_grant(google: Running, tmp_path: Path) -> None:
+    """A service account whose client id lacks the calendar scope in domain-wide delegation gets an actionable error."""
+    key = tmp_path / "sa-readonly.json"
+    key.write_text(json.dumps(google.emulator.add_service_account(SA_EMAIL, scopes={"https://www.googleapis.com/auth/calendar.readonly"})))
+    harness = Harness({"type": "google_calendar", "service_account_key": {"file": str(key)}, "api_root": google.api_root},
+                      {"email": EMAIL}, CalendarUser(google.emulator))  # fmt: skip
+    connector = connector_for(harness, tmp_path)
+    try:
+        with pytest.raises(AuthError) as caught:
+            await connector.check()
+    finally:
+        await connector.close()
+    assert "Domain-wide delegation" in caught.value.action and "calendar.events" in caught.value.action
+    assert "PRIVATE KEY" not in str(caught.value)
+
+
+async def test_clinician_signs_in_with_the_installed_app_flow(
+    google: Running, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`syncbridge auth`: the clinician opens the printed URL, consents, and the connector then works as them."""
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # oauthlib's switch for a token endpoint on plain-http loopback
+    client_id, secret = google.emulator.add_oauth_client()
+    monkeypatch.setenv("SYNCBRIDGE_TEST_GOOGLE_SECRET", secret)
+    google.emulator.auth.consenting_user = EMAIL
+    config = {
+        "type": "google_calendar", "auth": "oauth", "client_id": client_id, "client_secret": {"env": "SYNCBRIDGE_TEST_GOOGLE_SECRET"},
+        "token_uri": google.token_uri, "auth_uri": f"{google.base_url}/o/oauth2/auth", "api_root": google.api_root,
+    }  # fmt: skip
+    connector = connector_for(Harness(config, {"email": EMAIL}, CalendarUser(google.emulator)), tmp_path)
+    try:
+        with pytest.raises(AuthError, match="syncbridge auth"):
+            await connector.pull(None)
+        signing_in = asyncio.create_task(connector.authorize(CLINICIAN))
+        printed = ""
+        for _ in range(200):
+            printed += capsys.readouterr().out
+            if "/o/oauth2/auth?" in printed:
+                break
+            await asyncio.sleep(0.05)
+        url = next(w for w in printed.split() if w.startswith(google.base_url + "/o/oauth2/auth?"))
+        async with httpx.AsyncClient(follow_redirects=True) as browser:  # the person's browser
+            landed = await browser.get(url)
+        assert landed.status_code == 200
+        said = await asyncio.wait_for(signing_in, timeout=20)
+        assert EMAIL in said
+        stored = connector.host.vault_get("refresh_token:" + CLINICIAN)
+        assert stored and stored.startswith("1//") and stored not in said
+        google.emulator.user_insert(EMAIL, {"summary": "Lunch", "start": {"dateTime": "2030-01-07T12:00:00Z"}, "end": {"dateTime": "2030-01-07T13:00:00Z"}})
+        assert (await connector.pull(None)).complete
+        assert ("POST", "/token") in google.emulator.log
+    finally:
+        await connector.close()
+
+
+# --- errors, busy time, idempotent creates -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "retry_after", "expected"),
+    [
+        (401, "authError", None, AuthError),
+        (403, "rateLimitExceeded", None, RateLimited),
+        (403, "userRateLimitExceeded", "3", RateLimited),
+        (429, "rateLimitExceeded", "7", RateLimited),
+        (403, "insufficientPermissions", None, AuthError),
+        (403, "forbiddenForNonOrganizer", None, PermanentError),
+        (409, "duplicate", None, ConflictError),
+        (410, "fullSyncRequired", None, CursorExpired),
+        (412, "conditionNotMet", None, ConflictError),
+        (500, "backendError", None, TransientError),
+        (503, "backendError", "2", TransientError),
+        (400, "invalid", None, PermanentError),
+        (404, "notFound", None, PermanentError),
+    ],
+)
+def test_google_answers_map_to_what_the_caller_must_do(status: int, reason: str, retry_after: str | None, expected: type) -> None:
+    """Every Calendar API error becomes the right action: re-consent, back off, resync, re-merge, retry or give up."""
+    with pytest.raises(expected) as caught:
+        raise_for_status(status, reason, "events.patch", retry_after=retry_after)
+    assert type(caught.value) is expected
+    if retry_after:
+        assert caught.value.retry_after == float(retry_after)
+
+
+async def test_throttled_read_says_when_to_retry(google: Running, tmp_path: Path) -> None:
+    """A 429 with Retry-After reaches the caller as RateLimited carrying the wait."""
+    connector = connector_for(google_harness(google, tmp_path), tmp_path)
+    try:
+        google.emulator.fail_next(429, retry_after=4)
+        with pytest.raises(RateLimited) as caught:
+            await connector.pull(None)
+        assert caught.value.retry_after == 4
+    finally:
+        await connector.close()
+
+
+async def test_busy_time_expands_series_and_skips_free_and_declined(google: Running, tmp_path: Path) -> None:
+    """A weekly private series counts each occurrence; events marked free or declined do not count."""
+    start = next_weekday_at(12)
+    end = start + timedelta(hours=1)
+
+    def slot(s: datetime, e: datetime) -> dict[str, Any]:
+        return {"start": {"dateTime": s.isoformat(), "timeZone": ZONE}, "end": {"dateTime": e.isoformat(), "timeZone": ZONE}}
+
+    emu = google.emulator
+    emu.user_insert(EMAIL, {"summary": "Pilates", "recurrence": ["RRULE:FREQ=WEEKLY;COUNT=3"]} | slot(start, end))
+    emu.user_insert(EMAIL, {"summary": "Focus", "transparency": "transparent"} | slot(start + timedelta(hours=2), end + timedelta(hours=2)))
+    emu.user_insert(EMAIL, {"summary": "Staff lunch", "attendees": [{"email": EMAIL, "self": True, "responseStatus": "declined"}]}
+                    | slot(start + timedelta(hours=3), end + timedelta(hours=3)))  # fmt: skip
+    connector = connector_for(google_harness(google, tmp_path), tmp_path)
+    try:
+        busy = await connector.busy(start - timedelta(days=1), start + timedelta(days=30))
+    finally:
+        await connector.close()
+    assert [(b.start, b.end) for b in busy] == [(start + timedelta(weeks=i), end + timedelta(weeks=i)) for i in range(3)]
+
+
+async def test_recreating_a_deleted_session_restores_its_event(google: Running, tmp_path: Path) -> None:
+    """A session re-booked after its event was deleted gets its event back (409 on the id, then update), not an error."""
+    connector = connector_for(google_harness(google, tmp_path), tmp_path)
+    appt = new_canonical_id()
+    desired = connector.capabilities.project(session())
+    try:
+        created = await connector.apply(appt, desired, None)
+        google.emulator.user_delete(EMAIL, created.external_id.rpartition("/")[2])
+        again = await connector.apply(appt, desired, None)
+        obs = await connector.read(again.external_id)
+    finally:
+        await connector.close()
+    assert again.external_id == created.external_id and not obs.deleted and obs.etag == again.etag
+    assert len(await CalendarUser(google.emulator).live()) == 1
+
+
+async def test_event_shows_nothing_about_the_client(google: Running, tmp_path: Path) -> None:
+    """The event carries the title template and room only; the canonical id sits in private extended properties."""
+    connector = connector_for(google_harness(google, tmp_path), tmp_path)
+    appt = new_canonical_id()
+    try:
+        result = await connector.apply(appt, connector.capabilities.project(session()), None)
+    finally:
+        await connector.close()
+    event = google.emulator.event(EMAIL, result.external_id.rpartition("/")[2])
+    assert event is not None
+    raw = json.dumps(event)
+    assert event["summary"] == "Client session" and event["location"] == "Room 2"
+    assert event["extendedProperties"]["private"][ID_KEY] == appt
+    assert "client-4711" not in raw and "90837" not in raw
+    assert canonical_id_of(event["id"]) == appt and result.disclosed == ("title:template", "location")
+
+
+def session(hour: int = 10, **extra: Any) -> dict[str, Any]:
+    start = next_weekday_at(hour)
+    return empty_snapshot() | {
+        "clinician": CLINICIAN, "client_key": "client-4711", "service_code": "90837", "location": "Room 2",
+        "start": iso(start), "end": iso(start + timedelta(minutes=50)), "timezone": ZONE,
+    } | extra  # fmt: skip
