@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import google.auth.exceptions
+import google_auth_httplib2
 import httplib2
 from google.auth.credentials import Credentials
 from googleapiclient.discovery import build
@@ -25,7 +26,7 @@ from googleapiclient.http import BatchHttpRequest, HttpRequest
 
 from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError
 
-__all__ = ["CalendarClient", "raise_for_status", "translate"]
+__all__ = ["CalendarClient", "batch_list", "raise_for_status", "translate"]
 
 RATE_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded", "dailyLimitExceeded"})
 ACCESS_REASONS = frozenset({"insufficientPermissions", "accessNotConfigured", "forbidden", "domainPolicy", "authError"})
@@ -71,6 +72,8 @@ def raise_for_status(status: int, reason: str, what: str, *, retry_after: str | 
 
 def translate(err: BaseException, what: str) -> Exception:
     """A foreign exception from the client stack as a syncbridge error (returned, for ``raise ... from``)."""
+    if isinstance(err, HttpError) and err.resp is None:  # BatchError: the multipart answer could not be read
+        return TransientError(f"{what}: unreadable batch answer")
     if isinstance(err, HttpError):
         try:
             raise_for_status(err.resp.status, _reason(err.content), what, retry_after=err.resp.get("retry-after"))
@@ -126,12 +129,21 @@ class CalendarClient:
 
     # --- events ------------------------------------------------------------------------------
 
-    async def list_all(self, calendar: str, **params: Any) -> tuple[list[dict[str, Any]], str | None]:
-        """Every page of events.list; the ``nextSyncToken`` comes only with the last page."""
+    async def list_all(self, calendar: str, first: dict[str, Any] | None = None, **params: Any) -> tuple[list[dict[str, Any]], str | None]:
+        """Every page of events.list (from ``first``, a first page already fetched, if given); the
+        ``nextSyncToken`` comes only with the last page."""
         items: list[dict[str, Any]] = []
         page: str | None = None
         while True:
-            answer = await self._run("events.list", lambda e, p=page: e.list(calendarId=calendar, pageToken=p, **params))
+            if first is not None:
+                answer, first = first, None
+            else:
+                token = page
+
+                def make(e: Any) -> HttpRequest:
+                    return e.list(calendarId=calendar, pageToken=token, **params)
+
+                answer = await self._run("events.list", make)
             items += answer.get("items", [])
             page = answer.get("nextPageToken")
             if not page:
@@ -165,33 +177,42 @@ class CalendarClient:
         """channels.stop; a channel Google no longer knows (404) is stopped already."""
         await self._status("channels.stop", lambda c: c.stop(body={"id": channel_id, "resourceId": resource_id}), allow=(404,))
 
-    async def batch_get(self, calendar: str, event_ids: list[str]) -> dict[str, dict[str, Any] | None]:
-        """Several events.get in one HTTP request (at most 50 per batch, each part one quota unit)."""
-        found: dict[str, dict[str, Any] | None] = {}
-        failures: list[Exception] = []
-        root = self.api_root[: -len("calendar/v3/")]
+    def _fresh_credentials(self) -> None:
+        """Obtain an access token now (a batch part carries its own account's token)."""
+        creds = self._service._http.credentials
+        if not creds.valid:
+            creds.refresh(google_auth_httplib2.Request(httplib2.Http()))
 
-        def run(chunk: list[str]) -> None:
-            def done(request_id: str, response: Any, exception: Exception | None) -> None:
-                if exception is None:
-                    found[request_id] = response
-                elif isinstance(exception, HttpError) and exception.resp.status == 404:
-                    found[request_id] = None
-                else:
-                    failures.append(translate(exception, "events.get (batch)"))
 
-            with self._lock:
-                batch = BatchHttpRequest(callback=done, batch_uri=root + "batch/calendar/v3")
-                for event_id in chunk:
-                    batch.add(self._service.events().get(calendarId=calendar, eventId=event_id), request_id=event_id)
-                self.requests += len(chunk)
-                batch.execute(http=self._service._http)
+async def batch_list(parts: list[tuple[CalendarClient, str, dict[str, Any]]]) -> list[dict[str, Any] | Exception]:
+    """The first page of events.list for several calendars, each as its own account, in one HTTP
+    request per 50 (https://developers.google.com/workspace/calendar/api/guides/batch). Each part
+    still counts against the quota; what is saved is a round trip and a connection per calendar.
+    Answers, in order, the page or the translated error of each part."""
+    results: dict[int, dict[str, Any] | Exception] = {}
 
-        for i in range(0, len(event_ids), 50):
-            try:
-                await asyncio.to_thread(run, event_ids[i : i + 50])
-            except Exception as err:
-                raise translate(err, "batch") from err
-        if failures:
-            raise failures[0]
-        return found
+    def run(offset: int, chunk: list[tuple[CalendarClient, str, dict[str, Any]]]) -> None:
+        def done(request_id: str, response: Any, exception: Exception | None) -> None:
+            results[int(request_id)] = translate(exception, "events.list (batch)") if exception is not None else response
+
+        owner = chunk[0][0]
+        clients = sorted({id(c): c for c, _, _ in chunk}.values(), key=id)
+        for client in clients:
+            client._lock.acquire()
+        try:
+            batch = BatchHttpRequest(callback=done, batch_uri=owner.api_root[: -len("calendar/v3/")] + "batch/calendar/v3")
+            for i, (client, calendar, params) in enumerate(chunk):
+                client._fresh_credentials()
+                batch.add(client._service.events().list(calendarId=calendar, **params), request_id=str(offset + i))
+                client.requests += 1
+            batch.execute(http=owner._service._http)
+        finally:
+            for client in clients:
+                client._lock.release()
+
+    for offset in range(0, len(parts), 50):
+        try:
+            await asyncio.to_thread(run, offset, parts[offset : offset + 50])
+        except Exception as err:
+            raise translate(err, "batch") from err
+    return [results[i] for i in range(len(parts))]

@@ -31,7 +31,7 @@ from syncbridge.model import Role, Snapshot, iso
 from syncbridge.policy.privacy import event_text
 from syncbridge.secrets import SecretRef
 
-from .client import CalendarClient
+from .client import CalendarClient, batch_list
 from .credentials import SCOPE, oauth_credentials, service_account_credentials, vault_key
 from .mapping import BUSY_FIELDS, canonical_id_of, event_id_for, read_event, render
 from .push import ROUTE, ChannelKeeper
@@ -193,13 +193,19 @@ class GoogleCalendarConnector(Connector):
         since = datetime.now(UTC) - timedelta(days=self.options.history_days)
         observations: list[Observation] = []
         tokens: dict[str, str | None] = {}
+        plan = []
         for clinician, calendar in calendars.items():
-            client = self.client(clinician)
             if state is None:
-                params = {"timeMin": iso(since), "maxResults": self.options.page_size}
+                params: dict[str, Any] = {"timeMin": iso(since), "maxResults": self.options.page_size}
             else:
                 params = {"syncToken": state[calendar], "maxResults": self.options.page_size}
-            items, token = await client.list_all(calendar, **params)
+            plan.append((clinician, calendar, params))
+        # several calendars: their first pages travel in one batch request (most polls end there)
+        firsts: list[Any] = await batch_list([(self.client(c), cal, p) for c, cal, p in plan]) if len(plan) > 1 else [None]
+        for (clinician, calendar, params), first in zip(plan, firsts, strict=True):
+            if isinstance(first, Exception):
+                raise first
+            items, token = await self.client(clinician).list_all(calendar, first, **params)
             if token is None:
                 raise PermanentError(f"events.list for {clinician} ended without a nextSyncToken")
             tokens[calendar] = token

@@ -523,7 +523,9 @@ class GoogleCalendarEmulator:
         boundary = "batch_" + secrets.token_hex(12)
         out: list[bytes] = []
         for part in parts:
-            raw = part.get_payload(decode=True) or b""
+            raw = part.get_payload(decode=True)
+            if not isinstance(raw, bytes):
+                raise ApiError(400, "badContent", "Each batch part must be an application/http request")
             head, _, inner_body = raw.replace(b"\r\n", b"\n").partition(b"\n\n")
             lines = head.decode().split("\n")
             method, target = lines[0].split(" ")[:2]
@@ -533,7 +535,7 @@ class GoogleCalendarEmulator:
             answer = self.handle(method, split.path, split.query, inner_headers, inner_body.strip())
             payload = b"" if answer.body is None else json.dumps(answer.body).encode()
             cid = part.get("Content-ID", "")
-            response_id = f"Content-ID: response-{cid.strip('<>')}\r\n" if cid else ""
+            response_id = f"Content-ID: <response-{cid.strip('<>')}>\r\n" if cid else ""
             extra = "".join(f"{k}: {v}\r\n" for k, v in answer.headers.items())
             out.append(
                 f"--{boundary}\r\nContent-Type: application/http\r\n{response_id}\r\n"

@@ -38,7 +38,7 @@ from syncbridge.store import Store
 from syncbridge_connectors.google_calendar.client import raise_for_status
 from syncbridge_connectors.google_calendar.connector import GoogleCalendarConnector
 from syncbridge_connectors.google_calendar.emulator import GoogleCalendarEmulator, Running, running
-from syncbridge_connectors.google_calendar.mapping import ID_KEY, canonical_id_of
+from syncbridge_connectors.google_calendar.mapping import ID_KEY, canonical_id_of, event_id_for
 from tests.contract.suite import CLINICIAN, ZONE, ConnectorContract, Harness, Vendor, World, next_weekday_at
 
 EMAIL = "dr.rivera@practice.example"
@@ -519,3 +519,35 @@ def session(hour: int = 10, **extra: Any) -> dict[str, Any]:
         "clinician": CLINICIAN, "client_key": "client-4711", "service_code": "90837", "location": "Room 2",
         "start": iso(start), "end": iso(start + timedelta(minutes=50)), "timezone": ZONE,
     } | extra  # fmt: skip
+
+
+async def test_polling_many_calendars_is_one_batch_request(google: Running, tmp_path: Path) -> None:
+    """With three clinicians a quiet poll is one HTTP request (a batch of three listings), and changes still arrive."""
+    emails = {"dr_rivera": EMAIL, "dr_chen": "dr.chen@practice.example", "dr_okafor": "dr.okafor@practice.example"}
+    for email in emails.values():
+        google.emulator.add_user(email, time_zone=ZONE)
+    harness = google_harness(google, tmp_path)
+    cfg = parse_config(yaml.safe_dump({
+        "practice": {"timezone": ZONE}, "store": {"path": str(tmp_path / "many.db")},
+        "clinicians": {k: {"accounts": {"gcal": {"email": e}}} for k, e in emails.items()},
+        "connectors": {"gcal": harness.connector_config},
+    }))  # fmt: skip
+    connector = build_connectors(cfg)["gcal"]
+    try:
+        appts = {k: new_canonical_id() for k in emails}
+        for k, appt in appts.items():
+            await connector.apply(appt, connector.capabilities.project(session() | {"clinician": k}), None)
+        full = await connector.pull(None)
+        assert {o.canonical_id for o in full.observations} == set(appts.values())
+        before = len(google.emulator.log)
+        quiet = await connector.pull(full.cursor)
+        http_requests = [entry for entry in google.emulator.log[before:] if entry[1] in ("/batch/calendar/v3", "/token")]
+        assert quiet.observations == [] and http_requests == [("POST", "/batch/calendar/v3")]
+        google.emulator.user_delete("dr.chen@practice.example", event_id_for(appts["dr_chen"]))
+        changed = await connector.pull(quiet.cursor)
+        assert [(o.canonical_id, o.deleted) for o in changed.observations] == [(appts["dr_chen"], True)]
+        google.emulator.expire_sync_tokens("dr.okafor@practice.example")
+        with pytest.raises(CursorExpired):
+            await connector.pull(changed.cursor)
+    finally:
+        await connector.close()
