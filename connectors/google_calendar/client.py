@@ -138,10 +138,9 @@ class CalendarClient:
             if first is not None:
                 answer, first = first, None
             else:
-                token = page
 
-                def make(e: Any) -> HttpRequest:
-                    return e.list(calendarId=calendar, pageToken=token, **params)
+                def make(e: Any, p: str | None = page) -> HttpRequest:
+                    return e.list(calendarId=calendar, pageToken=p, **params)
 
                 answer = await self._run("events.list", make)
             items += answer.get("items", [])
