@@ -49,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from syncbridge.emulation import free_port, serve_in_thread
+from syncbridge.emulation import Injector, free_port, serve_in_thread
 
 from .emulator_auth import AuthServer, Grant, new_service_account_key
 from .emulator_events import (
@@ -576,6 +576,7 @@ class Running:
     emulator: GoogleCalendarEmulator
     base_url: str
     stop: Callable[[], None]
+    injector: Injector | None = None
 
     @property
     def api_root(self) -> str:
@@ -597,4 +598,4 @@ def running(emulator: GoogleCalendarEmulator | None = None) -> Running:
         server.stop()
         emu.close()
 
-    return Running(emu, emu.base_url, stop)
+    return Running(emu, emu.base_url, stop, server.injector)

@@ -58,7 +58,12 @@ class ChannelKeeper:
     @property
     def channels(self) -> dict[str, WatchChannel]:
         if self._channels is None:
-            stored = self.connector.host.vault_get(VAULT_KEY)
+            self._channels = {}
+            try:
+                stored = self.connector.host.vault_get(VAULT_KEY)
+            except SyncbridgeError as err:  # no store.secret_key: channels live in memory only
+                log.warning("watch_channels_not_persisted", connector=self.connector.name, kind=err.kind)
+                stored = None
             try:
                 self._channels = {c["calendar"]: WatchChannel(**c) for c in json.loads(stored)} if stored else {}
             except (ValueError, TypeError, KeyError):
@@ -66,11 +71,15 @@ class ChannelKeeper:
         return self._channels
 
     def _save(self) -> None:
+        """Keep open channels (ids and secret tokens) in the encrypted vault, so a restart still knows them."""
         live = [asdict(c) for c in self.channels.values() if c.resource_id]
-        if live:
-            self.connector.host.vault_put(VAULT_KEY, json.dumps(live))
-        else:
-            self.connector.host.vault_delete(VAULT_KEY)
+        try:
+            if live:
+                self.connector.host.vault_put(VAULT_KEY, json.dumps(live))
+            else:
+                self.connector.host.vault_delete(VAULT_KEY)
+        except SyncbridgeError as err:
+            log.warning("watch_channels_not_persisted", connector=self.connector.name, kind=err.kind)
 
     def address(self) -> str | None:
         base = self.connector.host.public_url

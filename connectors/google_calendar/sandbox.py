@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 
-from syncbridge.connector import Sandbox
+from syncbridge.connector import Sandbox, SeenCopy
 
 from .emulator import GoogleCalendarEmulator, running
 
@@ -43,7 +44,28 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
         calendar, _, event_id = external_id.rpartition("/")
         emulator.user_delete(calendar, event_id)
 
+    async def look(external_id: str) -> SeenCopy:
+        """The event as the clinician sees it in Google Calendar."""
+        calendar, _, event_id = external_id.rpartition("/")
+        event = emulator.event(calendar, event_id) if calendar in emulator.calendars else None
+        if event is None or event.get("status") == "cancelled":
+            return SeenCopy("gone")
+        return SeenCopy("live", datetime.fromisoformat(event["start"]["dateTime"]), datetime.fromisoformat(event["end"]["dateTime"]))
+
+    async def move(external_id: str, start: datetime, end: datetime) -> None:
+        """The clinician drags the event to a new time."""
+        calendar, _, event_id = external_id.rpartition("/")
+        event = emulator.event(calendar, event_id)
+        zone = (event or {}).get("start", {}).get("timeZone")
+        emulator.user_patch(calendar, event_id, {
+            "start": {"dateTime": start.isoformat()} | ({"timeZone": zone} if zone else {}),
+            "end": {"dateTime": end.isoformat()} | ({"timeZone": zone} if zone else {}),
+        })  # fmt: skip
+
     return Sandbox(
+        look=look,
+        move=move,
+        injector=server.injector,
         connector_config={"type": "google_calendar", "service_account_key": {"file": str(secret)}, "api_root": server.api_root},
         accounts=accounts,
         close=server.stop,
