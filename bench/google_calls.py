@@ -120,7 +120,6 @@ async def main(clinicians: int, sessions: int) -> None:
     host = WakingHost(f"{receiver.url}/webhooks/{NAME}")
     connector.host = host
     rows: list[tuple[str, int, int, str]] = []
-    first = next(iter(keys))
     day = datetime.now(ZoneInfo(ZONE)).replace(hour=8, minute=0, second=0, microsecond=0) + timedelta(days=7)
     try:
         # initial copy: sessions spread over the clinicians
