@@ -148,6 +148,10 @@ class CalendarClient:
             if not page:
                 return items, answer.get("nextSyncToken")
 
+    async def peek(self, calendar: str) -> None:
+        """One harmless read (a single event id), to prove access."""
+        await self._run("events.list", lambda e: e.list(calendarId=calendar, maxResults=1, fields="items(id)"))
+
     async def get(self, calendar: str, event_id: str) -> dict[str, Any] | None:
         """The event, a ``cancelled`` tombstone if it was deleted, or None if it never existed."""
         answer = await self._status("events.get", lambda e: e.get(calendarId=calendar, eventId=event_id), allow=(404,))

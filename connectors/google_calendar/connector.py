@@ -324,7 +324,7 @@ class GoogleCalendarConnector(Connector):
     async def check(self) -> str:
         """Authenticate as each clinician and read one event id; nothing is written."""
         for clinician, calendar in self._calendars.items():
-            await self.client(clinician).list_all(calendar, maxResults=1, fields="items(id),nextPageToken,nextSyncToken")
+            await self.client(clinician).peek(calendar)
         push = "push by watch channels" if self.host.public_url and self.options.push else "polling only (no http.public_url)"
         return f"{len(self._calendars)} calendar(s) reachable as {self.options.auth}, {push}"
 
@@ -342,7 +342,7 @@ class GoogleCalendarConnector(Connector):
 
         o = self.options
         if o.auth != "oauth":
-            raise ConfigError(f"connectors.{self.name}.auth", "sign-in is for auth: oauth; a service account needs no sign-in")
+            raise NotImplementedError(f"{self.name} signs in with its service account (auth: service_account); no clinician sign-in is needed")
         if clinician not in self.clinicians:
             raise ConfigError(f"clinicians.{clinician}.accounts.{self.name}", "this clinician has no account in this connector")
         assert o.client_id and o.client_secret

@@ -38,7 +38,7 @@ from syncbridge.store import Store
 from syncbridge_connectors.google_calendar.client import raise_for_status
 from syncbridge_connectors.google_calendar.connector import GoogleCalendarConnector
 from syncbridge_connectors.google_calendar.emulator import GoogleCalendarEmulator, Running, running
-from syncbridge_connectors.google_calendar.mapping import ID_KEY, canonical_id_of, event_id_for
+from syncbridge_connectors.google_calendar.mapping import BUSY_FIELDS, ID_KEY, canonical_id_of, event_id_for
 from tests.contract.suite import CLINICIAN, ZONE, ConnectorContract, Harness, Vendor, World, next_weekday_at
 
 EMAIL = "dr.rivera@practice.example"
@@ -551,3 +551,28 @@ async def test_polling_many_calendars_is_one_batch_request(google: Running, tmp_
             await connector.pull(changed.cursor)
     finally:
         await connector.close()
+
+
+async def test_check_reads_one_event_without_writing(google: Running, tmp_path: Path) -> None:
+    """`syncbridge check` proves access with one small read per clinician, however full the calendar."""
+    for hour in range(8, 14):
+        google.emulator.user_insert(EMAIL, {"summary": "x", "start": {"dateTime": f"2030-01-07T{hour:02d}:00:00Z"}, "end": {"dateTime": f"2030-01-07T{hour:02d}:30:00Z"}})
+    connector = connector_for(google_harness(google, tmp_path), tmp_path)
+    mark = len(google.emulator.log)
+    try:
+        said = await connector.check()
+    finally:
+        await connector.close()
+    assert "1 calendar(s) reachable" in said and "polling only" in said
+    assert [m for m, p in google.emulator.log[mark:] if p != "/token"] == ["GET"]
+
+
+def test_busy_listing_never_carries_event_text(google: Running) -> None:
+    """The partial response busy time asks for holds times only: no title, description or location."""
+    google.emulator.user_insert(EMAIL, {"summary": "Dentist", "description": "root canal", "location": "Main St",
+                                        "start": {"dateTime": "2030-01-07T12:00:00Z"}, "end": {"dateTime": "2030-01-07T13:00:00Z"}})  # fmt: skip
+    with httpx.Client(headers={"Authorization": f"Bearer {_token(google)}"}) as http:
+        page = http.get(google.api_root + f"calendars/{EMAIL}/events", params={"singleEvents": "true", "fields": BUSY_FIELDS}).json()
+    assert set(page) <= {"items", "nextPageToken"}
+    assert page["items"] and all(set(e) <= {"id", "recurringEventId", "status", "transparency", "start", "end", "attendees"} for e in page["items"])
+    assert "Dentist" not in json.dumps(page) and "Main St" not in json.dumps(page)
