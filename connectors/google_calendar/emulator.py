@@ -31,8 +31,6 @@ benchmark count calls.
 from __future__ import annotations
 
 import base64
-import email.parser
-import email.policy
 import itertools
 import json
 import secrets
@@ -42,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -52,44 +50,15 @@ from starlette.routing import Route
 from syncbridge.emulation import Injector, free_port, serve_in_thread
 
 from .emulator_auth import AuthServer, Grant, new_service_account_key
-from .emulator_events import (
-    EVENT_ID,
-    READ_ONLY,
-    ApiError,
-    default_horizon,
-    event_times,
-    expand,
-    minimal,
-    parse_fields,
-    parse_instant,
-    pick,
-    rfc3339,
-    validate_times,
-)
+from .emulator_batch import run_batch
+from .emulator_events import EVENT_ID, READ_ONLY, Answer, ApiError, default_horizon, expand, minimal, parse_fields, pick, rfc3339, validate_times
+from .emulator_listing import Calendar, instances, public, select
 from .emulator_push import DEFAULT_TTL, MAX_TTL, Channel, Deliverer, address_problem
 
 __all__ = ["API_PREFIX", "CALENDAR_SCOPES", "GoogleCalendarEmulator", "Running", "running"]
 
 API_PREFIX = "/calendar/v3"
 CALENDAR_SCOPES = frozenset({"https://www.googleapis.com/auth/calendar", "https://www.googleapis.com/auth/calendar.events"})
-_SYNC_FORBIDDEN = ("timeMin", "timeMax", "updatedMin", "q", "iCalUID", "orderBy", "privateExtendedProperty", "sharedExtendedProperty")
-
-
-@dataclass
-class Answer:
-    status: int
-    body: Any = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Calendar:
-    id: str
-    owner: str
-    time_zone: str
-    events: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seq: int = 0
-    epoch: str = field(default_factory=lambda: secrets.token_hex(4))
 
 
 @dataclass
@@ -152,10 +121,10 @@ class GoogleCalendarEmulator:
 
     def event(self, calendar: str, event_id: str) -> dict[str, Any] | None:
         ev = self.calendars[calendar].events.get(event_id)
-        return _public(ev) if ev is not None else None
+        return public(ev) if ev is not None else None
 
     def live_events(self, calendar: str) -> list[dict[str, Any]]:
-        return [_public(e) for e in self.calendars[calendar].events.values() if e["status"] != "cancelled"]
+        return [public(e) for e in self.calendars[calendar].events.values() if e["status"] != "cancelled"]
 
     def settle(self) -> None:
         """Wait for queued push notifications to be attempted."""
@@ -204,7 +173,7 @@ class GoogleCalendarEmulator:
                 status, target = self.auth.authorize({k: v[0] for k, v in q.items()})
                 return Answer(status, target)
             if path == "/batch/calendar/v3" and method == "POST":
-                return self._batch(headers, body)
+                return run_batch(self.handle, headers, body)
             if segments[:2] != ["calendar", "v3"]:
                 raise ApiError(404, "notFound", "Not Found")
             grant = self._gate(headers)
@@ -249,13 +218,16 @@ class GoogleCalendarEmulator:
         if tail == ["watch"] and method == "POST":
             return Answer(200, self._watch(cal, _json(body), grant, rest[1]))
         if len(tail) == 2 and tail[1] == "instances" and method == "GET":
-            return Answer(200, pick(self._instances(cal, tail[0], one), fields))
+            master = self._find(cal, tail[0])
+            if not master.get("recurrence") or master["status"] == "cancelled":
+                raise ApiError(404, "notFound", "Not Found")
+            return Answer(200, pick(instances(cal, master, one), fields))
         if len(tail) != 1:
             raise ApiError(404, "notFound", "Not Found")
         event_id, match = tail[0], headers.get("if-match")
         if method == "GET":
             ev = self._find(cal, event_id, store=False)
-            return Answer(200, pick(minimal(ev) if ev["status"] == "cancelled" else _public(ev), fields))
+            return Answer(200, pick(minimal(ev) if ev["status"] == "cancelled" else public(ev), fields))
         if method in ("PUT", "PATCH"):
             return Answer(200, pick(self._write(cal, event_id, _json(body), match, patch=method == "PATCH"), fields))
         if method == "DELETE":
@@ -315,7 +287,7 @@ class GoogleCalendarEmulator:
             "sequence": int(body.get("sequence") or 0),
         }
         cal.events[event_id] = ev
-        return _public(self._stamp(cal, ev))
+        return public(self._stamp(cal, ev))
 
     def _write(self, cal: Calendar, event_id: str, body: dict[str, Any], match: str | None, *, patch: bool) -> dict[str, Any]:
         ev = self._find(cal, event_id)
@@ -330,7 +302,7 @@ class GoogleCalendarEmulator:
         if merged.get("start") != ev.get("start") or merged.get("end") != ev.get("end"):
             merged["sequence"] = int(ev.get("sequence") or 0) + 1
         cal.events[event_id] = merged
-        return _public(self._stamp(cal, merged))
+        return public(self._stamp(cal, merged))
 
     def _delete(self, cal: Calendar, event_id: str, match: str | None) -> None:
         ev = self._find(cal, event_id)
@@ -356,7 +328,7 @@ class GoogleCalendarEmulator:
                 raise ApiError(400, "invalid", "Invalid page token value.", location="pageToken")
             items, sync = frozen
         else:
-            items, sync = self._select(cal, q, one)
+            items, sync = select(cal, q, one)
         offset = 0
         size = max(1, min(int(one.get("maxResults", self.page_size)), 2500))
         out: dict[str, Any] = {
@@ -377,94 +349,6 @@ class GoogleCalendarEmulator:
         elif sync is not None:
             out["nextSyncToken"] = sync
         return out
-
-    def _select(self, cal: Calendar, q: dict[str, list[str]], one: dict[str, str]) -> tuple[list[dict[str, Any]], str | None]:
-        single = one.get("singleEvents") == "true"
-        show_deleted = one.get("showDeleted") == "true"
-        if one.get("orderBy") == "startTime" and not single:
-            raise ApiError(400, "badRequest", "The requested ordering is not available for the particular query.")
-        since: int | None = None
-        if "syncToken" in one:
-            bad = [p for p in _SYNC_FORBIDDEN if p in one]
-            if bad or one.get("showDeleted") == "false":
-                raise ApiError(400, "invalid", f"Sync token cannot be combined with {(bad or ['showDeleted=false'])[0]}.", location="syncToken")
-            since = self._since(cal, one["syncToken"])
-        lo = parse_instant(one["timeMin"], "timeMin") if "timeMin" in one else None
-        hi = parse_instant(one["timeMax"], "timeMax") if "timeMax" in one else None
-        if lo and hi and hi <= lo:
-            raise ApiError(400, "timeRangeEmpty", "The specified time range is empty.", domain="calendar", location="timeMax")
-        wanted = [tuple(p.split("=", 1)) for p in q.get("privateExtendedProperty", []) if "=" in p]
-        out: list[dict[str, Any]] = []
-        for ev in cal.events.values():
-            if since is not None and ev["_seq"] <= since:
-                continue
-            if wanted and any((ev.get("extendedProperties") or {}).get("private", {}).get(k) != v for k, v in wanted):
-                continue
-            if ev["status"] == "cancelled":
-                if since is not None or show_deleted:
-                    if not (single and ev.get("recurrence")):
-                        out.append(minimal(ev))
-                continue
-            if ev.get("recurringEventId") and single and since is None:
-                continue  # exceptions are merged into their series' expansion below
-            if ev.get("recurrence") and single:
-                dlo, dhi = default_horizon(ev, cal.time_zone)
-                exceptions = {e["id"]: e for e in cal.events.values() if e.get("recurringEventId") == ev["id"]}
-                for inst in expand(ev, lo or dlo, hi or dhi, cal.time_zone):
-                    actual = exceptions.get(inst["id"])
-                    if actual is None:
-                        out.append(inst | {"etag": ev["etag"], "updated": ev["updated"]})
-                    elif actual["status"] != "cancelled" and self._overlaps(actual, lo, hi, cal):
-                        out.append(_public(actual))
-                    elif actual["status"] == "cancelled" and (show_deleted or since is not None):
-                        out.append(minimal(actual))
-                continue
-            if ev.get("recurrence"):
-                dlo, dhi = default_horizon(ev, cal.time_zone)
-                if (lo or hi) and not expand(ev, lo or dlo, hi or dhi, cal.time_zone):
-                    continue
-            elif not self._overlaps(ev, lo, hi, cal):
-                continue
-            out.append(_public(ev))
-        if one.get("orderBy") == "startTime":
-            out.sort(key=lambda e: event_times(e, cal.time_zone)[0] if "start" in e else datetime.min.replace(tzinfo=UTC))
-        elif one.get("orderBy") == "updated":
-            out.sort(key=lambda e: e.get("updated", ""))
-        return out, self._token(cal)
-
-    @staticmethod
-    def _overlaps(ev: dict[str, Any], lo: datetime | None, hi: datetime | None, cal: Calendar) -> bool:
-        start, end = event_times(ev, cal.time_zone)
-        return (lo is None or end > lo) and (hi is None or start < hi)
-
-    def _token(self, cal: Calendar) -> str:
-        raw = json.dumps([cal.id, cal.epoch, cal.seq]).encode()
-        return base64.urlsafe_b64encode(raw).decode()
-
-    def _since(self, cal: Calendar, token: str) -> int:
-        try:
-            cal_id, epoch, seq = json.loads(base64.urlsafe_b64decode(token.encode()))
-        except (ValueError, TypeError):
-            cal_id, epoch, seq = None, None, 0
-        if cal_id != cal.id or epoch != cal.epoch or not isinstance(seq, int):
-            raise ApiError(410, "fullSyncRequired", "Sync token is no longer valid, a full sync is required.", domain="calendar")
-        return seq
-
-    def _instances(self, cal: Calendar, event_id: str, one: dict[str, str]) -> dict[str, Any]:
-        master = self._find(cal, event_id)
-        if not master.get("recurrence") or master["status"] == "cancelled":
-            raise ApiError(404, "notFound", "Not Found")
-        dlo, dhi = default_horizon(master, cal.time_zone)
-        lo = parse_instant(one["timeMin"], "timeMin") if "timeMin" in one else dlo
-        hi = parse_instant(one["timeMax"], "timeMax") if "timeMax" in one else dhi
-        items = []
-        for inst in expand(master, lo, hi, cal.time_zone):
-            actual = cal.events.get(inst["id"])
-            if actual is None:
-                items.append(inst | {"etag": master["etag"], "updated": master["updated"]})
-            elif actual["status"] != "cancelled" or one.get("showDeleted") == "true":
-                items.append(_public(actual) if actual["status"] != "cancelled" else minimal(actual))
-        return {"kind": "calendar#events", "summary": cal.id, "timeZone": cal.time_zone, "items": items}
 
     # --- push ----------------------------------------------------------------------------------------------
 
@@ -509,48 +393,6 @@ class GoogleCalendarEmulator:
         for channel in list(self.channels.values()):
             if channel.calendar == cal.id and not channel.expired:
                 self._push(channel, "exists")
-
-    # --- batch ---------------------------------------------------------------------------------------------
-
-    def _batch(self, headers: dict[str, str], body: bytes) -> Answer:
-        ctype = headers.get("content-type", "")
-        if not ctype.startswith("multipart/mixed"):
-            raise ApiError(400, "badContent", "Batch requests must be multipart/mixed")
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + body)
-        parts = [p for p in message.iter_parts()]
-        if len(parts) > 50:
-            raise ApiError(400, "badRequest", "A batch holds at most 50 requests")
-        boundary = "batch_" + secrets.token_hex(12)
-        out: list[bytes] = []
-        for part in parts:
-            raw = part.get_payload(decode=True)
-            if not isinstance(raw, bytes):
-                raise ApiError(400, "badContent", "Each batch part must be an application/http request")
-            head, _, inner_body = raw.replace(b"\r\n", b"\n").partition(b"\n\n")
-            lines = head.decode().split("\n")
-            method, target = lines[0].split(" ")[:2]
-            inner_headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if ":" in line)}
-            inner_headers.setdefault("authorization", headers.get("authorization", ""))
-            split = urlsplit(target)
-            answer = self.handle(method, split.path, split.query, inner_headers, inner_body.strip())
-            payload = b"" if answer.body is None else json.dumps(answer.body).encode()
-            cid = part.get("Content-ID", "")
-            response_id = f"Content-ID: <response-{cid.strip('<>')}>\r\n" if cid else ""
-            extra = "".join(f"{k}: {v}\r\n" for k, v in answer.headers.items())
-            out.append(
-                f"--{boundary}\r\nContent-Type: application/http\r\n{response_id}\r\n"
-                f"HTTP/1.1 {answer.status} {_REASONS.get(answer.status, 'Status')}\r\nContent-Type: application/json; charset=UTF-8\r\n"
-                f"{extra}Content-Length: {len(payload)}\r\n\r\n".encode() + payload + b"\r\n"
-            )
-        return Answer(200, b"".join(out) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/mixed; boundary={boundary}"})
-
-
-_REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            409: "Conflict", 410: "Gone", 412: "Precondition Failed", 429: "Too Many Requests"}
-
-
-def _public(ev: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps({k: v for k, v in ev.items() if not k.startswith("_")}))
 
 
 def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

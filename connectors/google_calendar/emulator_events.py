@@ -10,6 +10,7 @@ alphabet, ``status``, ``recurrence`` as RFC 5545 lines, instances with ``recurri
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -17,6 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from dateutil.rrule import rrulestr
 
 __all__ = [
+    "Answer",
     "ApiError",
     "EVENT_ID",
     "READ_ONLY",
@@ -35,6 +37,13 @@ __all__ = [
 EVENT_ID = re.compile(r"^[a-v0-9]{5,1024}$")
 READ_ONLY = {"kind", "etag", "htmlLink", "created", "updated", "creator", "organizer", "iCalUID", "recurringEventId"}
 MAX_INSTANCES = 2500
+
+
+@dataclass
+class Answer:
+    status: int
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class ApiError(Exception):
