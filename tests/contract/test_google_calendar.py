@@ -38,6 +38,7 @@ from syncbridge.store import Store
 from syncbridge_connectors.google_calendar.client import raise_for_status
 from syncbridge_connectors.google_calendar.connector import GoogleCalendarConnector
 from syncbridge_connectors.google_calendar.emulator import GoogleCalendarEmulator, Running, running
+from syncbridge_connectors.google_calendar.emulator_auth import new_service_account_key
 from syncbridge_connectors.google_calendar.mapping import BUSY_FIELDS, ID_KEY, canonical_id_of, event_id_for
 from tests.contract.suite import CLINICIAN, ZONE, ConnectorContract, Harness, Vendor, World, next_weekday_at
 
@@ -576,3 +577,60 @@ def test_busy_listing_never_carries_event_text(google: Running) -> None:
     assert set(page) <= {"items", "nextPageToken"}
     assert page["items"] and all(set(e) <= {"id", "recurringEventId", "status", "transparency", "start", "end", "attendees"} for e in page["items"])
     assert "Dentist" not in json.dumps(page) and "Main St" not in json.dumps(page)
+
+
+def test_token_endpoint_checks_the_assertion(google: Running) -> None:
+    """The emulator's token endpoint refuses a wrong audience, a foreign signature and a subject outside the domain."""
+    from google.auth import crypt, jwt
+
+    info = google.emulator.add_service_account("probe@practice-project.iam.gserviceaccount.com")
+    other, _ = new_service_account_key("probe@practice-project.iam.gserviceaccount.com", google.token_uri)
+    now = int(time.time())
+    claims = {"iss": info["client_email"], "scope": "https://www.googleapis.com/auth/calendar.events", "iat": now, "exp": now + 3600,
+              "aud": "https://oauth2.googleapis.com/token", "sub": EMAIL}  # fmt: skip
+
+    def grant(key: dict[str, Any], **changes: Any) -> httpx.Response:
+        assertion = jwt.encode(crypt.RSASigner.from_service_account_info(key), claims | changes).decode()
+        form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}
+        return httpx.post(google.token_uri, data=form)
+
+    assert grant(info).status_code == 200 and grant(info).json()["token_type"] == "Bearer"
+    assert grant(info, aud=google.token_uri).json()["error"] == "invalid_grant"
+    assert grant(other).json()["error"] == "invalid_grant"
+    assert grant(info, sub="someone@elsewhere.example").json()["error"] == "unauthorized_client"
+    assert grant(info, exp=now + 7200).json()["error"] == "invalid_grant"
+
+
+def test_instances_of_a_series(google: Running) -> None:
+    """events.instances lists a series' occurrences; one changed alone keeps its own time."""
+    series = google.emulator.user_insert(EMAIL, {
+        "summary": "Group", "recurrence": ["RRULE:FREQ=DAILY;COUNT=3"],
+        "start": {"dateTime": "2030-05-06T17:00:00", "timeZone": ZONE}, "end": {"dateTime": "2030-05-06T18:00:00", "timeZone": ZONE},
+    })  # fmt: skip
+    base = google.api_root + f"calendars/{EMAIL}/events"
+    with httpx.Client(headers={"Authorization": f"Bearer {_token(google)}"}) as http:
+        first = http.get(f"{base}/{series['id']}/instances").json()["items"]
+        assert [e["originalStartTime"]["dateTime"][:10] for e in first] == ["2030-05-06", "2030-05-07", "2030-05-08"]
+        moved = http.patch(f"{base}/{first[1]['id']}", json={"start": {"dateTime": "2030-05-07T19:00:00-04:00"}, "end": {"dateTime": "2030-05-07T20:00:00-04:00"}})
+        assert moved.status_code == 200 and moved.json()["recurringEventId"] == series["id"]
+        again = http.get(f"{base}/{series['id']}/instances").json()["items"]
+        assert again[1]["start"]["dateTime"] == "2030-05-07T19:00:00-04:00" and again[0]["start"] == first[0]["start"]
+
+
+async def test_private_event_text_never_reaches_the_logs(google: Running, tmp_path: Path) -> None:
+    """Full and incremental pulls over a clinician's private events log nothing of their text."""
+    from structlog.testing import capture_logs
+
+    emu = google.emulator
+    mine = emu.user_insert(EMAIL, {"summary": "Couples therapy (mine)", "description": "call Sam", "start": {"dateTime": "2030-01-08T12:00:00Z"},
+                                   "end": {"dateTime": "2030-01-08T13:00:00Z"}})  # fmt: skip
+    connector = connector_for(google_harness(google, tmp_path), tmp_path)
+    try:
+        with capture_logs() as logs:
+            full = await connector.pull(None)
+            emu.user_patch(EMAIL, mine["id"], {"summary": "Couples therapy (mine) #late"})
+            later = await connector.pull(full.cursor)
+    finally:
+        await connector.close()
+    assert full.observations == [] and later.observations == []
+    assert "Couples" not in repr(logs) and "Sam" not in repr(logs)
