@@ -197,6 +197,10 @@ def test_emulator_speaks_the_documented_errors(google: Running) -> None:
         assert http.get(base, params={"syncToken": token, "showDeleted": "false"}).status_code == 400
         assert http.delete(f"{base}/{body['id']}", headers={"If-Match": created.json()["etag"]}).status_code == 204
         assert http.delete(f"{base}/{body['id']}").status_code == 410
+        assert http.get(base).json()["items"] == []
+        shown = http.get(base, params={"showDeleted": "true"}).json()["items"]
+        assert [(e["id"], e["status"]) for e in shown] == [(body["id"], "cancelled")]
+        assert http.get(f"{base}/{body['id']}").json()["status"] == "cancelled"
         changes = http.get(base, params={"syncToken": token}).json()["items"]
         assert [(e["id"], e["status"]) for e in changes] == [(body["id"], "cancelled")] and "start" not in changes[0]
         google.emulator.expire_sync_tokens()
