@@ -54,6 +54,8 @@ class ChannelKeeper:
     def __init__(self, connector: GoogleCalendarConnector) -> None:
         self.connector = connector
         self._channels: dict[str, WatchChannel] | None = None  # calendar id -> channel
+        #: channels being replaced: still recognised until they are stopped
+        self._retiring: dict[str, WatchChannel] = {}
 
     @property
     def channels(self) -> dict[str, WatchChannel]:
@@ -114,7 +116,11 @@ class ChannelKeeper:
             self._save()
             log.info("watch_opened", connector=self.connector.name, clinician=clinician, expires_ms=fresh.expiration_ms)
             if current is not None and current.resource_id:
-                await self._stop(clinician, current)
+                self._retiring[current.id] = current
+                try:
+                    await self._stop(clinician, current)
+                finally:
+                    del self._retiring[current.id]
 
     async def _stop(self, clinician: str, channel: WatchChannel) -> None:
         try:
@@ -133,7 +139,7 @@ class ChannelKeeper:
         self._save()
 
     def _known(self, channel_id: str | None) -> WatchChannel | None:
-        return next((c for c in self.channels.values() if c.id == channel_id), None)
+        return next((c for c in self.channels.values() if c.id == channel_id), None) or self._retiring.get(channel_id or "")
 
     async def handle(self, request: Request) -> Response:
         """POST <public_url>/notify: authenticate by channel token, then persist and answer at once."""
