@@ -75,7 +75,18 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
             appt["start"], appt["end"] = start.isoformat(), end.isoformat()
             (await http.put(f"/Appointment/{external_id}", json=appt, headers={"If-Match": r.headers["ETag"]})).raise_for_status()
 
+    async def live_ids() -> set[str]:
+        out: set[str] = set()
+        async with client() as http:
+            url: str | None = "/Appointment?_count=500"
+            while url:
+                bundle = (await http.get(url)).raise_for_status().json()
+                out |= {e["resource"]["id"] for e in bundle.get("entry", []) if e["resource"].get("status") not in ("cancelled", "noshow", "entered-in-error")}
+                url = next((link["url"] for link in bundle.get("link", []) if link["relation"] == "next"), None)
+        return out
+
     return Sandbox(
+        live_ids=live_ids,
         look=look,
         move=move,
         injector=server.injector,
