@@ -79,6 +79,8 @@ def translate(err: BaseException, what: str) -> Exception:
             raise_for_status(err.resp.status, _reason(err.content), what, retry_after=err.resp.get("retry-after"))
         except Exception as mapped:  # noqa: BLE001 - raise_for_status always raises one of ours
             return mapped
+    if isinstance(err, google.auth.exceptions.RefreshError) and getattr(err, "retryable", False):
+        return TransientError(f"{what}: the token endpoint failed for now")
     if isinstance(err, google.auth.exceptions.RefreshError):
         detail = str(err.args[0]) if err.args else ""
         hint = DELEGATION_HINT if "unauthorized_client" in str(err) else "run `syncbridge auth` again for this clinician, or check the key"
