@@ -102,12 +102,12 @@ def start_sandboxes(workdir: Path, clinicians: list[str], say: Callable[[str], N
 
 
 def sandbox_config(
-    workdir: Path, sandboxes: dict[str, Sandbox], names: dict[str, str], port: int, poll_interval: float = 2.0
+    workdir: Path, sandboxes: dict[str, Sandbox], names: dict[str, str], port: int, poll_interval: float = 2.0, push: bool = True
 ) -> dict[str, Any]:
-    """The practice config for the sandboxes: push enabled on loopback, a generated vault key."""
-    public = f"http://127.0.0.1:{port}"
+    """The practice config for the sandboxes: push on loopback (unless ``push`` is false), a generated vault key."""
+    public = f"http://127.0.0.1:{port}" if push else None
     for name, s in sandboxes.items():
-        if s.register_webhooks is not None:
+        if s.register_webhooks is not None and public:
             s.register_webhooks(f"{public}/webhooks/{name}")
     key = workdir / "store-key"
     if not key.exists():
