@@ -1,7 +1,9 @@
 """The Calendar API wire layer on google-api-python-client: every call, and the one error table.
 
-The client library is synchronous (httplib2), so each call runs in ``asyncio.to_thread`` under a
-per-account lock (an ``httplib2.Http`` must not be shared between threads). Knows events,
+The client library is synchronous (httplib2), so each call runs in ``asyncio.to_thread``. An
+``httplib2.Http`` must not be shared between threads, so calls of one account take turns under an
+asyncio lock: waiting calls hold no worker thread, and other connectors' threaded work is never
+starved by a queue of Google calls. Knows events,
 channels and credentials, nothing of appointments. Every failure leaves as a
 :mod:`syncbridge.errors` exception, translated here and only here; messages name the call and
 the status, never event content.
@@ -10,9 +12,9 @@ the status, never event content.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
-import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -97,25 +99,36 @@ class CalendarClient:
         if not api_root.endswith("calendar/v3/"):
             raise ValueError("api_root must end with calendar/v3/")
         self.api_root = api_root
+        self._credentials = credentials
+        self._timeout = timeout
         self._service = build(
             "calendar", "v3", static_discovery=True, cache_discovery=False,
-            client_options={"api_endpoint": api_root}, credentials=credentials,
+            client_options={"api_endpoint": api_root},
+            http=google_auth_httplib2.AuthorizedHttp(credentials, http=httplib2.Http(timeout=timeout)),
         )  # fmt: skip
-        self._lock = threading.Lock()
+        self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         #: API requests made (batch parts counted one by one, as Google's quota does)
         self.requests = 0
 
+    @property
+    def lock(self) -> asyncio.Lock:
+        """This account's turn to use its Http (one lock per event loop: the CLI runs several loops)."""
+        loop = asyncio.get_running_loop()
+        if loop not in self._locks:
+            self._locks = {loop: asyncio.Lock()}
+        return self._locks[loop]
+
     async def _run(self, what: str, make: Callable[[Any], HttpRequest], *, etag: str | None = None) -> Any:
         def run() -> Any:
-            with self._lock:
-                request = make(self._service.events() if what.startswith("events") else self._service.channels())
-                if etag is not None:
-                    request.headers["If-Match"] = etag
-                self.requests += 1
-                return request.execute(num_retries=0)
+            request = make(self._service.events() if what.startswith("events") else self._service.channels())
+            if etag is not None:
+                request.headers["If-Match"] = etag
+            self.requests += 1
+            return request.execute(num_retries=0)
 
         try:
-            return await asyncio.to_thread(run)
+            async with self.lock:
+                return await asyncio.to_thread(run)
         except Exception as err:
             raise translate(err, what) from err
 
@@ -184,9 +197,8 @@ class CalendarClient:
 
     def _fresh_credentials(self) -> None:
         """Obtain an access token now (a batch part carries its own account's token)."""
-        creds = self._service._http.credentials
-        if not creds.valid:
-            creds.refresh(google_auth_httplib2.Request(httplib2.Http()))
+        if not self._credentials.valid:
+            self._credentials.refresh(google_auth_httplib2.Request(httplib2.Http(timeout=self._timeout)))
 
 
 async def batch_list(parts: list[tuple[CalendarClient, str, dict[str, Any]]]) -> list[dict[str, Any] | Exception]:
@@ -201,23 +213,21 @@ async def batch_list(parts: list[tuple[CalendarClient, str, dict[str, Any]]]) ->
             results[int(request_id)] = translate(exception, "events.list (batch)") if exception is not None else response
 
         owner = chunk[0][0]
-        clients = sorted({id(c): c for c, _, _ in chunk}.values(), key=id)
-        for client in clients:
-            client._lock.acquire()
-        try:
-            batch = BatchHttpRequest(callback=done, batch_uri=owner.api_root[: -len("calendar/v3/")] + "batch/calendar/v3")
-            for i, (client, calendar, params) in enumerate(chunk):
-                client._fresh_credentials()
-                batch.add(client._service.events().list(calendarId=calendar, **params), request_id=str(offset + i))
-                client.requests += 1
-            batch.execute(http=owner._service._http)
-        finally:
-            for client in clients:
-                client._lock.release()
+        batch = BatchHttpRequest(callback=done, batch_uri=owner.api_root[: -len("calendar/v3/")] + "batch/calendar/v3")
+        for i, (client, calendar, params) in enumerate(chunk):
+            client._fresh_credentials()
+            batch.add(client._service.events().list(calendarId=calendar, **params), request_id=str(offset + i))
+            client.requests += 1
+        batch.execute(http=owner._service._http)
 
     for offset in range(0, len(parts), 50):
+        chunk = parts[offset : offset + 50]
+        clients = sorted({id(c): c for c, _, _ in chunk}.values(), key=id)  # one order, so two batches never deadlock
         try:
-            await asyncio.to_thread(run, offset, parts[offset : offset + 50])
+            async with contextlib.AsyncExitStack() as held:
+                for client in clients:
+                    await held.enter_async_context(client.lock)
+                await asyncio.to_thread(run, offset, chunk)
         except Exception as err:
             raise translate(err, "batch") from err
     return [results[i] for i in range(len(parts))]

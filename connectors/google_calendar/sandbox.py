@@ -15,6 +15,7 @@ from pathlib import Path
 from syncbridge.connector import Sandbox, SeenCopy
 
 from .emulator import GoogleCalendarEmulator, running
+from .mapping import ID_KEY
 
 __all__ = ["DOMAIN", "account_email", "start_sandbox"]
 
@@ -62,7 +63,17 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
             "end": {"dateTime": end.isoformat()} | ({"timeZone": zone} if zone else {}),
         })  # fmt: skip
 
+    async def live_ids() -> set[str]:
+        """Every live event carrying a canonical id in the clinicians' calendars (what they see as sessions)."""
+        return {
+            f"{account['email']}/{e['id']}"
+            for account in accounts.values()
+            for e in emulator.live_events(account["email"])
+            if ID_KEY in ((e.get("extendedProperties") or {}).get("private") or {})
+        }
+
     return Sandbox(
+        live_ids=live_ids,
         look=look,
         move=move,
         injector=server.injector,
