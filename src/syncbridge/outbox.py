@@ -111,6 +111,15 @@ class Outbox:
             self._retry(item, err, None, report)
             return
         with self.store.tx() as tx:
+            if tx.link(item.connector, appt.id) != link:
+                # a pull recorded a later state of the copy while we were writing (someone edited it
+                # right after our write landed): our answer is older, so keep the pull's view and
+                # decide again from it rather than overwrite it with a stale etag
+                tx.outbox_retry(item.connector, appt.id, time.time(), "the copy changed while it was written; deciding again")
+                tx.audit.add(now, "applied", item.connector, appt.id, {"version": appt.version, "status": appt.fields["status"],
+                             "disclosed": list(result.disclosed), "superseded": True})
+                report.applied += 1
+                return
             # with fields reported back, the etag is left unknown until they are merged: if we stop
             # in between, the next pull reads the copy as a change instead of as our echo
             etag = None if result.reported else result.etag

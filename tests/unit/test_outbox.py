@@ -135,3 +135,36 @@ async def test_applied_write_records_receipt(world: tuple[Engine, Outbox]) -> No
     assert engine.store.outbox_due(float("inf"), 10) == []
     kinds = [e["kind"] for e in engine.store.audit_entries(appointment_id=appt)]
     assert kinds == ["applied", "changed"]
+
+
+async def test_an_edit_seen_while_writing_is_not_overwritten_by_the_write_answer(world: tuple[Engine, Outbox]) -> None:
+    """Our move lands, the therapist moves the event again at once, and a pull sees that before our
+    answer is recorded: the pull's later view must win, or the edit would be lost for good."""
+    engine, outbox = world
+    appt = book(engine, hour=10)
+    await outbox.drain()  # the event exists: ext-<appt>, etag-1
+    record = engine.store.appointment(appt)
+    assert record is not None
+    engine.change(appt, record.fields | {"start": iso(datetime(2027, 1, 5, 11, tzinfo=UTC)), "end": iso(datetime(2027, 1, 5, 11, 50, tzinfo=UTC))}, via="ehr")
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    therapist = {"clinician": "dr_a", "status": "booked", "timezone": "America/New_York",
+                 "start": iso(datetime(2027, 1, 5, 12, tzinfo=UTC)), "end": iso(datetime(2027, 1, 5, 12, 50, tzinfo=UTC))}
+
+    original = Scripted.apply
+
+    async def apply_then_edited(self: Scripted, appointment_id: str, desired: Snapshot, link: Link | None) -> ApplyResult:
+        result = await original(self, appointment_id, desired, link)
+        # while our answer travels, the therapist's edit (etag-x) is pulled and merged
+        engine.observe("cal", PullResult([Observation(f"ext-{appt}", "etag-x", appt, therapist, modified_at=iso(later))], cursor="c"))
+        return result
+
+    Scripted.apply = apply_then_edited  # type: ignore[method-assign]
+    try:
+        await outbox.drain()
+    finally:
+        Scripted.apply = original  # type: ignore[method-assign]
+    link = engine.store.link("cal", appt)
+    record = engine.store.appointment(appt)
+    assert record is not None and link is not None
+    assert record.fields["start"] == therapist["start"]  # the later edit won the merge
+    assert link.etag == "etag-x" and link.base is not None and link.base["start"] == therapist["start"]
