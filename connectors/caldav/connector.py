@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urljoin, urlsplit
@@ -18,10 +17,10 @@ from urllib.parse import urljoin, urlsplit
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from syncbridge.connector import MIRROR_STATUS_MAP, ApplyResult, BusyInterval, Capabilities, Connector, Link, Observation, PullResult
+from syncbridge.connector import ApplyResult, BusyInterval, Connector, Link, Observation, PullResult, calendar_capabilities, without_location
 from syncbridge.errors import ConfigError, ConflictError, CursorExpired, MalformedRecord, PermanentError
 from syncbridge.limits import check_record_size
-from syncbridge.model import Role, Snapshot, iso, utcnow
+from syncbridge.model import Snapshot, iso, utcnow
 from syncbridge.policy.privacy import EventText, event_text
 from syncbridge.secrets import SecretRef
 
@@ -81,22 +80,14 @@ class CalDAVOptions(BaseModel):
 class CalDAVConnector(Connector):
     """Mirror appointments into RFC 4791 calendars (iCloud, Fastmail, Nextcloud, Radicale...)."""
 
-    capabilities = Capabilities(
-        role=Role.MIRROR,
-        fields=frozenset({"clinician", "start", "end", "timezone", "status", "modality", "location"}),
-        status_map=MIRROR_STATUS_MAP,
-        busy_time=True,
-        accepts_new=True,
-        push=False,
-    )
+    capabilities = calendar_capabilities(push=False)
     Options = CalDAVOptions
 
     def __init__(self, name: str, config: ConnectorConfig, practice: PracticeConfig) -> None:
         super().__init__(name, config, practice)
         self.options: CalDAVOptions
         if self.options.disclosure == "busy":
-            # a "busy" calendar must not hold the location, not even in a hidden property
-            self.capabilities = replace(self.capabilities, fields=self.capabilities.fields - {"location"})
+            self.capabilities = without_location(self.capabilities)
         for key, account in self.clinicians.items():
             if not isinstance(account.get("calendar"), str) or not account["calendar"].strip():
                 raise ConfigError(

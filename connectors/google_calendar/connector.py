@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -24,10 +23,10 @@ from urllib.parse import urlsplit
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from syncbridge.connector import MIRROR_STATUS_MAP, ApplyResult, BusyInterval, Capabilities, Connector, Link, Observation, PullResult, WebhookRoute
+from syncbridge.connector import ApplyResult, BusyInterval, Connector, Link, Observation, PullResult, calendar_capabilities, without_location, WebhookRoute
 from syncbridge.errors import AuthError, ConfigError, CursorExpired, MalformedRecord, PermanentError
 from syncbridge.limits import check_record_size
-from syncbridge.model import Role, Snapshot, iso
+from syncbridge.model import Snapshot, iso
 from syncbridge.policy.privacy import event_text
 from syncbridge.secrets import SecretRef
 
@@ -97,21 +96,14 @@ class GoogleOptions(BaseModel):
 class GoogleCalendarConnector(Connector):
     """Mirror appointments into Google Calendar (Workspace or personal accounts)."""
 
-    capabilities = Capabilities(
-        role=Role.MIRROR,
-        fields=frozenset({"clinician", "start", "end", "timezone", "status", "modality", "location"}),
-        status_map=MIRROR_STATUS_MAP,
-        busy_time=True,
-        accepts_new=True,
-        push=True,
-    )
+    capabilities = calendar_capabilities(push=True)
     Options = GoogleOptions
 
     def __init__(self, name: str, config: ConnectorConfig, practice: PracticeConfig) -> None:
         super().__init__(name, config, practice)
         self.options: GoogleOptions
         if self.options.disclosure == "busy":
-            self.capabilities = replace(self.capabilities, fields=self.capabilities.fields - {"location"})
+            self.capabilities = without_location(self.capabilities)
         for key, account in self.clinicians.items():
             if not isinstance(account.get("email"), str) or "@" not in account["email"]:
                 raise ConfigError(f"clinicians.{key}.accounts.{name}.email", "required: the clinician's Google account address")

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 __all__ = [
     "ApplyResult",
     "BusyInterval",
+    "MIRROR_FIELDS",
+    "calendar_capabilities",
+    "without_location",
     "Capabilities",
     "Connector",
     "Host",
@@ -74,6 +77,22 @@ MIRROR_STATUS_MAP: Mapping[str, str] = {
     Status.FULFILLED: Status.BOOKED,
     **{s.value: Status.CANCELLED.value for s in CANCELLED_STATES},
 }
+
+#: what a calendar event expresses of a session
+MIRROR_FIELDS = frozenset({"clinician", "start", "end", "timezone", "status", "modality", "location"})
+
+
+def calendar_capabilities(*, push: bool) -> Capabilities:
+    """A clinician's calendar: a mirror of sessions that reports busy time."""
+    return Capabilities(role=Role.MIRROR, fields=MIRROR_FIELDS, status_map=MIRROR_STATUS_MAP, busy_time=True, accepts_new=True, push=push)
+
+
+def without_location(caps: Capabilities) -> Capabilities:
+    """For a calendar others can see (``disclosure: busy``): it never holds the location, not even
+    in a hidden property."""
+    from dataclasses import replace
+
+    return replace(caps, fields=caps.fields - {"location"})
 
 
 @dataclass(slots=True)
