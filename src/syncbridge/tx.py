@@ -41,6 +41,14 @@ _UPSERT_LINK = (
     "applied_ts = COALESCE(excluded.applied_ts, links.applied_ts)"
 )
 _UPDATE_LINK = "UPDATE links SET etag = ?, base = ?, applied_version = ?, gone = ? WHERE rowid = ?"
+#: the common case of _ENQUEUE, an item already pending and due: only the target moves, so the
+#: (dead, due_at) index is left alone; rows it does not cover are left unchanged (and not counted)
+_ENQUEUE_PENDING = (
+    "INSERT INTO outbox (connector, appointment_id, target_version, due_at, attempts, dead, enqueued_at) "
+    "VALUES (?,?,?,?,0,0,?) ON CONFLICT (connector, appointment_id) DO UPDATE SET "
+    "target_version = MAX(outbox.target_version, excluded.target_version), attempts = 0, last_error = NULL "
+    "WHERE outbox.dead = 0 AND outbox.due_at <= excluded.due_at"
+)
 _ENQUEUE = (
     "INSERT INTO outbox (connector, appointment_id, target_version, due_at, attempts, dead, enqueued_at) "
     "VALUES (?,?,?,?,0,0,?) ON CONFLICT (connector, appointment_id) DO UPDATE SET "
@@ -282,7 +290,10 @@ class Tx:
         if self._link_rows:
             self.conn.executemany(_UPSERT_LINK, list(self._link_rows.values()))
         if self._outbox:
-            self.conn.executemany(_ENQUEUE, [(c, a, v, due, due) for (c, a), (v, due) in self._outbox.items()])
+            rows = [(c, a, v, due, due) for (c, a), (v, due) in self._outbox.items()]
+            if self.conn.executemany(_ENQUEUE_PENDING, rows).rowcount != len(rows):
+                # some item was dead or retrying: the full rule again (it is idempotent) fixes those
+                self.conn.executemany(_ENQUEUE, rows)
         self._appt_rows, self._versions, self._link_rows, self._outbox, self._series = {}, [], {}, {}, {}
         self._link_updates, self._ext_moves, self._appt_updates = [], [], {}
         self.audit.flush()
