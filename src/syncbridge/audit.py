@@ -18,8 +18,14 @@ __all__ = ["GENESIS", "AuditWriter", "VerifyResult", "entry_hash", "verify"]
 GENESIS = "0" * 64
 
 
-#: compact, key-sorted JSON for an entry's detail; one encoder instead of one per entry
-_encode_detail = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+_detail_encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+_c_encode = getattr(json.encoder, "c_make_encoder", None)  # the C accelerator, absent on some builds
+_c_detail = _c_encode(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", True, False, True) if _c_encode else None
+
+
+def _encode_detail(detail: dict[str, Any]) -> str:
+    """Compact, key-sorted JSON for an entry's detail, through one C encoder built once."""
+    return "".join(_c_detail(detail, 0)) if _c_detail is not None else _detail_encoder.encode(detail)
 
 
 def entry_hash(prev: str, seq: int, at: str, kind: str, connector: str | None, appointment_id: str | None, detail: str) -> str:
