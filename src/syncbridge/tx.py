@@ -65,8 +65,8 @@ class Tx:
         self._appts: dict[str, Appointment | None] = {}
         self._rowids: dict[str, int] = {}  # appointment -> its row in the appointments table
         # appointment -> connector -> the link as stored: (connector, appointment, external id, etag,
-        # base as JSON text, applied version, gone, rowid or None). Decoded into a Link on first use:
-        # most links of a batch are only compared, as text, against a projection.
+        # base as JSON text, applied version, gone, rowid or None), decoded into a Link on first
+        # use: links a batch never reads are never decoded.
         self._links: dict[str, dict[str, tuple[Any, ...]]] = {}
         self._decoded: dict[tuple[str, str], Link] = {}
         self._ext: dict[tuple[str, str], str] = {}  # (connector, external id) -> appointment
@@ -108,6 +108,7 @@ class Tx:
                 self._rowids[r[0]] = r[5]
             for r in self.conn.execute(f"SELECT {LINK_COLS}, rowid FROM links WHERE appointment_id IN ({marks})", chunk):
                 self._links[r[1]][r[0]] = r
+                self._decoded.pop((r[0], r[1]), None)
                 if r[2]:
                     self._ext[(r[0], r[2])] = r[1]
 
@@ -234,8 +235,7 @@ class Tx:
         self._appts[appointment_id] = Appointment(appointment_id, snap, version, at, via)
         self._links.setdefault(appointment_id, {})
 
-    def put_link(self, link: Link, applied_at: str | None = None, base_text: str | None = None) -> None:
-        """Buffer a link; ``base_text`` is ``dumps(link.base)`` when the caller already has it."""
+    def put_link(self, link: Link, applied_at: str | None = None) -> None:
         links = self.stored_links(link.appointment_id)
         connector, appt_id, ext = link.connector, link.appointment_id, link.external_id
         old = links.get(connector)
@@ -243,8 +243,7 @@ class Tx:
             self._ext.pop((connector, old[2]), None)
         if ext:
             self._ext[(connector, ext)] = appt_id
-        if base_text is None and link.base is not None:
-            base_text = dumps(link.base)
+        base_text = dumps(link.base) if link.base is not None else None
         gone = int(link.gone)
         rowid = old[7] if old is not None else None
         key = (connector, appt_id)
