@@ -18,12 +18,20 @@ __all__ = ["GENESIS", "AuditWriter", "VerifyResult", "entry_hash", "verify"]
 GENESIS = "0" * 64
 
 
+_detail_encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+_c_encode = getattr(json.encoder, "c_make_encoder", None)  # the C accelerator, absent on some builds
+_c_detail = _c_encode(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", True, False, True) if _c_encode else None
+
+
+def _encode_detail(detail: dict[str, Any]) -> str:
+    """Compact, key-sorted JSON for an entry's detail, through one C encoder built once."""
+    return "".join(_c_detail(detail, 0)) if _c_detail is not None else _detail_encoder.encode(detail)
+
+
 def entry_hash(prev: str, seq: int, at: str, kind: str, connector: str | None, appointment_id: str | None, detail: str) -> str:
-    h = hashlib.sha256()
-    for part in (prev, str(seq), at, kind, connector or "", appointment_id or "", detail):
-        h.update(part.encode())
-        h.update(b"\x1f")
-    return h.hexdigest()
+    """SHA-256 over the parts, each followed by a unit separator (0x1f), hashed in one call."""
+    text = f"{prev}\x1f{seq}\x1f{at}\x1f{kind}\x1f{connector or ''}\x1f{appointment_id or ''}\x1f{detail}\x1f"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class AuditWriter:
@@ -37,7 +45,10 @@ class AuditWriter:
         self.rows: list[tuple[Any, ...]] = []
 
     def add(self, at: str, kind: str, connector: str | None, appointment_id: str | None, detail: dict[str, Any]) -> None:
-        text = json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str)
+        self.add_text(at, kind, connector, appointment_id, _encode_detail(detail))
+
+    def add_text(self, at: str, kind: str, connector: str | None, appointment_id: str | None, text: str) -> None:
+        """Append an entry whose detail is already encoded as compact, key-sorted JSON."""
         seq = self.seq + 1
         digest = entry_hash(self.hash, seq, at, kind, connector, appointment_id, text)
         self.rows.append((seq, at, kind, connector, appointment_id, text, self.hash, digest))

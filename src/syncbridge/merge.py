@@ -24,6 +24,14 @@ TIME_FIELDS = ("start", "end", "timezone")
 MIRROR_WRITABLE = frozenset({*TIME_FIELDS, "status"})
 _LIVE = frozenset(Status) - CANCELLED_STATES
 
+# Plain fields, with the three time fields moving as one group so a move is never torn; status
+# and cancellation follow their own rules (``_status``). Each group with the name a conflict gets.
+_ALL_GROUPS: tuple[tuple[tuple[str, ...], str], ...] = ((TIME_FIELDS, "time"),) + tuple(
+    ((f,), f) for f in FIELDS if f not in TIME_FIELDS and f not in ("status", "cancellation")
+)
+#: the groups a calendar may write
+_MIRROR_GROUPS = tuple(g for g in _ALL_GROUPS if all(f in MIRROR_WRITABLE for f in g[0]))
+
 Action = Literal["create", "update", "noop", "ignore"]
 
 
@@ -77,24 +85,23 @@ def merge(
         observed["status"] = Status.CANCELLED.value
     else:
         observed = {k: v for k, v in obs.fields.items() if k in c_proj}
-    writable = MIRROR_WRITABLE if role == Role.MIRROR else frozenset(FIELDS)
     new = dict(canonical)
     changed: list[str] = []
     conflicts: list[Conflict] = []
 
-    # Plain fields, with the three time fields moving as one group so a move is never torn.
-    groups: list[tuple[str, ...]] = [TIME_FIELDS] + [(f,) for f in FIELDS if f not in TIME_FIELDS]
-    for group in groups:
-        if group[0] in ("status", "cancellation") or not all(f in observed and f in writable for f in group):
+    for group, name in _MIRROR_GROUPS if role == Role.MIRROR else _ALL_GROUPS:
+        if len(group) == 1:
+            if group[0] not in observed:
+                continue
+        elif not all(f in observed for f in group):
             continue
-        ov = tuple(observed[f] for f in group)
-        cv = tuple(c_proj[f] for f in group)
+        ov = tuple(map(observed.__getitem__, group))
+        cv = tuple(map(c_proj.__getitem__, group))
         if ov == cv:
             continue
-        bv = tuple(base.get(f) for f in group) if base is not None else None
+        bv = tuple(map(base.get, group)) if base is not None else None
         if bv is not None and ov == bv:
             continue  # unchanged on this side; canonical's change will be pushed
-        name = "time" if group is TIME_FIELDS else group[0]
         if bv is not None and cv == bv:
             take = True
         else:

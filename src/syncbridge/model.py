@@ -147,6 +147,11 @@ def canonical_id_for(connector: str, external_id: str) -> str:
     return "sb-" + uuid.uuid5(_NAMESPACE, f"{connector}\x1f{external_id}").hex
 
 
+_STATUSES = frozenset(s.value for s in Status)
+#: zone names already found valid: every change is validated, and the lookup is the costly part
+_KNOWN_ZONES: set[str] = set()
+
+
 def validate_snapshot(snap: Snapshot) -> Snapshot:
     """Refuse a snapshot the rest of the system could not trust; returns it unchanged."""
     for key in ("clinician", "start", "end", "timezone", "status"):
@@ -155,11 +160,12 @@ def validate_snapshot(snap: Snapshot) -> Snapshot:
     start, end = parse_iso(snap["start"]), parse_iso(snap["end"])
     if end <= start:
         raise MalformedRecord(f"appointment ends ({snap['end']}) before it starts ({snap['start']})")
-    check_timezone(snap["timezone"])
-    try:
-        Status(snap["status"])
-    except ValueError as err:
-        raise MalformedRecord(f"unknown appointment status {snap['status']!r}") from err
+    zone, status = snap["timezone"], snap["status"]
+    if not isinstance(zone, str) or zone not in _KNOWN_ZONES:
+        check_timezone(zone)
+        _KNOWN_ZONES.add(zone)
+    if not isinstance(status, str) or status not in _STATUSES:
+        raise MalformedRecord(f"unknown appointment status {snap['status']!r}")
     if snap["status"] in CANCELLED_STATES and not snap.get("cancellation"):
         raise MalformedRecord("a cancelled appointment needs a cancellation record")
     return snap

@@ -28,12 +28,26 @@ _UPSERT_APPOINTMENT = (
     "status = excluded.status, snapshot = excluded.snapshot, version = excluded.version, "
     "updated_at = excluded.updated_at, updated_via = excluded.updated_via"
 )
+#: an appointment loaded in this transaction is rewritten through its rowid, skipping the id index
+_UPDATE_APPOINTMENT = (
+    "UPDATE appointments SET clinician = ?, start = ?, status = ?, snapshot = ?, version = ?, updated_at = ?, updated_via = ? "
+    "WHERE rowid = ?"
+)
 _UPSERT_LINK = (
     "INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, applied_at, gone, applied_ts) "
     "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (connector, appointment_id) DO UPDATE SET external_id = excluded.external_id, "
     "etag = excluded.etag, base = excluded.base, applied_version = excluded.applied_version, "
     "applied_at = COALESCE(excluded.applied_at, links.applied_at), gone = excluded.gone, "
     "applied_ts = COALESCE(excluded.applied_ts, links.applied_ts)"
+)
+_UPDATE_LINK = "UPDATE links SET etag = ?, base = ?, applied_version = ?, gone = ? WHERE rowid = ?"
+#: the common case of _ENQUEUE, an item already pending and due: only the target moves, so the
+#: (dead, due_at) index is left alone; rows it does not cover are left unchanged (and not counted)
+_ENQUEUE_PENDING = (
+    "INSERT INTO outbox (connector, appointment_id, target_version, due_at, attempts, dead, enqueued_at) "
+    "VALUES (?,?,?,?,0,0,?) ON CONFLICT (connector, appointment_id) DO UPDATE SET "
+    "target_version = MAX(outbox.target_version, excluded.target_version), attempts = 0, last_error = NULL "
+    "WHERE outbox.dead = 0 AND outbox.due_at <= excluded.due_at"
 )
 _ENQUEUE = (
     "INSERT INTO outbox (connector, appointment_id, target_version, due_at, attempts, dead, enqueued_at) "
@@ -49,11 +63,19 @@ class Tx:
         self.conn = store.conn
         self.audit = AuditWriter(store.conn)
         self._appts: dict[str, Appointment | None] = {}
-        self._links: dict[str, dict[str, Link]] = {}  # appointment -> connector -> link
+        self._rowids: dict[str, int] = {}  # appointment -> its row in the appointments table
+        # appointment -> connector -> the link as stored: (connector, appointment, external id, etag,
+        # base as JSON text, applied version, gone, rowid or None), decoded into a Link on first
+        # use: links a batch never reads are never decoded.
+        self._links: dict[str, dict[str, tuple[Any, ...]]] = {}
+        self._decoded: dict[tuple[str, str], Link] = {}
         self._ext: dict[tuple[str, str], str] = {}  # (connector, external id) -> appointment
         self._appt_rows: dict[str, tuple[Any, ...]] = {}
+        self._appt_updates: dict[str, tuple[Any, ...]] = {}
         self._versions: list[tuple[Any, ...]] = []
         self._link_rows: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._link_updates: list[tuple[Any, ...]] = []
+        self._ext_moves: list[tuple[str, str, str]] = []
         self._outbox: dict[tuple[str, str], tuple[int, float]] = {}
         self._series: dict[str, tuple[str, str, str, str]] = {}
 
@@ -80,27 +102,40 @@ class Tx:
                 self._appts.setdefault(appt_id, None)
                 self._links.setdefault(appt_id, {})
             for r in self.conn.execute(
-                f"SELECT id, snapshot, version, updated_at, updated_via FROM appointments WHERE id IN ({marks})", chunk
+                f"SELECT id, snapshot, version, updated_at, updated_via, rowid FROM appointments WHERE id IN ({marks})", chunk
             ):
                 self._appts[r[0]] = Appointment(r[0], loads(r[1]), r[2], r[3], r[4])
-            for r in self.conn.execute(f"SELECT {LINK_COLS} FROM links WHERE appointment_id IN ({marks})", chunk):
-                link = row_link(r)
-                self._links[link.appointment_id][link.connector] = link
-                if link.external_id:
-                    self._ext[(link.connector, link.external_id)] = link.appointment_id
+                self._rowids[r[0]] = r[5]
+            for r in self.conn.execute(f"SELECT {LINK_COLS}, rowid FROM links WHERE appointment_id IN ({marks})", chunk):
+                self._links[r[1]][r[0]] = r
+                self._decoded.pop((r[0], r[1]), None)
+                if r[2]:
+                    self._ext[(r[0], r[2])] = r[1]
 
     def appointment(self, appointment_id: str) -> Appointment | None:
         if appointment_id not in self._appts:
             self._load([appointment_id])
         return self._appts[appointment_id]
 
+    def _link_of(self, connector: str, row: tuple[Any, ...]) -> Link:
+        key = (connector, row[1])
+        link = self._decoded.get(key)
+        if link is None:
+            link = self._decoded[key] = row_link(row)
+        return link
+
     def links_of(self, appointment_id: str) -> dict[str, Link]:
+        return {c: self._link_of(c, r) for c, r in self.stored_links(appointment_id).items()}
+
+    def stored_links(self, appointment_id: str) -> dict[str, tuple[Any, ...]]:
+        """connector -> the link as stored, base still JSON text (index 4) and gone at index 6."""
         if appointment_id not in self._links:
             self._load([appointment_id])
         return self._links[appointment_id]
 
     def link(self, connector: str, appointment_id: str) -> Link | None:
-        return self.links_of(appointment_id).get(connector)
+        row = self.stored_links(appointment_id).get(connector)
+        return self._link_of(connector, row) if row is not None else None
 
     def link_by_external(self, connector: str, external_id: str) -> Link | None:
         appt_id = self._ext.get((connector, external_id))
@@ -110,8 +145,8 @@ class Tx:
                 return None
             appt_id = r[0]
             self._load([appt_id])
-        link = self.links_of(appt_id).get(connector)
-        return link if link is not None and link.external_id == external_id else None
+        row = self.stored_links(appt_id).get(connector)
+        return self._link_of(connector, row) if row is not None and row[2] == external_id else None
 
     def set_cursor(self, connector: str, cursor: str | None, at: str, *, full: bool = False) -> None:
         self.conn.execute(
@@ -189,7 +224,11 @@ class Tx:
 
     def put_appointment(self, appointment_id: str, snap: Snapshot, version: int, at: str, via: str) -> None:
         text = dumps(snap)
-        self._appt_rows[appointment_id] = (appointment_id, snap["clinician"], snap["start"], snap["status"], text, version, at, via)
+        rowid = self._rowids.get(appointment_id)
+        if rowid is not None:
+            self._appt_updates[appointment_id] = (snap["clinician"], snap["start"], snap["status"], text, version, at, via, rowid)
+        else:
+            self._appt_rows[appointment_id] = (appointment_id, snap["clinician"], snap["start"], snap["status"], text, version, at, via)
         self._versions.append((appointment_id, version, text, at, via))
         if snap.get("series_id"):
             self._series[snap["series_id"]] = (snap["series_id"], snap["clinician"], snap["timezone"], at)
@@ -197,18 +236,31 @@ class Tx:
         self._links.setdefault(appointment_id, {})
 
     def put_link(self, link: Link, applied_at: str | None = None) -> None:
-        links = self.links_of(link.appointment_id)
-        old = links.get(link.connector)
-        if old is not None and old.external_id and old.external_id != link.external_id:
-            self._ext.pop((link.connector, old.external_id), None)
-        links[link.connector] = link
-        if link.external_id:
-            self._ext[(link.connector, link.external_id)] = link.appointment_id
-        base = dumps(link.base) if link.base is not None else None
-        self._link_rows[(link.connector, link.appointment_id)] = (
-            link.connector, link.appointment_id, link.external_id, link.etag, base, link.applied_version, applied_at, int(link.gone),
-            time.time() if applied_at else None,
-        )
+        links = self.stored_links(link.appointment_id)
+        connector, appt_id, ext = link.connector, link.appointment_id, link.external_id
+        old = links.get(connector)
+        if old is not None and old[2] and old[2] != ext:
+            self._ext.pop((connector, old[2]), None)
+        if ext:
+            self._ext[(connector, ext)] = appt_id
+        base_text = dumps(link.base) if link.base is not None else None
+        gone = int(link.gone)
+        rowid = old[7] if old is not None else None
+        key = (connector, appt_id)
+        if rowid is not None and applied_at is None and old is not None and old[2] == ext and key not in self._link_rows:
+            # the row exists and keeps its external id: rewrite only what an observation changes
+            self._link_updates.append((link.etag, base_text, link.applied_version, gone, rowid))
+        else:
+            if ext and (old is None or old[2] != ext):
+                # an external id may move between appointments within a batch: cleared first
+                self._ext_moves.append((connector, ext, appt_id))
+            self._link_rows[key] = (
+                connector, appt_id, ext, link.etag, base_text, link.applied_version, applied_at, gone,
+                time.time() if applied_at else None,
+            )
+            rowid = None
+        links[connector] = (connector, appt_id, ext, link.etag, base_text, link.applied_version, gone, rowid)
+        self._decoded[key] = link
 
     def enqueue(self, connector: str, appointment_id: str, version: int, now: float) -> None:
         """State-based: one row per (connector, appointment); a newer version replaces the target."""
@@ -217,22 +269,30 @@ class Tx:
         self._outbox[key] = (max(version, old[0]), min(now, old[1])) if old else (version, now)
 
     def flush(self) -> None:
+        if self._appt_updates:
+            self.conn.executemany(_UPDATE_APPOINTMENT, list(self._appt_updates.values()))
         if self._appt_rows:
             self.conn.executemany(_UPSERT_APPOINTMENT, list(self._appt_rows.values()))
+        if self._versions:
             self.conn.executemany("INSERT INTO appointment_versions VALUES (?,?,?,?,?)", self._versions)
         if self._series:
             self.conn.executemany(
                 "INSERT INTO series (id, clinician, timezone, created_at) VALUES (?,?,?,?) ON CONFLICT (id) DO NOTHING",
                 list(self._series.values()),
             )
-        if self._link_rows:
-            # an external id may move between appointments within a batch: clear it first
+        if self._link_updates:
+            self.conn.executemany(_UPDATE_LINK, self._link_updates)
+        if self._ext_moves:
             self.conn.executemany(
-                "UPDATE links SET external_id = NULL WHERE connector = ? AND external_id = ? AND appointment_id != ?",
-                [(r[0], r[2], r[1]) for r in self._link_rows.values() if r[2]],
+                "UPDATE links SET external_id = NULL WHERE connector = ? AND external_id = ? AND appointment_id != ?", self._ext_moves
             )
+        if self._link_rows:
             self.conn.executemany(_UPSERT_LINK, list(self._link_rows.values()))
         if self._outbox:
-            self.conn.executemany(_ENQUEUE, [(c, a, v, due, due) for (c, a), (v, due) in self._outbox.items()])
+            rows = [(c, a, v, due, due) for (c, a), (v, due) in self._outbox.items()]
+            if self.conn.executemany(_ENQUEUE_PENDING, rows).rowcount != len(rows):
+                # some item was dead or retrying: the full rule again (it is idempotent) fixes those
+                self.conn.executemany(_ENQUEUE, rows)
         self._appt_rows, self._versions, self._link_rows, self._outbox, self._series = {}, [], {}, {}, {}
+        self._link_updates, self._ext_moves, self._appt_updates = [], [], {}
         self.audit.flush()
