@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import resource
 import statistics
 import sys
@@ -146,6 +147,8 @@ async def _measure(workdir: Path, sandboxes: dict[str, Sandbox], push: bool, arg
             calls: dict[str, list[float]] = {n: [] for n in sandboxes if sandboxes[n].injector}
             for appt in ids:
                 targets = {n: e for n, e in copies(appt).items() if n != origin and sandboxes[n].look}
+                # changes happen at any moment, not just after a poll: desynchronise from the poll timer
+                await asyncio.sleep(random.uniform(0, args.poll))
                 for s in sandboxes.values():
                     if s.injector:
                         s.injector.reset_counts()
