@@ -7,7 +7,8 @@ ETag), ``#create`` (201 with ``Location: [base]/[type]/[id]/_history/[vid]``) an
 (``If-None-Exist``: no match -> create, one match -> 200 with the existing resource, several ->
 412), ``#search`` with paging links in a ``searchset`` Bundle (``#paging``, search.html#count),
 ``#versioning`` (``ETag: W/"versionId"``, ``meta.versionId``/``meta.lastUpdated``) and
-OperationOutcome bodies on errors (``#Status``). Nothing is deleted by the connector (EHRs
+OperationOutcome bodies on errors (``#Status``). R4 rest-hook Subscriptions notify on changes
+(emulator_subscriptions.py). Nothing is deleted by the connector (EHRs
 cancel), but ``#delete`` exists so "gone" can be tested.
 
 Search parameters kept (the reference each one follows is chosen to match R4's definitions):
@@ -46,9 +47,11 @@ from starlette.routing import Route
 
 from syncbridge.emulation import Injector, free_port, serve_in_thread
 
+from .emulator_subscriptions import RestHookNotifier
+
 __all__ = ["FHIREmulator", "RESOURCE_TYPES", "running"]
 
-RESOURCE_TYPES = ("Appointment", "Encounter", "ChargeItem", "Claim", "Patient", "Practitioner")
+RESOURCE_TYPES = ("Appointment", "Encounter", "ChargeItem", "Claim", "Patient", "Practitioner", "Subscription")
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 FHIR_JSON = "application/fhir+json"
 
@@ -115,6 +118,16 @@ class FHIREmulator:
     _pages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    notifier: RestHookNotifier = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.notifier = RestHookNotifier(self._subscription_failed)
+
+    def _subscription_failed(self, sub_id: str, problem: str) -> None:
+        with self._lock:
+            sub = self.store["Subscription"].get(sub_id)
+            if sub is not None and sub.get("status") == "active":
+                self._save(dict(sub) | {"status": "error", "error": problem})
 
     # --- knobs --------------------------------------------------------------------------
 
@@ -157,8 +170,12 @@ class FHIREmulator:
         version = int(old["meta"]["versionId"]) + 1 if old else 1
         resource["id"] = rid
         resource["meta"] = {**resource.get("meta", {}), "versionId": str(version), "lastUpdated": _now()}
+        if rtype == "Subscription" and resource.get("status") == "requested":
+            resource["status"] = "active"  # subscription.html 2.46.7: the server sets it up
         self.store[rtype][rid] = resource
         self.deleted.discard((rtype, rid))
+        if rtype != "Subscription":
+            self.notifier.changed(rtype, list(self.store["Subscription"].values()))
         return json.loads(json.dumps(resource))
 
     def _headers(self, resource: dict[str, Any]) -> dict[str, str]:
