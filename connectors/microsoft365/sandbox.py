@@ -1,0 +1,64 @@
+"""The Graph emulator on loopback as the Microsoft 365 tenant of ``syncbridge demo``.
+
+One mailbox per clinician, an app registration whose client secret is kept in a 0600 file (the
+way a practice stores it), and the emulator's own CA as ``ca_bundle``. Notifications may go to
+the demo daemon's plain-http loopback listener; a real tenant requires an HTTPS public URL.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import uuid
+from pathlib import Path
+
+from syncbridge.connector import Sandbox
+
+from .emulator import running
+
+__all__ = ["mailbox_for", "start_sandbox"]
+
+DOMAIN = "practice.example"
+
+
+def mailbox_for(clinician: str) -> str:
+    """A user principal name for a clinician key such as ``dr_rivera``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", clinician).strip(".-_") + "@" + DOMAIN
+
+
+def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = running(workdir / "tls")
+    emu = server.emulator
+    emu.notifier.allow_http = True
+    client_id = str(uuid.uuid4())
+    secret = secrets.token_urlsafe(32)
+    secret_file = workdir / "m365-client-secret"
+    secret_file.write_text(secret)
+    secret_file.chmod(0o600)
+    emu.register_app(client_id, secret)
+    accounts = {}
+    for key in clinicians:
+        emu.add_user(mailbox_for(key))
+        accounts[key] = {"mailbox": mailbox_for(key)}
+
+    async def delete_event(external_id: str) -> None:
+        """What Outlook does when the therapist deletes the event (a change notification follows)."""
+        clinician, _, event_id = external_id.partition("/")
+        emu.user_delete(mailbox_for(clinician), event_id)
+
+    return Sandbox(
+        connector_config={
+            "type": "microsoft365",
+            "tenant": emu.tenant,
+            "client_id": client_id,
+            "client_secret": {"file": str(secret_file)},
+            "authority_host": server.authority_host,
+            "graph_url": server.graph_url,
+            "ca_bundle": str(server.ca_file),
+        },
+        accounts=accounts,
+        close=server.stop,
+        delete_event=delete_event,
+        describe=f"Microsoft Graph emulator on {server.base_url} ({len(clinicians)} mailboxes)",
+    )
