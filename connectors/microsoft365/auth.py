@@ -59,11 +59,14 @@ class AppTokens:
 
     def __init__(self, client_id: str, authority: str, credential: str | dict[str, str], resource: str, ca_bundle: Path | None) -> None:
         self._args = (client_id, authority, credential)
-        self._ca = ca_bundle
         self._scopes = [resource.rstrip("/") + "/.default"]
         self._app: msal.ConfidentialClientApplication | None = None
+        self._session = http_session(ca_bundle)
         self._token: tuple[str, float] | None = None
         self._lock = asyncio.Lock()
+
+    def close(self) -> None:
+        self._session.close()
 
     async def token(self, clinician: str | None) -> str:
         async with self._lock:
@@ -73,7 +76,7 @@ class AppTokens:
                 client_id, authority, credential = self._args
                 self._app = await _call(
                     msal.ConfidentialClientApplication, client_id, client_credential=credential, authority=authority,
-                    http_client=http_session(self._ca), instance_discovery=False,
+                    http_client=self._session, instance_discovery=False,
                 )
             result = await _call(self._app.acquire_token_for_client, self._scopes)
             if "access_token" not in result:
@@ -94,18 +97,22 @@ class DelegatedTokens:
         self._client_id = client_id
         self._authority = authority
         self._scopes = [resource.rstrip("/") + "/Calendars.ReadWrite"]
-        self._ca = ca_bundle
         self._host = host
         self._connector = connector
         self._tokens: dict[str, tuple[str, float]] = {}
+        self._stale: set[str] = set()
+        self._session = http_session(ca_bundle)
         self._lock = asyncio.Lock()
+
+    def close(self) -> None:
+        self._session.close()
 
     def _key(self, clinician: str) -> str:
         return f"msal_token_cache:{clinician}"
 
     def _app(self, cache: msal.SerializableTokenCache) -> msal.PublicClientApplication:
         return msal.PublicClientApplication(
-            self._client_id, authority=self._authority, token_cache=cache, http_client=http_session(self._ca), instance_discovery=False
+            self._client_id, authority=self._authority, token_cache=cache, http_client=self._session, instance_discovery=False
         )
 
     def _cache(self, clinician: str) -> msal.SerializableTokenCache:
@@ -132,7 +139,9 @@ class DelegatedTokens:
             accounts = app.get_accounts()
             if not accounts:
                 raise AuthError(f"clinician {clinician} has not signed in to {self._connector}", action=action)
-            result = await _call(app.acquire_token_silent, self._scopes, account=accounts[0])
+            # after Graph refused a token, skip msal's cached access token and redeem the refresh token
+            result = await _call(app.acquire_token_silent, self._scopes, account=accounts[0], force_refresh=clinician in self._stale)
+            self._stale.discard(clinician)
             self._save(clinician, cache)
             if not result or "access_token" not in result:
                 raise _refused(result or {"error": "interaction_required"}, action)
@@ -142,6 +151,7 @@ class DelegatedTokens:
     def invalidate(self, clinician: str | None) -> None:
         if clinician is not None:
             self._tokens.pop(clinician, None)
+            self._stale.add(clinician)
 
     async def sign_in(self, clinician: str, expected_user: str, say: Callable[[str], None]) -> str:
         """The device-code flow: ``say`` shows the verification URL and code; blocks until the user signed in."""

@@ -179,6 +179,11 @@ class Microsoft365Connector(Connector):
         while len(self._seen) > SEEN_LIMIT:
             self._seen.popitem(last=False)
 
+    def wrote(self, external_id: str, etag: str) -> bool:
+        """Whether ``etag`` is the version of the event we last wrote or read (a notification's echo)."""
+        seen = self._seen.get(external_id)
+        return seen is not None and seen.etag == etag
+
     def _observe(self, clinician: str, event: dict[str, Any]) -> Observation | None:
         """Our event as an Observation (remembered by etag); None for the clinician's own events."""
         ext = f"{clinician}/{event.get('id')}"
@@ -378,6 +383,8 @@ class Microsoft365Connector(Connector):
         if self._client is not None:
             await self._client.close()
             self._client = None
+        if self._tokens is not None:
+            self._tokens.close()
 
 
 def _as_written(event: dict[str, Any], body: dict[str, Any], asked: datetime) -> bool:

@@ -119,7 +119,7 @@ class Push:
         for item in items:
             event, sid = str(item.get("lifecycleEvent")), str(item.get("subscriptionId"))
             clinician = self.clinician_of(sid)
-            log.info("graph_lifecycle", connector=self.c.name, event=event, known=clinician is not None)
+            log.info("graph_lifecycle", connector=self.c.name, lifecycle_event=event, known=clinician is not None)
             if event == "reauthorizationRequired":
                 self._renew.add(sid)
             elif event == "subscriptionRemoved" and clinician is not None:
@@ -128,7 +128,8 @@ class Push:
         return Response(status_code=202)
 
     def targets(self, headers: Mapping[str, str], body: bytes) -> list[str] | None:
-        """``clinician/event-id`` of every change named, or None (pull) when one cannot be placed."""
+        """``clinician/event-id`` of every change named, minus echoes of our own writes; None (pull)
+        when one cannot be placed."""
         try:
             items = json.loads(body).get("value", [])
         except (ValueError, AttributeError):
@@ -140,8 +141,11 @@ class Push:
             clinician = subs.get(item.get("subscriptionId")) if isinstance(item, dict) else None
             if not isinstance(data, dict) or not isinstance(data.get("id"), str) or clinician is None:
                 return None
-            out.append(f"{clinician}/{data['id']}")
-        return out or None
+            ext = f"{clinician}/{data['id']}"
+            if data.get("@odata.etag") and self.c.wrote(ext, str(data["@odata.etag"])):
+                continue  # the echo of our own write: nothing to re-read
+            out.append(ext)
+        return out
 
     # --- keeping subscriptions alive ------------------------------------------------------------
 

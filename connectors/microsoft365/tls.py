@@ -91,7 +91,7 @@ def serve_tls_in_thread(app: Any, tls: TLSFiles, host: str = "127.0.0.1", port: 
     port = port or free_port(host)
     config = uvicorn.Config(
         app, host=host, port=port, log_config=None, lifespan="off", access_log=False,
-        ssl_certfile=str(tls.cert_file), ssl_keyfile=str(tls.key_file),
+        ssl_certfile=str(tls.cert_file), ssl_keyfile=str(tls.key_file), timeout_graceful_shutdown=2,
     )
     server = uvicorn.Server(config)
 
