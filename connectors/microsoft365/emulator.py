@@ -42,7 +42,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -51,46 +50,10 @@ from starlette.routing import Route
 
 from .emulator_identity import Identity, TokenGrant
 from .emulator_notify import Notifier, parse_when
+from .emulator_store import MAX_CONCURRENT_PER_MAILBOX, Mailbox, apply_body, copy_for_update, new_event, overlaps, render, stamp
 from .tls import TLSFiles, make_tls_files, serve_tls_in_thread
 
 __all__ = ["GraphEmulator", "Mailbox", "RunningGraph", "running"]
-
-#: Windows zone names Outlook clients commonly send (the rest of Graph's list is not needed here)
-WINDOWS_ZONES = {
-    "Eastern Standard Time": "America/New_York", "Central Standard Time": "America/Chicago",
-    "Mountain Standard Time": "America/Denver", "Pacific Standard Time": "America/Los_Angeles",
-    "GMT Standard Time": "Europe/London", "W. Europe Standard Time": "Europe/Berlin",
-}
-WRITABLE = {
-    "subject", "body", "start", "end", "location", "showAs", "categories", "isReminderOn", "reminderMinutesBeforeStart",
-    "attendees", "sensitivity", "importance", "singleValueExtendedProperties", "transactionId", "isAllDay",
-}
-MAX_CONCURRENT_PER_MAILBOX = 4
-
-
-def _zone(name: str) -> ZoneInfo:
-    return ZoneInfo(WINDOWS_ZONES.get(name, name))
-
-
-def _stamp(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def _graph_time(dt: datetime, zone: str) -> dict[str, str]:
-    return {"dateTime": dt.astimezone(_zone(zone)).strftime("%Y-%m-%dT%H:%M:%S.0000000"), "timeZone": zone}
-
-
-@dataclass
-class Mailbox:
-    """One user's primary calendar: events, tombstones and the change sequence delta rounds use."""
-
-    upn: str
-    object_id: str
-    events: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: event id -> sequence number of its last change (creates, updates and deletes)
-    changed: dict[str, int] = field(default_factory=dict)
-    seq: int = 0
-
 
 Handler = Callable[[Request, Mailbox | None, TokenGrant], Awaitable[Response]]
 
@@ -124,7 +87,7 @@ class GraphEmulator:
 
     @staticmethod
     def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        inner = {"date": _stamp(datetime.now(UTC)), "request-id": str(uuid.uuid4()), "client-request-id": str(uuid.uuid4())}
+        inner = {"date": stamp(datetime.now(UTC)), "request-id": str(uuid.uuid4()), "client-request-id": str(uuid.uuid4())}
         return JSONResponse({"error": {"code": code, "message": message, "innerError": inner}}, status, headers=headers)
 
     def record(self, request: Request) -> None:
@@ -160,18 +123,18 @@ class GraphEmulator:
     def events_of(self, upn: str) -> list[dict[str, Any]]:
         """Every event in the mailbox as Graph renders it (with its extended properties)."""
         with self._lock:
-            return [self._render(e, expand=None, all_ext=True) for e in self.users[upn.lower()].events.values()]
+            return [render(e, expand=None, all_ext=True) for e in self.users[upn.lower()].events.values()]
 
     # --- what a person does in Outlook --------------------------------------------------------
 
     def user_create(self, upn: str, body: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
-            return self._render(self._create(self.users[upn.lower()], body), expand=None)
+            return render(self._create(self.users[upn.lower()], body), expand=None)
 
     def user_update(self, upn: str, event_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
             box = self.users[upn.lower()]
-            return self._render(self._update(box, box.events[event_id], changes), expand=None)
+            return render(self._update(box, box.events[event_id], changes), expand=None)
 
     def user_delete(self, upn: str, event_id: str) -> None:
         with self._lock:
@@ -184,63 +147,19 @@ class GraphEmulator:
         box.changed[event["id"]] = box.seq
         if change != "deleted":
             event["changeKey"] = secrets.token_urlsafe(12)
-            event["lastModifiedDateTime"] = _stamp(datetime.now(UTC))
+            event["lastModifiedDateTime"] = stamp(datetime.now(UTC))
         self.notifier.changed(box.upn, event["id"], change, None if change == "deleted" else f'W/"{event["changeKey"]}"')
 
-    def _apply(self, event: dict[str, Any], body: dict[str, Any]) -> str | None:
-        """Copy writable properties into the stored event; a problem message, or None."""
-        unknown = set(body) - WRITABLE - {"@odata.type"}
-        if unknown:
-            return f"The property '{sorted(unknown)[0]}' does not exist on type 'microsoft.graph.event'."
-        for key in ("start", "end"):
-            if key in body:
-                value = body[key] or {}
-                try:
-                    zone = str(value.get("timeZone") or "UTC")
-                    _zone(zone)
-                except (ZoneInfoNotFoundError, ValueError, AttributeError):
-                    return f"TimeZoneNotSupportedException: A valid TimeZone value must be specified. The following TimeZone value is not supported: '{value}'."
-                when = parse_when(value.get("dateTime"), WINDOWS_ZONES.get(zone, zone))
-                if when is None:
-                    return f"Cannot convert the literal '{value.get('dateTime')}' to the expected type 'Edm.DateTimeOffset'."
-                event[f"_{key}"] = when.astimezone(UTC)
-                event[f"original{key.capitalize()}TimeZone"] = zone
-        for key in WRITABLE - {"start", "end", "singleValueExtendedProperties", "transactionId"}:
-            if key in body:
-                event[key] = body[key]
-        for prop in body.get("singleValueExtendedProperties") or []:
-            event["_ext"][str(prop.get("id", "")).lower()] = (prop.get("id"), prop.get("value"))
-        if event["_end"] < event["_start"]:
-            return "The end of the event must not be before its start."
-        return None
-
     def _create(self, box: Mailbox, body: dict[str, Any]) -> dict[str, Any]:
-        now = _stamp(datetime.now(UTC))
-        eid = "AAMkA" + secrets.token_urlsafe(48)
-        event: dict[str, Any] = {
-            "id": eid, "createdDateTime": now, "lastModifiedDateTime": now, "changeKey": "", "categories": [],
-            "originalStartTimeZone": "UTC", "originalEndTimeZone": "UTC", "iCalUId": "040000008200E00074C5B7101A82E008" + secrets.token_hex(24),
-            "reminderMinutesBeforeStart": 15, "isReminderOn": True, "subject": "", "importance": "normal", "sensitivity": "normal",
-            "isAllDay": False, "isCancelled": False, "showAs": "busy", "type": "singleInstance", "seriesMasterId": None,
-            "body": {"contentType": "text", "content": ""}, "location": {"displayName": "", "locationType": "default"},
-            "attendees": [], "organizer": {"emailAddress": {"name": box.upn.split("@")[0], "address": box.upn}},
-            "_ext": {}, "_start": datetime.now(UTC), "_end": datetime.now(UTC),
-        }
-        if body.get("transactionId"):
-            event["transactionId"] = str(body["transactionId"])
-        problem = self._apply(event, body)
-        if problem is not None:
-            raise ValueError(problem)
-        box.events[eid] = event
+        event = new_event(box, body)
+        box.events[event["id"]] = event
         self._touch(box, event, "created")
         return event
-
     def _update(self, box: Mailbox, event: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
         if "transactionId" in body and body["transactionId"] != event.get("transactionId"):
             raise ValueError("transactionId cannot be changed after the event was created.")
-        trial = json.loads(json.dumps({k: v for k, v in event.items() if not k.startswith("_")}))
-        trial |= {"_ext": dict(event["_ext"]), "_start": event["_start"], "_end": event["_end"]}
-        problem = self._apply(trial, body)
+        trial = copy_for_update(event)
+        problem = apply_body(trial, body)
         if problem is not None:
             raise ValueError(problem)
         event.update(trial)
@@ -250,27 +169,6 @@ class GraphEmulator:
     def _delete(self, box: Mailbox, event_id: str) -> None:
         event = box.events.pop(event_id)
         self._touch(box, event, "deleted")
-
-    def _render(self, event: dict[str, Any], *, expand: list[str] | None, zone: str = "UTC",
-                select: list[str] | None = None, all_ext: bool = False) -> dict[str, Any]:
-        out = {k: v for k, v in event.items() if not k.startswith("_")}
-        out["@odata.etag"] = f'W/"{event["changeKey"]}"'
-        out["start"] = _graph_time(event["_start"], zone)
-        out["end"] = _graph_time(event["_end"], zone)
-        content = str((event.get("body") or {}).get("content") or "")
-        out["bodyPreview"] = content[:255]
-        if select:
-            out = {k: v for k, v in out.items() if k in set(select) | {"id", "@odata.etag"}}
-        if expand is not None or all_ext:
-            wanted = {e.lower() for e in expand or []}
-            props = [{"id": pid, "value": value} for key, (pid, value) in event["_ext"].items() if all_ext or key in wanted]
-            if props:
-                out["singleValueExtendedProperties"] = props
-        return out
-
-    @staticmethod
-    def _overlaps(event: dict[str, Any], start: datetime, end: datetime) -> bool:
-        return bool(event["_start"] < end and event["_end"] > start)
 
     # --- HTTP ---------------------------------------------------------------------------------
 
@@ -379,7 +277,7 @@ class GraphEmulator:
                     pid, value = quoted[1].lower(), quoted[3]
                     found = [e for e in found if e["_ext"].get(pid, (None, None))[1] == value]
                 select = [s for s in request.query_params.get("$select", "").split(",") if s] or None
-                value_list = [self._render(e, expand=self._expand(request), zone=self._out_zone(request), select=select) for e in found]
+                value_list = [render(e, expand=self._expand(request), zone=self._out_zone(request), select=select) for e in found]
             return JSONResponse({"value": value_list})
         body = await self._json(request)
         if isinstance(body, Response):
@@ -391,7 +289,7 @@ class GraphEmulator:
                 event = existing or self._create(box, body)
             except ValueError as err:
                 return self.error(400, "ErrorInvalidRequest", str(err))
-            out = self._render(event, expand=None, zone=self._out_zone(request))
+            out = render(event, expand=None, zone=self._out_zone(request))
         return JSONResponse(out, 201, headers={"Location": f"{self.base_url}/v1.0/users/{box.object_id}/events/{event['id']}"})
 
     async def _event(self, request: Request, box: Mailbox | None, grant: TokenGrant) -> Response:
@@ -416,7 +314,7 @@ class GraphEmulator:
                 except ValueError as err:
                     return self.error(400, "ErrorInvalidRequest", str(err))
             select = [s for s in request.query_params.get("$select", "").split(",") if s] or None
-            return JSONResponse(self._render(event, expand=self._expand(request), zone=self._out_zone(request), select=select))
+            return JSONResponse(render(event, expand=self._expand(request), zone=self._out_zone(request), select=select))
 
     async def _cancel(self, request: Request, box: Mailbox | None, grant: TokenGrant) -> Response:
         assert box is not None
@@ -446,8 +344,8 @@ class GraphEmulator:
         skip = int(request.query_params.get("$skip", 0))
         select = [s for s in request.query_params.get("$select", "").split(",") if s] or None
         with self._lock:
-            found = sorted((e for e in box.events.values() if self._overlaps(e, *window)), key=lambda e: (e["_start"], e["id"]))
-            page = [self._render(e, expand=self._expand(request), zone=self._out_zone(request), select=select) for e in found[skip : skip + size]]
+            found = sorted((e for e in box.events.values() if overlaps(e, *window)), key=lambda e: (e["_start"], e["id"]))
+            page = [render(e, expand=self._expand(request), zone=self._out_zone(request), select=select) for e in found[skip : skip + size]]
         out: dict[str, Any] = {"value": page}
         if skip + size < len(found):
             params = [(k, v) for k, v in request.query_params.multi_items() if k not in ("$skip", "$top")] + [("$top", str(size)), ("$skip", str(skip + size))]
@@ -482,8 +380,8 @@ class GraphEmulator:
                         event = box.events.get(eid)
                         if seq <= since:
                             continue
-                        if event is not None and self._overlaps(event, start, end):
-                            items.append(self._render(event, expand=None, zone=zone))
+                        if event is not None and overlaps(event, start, end):
+                            items.append(render(event, expand=None, zone=zone))
                         else:
                             items.append({"@odata.type": "#microsoft.graph.event", "id": eid, "@removed": {"reason": "deleted"}})
                 else:
@@ -491,8 +389,8 @@ class GraphEmulator:
                     if isinstance(window, Response):
                         return window
                     start, end = window
-                    found = sorted((e for e in box.events.values() if self._overlaps(e, start, end)), key=lambda e: (e["_start"], e["id"]))
-                    items = [self._render(e, expand=None, zone=zone) for e in found]
+                    found = sorted((e for e in box.events.values() if overlaps(e, start, end)), key=lambda e: (e["_start"], e["id"]))
+                    items = [render(e, expand=None, zone=zone) for e in found]
                 token = secrets.token_urlsafe(24)
                 self._states[token] = (box.upn, start.isoformat(), end.isoformat(), box.seq)
                 closing = f"{path}?$deltatoken={token}"
