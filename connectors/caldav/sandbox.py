@@ -11,12 +11,14 @@ import secrets
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
+import icalendar
 
-from syncbridge.connector import Sandbox
-from syncbridge.emulation import free_port
+from syncbridge.connector import Sandbox, SeenCopy
+from syncbridge.emulation import free_port, reverse_proxy, serve_in_thread
 
 __all__ = ["start_sandbox"]
 
@@ -60,14 +62,17 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox | None:
                 proc.kill()
                 raise RuntimeError(f"Radicale did not start; see {workdir / 'radicale.log'}") from None
             time.sleep(0.1)
+    # the daemon reaches Radicale through a proxy that can count requests and inject failures;
+    # the "person" below (look, move, delete) talks to Radicale directly
+    proxy = serve_in_thread(reverse_proxy(base))
     accounts = {}
     with httpx.Client(auth=auth, timeout=10) as client:
         for key in clinicians:
-            url = f"{base}/{USER}/{key}/"
-            client.request("MKCALENDAR", url)
-            accounts[key] = {"calendar": url}
+            client.request("MKCALENDAR", f"{base}/{USER}/{key}/")
+            accounts[key] = {"calendar": f"{proxy.url}/{USER}/{key}/"}
 
     def close() -> None:
+        proxy.stop()
         proc.terminate()
         try:
             proc.wait(timeout=10)
@@ -78,11 +83,41 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox | None:
     async def delete_event(href: str) -> None:
         """What a calendar app does when the therapist deletes the event."""
         async with httpx.AsyncClient(auth=auth, timeout=10) as client:
-            r = await client.delete(base + href if href.startswith("/") else href)
+            r = await client.delete(url(href))
             r.raise_for_status()
 
+    def url(href: str) -> str:
+        return base + href if href.startswith("/") else href.replace(proxy.url, base, 1)
+
+    async def look(href: str) -> SeenCopy:
+        """What the therapist sees: no event, an event marked cancelled, or a live session."""
+        async with httpx.AsyncClient(auth=auth, timeout=10) as client:
+            r = await client.get(url(href))
+        if r.status_code == 404:
+            return SeenCopy("gone")
+        r.raise_for_status()
+        event = next(iter(icalendar.Calendar.from_ical(r.content).walk("VEVENT")))
+        state = "cancelled" if str(event.get("STATUS", "")).upper() == "CANCELLED" else "live"
+        return SeenCopy(state, event.decoded("DTSTART"), event.decoded("DTEND"))
+
+    async def move(href: str, start: datetime, end: datetime) -> None:
+        """Drag the event to a new time, as a calendar app does (a PUT of the edited event)."""
+        async with httpx.AsyncClient(auth=auth, timeout=10) as client:
+            r = await client.get(url(href))
+            r.raise_for_status()
+            cal = icalendar.Calendar.from_ical(r.content)
+            for event in cal.walk("VEVENT"):
+                for key, value in (("DTSTART", start), ("DTEND", end)):
+                    del event[key]
+                    event.add(key, value)
+            put = await client.put(url(href), content=cal.to_ical(), headers={"If-Match": r.headers["ETag"], "Content-Type": "text/calendar"})
+            put.raise_for_status()
+
     return Sandbox(
-        connector_config={"type": "caldav", "url": base + "/", "username": USER, "password": {"file": str(secret)}},
+        look=look,
+        move=move,
+        injector=proxy.injector,
+        connector_config={"type": "caldav", "url": proxy.url + "/", "username": USER, "password": {"file": str(secret)}},
         accounts=accounts,
         close=close,
         delete_event=delete_event,

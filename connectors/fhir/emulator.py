@@ -44,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from syncbridge.emulation import free_port, serve_in_thread
+from syncbridge.emulation import Injector, free_port, serve_in_thread
 
 __all__ = ["FHIREmulator", "RESOURCE_TYPES", "running"]
 
@@ -356,6 +356,7 @@ class Running:
     emulator: FHIREmulator
     base_url: str
     stop: Callable[[], None]
+    injector: Injector
 
 
 def running(emulator: FHIREmulator | None = None) -> Running:
@@ -364,4 +365,4 @@ def running(emulator: FHIREmulator | None = None) -> Running:
     port = free_port()
     emu.base_url = f"http://127.0.0.1:{port}"
     server = serve_in_thread(emu.app, port=port)
-    return Running(emu, emu.base_url, server.stop)
+    return Running(emu, emu.base_url, server.stop, server.injector)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 import secrets
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 
-from syncbridge.connector import Sandbox
+from syncbridge.connector import Sandbox, SeenCopy
 
 from .emulator import FHIREmulator, running
 
@@ -51,7 +52,33 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
             }
             (await http.put(f"/Appointment/{external_id}", json=appt, headers={"If-Match": r.headers["ETag"]})).raise_for_status()
 
+    def client() -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=server.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+    async def look(external_id: str) -> SeenCopy:
+        async with client() as http:
+            r = await http.get(f"/Appointment/{external_id}")
+        if r.status_code in (404, 410):
+            return SeenCopy("gone")
+        r.raise_for_status()
+        appt = r.json()
+        state = "cancelled" if appt.get("status") in ("cancelled", "noshow", "entered-in-error") else "live"
+        return SeenCopy(state, datetime.fromisoformat(appt["start"]), datetime.fromisoformat(appt["end"]))
+
+    async def move(external_id: str, start: datetime, end: datetime) -> None:
+        """Front-desk staff reschedule the Appointment."""
+        async with client() as http:
+            r = await http.get(f"/Appointment/{external_id}")
+            r.raise_for_status()
+            appt = r.json()
+            appt.pop("meta", None)
+            appt["start"], appt["end"] = start.isoformat(), end.isoformat()
+            (await http.put(f"/Appointment/{external_id}", json=appt, headers={"If-Match": r.headers["ETag"]})).raise_for_status()
+
     return Sandbox(
+        look=look,
+        move=move,
+        injector=server.injector,
         connector_config={"type": "fhir", "base_url": server.base_url, "auth": "static", "token": {"file": str(secret)}},
         accounts=accounts,
         close=server.stop,

@@ -275,6 +275,41 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_auth(args: argparse.Namespace) -> int:
+    from .host import DaemonHost, Vault
+    from .registry import build_connectors
+
+    cfg = _config(args)
+    connectors = build_connectors(cfg)
+    if args.connector not in connectors:
+        raise ConfigError("connectors", f"no enabled connector named {args.connector!r} (have: {', '.join(sorted(connectors)) or 'none'})")
+    connector = connectors[args.connector]
+    if args.clinician not in connector.clinicians:
+        raise ConfigError(
+            f"clinicians.{args.clinician}.accounts.{args.connector}",
+            f"clinician {args.clinician!r} has no account in {args.connector}; add it to the config first",
+        )
+    store = _store(cfg)
+    vault = Vault(store, cfg.store.secret_key)
+    vault._cipher()  # refuse before the person signs in, not after
+    connector.host = DaemonHost(args.connector, store, vault, None, lambda _name: None)
+
+    async def sign_in() -> str:
+        try:
+            return await connector.authorize(args.clinician)
+        finally:
+            await connector.close()
+
+    try:
+        print(asyncio.run(sign_in()))
+    except NotImplementedError as err:
+        print(f"syncbridge: {err}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -328,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     dr = add("dry-run", cmd_dry_run, "read every system and show what the daemon would write, without writing anything")
     dr.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
     dr.add_argument("--all", action="store_true", help="show every row")
+    au = add("auth", cmd_auth, "sign one clinician in to a connector interactively (OAuth); the token is stored encrypted")
+    au.add_argument("connector", help="connector name from the config (e.g. google)")
+    au.add_argument("clinician", help="clinician key from the config")
     d = add("demo", cmd_demo, "run the built-in sandbox: emulators, a small practice, one cancellation")
     d.add_argument("--state-dir", help="where the demo keeps its store (default: a new temporary folder)")
     d.add_argument("--no-wait", action="store_true", help="exit after the cancellation instead of serving the status page")

@@ -8,6 +8,7 @@ the entry-point registry, so the core never names a connector.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from .secrets import SecretRef
 
 __all__ = [
     "CancellationPolicy",
+    "AvailabilityConfig",
+    "AvailabilityRules",
     "ClinicianConfig",
     "ConnectorConfig",
     "PracticeConfig",
@@ -49,6 +52,66 @@ class Practice(_Strict):
 
 class StoreConfig(_Strict):
     path: Path = Path("syncbridge.db")
+    #: encrypts tokens obtained at run time (``syncbridge auth``); a reference, never the value
+    secret_key: SecretRef | None = None
+
+
+_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_SPAN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+
+
+def _spans(value: list[str]) -> list[str]:
+    for span in value:
+        m = _SPAN.match(span.strip())
+        if not m:
+            raise ValueError(f"{span!r} is not a span like 09:00-12:30")
+        if (int(m[1]), int(m[2])) >= (int(m[3]), int(m[4])):
+            raise ValueError(f"{span!r} ends before it starts")
+    return [v.strip() for v in value]
+
+
+class AvailabilityRules(_Strict):
+    """How free slots are offered to directories (DESIGN section 7); clinicians may override any key."""
+
+    #: local working hours per weekday, e.g. ``mon: ["09:00-12:00", "13:00-17:00"]``; absent day = not working
+    working_hours: dict[str, list[str]] = Field(
+        default_factory=lambda: {d: ["09:00-17:00"] for d in _WEEKDAYS[:5]}
+    )
+    session_minutes: int = Field(50, ge=5, le=480)
+    #: slot start times fall on this grid from the start of each working span
+    granularity_minutes: int = Field(15, ge=5, le=240)
+    #: free time kept before and after every session (notes, a break); buffers may overlap each other
+    buffer_before_minutes: int = Field(0, ge=0, le=240)
+    buffer_after_minutes: int = Field(10, ge=0, le=240)
+    #: no slot is offered on a day that already holds this many sessions
+    max_sessions_per_day: int | None = Field(8, ge=1)
+    #: service codes of emotionally intensive sessions, and how many may follow one another
+    intensive_service_codes: list[str] = Field(default_factory=lambda: ["90837", "90839", "90847"])
+    max_consecutive_intensive: int | None = Field(3, ge=1)
+    #: sessions closer than this are "consecutive" for the intensive rule
+    consecutive_gap_minutes: int = Field(30, ge=0)
+    #: a directory booking may be an intensive session (an intake): count the slot as intensive
+    new_booking_intensive: bool = True
+    minimum_notice_hours: float = Field(24.0, ge=0)
+
+    @field_validator("working_hours")
+    @classmethod
+    def _hours(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        out = {}
+        for day, spans in value.items():
+            if day.lower()[:3] not in _WEEKDAYS or len(day) < 3:
+                raise ValueError(f"unknown weekday {day!r}; use mon, tue, wed, thu, fri, sat, sun")
+            out[day.lower()[:3]] = _spans(spans)
+        return out
+
+
+class AvailabilityConfig(AvailabilityRules):
+    #: how many days ahead slots are published
+    horizon_days: int = Field(21, ge=1, le=366)
+    #: seconds between availability runs (changes also trigger one within seconds)
+    interval: float = Field(300.0, gt=0)
+    #: seconds between busy-time reads from calendars that report it
+    busy_refresh_interval: float = Field(300.0, gt=0)
 
 
 class ClinicianConfig(_Strict):
@@ -57,7 +120,15 @@ class ClinicianConfig(_Strict):
     display_name: str | None = None
     timezone: str | None = None
     accounts: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: keys of ``availability`` that differ for this clinician (working hours, session length...)
+    availability: dict[str, Any] = Field(default_factory=dict)
     _tz = field_validator("timezone")(lambda v: v if v is None else _zone(v))
+
+    @field_validator("availability")
+    @classmethod
+    def _rules(cls, value: dict[str, Any]) -> dict[str, Any]:
+        AvailabilityRules.model_validate(value)
+        return value
 
 
 class ConnectorConfig(BaseModel):
@@ -118,8 +189,12 @@ class HttpConfig(_Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
+    #: the address vendors reach this listener at (https, through a reverse proxy); push channels
+    #: and webhooks are registered under ``<public_url>/webhooks/<connector>``; unset = polling only
     public_url: str | None = None
     token: SecretRef | None = None
+    #: seconds between checks that push channels exist and are renewed before they expire
+    channel_check_interval: float = Field(600.0, gt=0)
 
 
 class LoggingConfig(_Strict):
@@ -142,6 +217,7 @@ class PracticeConfig(BaseSettings):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    availability: AvailabilityConfig = Field(default_factory=AvailabilityConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -157,6 +233,12 @@ class PracticeConfig(BaseSettings):
     def clinician_zone(self, clinician: str) -> str:
         c = self.clinicians.get(clinician)
         return (c.timezone if c and c.timezone else None) or self.practice.timezone
+
+    def availability_of(self, clinician: str) -> AvailabilityRules:
+        """The practice's availability rules with the clinician's own keys laid over them."""
+        base = {k: v for k, v in self.availability.model_dump().items() if k in AvailabilityRules.model_fields}
+        c = self.clinicians.get(clinician)
+        return AvailabilityRules.model_validate(base | (c.availability if c else {}))
 
     def clinicians_of(self, connector: str) -> dict[str, dict[str, Any]]:
         """Clinician key -> that clinician's account settings in ``connector``."""

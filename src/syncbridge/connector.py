@@ -22,6 +22,7 @@ from .model import CANCELLED_STATES, Role, Snapshot, Status
 
 if TYPE_CHECKING:
     from .config import ConnectorConfig, PracticeConfig
+    from .emulation import Injector
 
 __all__ = [
     "ApplyResult",
@@ -33,6 +34,7 @@ __all__ = [
     "Observation",
     "PullResult",
     "Sandbox",
+    "SeenCopy",
     "Slot",
     "WebhookRoute",
 ]
@@ -194,11 +196,21 @@ class Host:
         self._vault.pop(key, None)
 
 
+@dataclass(frozen=True, slots=True)
+class SeenCopy:
+    """What a person sees of one copy: ``state`` is "live", "cancelled" or "gone"."""
+
+    state: str
+    start: datetime | None = None
+    end: datetime | None = None
+
+
 @dataclass
 class Sandbox:
     """A local stand-in for a connector's system (its emulator, or a real test server) for the demo.
 
-    ``delete_event`` deletes a copy the way a person using that system would.
+    ``delete_event`` deletes (or cancels) a copy the way a person using that system would; the
+    other callables let end-to-end tests look at the system as its users see it.
     """
 
     connector_config: dict[str, Any]
@@ -206,6 +218,16 @@ class Sandbox:
     close: Callable[[], None]
     delete_event: Callable[[str], Awaitable[None]] | None = None
     describe: str = ""
+    #: a copy as a person looking at the system sees it
+    look: Callable[[str], Awaitable[SeenCopy]] | None = None
+    #: move a copy to a new time the way a person would (drag the event, reschedule in the EHR)
+    move: Callable[[str, datetime, datetime], Awaitable[None]] | None = None
+    #: a client books here (a directory): (clinician, start, end) -> the new external id
+    book: Callable[[str, datetime, datetime], Awaitable[str]] | None = None
+    #: start times a directory currently offers for a clinician on a local date
+    offered: Callable[[str, date], Awaitable[list[datetime]]] | None = None
+    #: counts the system's API requests and injects latency and failures (benchmarks, chaos tests)
+    injector: Injector | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import yaml
@@ -26,7 +29,7 @@ from .model import empty_snapshot, iso, new_canonical_id
 from .registry import connector_class, known_types
 from .runtime import Daemon
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "sandbox_config", "start_sandboxes"]
 
 CLINICIANS = {"dr_rivera": "Dr. Rivera", "dr_chen": "Dr. Chen", "dr_okafor": "Dr. Okafor"}
 ZONE = "America/New_York"
@@ -82,27 +85,50 @@ async def _until(predicate, timeout: float, step: float = 0.25) -> bool:  # type
     return False
 
 
-async def _demo(workdir: Path, wait: bool) -> int:
+def start_sandboxes(workdir: Path, clinicians: list[str], say: Callable[[str], None] = _say) -> dict[str, Sandbox]:
+    """Every installed connector type's local stand-in, named ``<type>_sandbox``."""
     sandboxes: dict[str, Sandbox] = {}
-    for type_name in known_types():
-        sandbox = connector_class(type_name).sandbox(workdir / type_name, list(CLINICIANS))
-        if sandbox is not None:
-            sandboxes[f"{type_name}_sandbox"] = sandbox
-            _say(f"  started {sandbox.describe or type_name}")
+    try:
+        for type_name in known_types():
+            sandbox = connector_class(type_name).sandbox(workdir / type_name, clinicians)
+            if sandbox is not None:
+                sandboxes[f"{type_name}_sandbox"] = sandbox
+                say(f"  started {sandbox.describe or type_name}")
+    except BaseException:
+        for s in sandboxes.values():
+            s.close()
+        raise
+    return sandboxes
+
+
+def sandbox_config(
+    workdir: Path, sandboxes: dict[str, Sandbox], names: dict[str, str], port: int, poll_interval: float = 2.0
+) -> dict[str, Any]:
+    """The practice config for the sandboxes: push enabled on loopback, a generated vault key."""
+    key = workdir / "store-key"
+    if not key.exists():
+        key.write_text(secrets.token_urlsafe(32))
+        key.chmod(0o600)
+    return {
+        "practice": {"name": "Lakeside Therapy (sandbox)", "timezone": ZONE},
+        "store": {"path": str(workdir / "syncbridge.db"), "secret_key": {"file": str(key)}},
+        "clinicians": {
+            key: {"display_name": name, "accounts": {c: s.accounts[key] for c, s in sandboxes.items() if key in s.accounts}}
+            for key, name in names.items()
+        },
+        "connectors": {name: s.connector_config | {"poll_interval": poll_interval} for name, s in sandboxes.items()},
+        "availability": {"minimum_notice_hours": 0, "interval": 30, "busy_refresh_interval": 30},
+        "logging": {"level": "warning", "json": False},
+        "http": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}"},
+    }
+
+
+async def _demo(workdir: Path, wait: bool) -> int:
+    sandboxes = start_sandboxes(workdir, list(CLINICIANS))
     if not sandboxes:
         _say("no installed connector offers a sandbox")
         return 1
-    config = {
-        "practice": {"name": "Lakeside Therapy (sandbox)", "timezone": ZONE},
-        "store": {"path": str(workdir / "syncbridge.db")},
-        "clinicians": {
-            key: {"display_name": name, "accounts": {c: s.accounts[key] for c, s in sandboxes.items() if key in s.accounts}}
-            for key, name in CLINICIANS.items()
-        },
-        "connectors": {name: s.connector_config | {"poll_interval": 2} for name, s in sandboxes.items()},
-        "logging": {"level": "warning", "json": False},
-        "http": {"host": "127.0.0.1", "port": _free_port()},
-    }
+    config = sandbox_config(workdir, sandboxes, CLINICIANS, _free_port())
     config_path = workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     cfg = load_config(config_path)

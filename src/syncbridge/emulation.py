@@ -1,20 +1,104 @@
 """Running a connector's emulator (an ASGI app) on loopback in a background thread.
 
-Emulators are used by the tests and by ``syncbridge demo``; each binds 127.0.0.1 on a free port.
+Emulators are used by the tests, the benchmarks and ``syncbridge demo``; each binds 127.0.0.1 on
+a free port behind an :class:`Injector`, which counts requests and can add latency and the
+failures vendors produce (429 and 503 with Retry-After, 500, and an answer lost after the
+request took effect), so chaos tests and benchmarks treat every system alike. A real server
+(Radicale) gets the same treatment through :func:`reverse_proxy`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import uvicorn
 
-__all__ = ["RunningServer", "free_port", "serve_in_thread"]
+__all__ = ["Injector", "RunningServer", "free_port", "reverse_proxy", "serve_in_thread"]
+
+_Scope = dict[str, Any]
+_FAILURES = ("429", "503", "500", "lost")
+
+
+class Injector:
+    """ASGI middleware: request counting, latency and vendor-like failures on a share of requests."""
+
+    def __init__(self, app: Any, seed: int | None = None) -> None:
+        self.app = app
+        self.latency = 0.0
+        self.error_rate = 0.0
+        self.requests = 0
+        self.failures: Counter[str] = Counter()
+        self.by_method: Counter[str] = Counter()
+        self._rng = random.Random(seed)
+
+    def configure(self, *, latency: float = 0.0, error_rate: float = 0.0) -> None:
+        self.latency, self.error_rate = latency, error_rate
+
+    def reset_counts(self) -> None:
+        self.requests = 0
+        self.failures.clear()
+        self.by_method.clear()
+
+    async def __call__(self, scope: _Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.requests += 1
+        self.by_method[scope["method"]] += 1
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if not self.error_rate or self._rng.random() >= self.error_rate:
+            await self.app(scope, receive, send)
+            return
+        kind = self._rng.choice(_FAILURES)
+        self.failures[kind] += 1
+        if kind == "lost":  # the request takes effect, the answer never arrives (a proxy gives up)
+            async def swallow(message: dict[str, Any]) -> None:
+                return None
+
+            await self.app(scope, receive, swallow)
+            status, body = 504, b"upstream answer lost"
+        else:
+            status, body = int(kind), b"injected failure"
+        headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+        if status in (429, 503):
+            headers.append((b"retry-after", b"1"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def reverse_proxy(upstream: str) -> Any:
+    """An ASGI app passing every request to ``upstream`` (a real test server behind an Injector)."""
+    hop = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"content-encoding", b"host"}
+    client = httpx.AsyncClient(base_url=upstream, timeout=60)
+
+    async def app(scope: _Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path = scope.get("raw_path") or scope["path"].encode()
+        url = path.decode() + ("?" + scope["query_string"].decode() if scope.get("query_string") else "")
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in hop]
+        r = await client.request(scope["method"], url, headers=headers, content=body)
+        out = [(k.encode(), v.encode()) for k, v in r.headers.items() if k.lower().encode() not in hop]
+        out.append((b"content-length", str(len(r.content)).encode()))
+        await send({"type": "http.response.start", "status": r.status_code, "headers": out})
+        await send({"type": "http.response.body", "body": r.content})
+
+    return app
 
 
 @dataclass
@@ -22,6 +106,7 @@ class RunningServer:
     url: str
     server: uvicorn.Server
     thread: threading.Thread
+    injector: Injector = field(default_factory=lambda: Injector(None))
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -35,10 +120,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int | None = None) -> RunningServer:
-    """Start ``app`` on ``port`` (a free one by default); returns once it accepts connections."""
+def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int | None = None, **uvicorn_options: Any) -> RunningServer:
+    """Start ``app`` behind an :class:`Injector` on ``port`` (a free one by default); returns once it
+    accepts connections. ``uvicorn_options`` pass TLS settings (``ssl_certfile``...) through."""
     port = port or free_port(host)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="off", access_log=False))
+    injector = Injector(app)
+    server = uvicorn.Server(
+        uvicorn.Config(injector, host=host, port=port, log_config=None, lifespan="off", access_log=False, **uvicorn_options)
+    )
 
     def run() -> None:  # off the main thread uvicorn installs no signal handlers
         asyncio.run(server.serve())
@@ -50,4 +139,5 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int | None = None) 
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError(f"emulator on {host}:{port} did not start")
         time.sleep(0.02)
-    return RunningServer(f"http://{host}:{port}", server, thread)
+    scheme = "https" if uvicorn_options.get("ssl_certfile") else "http"
+    return RunningServer(f"{scheme}://{host}:{port}", server, thread, injector)

@@ -86,6 +86,12 @@ class Engine:
                 return total
             cursor = result.cursor
 
+    async def refresh(self, name: str, external_ids: list[str]) -> ObserveReport:
+        """Re-read the records a notification named and observe them; the cursor stays where it is."""
+        connector = self.connectors[name]
+        observations = [await connector.read(ext) for ext in dict.fromkeys(external_ids)]
+        return self.observe(name, PullResult(observations, cursor=None), advance=False)
+
     def observe(self, name: str, result: PullResult, *, advance: bool = True, pulled_at: datetime | None = None) -> ObserveReport:
         """Commit one batch: canonical versions, links, audit, outbox rows and the cursor, atomically."""
         connector = self.connectors[name]

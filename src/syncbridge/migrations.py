@@ -131,6 +131,31 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE links ADD COLUMN applied_ts REAL;
         """,
     ),
+    (
+        3,
+        """
+        -- secrets a connector obtained at run time (refresh tokens), Fernet-encrypted
+        CREATE TABLE secrets (
+            connector TEXT NOT NULL,
+            key TEXT NOT NULL,
+            value BLOB NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (connector, key)
+        );
+        -- the slot set last published per directory, clinician and local date (a digest), so only
+        -- dates whose slots changed are published again
+        CREATE TABLE published_slots (
+            connector TEXT NOT NULL,
+            clinician TEXT NOT NULL,
+            day TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            slots INTEGER NOT NULL,
+            published_at TEXT NOT NULL,
+            PRIMARY KEY (connector, clinician, day)
+        );
+        CREATE INDEX webhook_inbox_pending ON webhook_inbox (connector) WHERE processed_at IS NULL;
+        """,
+    ),
 ]
 
 

@@ -25,8 +25,11 @@ from .connector import Connector
 from .engine import Engine, ObserveReport
 from .errors import AuthError, ConfigError, RateLimited, SyncbridgeError, error_kind
 from .logging import configure
+from .host import DaemonHost, Vault
 from .metrics import Metrics
+from .model import iso, utcnow
 from .outbox import Outbox
+from .publisher import Publisher
 from .registry import build_connectors
 from .sdnotify import notify, watchdog_interval
 from .store import Store
@@ -44,6 +47,14 @@ class Daemon:
         self.connectors: dict[str, Connector] = build_connectors(config)
         self.engine = Engine(self.store, self.connectors, config)
         self.outbox = Outbox(self.engine)
+        self.publisher = Publisher(self.store, self.connectors, config)
+        self.vault = Vault(self.store, config.store.secret_key)
+        #: connectors a push hint or webhook asked to pull; drained by ``wake_loop``
+        self.woken: set[str] = set()
+        self.wake_event = asyncio.Event()
+        self.availability_due = asyncio.Event()
+        self._pull_lock: dict[str, asyncio.Lock] = {}
+        self._attach_hosts()
         self.scheduler = AsyncIOScheduler()
         self.stopping = asyncio.Event()
         self.poke = asyncio.Event()
@@ -58,19 +69,116 @@ class Daemon:
     def _observed(self, name: str, report: ObserveReport) -> None:
         self.metrics.pulls.labels(name, "held" if report.held else "ok").inc()
         self.metrics.observed.labels(name).inc(report.created + report.updated)
+        if report.changed_ids:
+            self.availability_due.set()
 
     def _written(self, name: str, outcome: str, seconds: float | None) -> None:
         self.metrics.writes.labels(name, outcome).inc()
+        if outcome == "applied":
+            self.availability_due.set()
         if outcome == "throttled":
             self.metrics.throttled.labels(name).inc()
         if seconds is not None:
             self.metrics.propagation.labels(name).observe(seconds)
 
+    def _attach_hosts(self) -> None:
+        base = self.config.http.public_url if self.config.http.enabled else None
+        for name, connector in self.connectors.items():
+            url = f"{base.rstrip('/')}/webhooks/{name}" if base else None
+            connector.host = DaemonHost(name, self.store, self.vault, url, self.wake)
+
+    def wake(self, name: str) -> None:
+        """A push hint for ``name``: process its inbox and pull soon (many hints, one pull)."""
+        self.woken.add(name)
+        self.wake_event.set()
+
     # --- jobs ----------------------------------------------------------------------------
+
+    async def wake_loop(self) -> None:
+        """Drain push hints: first the persisted notifications, then an incremental pull."""
+        self.woken.update(c for _, c, _, _ in self.store.inbox_pending())  # left over from before a restart
+        while not self.stopping.is_set():
+            if not self.woken:
+                self.wake_event.clear()
+                stop = asyncio.create_task(self.stopping.wait())
+                woke = asyncio.create_task(self.wake_event.wait())
+                await asyncio.wait({stop, woke}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                woke.cancel()
+                continue
+            await asyncio.sleep(0.2)  # let a burst of notifications collapse into one pull
+            names, self.woken = set(self.woken), set()
+            for name in sorted(names):
+                if name in self.connectors and not self.stopping.is_set():
+                    await self.process_inbox(name)
+
+    async def process_inbox(self, name: str) -> None:
+        connector = self.connectors[name]
+        pending = self.store.inbox_pending(name)
+        targets: list[str] = []
+        pull = not pending  # a bare pull_soon() hint
+        for _, _, headers, body in pending:
+            try:
+                named = connector.webhook_targets(headers, body)
+            except SyncbridgeError as err:
+                log.warning("webhook_unreadable", connector=name, kind=error_kind(err))
+                named = []
+            if named is None:
+                pull = True
+            else:
+                targets.extend(named)
+        try:
+            if targets:
+                report = await self.engine.refresh(name, targets)
+                self._observed(name, report)
+            if pull:
+                await self.poll(name)
+        except SyncbridgeError as err:
+            log.warning("webhook_refresh_failed", connector=name, kind=error_kind(err))
+            self.woken.add(name)  # keep the notifications; the next hint or poll retries
+            return
+        if pending:
+            with self.store.tx() as tx:
+                tx.inbox_done([i for i, _, _, _ in pending], iso(utcnow()))
+        self.poke.set()
+
+    async def maintain(self) -> None:
+        """Keep every connector's push channels alive; a failure here never stops polling."""
+        for name, connector in list(self.connectors.items()):
+            try:
+                await connector.maintain()
+            except SyncbridgeError as err:
+                log.warning("maintain_failed", connector=name, kind=error_kind(err))
+            except Exception:
+                log.exception("maintain_unexpected", connector=name)
+
+    async def availability_loop(self) -> None:
+        """Publish changed slot sets soon after any change, and every ``availability.interval``."""
+        while not self.stopping.is_set():
+            if self.publisher.active():
+                try:
+                    now = time.time()
+                    if self.publisher.busy_read_at is None or now - self.publisher.busy_read_at >= self.config.availability.busy_refresh_interval:
+                        await self.publisher.refresh_busy()
+                    report = await self.publisher.publish()
+                    if report.published:
+                        log.info("availability_published", days=report.published, failed=report.failed)
+                except Exception:
+                    log.exception("availability_unexpected")
+            self.availability_due.clear()
+            try:
+                await asyncio.wait_for(self.availability_due.wait(), timeout=self.config.availability.interval)
+                await asyncio.sleep(1.0)  # a cancellation's fan-out settles before slots are computed
+            except TimeoutError:
+                pass
 
     async def poll(self, name: str, full: bool = False) -> None:
         if name not in self.connectors:
             return
+        async with self._pull_lock.setdefault(name, asyncio.Lock()):  # a push-triggered pull never races the poll
+            await self._poll(name, full)
+
+    async def _poll(self, name: str, full: bool) -> None:
         started = time.monotonic()
         try:
             report = await self.engine.sync(name, full=full)
@@ -115,6 +223,10 @@ class Daemon:
     def schedule(self) -> None:
         for job in self.scheduler.get_jobs():
             job.remove()
+        self.scheduler.add_job(
+            self.maintain, "interval", seconds=self.config.http.channel_check_interval, id="maintain", max_instances=1, coalesce=True,
+            next_run_time=_now(),
+        )
         for name, connector in self.connectors.items():
             interval = connector.config.poll_interval
             self.scheduler.add_job(
@@ -160,6 +272,8 @@ class Daemon:
         self.connectors = build_connectors(new)
         self.engine.connectors = self.connectors
         self.engine.config = new
+        self.publisher.connectors, self.publisher.config = self.connectors, new
+        self._attach_hosts()
         self.schedule()
         interval = watchdog_interval()
         if interval:
@@ -177,6 +291,7 @@ class Daemon:
         self.schedule()
         self.scheduler.start()
         worker = asyncio.create_task(self.outbox_loop())
+        helpers = [asyncio.create_task(self.wake_loop()), asyncio.create_task(self.availability_loop())]
         server_task = None
         if self.config.http.enabled:
             from .http import build_app
@@ -197,6 +312,9 @@ class Daemon:
         self.scheduler.shutdown(wait=False)
         self.poke.set()
         await worker  # the current drain finishes its in-flight writes
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
         if self.http is not None and server_task is not None:
             self.http.should_exit = True
             await server_task

@@ -22,7 +22,7 @@ import sqlite_utils
 from .audit import VerifyResult, verify
 from .connector import Link
 from .migrations import migrate
-from .model import Appointment, Snapshot
+from .model import CANCELLED_STATES, Appointment, Snapshot
 
 if TYPE_CHECKING:
     from .tx import Tx
@@ -244,3 +244,18 @@ class Store:
             sql += " AND connector = ?"
             args = (connector,)
         return [(r[0], r[1], loads(r[2]), r[3]) for r in self.conn.execute(sql + " ORDER BY id", args)]
+
+    def sessions_of(self, clinician: str, start: str, end: str) -> list[Snapshot]:
+        """The clinician's live (not cancelled) sessions starting in [start, end), as snapshots."""
+        return [
+            loads(r[0])
+            for r in self.conn.execute(
+                "SELECT snapshot FROM appointments WHERE clinician = ? AND start >= ? AND start < ? "
+                f"AND status NOT IN ({','.join('?' * len(CANCELLED_STATES))}) ORDER BY start",
+                (clinician, start, end, *sorted(CANCELLED_STATES)),
+            )
+        ]
+
+    def published_digests(self, connector: str, clinician: str) -> dict[str, str]:
+        rows = self.conn.execute("SELECT day, digest FROM published_slots WHERE connector = ? AND clinician = ?", (connector, clinician))
+        return {r[0]: r[1] for r in rows}

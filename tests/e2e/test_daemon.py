@@ -18,6 +18,7 @@ import yaml
 
 from syncbridge.emulation import free_port
 from syncbridge.store import Store
+from tests.support.daemon import DaemonProcess
 from tests.support.replica import ReplicaVendor
 
 pytestmark = pytest.mark.slow
@@ -36,44 +37,6 @@ def config(tmp: Path, port: int, latency: float = 0.0, poll: float = 0.3) -> dic
         },
         "http": {"port": port, "token": {"env": "SB_STATUS_TOKEN"}},
     }
-
-
-class Daemon:
-    def __init__(self, tmp: Path, conf: dict) -> None:
-        self.tmp, self.path, self.log = tmp, tmp / "config.yaml", tmp / "daemon.log"
-        self.write(conf)
-        self.port = conf["http"]["port"]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "syncbridge.cli", "run", "--config", str(self.path)],
-            cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT), "SB_STATUS_TOKEN": TOKEN},
-            stdout=subprocess.DEVNULL, stderr=self.log.open("ab"),
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.wait_for(lambda: self.get("/healthz").status_code == 200, 20)
-
-    def write(self, conf: dict | str) -> None:
-        self.path.write_text(conf if isinstance(conf, str) else yaml.safe_dump(conf))
-
-    def get(self, path: str, **kw) -> httpx.Response:  # type: ignore[no-untyped-def]
-        try:
-            return httpx.get(self.url + path, timeout=5, **kw)
-        except httpx.TransportError:
-            return httpx.Response(599)
-
-    def wait_for(self, predicate, timeout: float) -> None:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            if predicate():
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"timed out; log:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
 
 
 def seed(tmp: Path, n: int) -> ReplicaVendor:
@@ -95,7 +58,7 @@ def synced(tmp: Path, n: int) -> bool:
 def test_endpoints_and_status_page(tmp_path: Path) -> None:
     """Health is open; metrics and the status page need the token and show a cancellation and where it went."""
     seed(tmp_path, 4)
-    d = Daemon(tmp_path, config(tmp_path, free_port()))
+    d = DaemonProcess(tmp_path, config(tmp_path, free_port()), env={"SB_STATUS_TOKEN": TOKEN})
     try:
         d.wait_for(lambda: synced(tmp_path, 4), 30)
         assert d.get("/readyz").json()["ready"] is True
@@ -131,7 +94,7 @@ def test_sighup_reloads_good_config_and_keeps_old_on_bad(tmp_path: Path) -> None
     port = free_port()
     seed(tmp_path, 2)
     conf = config(tmp_path, port)
-    d = Daemon(tmp_path, conf)
+    d = DaemonProcess(tmp_path, conf, env={"SB_STATUS_TOKEN": TOKEN})
     try:
         d.wait_for(lambda: synced(tmp_path, 2), 30)
         d.write("practice:\n  timezone: Mars/Olympus\n")
@@ -156,7 +119,7 @@ def test_sigterm_mid_sync_finishes_writes_and_exits_cleanly(tmp_path: Path) -> N
     """SIGTERM while writes are in flight exits 0; a restart finishes the rest with nothing lost or doubled."""
     seed(tmp_path, 40)
     conf = config(tmp_path, free_port(), latency=0.05)
-    d = Daemon(tmp_path, conf)
+    d = DaemonProcess(tmp_path, conf, env={"SB_STATUS_TOKEN": TOKEN})
     d.wait_for(lambda: len(Store(tmp_path / "store.db").links_of("cal")) >= 3, 30)
     started = time.monotonic()
     assert d.stop() == 0
@@ -165,7 +128,7 @@ def test_sigterm_mid_sync_finishes_writes_and_exits_cleanly(tmp_path: Path) -> N
     store = Store(tmp_path / "store.db")
     assert store.verify_audit().ok
     store.close()
-    d = Daemon(tmp_path, conf)
+    d = DaemonProcess(tmp_path, conf, env={"SB_STATUS_TOKEN": TOKEN})
     try:
         d.wait_for(lambda: synced(tmp_path, 40), 60)
     finally:
