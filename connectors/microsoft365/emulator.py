@@ -48,6 +48,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from syncbridge.emulation import Injector
+
 from .emulator_identity import Identity, TokenGrant
 from .emulator_notify import Notifier, parse_when
 from .emulator_store import MAX_CONCURRENT_PER_MAILBOX, Mailbox, apply_body, copy_for_update, new_event, overlaps, render, stamp
@@ -423,6 +425,8 @@ class RunningGraph:
     base_url: str
     tls: TLSFiles
     stop: Callable[[], None]
+    #: counts requests and injects latency and failures, like every emulator's (syncbridge.emulation)
+    injector: Injector
 
     @property
     def ca_file(self) -> Path:
@@ -452,4 +456,4 @@ def running(workdir: Path, emulator: GraphEmulator | None = None) -> RunningGrap
         emu.notifier.stop()
         server.stop()
 
-    return RunningGraph(emu, emu.base_url, tls, stop)
+    return RunningGraph(emu, emu.base_url, tls, stop, server.injector)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 import secrets
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
-from syncbridge.connector import Sandbox
+from syncbridge.connector import Sandbox, SeenCopy
 
 from .emulator import running
 
@@ -47,6 +49,24 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
         clinician, _, event_id = external_id.partition("/")
         emu.user_delete(mailbox_for(clinician), event_id)
 
+    async def look(external_id: str) -> SeenCopy:
+        """The event as the clinician sees it in Outlook."""
+        clinician, _, event_id = external_id.partition("/")
+        event = next((e for e in emu.events_of(mailbox_for(clinician)) if e["id"] == event_id), None)
+        if event is None:
+            return SeenCopy("gone")
+        start, end = (datetime.fromisoformat(event[k]["dateTime"][:19]).replace(tzinfo=UTC) for k in ("start", "end"))
+        return SeenCopy("cancelled" if event.get("isCancelled") else "live", start, end)
+
+    async def move(external_id: str, start: datetime, end: datetime) -> None:
+        """The clinician drags the event in Outlook (which sends the mailbox's Windows time zone name)."""
+        clinician, _, event_id = external_id.partition("/")
+        local = ZoneInfo("America/New_York")
+        emu.user_update(mailbox_for(clinician), event_id, {
+            k: {"dateTime": t.astimezone(local).strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": "Eastern Standard Time"}
+            for k, t in (("start", start), ("end", end))
+        })
+
     return Sandbox(
         connector_config={
             "type": "microsoft365",
@@ -60,5 +80,8 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
         accounts=accounts,
         close=server.stop,
         delete_event=delete_event,
+        look=look,
+        move=move,
+        injector=server.injector,
         describe=f"Microsoft Graph emulator on {server.base_url} ({len(clinicians)} mailboxes)",
     )

@@ -7,22 +7,18 @@ certificate from a CA made at start-up; clients trust that CA through the connec
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import threading
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from syncbridge.emulation import RunningServer, free_port
+from syncbridge.emulation import RunningServer, serve_in_thread
 
 __all__ = ["TLSFiles", "make_tls_files", "serve_tls_in_thread"]
 
@@ -87,22 +83,7 @@ def make_tls_files(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "loca
 
 
 def serve_tls_in_thread(app: Any, tls: TLSFiles, host: str = "127.0.0.1", port: int | None = None) -> RunningServer:
-    """Like :func:`syncbridge.emulation.serve_in_thread`, over HTTPS with ``tls``'s certificate."""
-    port = port or free_port(host)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_config=None, lifespan="off", access_log=False,
-        ssl_certfile=str(tls.cert_file), ssl_keyfile=str(tls.key_file), timeout_graceful_shutdown=2,
+    """:func:`syncbridge.emulation.serve_in_thread` over HTTPS with ``tls``'s certificate."""
+    return serve_in_thread(
+        app, host=host, port=port, ssl_certfile=str(tls.cert_file), ssl_keyfile=str(tls.key_file), timeout_graceful_shutdown=2
     )
-    server = uvicorn.Server(config)
-
-    def run() -> None:
-        asyncio.run(server.serve())
-
-    thread = threading.Thread(target=run, name=f"emulator-tls:{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError(f"TLS emulator on {host}:{port} did not start")
-        time.sleep(0.02)
-    return RunningServer(f"https://{host}:{port}", server, thread)
