@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,8 @@ log = structlog.get_logger("syncbridge.microsoft365")
 
 STATE_KEY = "graph_client_state"
 SUBS_KEY = "graph_subscriptions"
+#: seconds before a pull retries a subscription that could not be made (the listener was not up yet)
+RETRY_FAILED_AFTER = 30.0
 
 
 def _when(text: Any) -> datetime:
@@ -51,6 +54,7 @@ class Push:
         self.c = connector
         self._renew: set[str] = set()  # subscription ids
         self._recreate: set[str] = set()  # clinicians
+        self._failed_at: float | None = None  # a subscription could not be made: a later pull tries again
 
     # --- stored state -----------------------------------------------------------------------
 
@@ -103,7 +107,7 @@ class Push:
             return PlainTextResponse(token)
         body = await request.body()
         if self._authentic(body) is None:
-            log.warning("webhook_refused", connector=self.c.name, reason="clientState missing or wrong", size=len(body))
+            log.warning("webhook_refused", connector=self.c.name, check="clientState", size=len(body))
             return PlainTextResponse("refused: clientState does not match", 403)
         self.c.host.accept_webhook(dict(request.headers), body)
         return Response(status_code=202)
@@ -114,7 +118,7 @@ class Push:
             return PlainTextResponse(token)
         items = self._authentic(await request.body())
         if items is None:
-            log.warning("webhook_refused", connector=self.c.name, reason="clientState missing or wrong", route="lifecycle")
+            log.warning("webhook_refused", connector=self.c.name, check="clientState", route="lifecycle")
             return PlainTextResponse("refused: clientState does not match", 403)
         for item in items:
             event, sid = str(item.get("lifecycleEvent")), str(item.get("subscriptionId"))
@@ -151,7 +155,8 @@ class Push:
 
     @property
     def pending(self) -> bool:
-        return bool(self._renew or self._recreate)
+        retry = self._failed_at is not None and time.monotonic() - self._failed_at > RETRY_FAILED_AFTER
+        return bool(self._renew or self._recreate or retry)
 
     async def maintain(self) -> None:
         """Create missing subscriptions, renew those near expiry or asked to reauthorize; never raises."""
@@ -159,6 +164,7 @@ class Push:
         if base is None:
             return
         o = self.c.options
+        self._failed_at = None
         subs = self.subscriptions()
         now = datetime.now(UTC)
         lifetime = timedelta(minutes=o.subscription_minutes)
@@ -189,6 +195,7 @@ class Push:
                 log.warning("graph_subscription_failed", connector=self.c.name, clinician=clinician, kind=err.kind, error=str(err))
                 if held is None:
                     subs.pop(clinician, None)
+                    self._failed_at = time.monotonic()
             self._save(subs)
 
     async def close(self) -> None:
