@@ -163,6 +163,13 @@ class Push:
         base = self.c.host.public_url
         if base is None:
             return
+        try:
+            await self._maintain(base)
+        except SyncbridgeError as err:  # the vault itself (store.secret_key unset): polling carries on
+            self._failed_at = time.monotonic()
+            log.warning("graph_subscriptions_unavailable", connector=self.c.name, kind=err.kind, error=str(err))
+
+    async def _maintain(self, base: str) -> None:
         o = self.c.options
         self._failed_at = None
         subs = self.subscriptions()

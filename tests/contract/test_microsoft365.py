@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -377,3 +377,39 @@ async def test_delta_pages_removals_and_moves_out_of_window(graph: RunningGraph,
         graph.emulator.expire_sync_state()
         with pytest.raises(CursorExpired):
             await world.connector.pull(changed.cursor)
+
+
+async def test_meeting_with_attendees_is_cancelled_not_deleted(graph: RunningGraph, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A session the clinician turned into a meeting (an invited co-therapist) is cancelled, so attendees are told."""
+    async with world_for(m365_harness(graph, monkeypatch), tmp_path) as world:
+        appt_id = world.book_here(next_weekday_at(14))
+        await world.drain()
+        event_id = world.external_id(appt_id).partition("/")[2]
+        graph.emulator.user_update(MAILBOX, event_id, {"attendees": [
+            {"emailAddress": {"address": "cotherapist@lakeside.example", "name": "Co-therapist"}, "type": "required"}]})
+        await world.sync(full=True)
+        world.cancel_here(appt_id)
+        await world.drain()
+        assert ("POST", f"/v1.0/users/{MAILBOX}/events/{event_id}/cancel") in graph.emulator.log
+        assert not any(m == "DELETE" for m, _ in graph.emulator.log)
+        assert await world.vendor.live() == []
+        assert world.store.dead_letters() == []
+
+
+async def test_unreadable_event_is_reported_by_name(graph: RunningGraph, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """One of our events that ends before it starts becomes a problem observation; the others still sync."""
+    async with world_for(m365_harness(graph, monkeypatch), tmp_path) as world:
+        good, bad = world.book_here(next_weekday_at(9)), world.book_here(next_weekday_at(11))
+        await world.drain()
+        stored = graph.emulator.users[MAILBOX].events[world.external_id(bad).partition("/")[2]]
+        stored["_end"] = stored["_start"] - timedelta(hours=1)  # what a broken sync client could leave behind
+        hidden = stored["_ext"]
+        for key, (pid, _) in list(hidden.items()):
+            if "syncbridgefields" in key:
+                hidden[key] = (pid, "{not json")
+        result = await world.connector.pull(None)
+        by_id = {o.external_id: o for o in result.observations}
+        assert "ends" in (by_id[world.external_id(bad)].problem or "")
+        assert by_id[world.external_id(good)].problem is None
+        report = world.engine.observe(world.connector.name, result)
+        assert report.rejected == 1 and not world.store.appointment(good).cancelled
