@@ -31,7 +31,7 @@ from syncbridge.secrets import SecretRef
 
 from .auth import AppTokens, DelegatedTokens
 from .client import GraphClient
-from .mapping import EXT_FIELDS, EXT_ID, busy_interval, graph_instant, is_ours, read_event, render, transaction_id_for, with_properties
+from .mapping import EXT_FIELDS, EXT_ID, as_written, busy_interval, is_ours, read_event, render, transaction_id_for, with_properties
 from .push import Push
 
 if TYPE_CHECKING:
@@ -84,6 +84,13 @@ class Microsoft365Options(BaseModel):
         if urlsplit(value).scheme != "https" or not urlsplit(value).netloc:
             raise ValueError("must be an https:// URL (msal and Graph accept nothing else)")
         return value.rstrip("/")
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file (a PEM bundle of CA certificates)")
+        return value
 
     @model_validator(mode="after")
     def _credential(self) -> Microsoft365Options:
@@ -301,7 +308,7 @@ class Microsoft365Connector(Connector):
         body = render(appointment_id, desired, text)
         asked = datetime.now(UTC)
         event = await self.client.create_event(clinician, mailbox, body | {"transactionId": transaction_id_for(appointment_id)})
-        if not _as_written(event, body, asked):
+        if not as_written(event, body, asked):
             # a retried create answered with the first attempt's event, perhaps edited since: converge it
             event = await self.client.update_event(clinician, mailbox, str(event["id"]), body, event.get("@odata.etag")) or event
         ext = f"{clinician}/{event['id']}"
@@ -386,13 +393,3 @@ class Microsoft365Connector(Connector):
         if self._tokens is not None:
             self._tokens.close()
 
-
-def _as_written(event: dict[str, Any], body: dict[str, Any], asked: datetime) -> bool:
-    """Whether a create's answer is the event just made from ``body`` (not an older one found by transactionId)."""
-    try:
-        same_times = all(graph_instant(event.get(k), k) == graph_instant(body[k], k) for k in ("start", "end"))
-        created = datetime.fromisoformat(str(event.get("createdDateTime", "")).replace("Z", "+00:00").split(".")[0]).replace(tzinfo=UTC)
-    except (MalformedRecord, ValueError):
-        return False
-    same_text = event.get("subject") == body["subject"] and (event.get("location") or {}).get("displayName", "") == body["location"]["displayName"]
-    return same_times and same_text and created >= asked - timedelta(minutes=1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -26,6 +26,7 @@ from syncbridge.policy.privacy import EventText
 
 __all__ = [
     "EXT_FIELDS",
+    "as_written",
     "EXT_ID",
     "ObservedEvent",
     "busy_interval",
@@ -173,3 +174,14 @@ def busy_interval(event: dict[str, Any]) -> tuple[datetime, datetime] | None:
     except MalformedRecord:
         return None
     return (start.astimezone(UTC), end.astimezone(UTC)) if end > start else None
+
+
+def as_written(event: dict[str, Any], body: dict[str, Any], asked: datetime) -> bool:
+    """Whether a create's answer is the event just made from ``body`` (not an older one found by transactionId)."""
+    try:
+        same_times = all(graph_instant(event.get(k), k) == graph_instant(body[k], k) for k in ("start", "end"))
+        created = datetime.fromisoformat(str(event.get("createdDateTime", "")).replace("Z", "+00:00").split(".")[0]).replace(tzinfo=UTC)
+    except (MalformedRecord, ValueError):
+        return False
+    same_text = event.get("subject") == body["subject"] and (event.get("location") or {}).get("displayName", "") == body["location"]["displayName"]
+    return same_times and same_text and created >= asked - timedelta(minutes=1)

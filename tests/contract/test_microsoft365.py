@@ -413,3 +413,18 @@ async def test_unreadable_event_is_reported_by_name(graph: RunningGraph, monkeyp
         assert by_id[world.external_id(good)].problem is None
         report = world.engine.observe(world.connector.name, result)
         assert report.rejected == 1 and not world.store.appointment(good).cancelled
+
+
+async def test_retried_create_converges_the_first_attempt(graph: RunningGraph, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A create retried after its answer was lost finds the first event by transactionId and converges it."""
+    async with world_for(m365_harness(graph, monkeypatch), tmp_path) as world:
+        appt_id = world.book_here(next_weekday_at(10))
+        await world.drain()
+        ext = world.external_id(appt_id)
+        elsewhere = next_weekday_at(16)
+        await world.vendor.move(ext, elsewhere, elsewhere + timedelta(minutes=50))
+        desired = world.connector.capabilities.project(world.store.appointment(appt_id).fields)
+        result = await world.connector.apply(appt_id, desired, None)
+        assert result.external_id == ext
+        live = await world.vendor.live()
+        assert [(e["external_id"], e["start"]) for e in live] == [(ext, world.store.appointment(appt_id).start)]
