@@ -428,3 +428,59 @@ async def test_retried_create_converges_the_first_attempt(graph: RunningGraph, m
         assert result.external_id == ext
         live = await world.vendor.live()
         assert [(e["external_id"], e["start"]) for e in live] == [(ext, world.store.appointment(appt_id).start)]
+
+
+async def test_emulator_answers_as_graph_does(graph: RunningGraph, tmp_path: Path) -> None:
+    """The emulator's refusals match Graph's documented ones: codes, statuses and the validation handshake."""
+    import ssl
+
+    emu = graph.emulator
+    verify = ssl.create_default_context(cafile=str(graph.ca_file))
+    token_url = f"{graph.base_url}/{emu.tenant}/oauth2/v2.0/token"
+    async with httpx.AsyncClient(verify=verify, trust_env=False) as http:
+        bad_scope = await http.post(token_url, data={"grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": SECRET,
+                                                     "scope": "Calendars.ReadWrite"})
+        assert bad_scope.status_code == 400 and bad_scope.json()["error"] == "invalid_scope"
+        anonymous = await http.get(f"{graph.graph_url}/users/{MAILBOX}/events")
+        assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "InvalidAuthenticationToken"
+        got = await http.post(token_url, data={"grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": SECRET,
+                                               "scope": f"{emu.resource}/.default"})
+        http.headers["Authorization"] = f"Bearer {got.json()['access_token']}"
+        base = f"{graph.graph_url}/users/{MAILBOX}"
+        body = {"subject": "x", "transactionId": "t-1",
+                "start": {"dateTime": "2030-01-07T10:00:00", "timeZone": "Pacific Standard Time"},
+                "end": {"dateTime": "2030-01-07T10:50:00", "timeZone": "Pacific Standard Time"}}
+        first, again = await http.post(f"{base}/events", json=body), await http.post(f"{base}/events", json=body)
+        assert first.status_code == 201 and again.json()["id"] == first.json()["id"] and first.json()["transactionId"] == "t-1"
+        assert first.json()["start"] == {"dateTime": "2030-01-07T18:00:00.0000000", "timeZone": "UTC"}
+        event = first.json()
+        moved = await http.patch(f"{base}/events/{event['id']}", json={"subject": "y"}, headers={"If-Match": event["@odata.etag"]})
+        stale = await http.patch(f"{base}/events/{event['id']}", json={"subject": "z"}, headers={"If-Match": event["@odata.etag"]})
+        assert moved.status_code == 200 and stale.status_code == 412 and stale.json()["error"]["code"] == "ErrorIrresolvableConflict"
+        not_meeting = await http.post(f"{base}/events/{event['id']}/cancel", json={"comment": "off"})
+        assert not_meeting.status_code == 400
+        window = {"startDateTime": "2030-01-01T00:00:00Z", "endDateTime": "2030-02-01T00:00:00Z"}
+        selected = await http.get(f"{base}/calendarView/delta", params=window | {"$select": "subject"})
+        assert selected.status_code == 400
+        expired = await http.get(f"{base}/calendarView/delta", params={"$deltatoken": "made-up"})
+        assert expired.status_code == 410 and expired.json()["error"]["code"] == "SyncStateNotFound"
+        subscription = {"changeType": "updated", "resource": f"users/{MAILBOX}/events", "clientState": "s",
+                        "expirationDateTime": "2030-01-01T00:00:00Z"}
+        plain = await http.post(f"{graph.graph_url}/subscriptions", json=subscription | {"notificationUrl": "http://127.0.0.1:9/hook"})
+        assert plain.status_code == 400, "real Graph requires an HTTPS notificationUrl"
+        emu.notifier.allow_http = True
+        silent = serve_in_thread(Starlette(routes=[Route("/hook", _not_echoing, methods=["POST"])]))
+        try:
+            soon = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            refused = await http.post(f"{graph.graph_url}/subscriptions",
+                                      json=subscription | {"notificationUrl": f"{silent.url}/hook", "expirationDateTime": soon})
+        finally:
+            silent.stop()
+        assert refused.status_code == 400 and "validation" in refused.json()["error"]["message"].lower()
+
+
+async def _not_echoing(request: Any) -> Any:
+    """A webhook that answers 200 but does not echo the validation token."""
+    from starlette.responses import PlainTextResponse
+
+    return PlainTextResponse("ok")
