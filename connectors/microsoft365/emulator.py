@@ -52,7 +52,9 @@ from syncbridge.emulation import Injector
 
 from .emulator_identity import Identity, TokenGrant
 from .emulator_notify import Notifier, parse_when
-from .emulator_store import MAX_CONCURRENT_PER_MAILBOX, Mailbox, apply_body, copy_for_update, new_event, overlaps, render, stamp
+from .emulator_store import (
+    MAX_CONCURRENT_PER_MAILBOX, Mailbox, apply_body, changes_since, copy_for_update, in_window, new_event, render, stamp,
+)
 from .tls import TLSFiles, make_tls_files, serve_tls_in_thread
 
 __all__ = ["GraphEmulator", "Mailbox", "RunningGraph", "running"]
@@ -346,7 +348,7 @@ class GraphEmulator:
         skip = int(request.query_params.get("$skip", 0))
         select = [s for s in request.query_params.get("$select", "").split(",") if s] or None
         with self._lock:
-            found = sorted((e for e in box.events.values() if overlaps(e, *window)), key=lambda e: (e["_start"], e["id"]))
+            found = in_window(box, *window)
             page = [render(e, expand=self._expand(request), zone=self._out_zone(request), select=select) for e in found[skip : skip + size]]
         out: dict[str, Any] = {"value": page}
         if skip + size < len(found):
@@ -377,22 +379,13 @@ class GraphEmulator:
                         return self.error(410, "SyncStateNotFound", "The sync state generation is not found or has expired.")
                     _, start_text, end_text, since = state
                     start, end = datetime.fromisoformat(start_text), datetime.fromisoformat(end_text)
-                    items = []
-                    for eid, seq in sorted(box.changed.items(), key=lambda kv: kv[1]):
-                        event = box.events.get(eid)
-                        if seq <= since:
-                            continue
-                        if event is not None and overlaps(event, start, end):
-                            items.append(render(event, expand=None, zone=zone))
-                        else:
-                            items.append({"@odata.type": "#microsoft.graph.event", "id": eid, "@removed": {"reason": "deleted"}})
+                    items = changes_since(box, start, end, since, zone)
                 else:
                     window = self._window(request)
                     if isinstance(window, Response):
                         return window
                     start, end = window
-                    found = sorted((e for e in box.events.values() if overlaps(e, start, end)), key=lambda e: (e["_start"], e["id"]))
-                    items = [render(e, expand=None, zone=zone) for e in found]
+                    items = [render(e, expand=None, zone=zone) for e in in_window(box, start, end)]
                 token = secrets.token_urlsafe(24)
                 self._states[token] = (box.upn, start.isoformat(), end.isoformat(), box.seq)
                 closing = f"{path}?$deltatoken={token}"

@@ -16,7 +16,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .emulator_notify import parse_when
 
-__all__ = ["MAX_CONCURRENT_PER_MAILBOX", "Mailbox", "apply_body", "copy_for_update", "new_event", "overlaps", "render", "stamp"]
+__all__ = [
+    "MAX_CONCURRENT_PER_MAILBOX", "Mailbox", "apply_body", "changes_since", "copy_for_update", "in_window", "new_event", "overlaps",
+    "render", "stamp",
+]
 
 WINDOWS_ZONES = {
     "Eastern Standard Time": "America/New_York", "Central Standard Time": "America/Chicago",
@@ -129,3 +132,23 @@ def render(event: dict[str, Any], *, expand: list[str] | None, zone: str = "UTC"
 
 def overlaps(event: dict[str, Any], start: datetime, end: datetime) -> bool:
     return bool(event["_start"] < end and event["_end"] > start)
+
+
+def in_window(box: Mailbox, start: datetime, end: datetime) -> list[dict[str, Any]]:
+    """Events overlapping [start, end), in start order (what calendarView lists)."""
+    return sorted((e for e in box.events.values() if overlaps(e, start, end)), key=lambda e: (e["_start"], e["id"]))
+
+
+def changes_since(box: Mailbox, start: datetime, end: datetime, since: int, zone: str) -> list[dict[str, Any]]:
+    """A delta round's items after change ``since``: events changed inside the window in full, and
+    deletions and changes outside it as ``@removed`` (reason ``deleted``), as event-delta documents."""
+    items: list[dict[str, Any]] = []
+    for eid, seq in sorted(box.changed.items(), key=lambda kv: kv[1]):
+        if seq <= since:
+            continue
+        event = box.events.get(eid)
+        if event is not None and overlaps(event, start, end):
+            items.append(render(event, expand=None, zone=zone))
+        else:
+            items.append({"@odata.type": "#microsoft.graph.event", "id": eid, "@removed": {"reason": "deleted"}})
+    return items
