@@ -484,3 +484,21 @@ async def _not_echoing(request: Any) -> Any:
     from starlette.responses import PlainTextResponse
 
     return PlainTextResponse("ok")
+
+
+async def test_event_text_never_reaches_the_logs(graph: RunningGraph, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Titles typed in Outlook (a private appointment, a client's name next to a tag) appear in no log line."""
+    from structlog.testing import capture_logs
+
+    async with world_for(m365_harness(graph, monkeypatch), tmp_path) as world:
+        appt_id = world.book_here(next_weekday_at(10))
+        await world.drain()
+        with capture_logs() as logs:
+            await world.sync()
+            await world.vendor.add_private_event(next_weekday_at(13), next_weekday_at(14), "Dentist - Dr. Molar")
+            await world.vendor.retitle(world.external_id(appt_id), "Jane Doe #late")
+            await world.sync()
+            await world.sync(full=True)
+            await world.drain()
+        assert world.store.appointment(appt_id).cancelled
+        assert logs and not any("Molar" in repr(entry) or "Jane" in repr(entry) for entry in logs)
