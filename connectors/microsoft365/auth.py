@@ -11,6 +11,7 @@ daemon's encrypted vault (``host.vault_put``).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 
 import msal
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from syncbridge.connector import Host
 from syncbridge.errors import AuthError, TransientError
@@ -31,11 +34,18 @@ CONSENT_HINT = (
 
 
 def http_session(ca_bundle: Path | None) -> requests.Session:
-    """The session msal uses; with ``ca_bundle`` it trusts that file and nothing from the environment."""
+    """The session msal uses; with ``ca_bundle`` it trusts that file and nothing from the environment.
+
+    The identity platform's throttling and transient errors (429, 5xx) are retried here, honouring
+    Retry-After (token and discovery requests are safe to repeat); msal itself does not retry.
+    """
     session = requests.Session()
     if ca_bundle is not None:
         session.trust_env = False
         session.verify = str(ca_bundle)
+    retry = Retry(total=3, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None,
+                  respect_retry_after_header=True, raise_on_status=False)
+    session.mount("https://", HTTPAdapter(max_retries=retry))
     return session
 
 
@@ -50,7 +60,11 @@ async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.to_thread(fn, *args, **kwargs)
     except requests.RequestException as err:
         raise TransientError(f"token endpoint unreachable ({type(err).__name__})") from err
-    except ValueError as err:  # msal raises ValueError for an unusable authority or credential
+    except json.JSONDecodeError as err:  # a proxy's or an overloaded endpoint's non-JSON answer
+        raise TransientError("the identity platform answered something that is not JSON") from err
+    except ValueError as err:
+        if "HTTP status: 429" in str(err):  # OIDC discovery throttled past the retries
+            raise TransientError("the identity platform asks to slow down (429)") from err  # msal raises ValueError for an unusable authority or credential
         raise AuthError(f"msal cannot use the configured authority or credential: {str(err)[:200]}", action=CONSENT_HINT) from err
 
 
