@@ -7,6 +7,7 @@ exercises exactly what a practice's Fastmail or Nextcloud account would.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -113,7 +114,21 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox | None:
             put = await client.put(url(href), content=cal.to_ical(), headers={"If-Match": r.headers["ETag"], "Content-Type": "text/calendar"})
             put.raise_for_status()
 
+    async def live_ids() -> set[str]:
+        """Every event href in the clinicians' calendars that is not marked cancelled."""
+        out: set[str] = set()
+        async with httpx.AsyncClient(auth=auth, timeout=30) as client:
+            for key in clinicians:
+                r = await client.request("PROPFIND", f"{base}/{USER}/{key}/", headers={"Depth": "1"})
+                r.raise_for_status()
+                hrefs = [h for h in re.findall(r"<(?:\w+:)?href>([^<]+)</(?:\w+:)?href>", r.text) if h.endswith(".ics")]
+                for href in hrefs:
+                    if (await look(href)).state == "live":
+                        out.add(href)
+        return out
+
     return Sandbox(
+        live_ids=live_ids,
         look=look,
         move=move,
         injector=proxy.injector,

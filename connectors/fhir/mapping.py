@@ -141,6 +141,10 @@ def read_appointment(
         "series_id": extension(appt, EXT_SERIES),
         "billing": extension(appt, EXT_BILLING) or Billing.PENDING.value,
     }
+    if fields["status"] in (Status.CANCELLED, Status.NOSHOW, Status.ENTERED_IN_ERROR) and extension(appt, EXT_BILLING) is None:
+        # cancelled in the EHR but not yet settled by us: say nothing about billing, so the copy
+        # differs from the canonical record and claim suppression runs on it
+        del fields["billing"]
     reported: dict[str, Any] | None = None
     if fields["cancellation"]:
         reported = dict(fields["cancellation"])

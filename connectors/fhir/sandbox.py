@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from syncbridge.connector import Sandbox, SeenCopy
+from syncbridge.emulation import PERSON_HEADER
 
 from .emulator import FHIREmulator, running
 
@@ -41,7 +42,7 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
 
     async def delete_event(external_id: str) -> None:
         """What EHR staff do to call a session off: cancel the Appointment (EHRs do not delete)."""
-        async with httpx.AsyncClient(base_url=server.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=10) as http:
+        async with httpx.AsyncClient(base_url=server.base_url, headers={"Authorization": f"Bearer {token}", PERSON_HEADER: "1"}, timeout=10) as http:
             r = await http.get(f"/Appointment/{external_id}")
             r.raise_for_status()
             appt = r.json()
@@ -53,7 +54,7 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
             (await http.put(f"/Appointment/{external_id}", json=appt, headers={"If-Match": r.headers["ETag"]})).raise_for_status()
 
     def client() -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=server.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        return httpx.AsyncClient(base_url=server.base_url, headers={"Authorization": f"Bearer {token}", PERSON_HEADER: "1"}, timeout=10)
 
     async def look(external_id: str) -> SeenCopy:
         async with client() as http:
@@ -75,7 +76,18 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
             appt["start"], appt["end"] = start.isoformat(), end.isoformat()
             (await http.put(f"/Appointment/{external_id}", json=appt, headers={"If-Match": r.headers["ETag"]})).raise_for_status()
 
+    async def live_ids() -> set[str]:
+        out: set[str] = set()
+        async with client() as http:
+            url: str | None = "/Appointment?_count=500"
+            while url:
+                bundle = (await http.get(url)).raise_for_status().json()
+                out |= {e["resource"]["id"] for e in bundle.get("entry", []) if e["resource"].get("status") not in ("cancelled", "noshow", "entered-in-error")}
+                url = next((link["url"] for link in bundle.get("link", []) if link["relation"] == "next"), None)
+        return out
+
     return Sandbox(
+        live_ids=live_ids,
         look=look,
         move=move,
         injector=server.injector,

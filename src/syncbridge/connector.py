@@ -226,6 +226,11 @@ class Sandbox:
     book: Callable[[str, datetime, datetime], Awaitable[str]] | None = None
     #: start times a directory currently offers for a clinician on a local date
     offered: Callable[[str, date], Awaitable[list[datetime]]] | None = None
+    #: tell the system where this connector's webhooks arrive (what a practice registers in the
+    #: vendor's portal); called with ``<http.public_url>/webhooks/<connector name>``
+    register_webhooks: Callable[[str], None] | None = None
+    #: external ids of every copy that looks like a live session (duplicate checks)
+    live_ids: Callable[[], Awaitable[set[str]]] | None = None
     #: counts the system's API requests and injects latency and failures (benchmarks, chaos tests)
     injector: Injector | None = None
 

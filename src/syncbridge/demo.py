@@ -102,9 +102,13 @@ def start_sandboxes(workdir: Path, clinicians: list[str], say: Callable[[str], N
 
 
 def sandbox_config(
-    workdir: Path, sandboxes: dict[str, Sandbox], names: dict[str, str], port: int, poll_interval: float = 2.0
+    workdir: Path, sandboxes: dict[str, Sandbox], names: dict[str, str], port: int, poll_interval: float = 2.0, push: bool = True
 ) -> dict[str, Any]:
-    """The practice config for the sandboxes: push enabled on loopback, a generated vault key."""
+    """The practice config for the sandboxes: push on loopback (unless ``push`` is false), a generated vault key."""
+    public = f"http://127.0.0.1:{port}" if push else None
+    for name, s in sandboxes.items():
+        if s.register_webhooks is not None and public:
+            s.register_webhooks(f"{public}/webhooks/{name}")
     key = workdir / "store-key"
     if not key.exists():
         key.write_text(secrets.token_urlsafe(32))
@@ -119,7 +123,7 @@ def sandbox_config(
         "connectors": {name: s.connector_config | {"poll_interval": poll_interval} for name, s in sandboxes.items()},
         "availability": {"minimum_notice_hours": 0, "interval": 30, "busy_refresh_interval": 30},
         "logging": {"level": "warning", "json": False},
-        "http": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}"},
+        "http": {"host": "127.0.0.1", "port": port, "public_url": public},
     }
 
 
@@ -144,7 +148,7 @@ async def _demo(workdir: Path, wait: bool) -> int:
         _say(f"  mirrored {links} events into {len(sandboxes)} system(s) in {time.monotonic() - started:.1f}s" + ("" if mirrored else " (still working)"))
 
         victim = ids[4]
-        origin, sandbox = next((n, s) for n, s in sandboxes.items() if s.delete_event)
+        origin, sandbox = next((n, s) for n, s in sandboxes.items() if s.delete_event and daemon.store.link(n, victim))
         link = daemon.store.link(origin, victim)
         assert link is not None and link.external_id and sandbox.delete_event
         appt = daemon.store.appointment(victim)
@@ -184,6 +188,20 @@ async def _demo(workdir: Path, wait: bool) -> int:
             _say(f"  billing in {', '.join(records)}: {appt.fields.get('billing')} (no claim goes to the payer for this session)")
         else:
             _say("  no EHR is connected in this sandbox, so there is no claim to suppress yet")
+        for name, s in sandboxes.items():
+            if s.offered is None or appt.fields["clinician"] not in s.accounts:
+                continue
+            start = appt.start.astimezone(ZoneInfo(appt.fields["timezone"]))
+            offered = s.offered
+
+            async def again(offered=offered, start=start) -> bool:  # type: ignore[no-untyped-def]
+                return start in await offered(appt.fields["clinician"], start.date())
+
+            deadline = time.monotonic() + 30
+            while not await again() and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+            state = "offered again" if await again() else "not offered yet (see availability rules)"
+            _say(f"  the {start:%a %H:%M} slot in {name}: {state}")
         _say()
         _say(f"Status page: http://127.0.0.1:{cfg.http.port}/  (open from this machine; no token is set in the sandbox)")
         _say("The sandbox keeps running. In another shell:")

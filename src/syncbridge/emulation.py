@@ -21,10 +21,14 @@ from typing import Any
 import httpx
 import uvicorn
 
-__all__ = ["Injector", "RunningServer", "free_port", "reverse_proxy", "serve_in_thread"]
+__all__ = ["PERSON_HEADER", "Injector", "RunningServer", "free_port", "reverse_proxy", "serve_in_thread"]
 
 _Scope = dict[str, Any]
 _FAILURES = ("429", "503", "500", "lost")
+#: requests a sandbox makes as a *person* using the system carry this header: they are not the
+#: daemon's API calls, so they are neither counted nor delayed nor failed
+PERSON_HEADER = "x-sandbox-person"
+_PERSON = PERSON_HEADER.encode()
 
 
 class Injector:
@@ -48,7 +52,7 @@ class Injector:
         self.by_method.clear()
 
     async def __call__(self, scope: _Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or any(k == _PERSON for k, _ in scope["headers"]):
             await self.app(scope, receive, send)
             return
         self.requests += 1

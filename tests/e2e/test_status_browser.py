@@ -14,7 +14,8 @@ import pytest
 
 from syncbridge.store import Store
 from syncbridge.emulation import free_port
-from tests.e2e.test_daemon import TOKEN, Daemon, config, seed, synced
+from tests.e2e.test_daemon import TOKEN, config, seed, synced
+from tests.support.daemon import DaemonProcess
 from tests.support.replica import ReplicaVendor
 
 pytestmark = pytest.mark.slow
@@ -28,7 +29,7 @@ def test_status_page_shows_cancellation_and_where_it_went(tmp_path: Path) -> Non
     from playwright.sync_api import sync_playwright
 
     seed(tmp_path, 5)
-    d = Daemon(tmp_path, config(tmp_path, free_port()))
+    d = DaemonProcess(tmp_path, config(tmp_path, free_port()), env={"SB_STATUS_TOKEN": TOKEN})
     try:
         d.wait_for(lambda: synced(tmp_path, 5), 30)
         store = Store(tmp_path / "store.db")

@@ -1,0 +1,270 @@
+"""Chaos: every system failing on a fifth of its calls, the daemon killed every few seconds.
+
+All installed sandboxes run behind their injectors (429 and 503 with Retry-After, 500, answers
+lost after the change took effect, on ``ERROR_RATE`` of requests), while people make ``EDITS``
+changes: moving sessions in any system that can, cancelling them in any system, cancelling from
+the command line, and conflicting edits to one session in two systems at once. The daemon is
+SIGKILLed and restarted every few seconds throughout. After quiescence every system must agree
+with the canonical record, with no duplicate event, no lost cancellation, no claim for a
+cancelled session, no dead letter, and an audit chain that verifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+import yaml
+
+from syncbridge.config import load_config
+from syncbridge.demo import sandbox_config, start_sandboxes
+from syncbridge.emulation import free_port
+from syncbridge.engine import Engine
+from syncbridge.model import Billing, Role, empty_snapshot, iso, new_canonical_id
+from syncbridge.registry import build_connectors
+from syncbridge.store import Store
+from tests.support.daemon import ROOT, DaemonProcess
+
+pytestmark = pytest.mark.slow
+
+EDITS = int(os.environ.get("SYNCBRIDGE_CHAOS_EDITS", "500"))
+ERROR_RATE = 0.2
+KILL_EVERY = (2.0, 5.0)  # seconds between SIGKILLs
+NY = ZoneInfo("America/New_York")
+CLINICIANS = {"dr_rivera": "Dr. Rivera", "dr_chen": "Dr. Chen", "dr_okafor": "Dr. Okafor"}
+PER_CLINICIAN = 20
+
+
+class Person:
+    """Somebody using one of the systems: retries when the system fails, gives up on a vanished copy."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.done: dict[str, int] = {}
+
+    async def attempt(self, what: str, op: Callable[[], Awaitable[Any]]) -> bool:
+        for _ in range(12):
+            try:
+                await op()
+            except httpx.HTTPStatusError as err:
+                if err.response.status_code in (404, 410):
+                    return False  # the copy is gone (cancelled meanwhile): nothing to edit
+                await asyncio.sleep(0.2)  # 412 (it changed under me), 429, 5xx: look again and retry
+                continue
+            except (httpx.TransportError, KeyError, StopIteration):
+                await asyncio.sleep(0.2)
+                continue
+            self.done[what] = self.done.get(what, 0) + 1
+            return True
+        return False
+
+
+def test_chaos(tmp_path: Path) -> None:
+    rng = random.Random(int(os.environ.get("SYNCBRIDGE_CHAOS_SEED", "7")))
+    sandboxes = start_sandboxes(tmp_path, list(CLINICIANS), say=lambda _t: None)
+    try:
+        _run(tmp_path, sandboxes, rng)
+    finally:
+        for s in sandboxes.values():
+            s.close()
+
+
+def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
+    port = free_port()
+    conf = sandbox_config(tmp, sandboxes, CLINICIANS, port, poll_interval=1.0)
+    conf["outbox"] = {"max_attempts": 30, "backoff_base": 0.2, "backoff_max": 3.0}
+    conf["policy"] = {"mass_cancel_guard": {"min_count": 10_000}}  # the guard is tested elsewhere
+    conf["logging"] = {"level": "info", "json": True}
+    for c in conf["connectors"].values():
+        c["full_sweep_interval"] = 20
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(conf, sort_keys=False))
+    cfg = load_config(path)
+    connectors = build_connectors(cfg)
+    roles = {n: c.capabilities.role for n, c in connectors.items()}
+    store = Store(cfg.store.path)
+    engine = Engine(store, connectors, cfg)
+    today = datetime.now(NY).replace(hour=9, minute=0, second=0, microsecond=0)
+    ids: list[str] = []
+    for clinician in CLINICIANS:
+        for n in range(PER_CLINICIAN):
+            start = today + timedelta(days=1 + n // 4, hours=2 * (n % 4))
+            appt = new_canonical_id()
+            engine.change(appt, empty_snapshot() | {
+                "clinician": clinician, "client_key": f"k{len(ids)}", "start": iso(start), "end": iso(start + timedelta(minutes=50)),
+                "timezone": "America/New_York", "service_code": "90834", "location": "Room 1",
+            }, via="front-desk", kind="booked")
+            ids.append(appt)
+    store.close()
+    for c in connectors.values():
+        asyncio.run(c.close())
+
+    daemon = DaemonProcess(tmp, conf)
+    watch = Store(cfg.store.path)
+
+    def settled() -> bool:
+        return all(p == 0 for p, _ in watch.outbox_counts().values())
+
+    def linked(appt: str, name: str) -> str | None:
+        link = watch.link(name, appt)
+        return link.external_id if link is not None and not link.gone else None
+
+    _wait(daemon, "initial copy", lambda: settled() and all(linked(a, n) for a in ids for n in sandboxes if sandboxes[n].look and _serves(cfg, n, a, watch)), 240)
+
+    for s in sandboxes.values():
+        if s.injector is not None:
+            s.injector.configure(latency=0.005, error_rate=ERROR_RATE)
+
+    # --- the daemon is killed and restarted throughout ---------------------------------------
+    stop_killing = threading.Event()
+    kills = [0]
+    current = [daemon]
+
+    def killer() -> None:
+        while not stop_killing.wait(rng.uniform(*KILL_EVERY)):
+            current[0].proc.kill()
+            current[0].proc.wait()
+            kills[0] += 1
+            current[0] = DaemonProcess(tmp, conf)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+
+    # --- people edit everywhere ------------------------------------------------------------
+    person = Person(rng)
+    cancelled: set[str] = set()
+    movable = [n for n, s in sandboxes.items() if s.move]
+    cancellers = [n for n, s in sandboxes.items() if s.delete_event]
+    cli_cancels: list[str] = []
+
+    async def move(appt: str, name: str) -> None:
+        ext = linked(appt, name)
+        mover = sandboxes[name].move
+        if ext is None or mover is None:
+            return
+        start = today + timedelta(days=rng.randint(1, 20), hours=rng.randint(0, 7))
+        await person.attempt("move", lambda: mover(ext, start, start + timedelta(minutes=50)))
+
+    async def cancel(appt: str, name: str) -> None:
+        ext = linked(appt, name)
+        delete = sandboxes[name].delete_event
+        if ext is None or delete is None:
+            return
+        if await person.attempt("cancel", lambda: delete(ext)):
+            cancelled.add(appt)
+
+    async def edits() -> None:
+        for i in range(EDITS):
+            live = [a for a in ids if a not in cancelled]
+            appt = rng.choice(live)
+            roll = rng.random()
+            if roll < 0.6 and movable:
+                await move(appt, rng.choice(movable))
+            elif roll < 0.75 and len(movable) > 1:  # two people move the same session in two systems at once
+                a, b = rng.sample(movable, 2)
+                await asyncio.gather(move(appt, a), move(appt, b))
+            elif roll < 0.85 and movable and cancellers:  # one moves it while another cancels it
+                await asyncio.gather(move(appt, rng.choice(movable)), cancel(appt, rng.choice(cancellers)))
+            elif roll < 0.98 and cancellers:
+                await cancel(appt, rng.choice(cancellers))
+            else:
+                cli_cancels.append(appt)
+                cancelled.add(appt)
+                done = await asyncio.to_thread(
+                    subprocess.run, [sys.executable, "-m", "syncbridge.cli", "cancel", appt, "--config", str(path)],
+                    cwd=ROOT, capture_output=True, text=True, timeout=60,
+                )
+                assert done.returncode == 0, done.stderr
+            if i % 50 == 49:
+                await asyncio.sleep(0.5)
+
+    started = time.monotonic()
+    asyncio.run(edits())
+    stop_killing.set()
+    thread.join()
+    for s in sandboxes.values():
+        if s.injector is not None:
+            s.injector.configure()
+    daemon = current[0]
+    print(f"\n{EDITS} edits in {time.monotonic() - started:.0f}s with {kills[0]} kills: {person.done}, "
+          f"{len(cancelled)} cancelled ({len(cli_cancels)} from the CLI); injected: "
+          + ", ".join(f"{n}={dict(s.injector.failures)}" for n, s in sandboxes.items() if s.injector))
+    assert kills[0] >= 3
+
+    # --- quiescence: every system agrees with the canonical record ----------------------------
+    def problems() -> list[str]:
+        out: list[str] = []
+        if not settled():
+            return ["outbox not empty"]
+        for appt in ids:
+            record = watch.appointment(appt)
+            assert record is not None
+            if appt in cancelled and not record.cancelled:
+                out.append(f"lost cancellation of {appt}")
+            if record.cancelled and record.fields.get("billing") not in (Billing.SUPPRESSED, Billing.FEE_SELF_PAY) and any(
+                r == Role.RECORD for r in roles.values()
+            ):
+                out.append(f"{appt} cancelled but billing {record.fields.get('billing')}")
+            for name, sandbox in sandboxes.items():
+                ext = linked(appt, name)
+                if sandbox.look is None or ext is None:
+                    continue
+                seen = asyncio.run(sandbox.look(ext))
+                if record.cancelled and seen.state == "live":
+                    out.append(f"{appt} cancelled but live in {name}")
+                if not record.cancelled and (seen.state != "live" or seen.start != record.start):
+                    out.append(f"{appt} in {name}: {seen.state} at {seen.start}, record says {record.start}")
+        for name, sandbox in sandboxes.items():
+            if sandbox.live_ids is None:
+                continue
+            for ext in asyncio.run(sandbox.live_ids()):
+                link = watch.link_by_external(name, ext)
+                if link is None:
+                    out.append(f"{name} has an event no appointment owns (a duplicate): {ext}")
+                elif (rec := watch.appointment(link.appointment_id)) is not None and rec.cancelled:
+                    out.append(f"{name} still shows cancelled {link.appointment_id} as {ext}")
+        return out
+
+    deadline = time.monotonic() + 240
+    found = problems()
+    while found and time.monotonic() < deadline:
+        if daemon.proc.poll() is not None:
+            raise AssertionError(f"daemon exited:\n{daemon.log.read_text()[-3000:]}")
+        time.sleep(2)
+        found = problems()
+    assert not found, "\n".join(found[:20])
+    assert watch.dead_letters() == []
+    assert daemon.stop() == 0
+    watch.close()
+    verify = subprocess.run(
+        [sys.executable, "-m", "syncbridge.cli", "audit", "--verify", "--config", str(path)], cwd=ROOT, capture_output=True, text=True,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def _serves(cfg: Any, name: str, appt: str, store: Store) -> bool:
+    record = store.appointment(appt)
+    return record is not None and name in cfg.clinicians[record.fields["clinician"]].accounts
+
+
+def _wait(daemon: DaemonProcess, what: str, predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.proc.poll() is not None:
+            raise AssertionError(f"daemon exited:\n{daemon.log.read_text()[-3000:]}")
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout}s\n{daemon.log.read_text()[-3000:]}")
