@@ -44,7 +44,7 @@ from typing import Any
 from urllib.parse import quote
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -240,6 +240,8 @@ class GraphEmulator:
             body = json.loads(await request.body() or b"{}")
         except ValueError:
             return self.error(400, "BadRequest", "Unable to read JSON request payload.")
+        except ClientDisconnect:  # the client went away mid-request (a killed daemon): nothing to answer
+            return Response(status_code=499)
         if not isinstance(body, dict):
             return self.error(400, "BadRequest", "The request body must be a JSON object.")
         return body

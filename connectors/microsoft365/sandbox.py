@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 from syncbridge.connector import Sandbox, SeenCopy
 
 from .emulator import running
+from .mapping import canonical_id_of
 
 __all__ = ["mailbox_for", "start_sandbox"]
 
@@ -58,6 +59,15 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
         start, end = (datetime.fromisoformat(event[k]["dateTime"][:19]).replace(tzinfo=UTC) for k in ("start", "end"))
         return SeenCopy("cancelled" if event.get("isCancelled") else "live", start, end)
 
+    async def live_ids() -> set[str]:
+        """Every session event (ours, not cancelled) in the clinicians' mailboxes."""
+        return {
+            f"{key}/{e['id']}"
+            for key in clinicians
+            for e in emu.events_of(mailbox_for(key))
+            if canonical_id_of(e) is not None and not e.get("isCancelled")
+        }
+
     async def move(external_id: str, start: datetime, end: datetime) -> None:
         """The clinician drags the event in Outlook (which sends the mailbox's Windows time zone name)."""
         clinician, _, event_id = external_id.partition("/")
@@ -82,6 +92,7 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
         delete_event=delete_event,
         look=look,
         move=move,
+        live_ids=live_ids,
         injector=server.injector,
         describe=f"Microsoft Graph emulator on {server.base_url} ({len(clinicians)} mailboxes)",
     )
