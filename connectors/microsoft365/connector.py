@@ -110,6 +110,8 @@ class _Seen:
     etag: str | None
     observation: Observation
     has_attendees: bool
+    #: earlier versions we wrote or read (a late notification may name one of them)
+    before: tuple[str, ...] = ()
 
 
 class Microsoft365Connector(Connector):
@@ -181,15 +183,24 @@ class Microsoft365Connector(Connector):
         return today - timedelta(days=self.options.window_days_back), today + timedelta(days=self.options.window_days_ahead + 1)
 
     def _remember(self, external_id: str, etag: str | None, obs: Observation, has_attendees: bool = False) -> None:
-        self._seen[external_id] = _Seen(etag, obs, has_attendees)
+        prev = self._seen.get(external_id)
+        before: tuple[str, ...] = ()
+        if prev is not None:
+            before = prev.before + ((prev.etag,) if prev.etag and prev.etag != etag else ())
+        self._seen[external_id] = _Seen(etag, obs, has_attendees, before[-4:])
         self._seen.move_to_end(external_id)
         while len(self._seen) > SEEN_LIMIT:
             self._seen.popitem(last=False)
 
-    def wrote(self, external_id: str, etag: str) -> bool:
-        """Whether ``etag`` is the version of the event we last wrote or read (a notification's echo)."""
+    def known(self, external_id: str, etag: Any, *, deleted: bool) -> bool:
+        """Whether a notification names the state we last wrote or read: this etag, or a deletion
+        we made or saw (a notification's echo)."""
         seen = self._seen.get(external_id)
-        return seen is not None and seen.etag == etag
+        if seen is None:
+            return False
+        if deleted:
+            return seen.observation.deleted
+        return bool(etag) and (seen.etag == etag or etag in seen.before)
 
     def _observe(self, clinician: str, event: dict[str, Any]) -> Observation | None:
         """Our event as an Observation (remembered by etag); None for the clinician's own events."""

@@ -146,8 +146,8 @@ class Push:
             if not isinstance(data, dict) or not isinstance(data.get("id"), str) or clinician is None:
                 return None
             ext = f"{clinician}/{data['id']}"
-            if data.get("@odata.etag") and self.c.wrote(ext, str(data["@odata.etag"])):
-                continue  # the echo of our own write: nothing to re-read
+            if self.c.known(ext, data.get("@odata.etag"), deleted=item.get("changeType") == "deleted"):
+                continue  # the echo of our own write (or delete): nothing to re-read
             out.append(ext)
         return out
 

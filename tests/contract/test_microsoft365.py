@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -502,3 +503,18 @@ async def test_event_text_never_reaches_the_logs(graph: RunningGraph, monkeypatc
             await world.drain()
         assert world.store.appointment(appt_id).cancelled
         assert logs and not any("Molar" in repr(entry) or "Jane" in repr(entry) for entry in logs)
+
+
+async def test_notifications_of_our_own_writes_name_nothing(graph: RunningGraph, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The notifications Graph sends for our own create, move and delete cost no re-read."""
+    async with pushed_world(graph, monkeypatch, tmp_path) as (world, host, _):
+        appt_id = world.book_here(next_weekday_at(10))
+        await world.drain()
+        world.move_here(appt_id, next_weekday_at(15))
+        await world.drain()
+        world.cancel_here(appt_id)
+        await world.drain()
+        assert graph.emulator.notifier.idle()
+        kinds = [json.loads(b)["value"][0]["changeType"] for _, b in host.accepted]
+        assert kinds == ["created", "updated", "deleted"]
+        assert [world.connector.webhook_targets(h, b) for h, b in host.accepted] == [[], [], []]
