@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 from syncbridge.connector import Sandbox, SeenCopy
 
 from .emulator import ZocdocEmulator, running
+from .webhooks import WEBHOOK_PATH
 
 __all__ = ["location_id", "provider_id", "start_sandbox"]
 
@@ -80,7 +81,7 @@ def start_sandbox(workdir: Path, clinicians: list[str], zone: str = "America/New
             return _done({k for k, a in emulator.appointments.items() if a["status"] not in ("cancelled", "no_show")})
 
     def register(url: str) -> None:
-        emulator.sender.register(url, hook_key.read_text())
+        emulator.sender.register(url + WEBHOOK_PATH, hook_key.read_text())
 
     return Sandbox(
         book=book,

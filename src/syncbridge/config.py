@@ -183,6 +183,8 @@ class OutboxConfig(_Strict):
     backoff_base: float = Field(1.0, gt=0)
     backoff_max: float = Field(900.0, gt=0)
     batch: int = Field(50, ge=1)
+    #: writes in flight per connector; connectors keep their vendor's own limits (per mailbox...)
+    concurrency: int = Field(8, ge=1, le=64)
 
 
 class HttpConfig(_Strict):

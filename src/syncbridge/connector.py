@@ -227,7 +227,8 @@ class Sandbox:
     #: start times a directory currently offers for a clinician on a local date
     offered: Callable[[str, date], Awaitable[list[datetime]]] | None = None
     #: tell the system where this connector's webhooks arrive (what a practice registers in the
-    #: vendor's portal); called with ``<http.public_url>/webhooks/<connector name>``
+    #: vendor's portal); called with ``<http.public_url>/webhooks/<connector name>``, to which the
+    #: sandbox adds its connector's route path
     register_webhooks: Callable[[str], None] | None = None
     #: external ids of every copy that looks like a live session (duplicate checks)
     live_ids: Callable[[], Awaitable[set[str]]] | None = None

@@ -84,5 +84,7 @@ def configure(level: str = "info", json_logs: bool = True, stream: TextIO | None
     root.handlers[:] = [handler]
     root.setLevel(lvl)
     # request lines of HTTP clients carry URLs with calendar names: keep them at warning
-    for noisy in ("httpx", "httpcore", "caldav", "urllib3", "apscheduler"):
+    for noisy in ("httpx", "httpcore", "caldav", "urllib3"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    # a poll still running when the next one is due is skipped by design (max_instances=1)
+    logging.getLogger("apscheduler").setLevel(max(lvl, logging.ERROR))

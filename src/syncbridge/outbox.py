@@ -27,9 +27,6 @@ __all__ = ["ApplyReport", "Outbox", "backoff_delay"]
 
 log = structlog.get_logger("syncbridge.outbox")
 
-#: writes in flight per connector (Graph allows 4 concurrent requests per mailbox)
-PER_CONNECTOR_CONCURRENCY = 4
-
 
 def backoff_delay(attempts: int, base: float, cap: float, retry_after: float | None = None, rng: random.Random | None = None) -> float:
     """Full-jitter exponential backoff, never sooner than the vendor's Retry-After."""
@@ -52,7 +49,7 @@ class Outbox:
         self.engine = engine
         self.store = engine.store
         self.cfg = engine.config.outbox
-        self._sems: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(PER_CONNECTOR_CONCURRENCY))
+        self._sems: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(self.cfg.concurrency))
         #: called with (connector, outcome, seconds from enqueue to applied or None) after each attempt
         self.listeners: list[Callable[[str, str, float | None], None]] = []
 

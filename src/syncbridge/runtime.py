@@ -155,6 +155,7 @@ class Daemon:
     async def availability_loop(self) -> None:
         """Publish changed slot sets soon after any change, and every ``availability.interval``."""
         while not self.stopping.is_set():
+            self.availability_due.clear()  # a change during this run triggers the next one
             if self.publisher.active():
                 try:
                     now = time.time()
@@ -165,7 +166,6 @@ class Daemon:
                         log.info("availability_published", days=report.published, failed=report.failed)
                 except Exception:
                     log.exception("availability_unexpected")
-            self.availability_due.clear()
             try:
                 await asyncio.wait_for(self.availability_due.wait(), timeout=self.config.availability.interval)
                 await asyncio.sleep(1.0)  # a cancellation's fan-out settles before slots are computed

@@ -44,7 +44,7 @@ ERROR_RATE = 0.2
 KILL_EVERY = (2.0, 5.0)  # seconds between SIGKILLs
 NY = ZoneInfo("America/New_York")
 CLINICIANS = {"dr_rivera": "Dr. Rivera", "dr_chen": "Dr. Chen", "dr_okafor": "Dr. Okafor"}
-PER_CLINICIAN = 20
+PER_CLINICIAN = max(20, EDITS // 8)  # about a fifth of the edits cancel: enough sessions stay live
 
 
 class Person:
@@ -94,6 +94,7 @@ def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
     cfg = load_config(path)
     connectors = build_connectors(cfg)
     roles = {n: c.capabilities.role for n, c in connectors.items()}
+    holds_all = {n for n, c in connectors.items() if c.capabilities.accepts_new}  # a directory holds only its own bookings
     store = Store(cfg.store.path)
     engine = Engine(store, connectors, cfg)
     today = datetime.now(NY).replace(hour=9, minute=0, second=0, microsecond=0)
@@ -111,7 +112,20 @@ def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
     for c in connectors.values():
         asyncio.run(c.close())
 
-    daemon = DaemonProcess(tmp, conf)
+    current = [DaemonProcess(tmp, conf)]
+    try:
+        _chaos(tmp, sandboxes, rng, conf, cfg, path, roles, holds_all, ids, today, current)
+    finally:
+        if current[0].proc.poll() is None:  # a failed run leaves no daemon behind
+            current[0].proc.kill()
+            current[0].proc.wait()
+
+
+def _chaos(
+    tmp: Path, sandboxes: dict[str, Any], rng: random.Random, conf: dict[str, Any], cfg: Any, path: Path,
+    roles: dict[str, Role], holds_all: set[str], ids: list[str], today: datetime, current: list[DaemonProcess],
+) -> None:
+    daemon = current[0]
     watch = Store(cfg.store.path)
 
     def settled() -> bool:
@@ -121,7 +135,9 @@ def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
         link = watch.link(name, appt)
         return link.external_id if link is not None and not link.gone else None
 
-    _wait(daemon, "initial copy", lambda: settled() and all(linked(a, n) for a in ids for n in sandboxes if sandboxes[n].look and _serves(cfg, n, a, watch)), 240)
+    _wait(daemon, "initial copy", lambda: settled() and all(
+        linked(a, n) for a in ids for n in sandboxes if n in holds_all and sandboxes[n].look and _serves(cfg, n, a, watch)
+    ), 240)
 
     for s in sandboxes.values():
         if s.injector is not None:
@@ -130,7 +146,6 @@ def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
     # --- the daemon is killed and restarted throughout ---------------------------------------
     stop_killing = threading.Event()
     kills = [0]
-    current = [daemon]
 
     def killer() -> None:
         while not stop_killing.wait(rng.uniform(*KILL_EVERY)):
@@ -145,9 +160,30 @@ def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
     # --- people edit everywhere ------------------------------------------------------------
     person = Person(rng)
     cancelled: set[str] = set()
-    movable = [n for n, s in sandboxes.items() if s.move]
-    cancellers = [n for n, s in sandboxes.items() if s.delete_event]
+    movable = [n for n, s in sandboxes.items() if s.move and n in holds_all]
+    cancellers = [n for n, s in sandboxes.items() if s.delete_event and n in holds_all]
+    directories = [n for n, s in sandboxes.items() if s.book and s.delete_event]
     cli_cancels: list[str] = []
+    #: (directory, external id) of bookings clients made, and those they cancelled again
+    bookings: list[tuple[str, str]] = []
+    client_cancelled: set[tuple[str, str]] = set()
+
+    async def client_books(name: str) -> None:
+        book = sandboxes[name].book
+        assert book is not None
+        start = today + timedelta(days=rng.randint(1, 20), hours=rng.randint(0, 7), minutes=30)
+        ext = await book(rng.choice(list(CLINICIANS)), start, start + timedelta(minutes=50))
+        bookings.append((name, ext))
+
+    async def client_cancels() -> None:
+        open_ = [b for b in bookings if b not in client_cancelled]
+        if not open_:
+            return
+        name, ext = rng.choice(open_)
+        delete = sandboxes[name].delete_event
+        assert delete is not None
+        await delete(ext)
+        client_cancelled.add((name, ext))
 
     async def move(appt: str, name: str) -> None:
         ext = linked(appt, name)
@@ -168,6 +204,8 @@ def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
     async def edits() -> None:
         for i in range(EDITS):
             live = [a for a in ids if a not in cancelled]
+            if not live:
+                break
             appt = rng.choice(live)
             roll = rng.random()
             if roll < 0.6 and movable:
@@ -177,8 +215,12 @@ def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
                 await asyncio.gather(move(appt, a), move(appt, b))
             elif roll < 0.85 and movable and cancellers:  # one moves it while another cancels it
                 await asyncio.gather(move(appt, rng.choice(movable)), cancel(appt, rng.choice(cancellers)))
-            elif roll < 0.98 and cancellers:
+            elif roll < 0.93 and cancellers:
                 await cancel(appt, rng.choice(cancellers))
+            elif roll < 0.96 and directories:
+                await client_books(rng.choice(directories))
+            elif roll < 0.98 and directories:
+                await client_cancels()
             else:
                 cli_cancels.append(appt)
                 cancelled.add(appt)
@@ -199,7 +241,8 @@ def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
             s.injector.configure()
     daemon = current[0]
     print(f"\n{EDITS} edits in {time.monotonic() - started:.0f}s with {kills[0]} kills: {person.done}, "
-          f"{len(cancelled)} cancelled ({len(cli_cancels)} from the CLI); injected: "
+          f"{len(cancelled)} cancelled ({len(cli_cancels)} from the CLI), {len(bookings)} directory bookings "
+          f"({len(client_cancelled)} cancelled there); injected: "
           + ", ".join(f"{n}={dict(s.injector.failures)}" for n, s in sandboxes.items() if s.injector))
     assert kills[0] >= 3
 
@@ -208,20 +251,29 @@ def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
         out: list[str] = []
         if not settled():
             return ["outbox not empty"]
-        for appt in ids:
+        booked_ids = []
+        for name, ext in bookings:
+            link = watch.link_by_external(name, ext)
+            if link is None:
+                out.append(f"booking {ext} in {name} never reached the record")
+                continue
+            booked_ids.append(link.appointment_id)
+            if (name, ext) in client_cancelled:
+                cancelled.add(link.appointment_id)
+        for appt in ids + booked_ids:
             record = watch.appointment(appt)
             assert record is not None
             if appt in cancelled and not record.cancelled:
                 out.append(f"lost cancellation of {appt}")
-            if record.cancelled and record.fields.get("billing") not in (Billing.SUPPRESSED, Billing.FEE_SELF_PAY) and any(
-                r == Role.RECORD for r in roles.values()
-            ):
-                out.append(f"{appt} cancelled but billing {record.fields.get('billing')}")
+            in_record = [lk.connector for lk, _ in watch.links_for(appt) if roles.get(lk.connector) == Role.RECORD and lk.external_id]
+            if record.cancelled and in_record and record.fields.get("billing") not in (Billing.SUPPRESSED, Billing.FEE_SELF_PAY):
+                # (a session cancelled before it ever reached the EHR has nothing there to bill)
+                out.append(f"{appt} cancelled but billing {record.fields.get('billing')} in {in_record}")
             for name, sandbox in sandboxes.items():
-                ext = linked(appt, name)
-                if sandbox.look is None or ext is None:
+                copy = linked(appt, name)
+                if sandbox.look is None or copy is None:
                     continue
-                seen = asyncio.run(sandbox.look(ext))
+                seen = asyncio.run(sandbox.look(copy))
                 if record.cancelled and seen.state == "live":
                     out.append(f"{appt} cancelled but live in {name}")
                 if not record.cancelled and (seen.state != "live" or seen.start != record.start):

@@ -113,8 +113,13 @@ def practice(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Practice]:
         conf["logging"] = {"level": "info", "json": True}
         path = workdir / "config.yaml"
         path.write_text(yaml.safe_dump(conf, sort_keys=False))
+        connectors = build_connectors(load_config(path))
+        # systems that push are not polled during the test: what comes from them comes by push
+        for name, c in connectors.items():
+            if c.capabilities.push:
+                conf["connectors"][name] |= {"poll_interval": 3600, "full_sweep_interval": 86400}
+        path.write_text(yaml.safe_dump(conf, sort_keys=False))
         cfg = load_config(path)
-        connectors = build_connectors(cfg)
         roles = {n: c.capabilities.role for n, c in connectors.items()}
         store = Store(cfg.store.path)
         engine = Engine(store, connectors, cfg)
@@ -322,6 +327,25 @@ def test_booking_in_a_directory_reaches_the_ehr_and_the_calendar(practice: Pract
         if p.sandboxes[name].look:
             copy = p.seen(name, ext)
             assert copy.state == "live" and copy.start == start, name
+
+
+def test_directory_booking_cancelled_in_a_calendar(practice: Practice) -> None:
+    """A client booked through the directory; the therapist deletes the event in their calendar."""
+    p = practice
+    directory = next((n for n, s in p.sandboxes.items() if s.book and s.look), None)
+    if directory is None:
+        pytest.skip("no directory sandbox")
+    appt, ext = _booked_in(p, directory, "dr_chen", _monday(2) + timedelta(days=1, hours=10))
+    calendar = next((n for n in p.copies(appt) if p.roles[n] == Role.MIRROR and p.sandboxes[n].delete_event), None)
+    if calendar is None:
+        pytest.skip("no calendar sandbox")
+    delete = p.sandboxes[calendar].delete_event
+    assert delete is not None
+    p.run(delete(p.copies(appt)[calendar]))
+    p.wait(f"deleted in {calendar} -> cancelled in {directory} and the EHR", _gone_or_cancelled(p, appt, calendar))
+    assert p.seen(directory, ext).state == "cancelled"
+    _claims_suppressed(p, appt)
+    _slot_offered_again(p, appt)
 
 
 def test_audit_chain_verifies_after_everything(practice: Practice) -> None:

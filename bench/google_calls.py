@@ -1,0 +1,218 @@
+"""Calendar API calls per propagated change, counted from the Google emulator's request log.
+
+Runs the real connector (google-api-python-client, google-auth) against the emulator with the
+engine, store and outbox of syncbridge, and a loopback receiver for push notifications mounted as
+the daemon mounts it. Prints a Markdown table; nothing is asserted.
+
+    .venv/bin/python bench/google_calls.py [--clinicians 10] [--sessions 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import yaml
+from starlette.applications import Starlette
+from starlette.routing import Mount, Route
+
+from syncbridge.config import parse_config
+from syncbridge.connector import Host
+from syncbridge.emulation import serve_in_thread
+from syncbridge.engine import Engine
+from syncbridge.logging import configure
+from syncbridge.model import empty_snapshot, iso, new_canonical_id
+from syncbridge.outbox import Outbox
+from syncbridge.registry import build_connectors
+from syncbridge.store import Store
+from syncbridge_connectors.google_calendar.emulator import GoogleCalendarEmulator, running
+
+ZONE = "America/New_York"
+NAME = "google"
+
+
+class WakingHost(Host):
+    def __init__(self, public_url: str) -> None:
+        super().__init__(public_url)
+        self.loop = asyncio.get_running_loop()
+        self.woken = asyncio.Event()
+
+    def pull_soon(self) -> None:
+        super().pull_soon()
+        self.loop.call_soon_threadsafe(self.woken.set)
+
+
+def call_name(method: str, path: str) -> str:
+    """The API method a logged request is (events.list, events.patch...)."""
+    if path == "/calendar/v3/channels/stop":
+        return "channels.stop"
+    if path.endswith("/events"):
+        return {"GET": "events.list", "POST": "events.insert"}[method]
+    if path.endswith("/events/watch"):
+        return "events.watch"
+    return {"GET": "events.get", "PUT": "events.update", "PATCH": "events.patch", "DELETE": "events.delete"}[method]
+
+
+def api_calls(log: list[tuple[str, str]], since: int) -> tuple[int, int, list[str]]:
+    """(API calls, HTTP requests, call names) after ``since``. A batch is one HTTP request whose
+    parts are logged after it and count as calls (as Google's quota counts them); token requests
+    are left out (one per clinician per hour)."""
+    calls: list[str] = []
+    http = 0
+    in_batch = False
+    for method, path in log[since:]:
+        if path == "/token":
+            continue
+        if path == "/batch/calendar/v3":
+            http += 1
+            in_batch = True
+            continue
+        calls.append(call_name(method, path))
+        if not (in_batch and method == "GET" and path.endswith("/events")):
+            http += 1
+            in_batch = False
+    return len(calls), http, calls
+
+
+def summary(names: list[str]) -> str:
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    return ", ".join(f"{n} x{c}" if c > 1 else n for n, c in counts.items())
+
+
+def session_at(clinician: str, start: datetime) -> dict[str, Any]:
+    return empty_snapshot() | {
+        "clinician": clinician, "client_key": "client-" + new_canonical_id()[-6:], "start": iso(start),
+        "end": iso(start + timedelta(minutes=50)), "timezone": ZONE, "service_code": "90837", "location": "Room 2",
+    }  # fmt: skip
+
+
+async def main(clinicians: int, sessions: int) -> None:
+    configure(level="warning", json_logs=True)
+    server = running(GoogleCalendarEmulator())
+    emu = server.emulator
+    work = Path(tempfile.mkdtemp(prefix="gcal-bench-"))
+    keys = {f"dr_{i:02d}": f"dr{i:02d}@practice.example" for i in range(clinicians)}
+    for email in keys.values():
+        emu.add_user(email, time_zone=ZONE)
+    key_file = work / "sa.json"
+    key_file.write_text(json.dumps(emu.add_service_account("syncbridge@bench.iam.gserviceaccount.com")))
+    cfg = parse_config(yaml.safe_dump({
+        "practice": {"timezone": ZONE}, "store": {"path": str(work / "bench.db")},
+        "clinicians": {k: {"accounts": {NAME: {"email": e}}} for k, e in keys.items()},
+        "connectors": {NAME: {"type": "google_calendar", "service_account_key": {"file": str(key_file)}, "api_root": server.api_root}},
+    }))  # fmt: skip
+    store = Store(cfg.store.path)
+    connectors = build_connectors(cfg)
+    connector = connectors[NAME]
+    engine = Engine(store, connectors, cfg)
+    outbox = Outbox(engine)
+    app = Starlette(routes=[Mount(f"/webhooks/{NAME}", routes=[Route(r.path, r.handler, methods=list(r.methods)) for r in connector.webhook_routes()])])
+    receiver = serve_in_thread(app)
+    host = WakingHost(f"{receiver.url}/webhooks/{NAME}")
+    connector.host = host
+    rows: list[tuple[str, int, int, str]] = []
+    day = datetime.now(ZoneInfo(ZONE)).replace(hour=8, minute=0, second=0, microsecond=0) + timedelta(days=7)
+    try:
+        # initial copy: sessions spread over the clinicians
+        mark = len(emu.log)
+        ids = []
+        for n in range(sessions):
+            appt = new_canonical_id()
+            engine.change(appt, session_at(list(keys)[n % clinicians], day + timedelta(days=n // clinicians, hours=n % 8)), via="bench-record")
+            ids.append(appt)
+        t0 = time.perf_counter()
+        await outbox.drain()
+        copy_s = time.perf_counter() - t0
+        calls, http, _ = api_calls(emu.log, mark)
+        rows.append((f"initial copy of {sessions} sessions to Google", calls, http, f"{copy_s:.2f} s, {sessions / copy_s:.0f} events/s"))
+
+        mark = len(emu.log)
+        await engine.sync(NAME, full=True)
+        calls, http, _ = api_calls(emu.log, mark)
+        rows.append((f"full sync of {clinicians} calendars (our own {sessions} events come back as echoes)", calls, http, ""))
+
+        mark = len(emu.log)
+        await engine.sync(NAME)
+        calls, http, _ = api_calls(emu.log, mark)
+        rows.append((f"quiet incremental poll, {clinicians} calendars", calls, http, "batched first pages" if clinicians > 1 else ""))
+
+        await connector.maintain()
+        emu.settle()
+        await asyncio.sleep(0.2)
+
+        # one cancellation in the canonical record -> Google
+        appt = ids[0]
+        record = store.appointment(appt)
+        assert record is not None
+        cancelled = dict(record.fields) | {"status": "cancelled", "cancellation": {
+            "by": "client", "kind": "cancel", "fee": "none", "clinical": False, "reason": None, "at": iso(datetime.now(UTC)), "via": "bench-record"}}
+        mark = len(emu.log)
+        engine.change(appt, cancelled, via="bench-record")
+        await outbox.drain()
+        calls, http, names = api_calls(emu.log, mark)
+        rows.append(("one cancellation in the record -> Google", calls, http, summary(names)))
+        emu.settle()
+        await asyncio.sleep(0.2)
+        host.woken.clear()
+        mark = len(emu.log)
+        await engine.sync(NAME)
+        calls, http, _ = api_calls(emu.log, mark)
+        rows.append(("the pull after it (our own delete comes back, dropped as an echo)", calls, http, ""))
+
+        # one move in the record -> Google
+        appt = ids[1]
+        record = store.appointment(appt)
+        assert record is not None
+        mark = len(emu.log)
+        engine.change(appt, dict(record.fields) | {"start": iso(record.start + timedelta(hours=1)), "end": iso(record.end + timedelta(hours=1))}, via="bench-record")
+        await outbox.drain()
+        calls, http, names = api_calls(emu.log, mark)
+        rows.append(("one move in the record -> Google", calls, http, summary(names)))
+        emu.settle()
+        await asyncio.sleep(0.2)
+        await engine.sync(NAME)
+
+        # one deletion in Google -> the record, by push
+        appt = ids[2]
+        link = store.link(NAME, appt)
+        assert link is not None and link.external_id
+        calendar, _, event_id = link.external_id.rpartition("/")
+        host.woken.clear()
+        mark = len(emu.log)
+        t0 = time.perf_counter()
+        emu.user_delete(calendar, event_id)
+        await asyncio.wait_for(host.woken.wait(), timeout=10)
+        await engine.sync(NAME)
+        latency = time.perf_counter() - t0
+        cancelled_now = store.appointment(appt)
+        assert cancelled_now is not None and cancelled_now.cancelled
+        calls, http, names = api_calls(emu.log, mark)
+        rows.append(("one deletion in Google -> record, with push", calls, http, f"{summary(names)}; {latency * 1000:.0f} ms from delete to cancelled record"))
+    finally:
+        await connector.close()
+        receiver.stop()
+        server.stop()
+        store.close()
+
+    print(f"\n{clinicians} clinicians, {sessions} sessions\n")
+    print("| change | API calls | HTTP requests | notes |")
+    print("| --- | --- | --- | --- |")
+    for what, calls, http, note in rows:
+        print(f"| {what} | {calls} | {http} | {note} |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clinicians", type=int, default=10)
+    parser.add_argument("--sessions", type=int, default=50)
+    args = parser.parse_args()
+    asyncio.run(main(args.clinicians, args.sessions))

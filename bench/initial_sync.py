@@ -1,0 +1,130 @@
+"""Benchmark: the initial sync of a practice into every system: time, API calls, peak RSS.
+
+    .venv/bin/python bench/initial_sync.py --clinicians 30 --weeks 52 --latency 0.05 --systems fhir,google_calendar,microsoft365
+
+A practice of ``--clinicians`` clinicians with about 26 weekly sessions each for ``--weeks``
+weeks (30 x 52 x 26 = 40,560 appointments) is in the canonical record when `syncbridge run`
+starts as a process against the chosen sandboxes, each behind its injector adding ``--latency``
+seconds to every API call. The clock runs until every appointment has a copy in every system
+that holds sessions booked elsewhere and the outbox is empty. Peak RSS is the daemon's (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from syncbridge.config import load_config  # noqa: E402
+from syncbridge.demo import sandbox_config, start_sandboxes  # noqa: E402
+from syncbridge.emulation import free_port  # noqa: E402
+from syncbridge.engine import Engine  # noqa: E402
+from syncbridge.logging import configure  # noqa: E402
+from syncbridge.model import empty_snapshot, iso, new_canonical_id  # noqa: E402
+from syncbridge.registry import build_connectors, connector_class  # noqa: E402
+from syncbridge.store import Store  # noqa: E402
+from tests.support.daemon import DaemonProcess  # noqa: E402
+
+NY = ZoneInfo("America/New_York")
+SLOTS = [(d, h) for d in range(5) for h in (9, 10, 11, 13, 14, 15)][:26]  # 26 sessions a week
+
+
+def vm_hwm(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clinicians", type=int, default=30)
+    ap.add_argument("--weeks", type=int, default=52)
+    ap.add_argument("--latency", type=float, default=0.05)
+    ap.add_argument("--systems", default="", help="connector types to include (default: every installed sandbox)")
+    ap.add_argument("--timeout", type=float, default=3600)
+    args = ap.parse_args()
+    configure("warning", json_logs=False)
+    workdir = Path(tempfile.mkdtemp(prefix="sb-initial-"))
+    names = {f"dr_{i:02d}": f"Clinician {i}" for i in range(args.clinicians)}
+    wanted = [t for t in args.systems.split(",") if t]
+    if wanted:
+        sandboxes = {}
+        for t in wanted:
+            s = connector_class(t).sandbox(workdir / t, list(names))
+            if s is not None:
+                sandboxes[f"{t}_sandbox"] = s
+    else:
+        sandboxes = start_sandboxes(workdir, list(names), say=lambda _t: None)
+    try:
+        conf = sandbox_config(workdir, sandboxes, names, free_port(), poll_interval=30)
+        conf["logging"] = {"level": "warning", "json": True}
+        path = workdir / "config.yaml"
+        path.write_text(yaml.safe_dump(conf, sort_keys=False))
+        cfg = load_config(path)
+        connectors = build_connectors(cfg)
+        holds = [n for n, c in connectors.items() if c.capabilities.accepts_new]
+        store = Store(cfg.store.path)
+        engine = Engine(store, connectors, cfg)
+        # the canonical record as the practice's EHR export would fill it (not timed)
+        monday = datetime.now(NY).date() + timedelta(days=7 - datetime.now(NY).weekday())
+        seeded = time.perf_counter()
+        n = 0
+        for k in names:
+            for w in range(args.weeks):
+                for d, h in SLOTS:
+                    day = monday + timedelta(days=7 * w + d)
+                    start = datetime(day.year, day.month, day.day, h, tzinfo=NY)
+                    engine.change(new_canonical_id(), empty_snapshot() | {
+                        "clinician": k, "client_key": f"c{n}", "start": iso(start), "end": iso(start + timedelta(minutes=50)),
+                        "timezone": "America/New_York", "service_code": "90834",
+                    }, via="import", kind="booked")
+                    n += 1
+        print(f"{n} appointments in the canonical record ({time.perf_counter() - seeded:.0f}s to seed, not timed); systems: {', '.join(sandboxes)}")
+        store.close()
+        for c in connectors.values():
+            asyncio.run(c.close())
+        for s in sandboxes.values():
+            if s.injector is not None:
+                s.injector.configure(latency=args.latency)
+                s.injector.reset_counts()
+        started = time.monotonic()
+        daemon = DaemonProcess(workdir, conf)
+        watch = Store(cfg.store.path)
+        peak = 0
+        try:
+            while True:
+                peak = max(peak, vm_hwm(daemon.proc.pid))
+                linked = {h: watch.conn.execute("SELECT count(*) FROM links WHERE connector = ? AND external_id IS NOT NULL", (h,)).fetchone()[0] for h in holds}
+                pending = sum(p for p, _ in watch.outbox_counts().values())
+                if all(v >= n for v in linked.values()) and pending == 0:
+                    break
+                if time.monotonic() - started > args.timeout:
+                    print(f"timed out: {linked}, {pending} writes pending")
+                    break
+                time.sleep(2)
+            took = time.monotonic() - started
+            peak = max(peak, vm_hwm(daemon.proc.pid))
+        finally:
+            watch.close()
+            daemon.stop()
+        calls = {name: s.injector.requests for name, s in sandboxes.items() if s.injector}
+        print(f"initial sync: {took:.0f}s ({took / 60:.1f} min) with {args.latency * 1000:.0f} ms per API call; daemon peak RSS {peak} MB")
+        print("API calls: " + ", ".join(f"{k} {v} ({v / n:.2f} per appointment)" for k, v in calls.items()))
+    finally:
+        for s in sandboxes.values():
+            s.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The Calendar API wire layer on google-api-python-client: every call, and the one error table.
+
+The client library is synchronous (httplib2), so each call runs in ``asyncio.to_thread``. An
+``httplib2.Http`` must not be shared between threads, so calls of one account take turns under an
+asyncio lock: waiting calls hold no worker thread, and other connectors' threaded work is never
+starved by a queue of Google calls. Knows events,
+channels and credentials, nothing of appointments. Every failure leaves as a
+:mod:`syncbridge.errors` exception, translated here and only here; messages name the call and
+the status, never event content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import google.auth.exceptions
+import google_auth_httplib2
+import httplib2
+from google.auth.credentials import Credentials
+from googleapiclient.discovery import build
+from googleapiclient.errors import HttpError
+from googleapiclient.http import BatchHttpRequest, HttpRequest
+
+from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError
+
+__all__ = ["CalendarClient", "batch_list", "raise_for_status", "translate"]
+
+RATE_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded", "dailyLimitExceeded"})
+ACCESS_REASONS = frozenset({"insufficientPermissions", "accessNotConfigured", "forbidden", "domainPolicy", "authError"})
+DELEGATION_HINT = (
+    "in the Google Admin console (Security > Access and data control > API controls > Domain-wide delegation) "
+    "add the service account's client id with scope https://www.googleapis.com/auth/calendar.events, "
+    "and check that the clinician's email in the config is a user of that Workspace domain"
+)
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def _reason(content: bytes) -> str:
+    try:
+        errors = json.loads(content)["error"]["errors"]
+        return str(errors[0].get("reason", ""))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ""
+
+
+def raise_for_status(status: int, reason: str, what: str, *, retry_after: str | None = None) -> NoReturn:
+    """The one table from a Calendar API error (status, reason) to what the caller must do."""
+    wait = _retry_after(retry_after)
+    if status == 401:
+        raise AuthError(f"{what}: Google refused the access token (401)", action=DELEGATION_HINT)
+    if status == 429 or (status == 403 and reason in RATE_REASONS):
+        raise RateLimited(f"{what}: Google asks to slow down ({status} {reason or 'rateLimitExceeded'})", retry_after=wait)
+    if status == 403 and reason in ACCESS_REASONS:
+        raise AuthError(f"{what}: access denied ({status} {reason})", action=DELEGATION_HINT)
+    if status == 410 and reason == "fullSyncRequired":
+        raise CursorExpired(f"{what}: the sync token is no longer valid (410 fullSyncRequired)")
+    if status in (409, 412):
+        raise ConflictError(f"{what}: the event changed or exists already ({status} {reason})")
+    if status >= 500 or status in (408, 425):
+        raise TransientError(f"{what}: server error ({status})", retry_after=wait)
+    raise PermanentError(f"{what}: refused ({status} {reason})".rstrip())
+
+
+def translate(err: BaseException, what: str) -> Exception:
+    """A foreign exception from the client stack as a syncbridge error (returned, for ``raise ... from``)."""
+    if isinstance(err, HttpError) and err.resp is None:  # BatchError: the multipart answer could not be read
+        return TransientError(f"{what}: unreadable batch answer")
+    if isinstance(err, HttpError):
+        try:
+            raise_for_status(err.resp.status, _reason(err.content), what, retry_after=err.resp.get("retry-after"))
+        except Exception as mapped:  # noqa: BLE001 - raise_for_status always raises one of ours
+            return mapped
+    if isinstance(err, google.auth.exceptions.RefreshError) and getattr(err, "retryable", False):
+        return TransientError(f"{what}: the token endpoint failed for now")
+    if isinstance(err, google.auth.exceptions.RefreshError):
+        detail = str(err.args[0]) if err.args else ""
+        hint = DELEGATION_HINT if "unauthorized_client" in str(err) else "run `syncbridge auth` again for this clinician, or check the key"
+        return AuthError(f"{what}: Google refused to issue an access token ({detail[:120]})", action=hint)
+    if isinstance(err, google.auth.exceptions.TransportError | httplib2.HttpLib2Error | socket.timeout | OSError):
+        return TransientError(f"{what}: network error ({type(err).__name__})")
+    return err if isinstance(err, Exception) else RuntimeError(str(err))
+
+
+class CalendarClient:
+    """One account's Calendar service (a clinician impersonated, or signed in with OAuth)."""
+
+    def __init__(self, credentials: Credentials, api_root: str, *, timeout: float = 30.0) -> None:
+        if not api_root.endswith("calendar/v3/"):
+            raise ValueError("api_root must end with calendar/v3/")
+        self.api_root = api_root
+        self._credentials = credentials
+        self._timeout = timeout
+        self._service = build(
+            "calendar", "v3", static_discovery=True, cache_discovery=False,
+            client_options={"api_endpoint": api_root},
+            http=google_auth_httplib2.AuthorizedHttp(credentials, http=httplib2.Http(timeout=timeout)),
+        )  # fmt: skip
+        self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+        #: API requests made (batch parts counted one by one, as Google's quota does)
+        self.requests = 0
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """This account's turn to use its Http (one lock per event loop: the CLI runs several loops)."""
+        loop = asyncio.get_running_loop()
+        if loop not in self._locks:
+            self._locks = {loop: asyncio.Lock()}
+        return self._locks[loop]
+
+    async def _run(self, what: str, make: Callable[[Any], HttpRequest], *, etag: str | None = None) -> Any:
+        def run() -> Any:
+            request = make(self._service.events() if what.startswith("events") else self._service.channels())
+            if etag is not None:
+                request.headers["If-Match"] = etag
+            self.requests += 1
+            return request.execute(num_retries=0)
+
+        try:
+            async with self.lock:
+                return await asyncio.to_thread(run)
+        except Exception as err:
+            raise translate(err, what) from err
+
+    async def _status(self, what: str, make: Callable[[Any], HttpRequest], *, etag: str | None = None, allow: tuple[int, ...]) -> Any:
+        """Like ``_run`` but answers the HTTP status for the ``allow``-ed ones instead of raising."""
+        try:
+            return await self._run(what, make, etag=etag)
+        except Exception as err:
+            cause = err.__cause__
+            if isinstance(cause, HttpError) and cause.resp.status in allow:
+                return cause.resp.status
+            raise
+
+    # --- events ------------------------------------------------------------------------------
+
+    async def list_all(self, calendar: str, first: dict[str, Any] | None = None, **params: Any) -> tuple[list[dict[str, Any]], str | None]:
+        """Every page of events.list (from ``first``, a first page already fetched, if given); the
+        ``nextSyncToken`` comes only with the last page."""
+        items: list[dict[str, Any]] = []
+        page: str | None = None
+        while True:
+            if first is not None:
+                answer, first = first, None
+            else:
+
+                def make(e: Any, p: str | None = page) -> HttpRequest:
+                    return e.list(calendarId=calendar, pageToken=p, **params)
+
+                answer = await self._run("events.list", make)
+            items += answer.get("items", [])
+            page = answer.get("nextPageToken")
+            if not page:
+                return items, answer.get("nextSyncToken")
+
+    async def peek(self, calendar: str) -> None:
+        """One harmless read (a single event id), to prove access."""
+        await self._run("events.list", lambda e: e.list(calendarId=calendar, maxResults=1, fields="items(id)"))
+
+    async def get(self, calendar: str, event_id: str) -> dict[str, Any] | None:
+        """The event, a ``cancelled`` tombstone if it was deleted, or None if it never existed."""
+        answer = await self._status("events.get", lambda e: e.get(calendarId=calendar, eventId=event_id), allow=(404,))
+        return None if answer == 404 else answer
+
+    async def insert(self, calendar: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Insert with a client-chosen id; None when the id exists already (409 duplicate)."""
+        answer = await self._status("events.insert", lambda e: e.insert(calendarId=calendar, body=body), allow=(409,))
+        return None if answer == 409 else answer
+
+    async def update(self, calendar: str, event_id: str, body: dict[str, Any], etag: str | None) -> dict[str, Any]:
+        return await self._run("events.update", lambda e: e.update(calendarId=calendar, eventId=event_id, body=body), etag=etag)
+
+    async def patch(self, calendar: str, event_id: str, body: dict[str, Any], etag: str | None) -> dict[str, Any]:
+        return await self._run("events.patch", lambda e: e.patch(calendarId=calendar, eventId=event_id, body=body), etag=etag)
+
+    async def delete(self, calendar: str, event_id: str, etag: str | None) -> bool:
+        """Delete under ``etag``; False when it was gone already (404 or 410 ``deleted``)."""
+        answer = await self._status("events.delete", lambda e: e.delete(calendarId=calendar, eventId=event_id), etag=etag, allow=(404, 410))
+        return answer not in (404, 410)
+
+    async def watch(self, calendar: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._run("events.watch", lambda e: e.watch(calendarId=calendar, body=body))
+
+    async def stop(self, channel_id: str, resource_id: str) -> None:
+        """channels.stop; a channel Google no longer knows (404) is stopped already."""
+        await self._status("channels.stop", lambda c: c.stop(body={"id": channel_id, "resourceId": resource_id}), allow=(404,))
+
+    def _fresh_credentials(self) -> None:
+        """Obtain an access token now (a batch part carries its own account's token)."""
+        if not self._credentials.valid:
+            self._credentials.refresh(google_auth_httplib2.Request(httplib2.Http(timeout=self._timeout)))
+
+
+async def batch_list(parts: list[tuple[CalendarClient, str, dict[str, Any]]]) -> list[dict[str, Any] | Exception]:
+    """The first page of events.list for several calendars, each as its own account, in one HTTP
+    request per 50 (https://developers.google.com/workspace/calendar/api/guides/batch). Each part
+    still counts against the quota; what is saved is a round trip and a connection per calendar.
+    Answers, in order, the page or the translated error of each part."""
+    results: dict[int, dict[str, Any] | Exception] = {}
+
+    def run(offset: int, chunk: list[tuple[CalendarClient, str, dict[str, Any]]]) -> None:
+        def done(request_id: str, response: Any, exception: Exception | None) -> None:
+            results[int(request_id)] = translate(exception, "events.list (batch)") if exception is not None else response
+
+        owner = chunk[0][0]
+        batch = BatchHttpRequest(callback=done, batch_uri=owner.api_root[: -len("calendar/v3/")] + "batch/calendar/v3")
+        for i, (client, calendar, params) in enumerate(chunk):
+            client._fresh_credentials()
+            batch.add(client._service.events().list(calendarId=calendar, **params), request_id=str(offset + i))
+            client.requests += 1
+        batch.execute(http=owner._service._http)
+
+    for offset in range(0, len(parts), 50):
+        chunk = parts[offset : offset + 50]
+        clients = sorted({id(c): c for c, _, _ in chunk}.values(), key=id)  # one order, so two batches never deadlock
+        try:
+            async with contextlib.AsyncExitStack() as held:
+                for client in clients:
+                    await held.enter_async_context(client.lock)
+                await asyncio.to_thread(run, offset, chunk)
+        except Exception as err:
+            raise translate(err, "batch") from err
+    return [results[i] for i in range(len(parts))]
