@@ -9,7 +9,11 @@ canonical record (and the EHR) within seconds came through the notification.
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -18,11 +22,12 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from syncbridge.emulation import free_port
 from syncbridge.store import Store
 from syncbridge_connectors.microsoft365.emulator import RunningGraph, running
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import ROOT, DaemonProcess
 from tests.support.replica import ReplicaVendor
 
 pytestmark = pytest.mark.slow
@@ -117,3 +122,46 @@ def test_outlook_cancellation_arrives_by_notification(tmp_path: Path, graph: Run
     finally:
         assert daemon.stop() == 0
     assert emu.notifier.subscriptions == {}, "the subscription is deleted when the daemon stops"
+
+
+def test_auth_device_code_as_a_process(tmp_path: Path, graph: RunningGraph) -> None:
+    """`syncbridge auth` for a delegated connector: the code is printed, the clinician enters it, the cache is stored encrypted."""
+    emu = graph.emulator
+    emu.register_app("public-client", None)
+    (tmp_path / "vault-key").write_text("a long random string for the e2e vault")
+    conf = {
+        "store": {"path": str(tmp_path / "store.db"), "secret_key": {"file": str(tmp_path / "vault-key")}},
+        "clinicians": {"dr_lee": {"accounts": {"outlook": {"mailbox": MAILBOX}}}},
+        "connectors": {"outlook": {
+            "type": "microsoft365", "auth": "delegated", "tenant": emu.tenant, "client_id": "public-client",
+            "authority_host": graph.authority_host, "graph_url": graph.graph_url, "ca_bundle": str(graph.ca_file),
+        }},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "syncbridge.cli", "auth", "outlook", "dr_lee", "--config", str(path)],
+        cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    printed = ""
+    deadline = time.monotonic() + 60
+    while "enter the code" not in printed and time.monotonic() < deadline and proc.poll() is None:
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            printed += proc.stdout.readline()
+    assert f"{graph.base_url}/devicelogin" in printed, printed
+    emu.identity.device_user = MAILBOX  # the clinician enters the code in a browser and signs in
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, printed + out
+    assert f"dr_lee signed in to outlook as {MAILBOX}" in out
+    refresh_tokens = list(emu.identity.refresh_tokens)
+    assert refresh_tokens
+    store = Store(tmp_path / "store.db")
+    try:
+        [(key, _)] = store.conn.execute("SELECT key, value FROM secrets WHERE connector = 'outlook'").fetchall()
+        assert key == "msal_token_cache:dr_lee"
+    finally:
+        store.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("store.db*"))
+    assert not any(t.encode() in raw for t in refresh_tokens), "the refresh token is stored encrypted"
