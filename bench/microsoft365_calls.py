@@ -1,0 +1,217 @@
+"""Benchmark: Graph API calls per propagated change for the Microsoft 365 connector.
+
+    .venv/bin/python bench/microsoft365_calls.py --sessions 20
+
+Everything runs against the Graph emulator (connectors/microsoft365/emulator.py) over TLS on
+loopback, with msal fetching tokens from the emulator's identity endpoints, and the connector's
+webhook routes served on a loopback listener registered as ``http.public_url`` (the emulator's
+subscriptions validate it and POST real notifications to it). Calls are counted from the
+emulator's request log: Graph calls (``/v1.0/...``) and identity calls (discovery and token)
+apart. Each phase acts on ``--sessions`` appointments of one clinician and reports the Graph
+calls per change:
+
+- out: create / move / cancel: the canonical record changes, the outbox converges Outlook;
+- echo poll: the incremental pull after our own writes (they must cost no re-read);
+- in, by notification: the clinician deletes or moves events in Outlook; each notification is
+  handled as the daemon does (``webhook_targets`` -> ``read`` -> ``engine.observe``), then the
+  next poll runs (the safety net: its delta round must not fetch those events again);
+- in, by polling only: the same changes with notifications off, found by the next delta round.
+
+Also printed: notification latency (Outlook change -> canonical record updated), median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from syncbridge.config import parse_config  # noqa: E402
+from syncbridge.connector import Host, PullResult  # noqa: E402
+from syncbridge.emulation import serve_in_thread  # noqa: E402
+from syncbridge.engine import Engine  # noqa: E402
+from syncbridge.outbox import Outbox  # noqa: E402
+from syncbridge.registry import build_connectors  # noqa: E402
+from syncbridge.store import Store  # noqa: E402
+from syncbridge_connectors.microsoft365.emulator import running  # noqa: E402
+from tests.contract.suite import CLINICIAN, ZONE, World, next_weekday_at  # noqa: E402
+
+MAILBOX = "dr.rivera@lakeside.example"
+CLIENT_ID = "bench-app"
+SECRET = "bench-secret"
+
+
+class Counter:
+    def __init__(self, log: list[tuple[str, str]]) -> None:
+        self.log = log
+        self.mark = len(log)
+
+    def take(self) -> tuple[int, int, dict[str, int]]:
+        """(graph calls, identity calls, graph calls by method and kind) since the last take."""
+        new = self.log[self.mark :]
+        self.mark = len(self.log)
+        graph = [(m, p) for m, p in new if p.startswith("/v1.0/")]
+        kinds: dict[str, int] = {}
+        for m, p in graph:
+            parts = p.split("/")[2:]
+            rest = parts[2:] if parts[0] == "users" else parts  # after /v1.0/users/{mailbox}
+            kind = "/".join("{id}" if i == 1 and rest[0] in ("events", "subscriptions") else x for i, x in enumerate(rest))
+            key = f"{m} {kind}"
+            kinds[key] = kinds.get(key, 0) + 1
+        return len(graph), len(new) - len(graph), kinds
+
+
+async def main(sessions: int) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="m365-bench-"))
+    graph = running(tmp / "tls")
+    emu = graph.emulator
+    emu.notifier.allow_http = True
+    emu.register_app(CLIENT_ID, SECRET)
+    emu.add_user(MAILBOX)
+    (tmp / "secret").write_text(SECRET)
+    cfg = parse_config(yaml.safe_dump({
+        "practice": {"timezone": ZONE},
+        "store": {"path": str(tmp / "bench.db")},
+        "clinicians": {CLINICIAN: {"accounts": {"outlook": {"mailbox": MAILBOX}}}},
+        "connectors": {"outlook": {
+            "type": "microsoft365", "tenant": emu.tenant, "client_id": CLIENT_ID, "client_secret": {"file": str(tmp / "secret")},
+            "authority_host": graph.authority_host, "graph_url": graph.graph_url, "ca_bundle": str(graph.ca_file),
+        }},
+    }))
+    store = Store(cfg.store.path)
+    connectors = build_connectors(cfg)
+    connector = connectors["outlook"]
+    host = Host()
+    connector.host = host
+    engine = Engine(store, connectors, cfg)
+    world = World(store, engine, Outbox(engine), connector, None)  # type: ignore[arg-type]
+    routes = [Route(f"/webhooks/outlook{r.path}", r.handler, methods=list(r.methods)) for r in connector.webhook_routes()]
+    listener = serve_in_thread(Starlette(routes=routes))
+    host.public_url = f"{listener.url}/webhooks/outlook"
+    count = Counter(emu.log)
+    results: dict[str, Any] = {"sessions": sessions}
+
+    async def handle_notifications(expected: int) -> list[float]:
+        """Process accepted notifications as the daemon does; returns when each change was committed."""
+        deadline = time.monotonic() + 30
+        done: list[float] = []
+        handled = 0
+        while handled < expected and time.monotonic() < deadline:
+            while host.accepted:
+                headers, body = host.accepted.pop(0)
+                targets = connector.webhook_targets(headers, body)
+                if targets is None:
+                    await engine.sync("outlook")
+                elif targets:
+                    engine.observe("outlook", PullResult([await connector.read(t) for t in targets], cursor=None), advance=False)
+                handled += len(targets or [])
+                done.append(time.monotonic())
+            await asyncio.sleep(0.005)
+        return done
+
+    def phase(name: str, changes: int) -> None:
+        graph_calls, identity_calls, kinds = count.take()
+        results[name] = {"graph_calls": graph_calls, "per_change": round(graph_calls / changes, 2), "identity_calls": identity_calls, "by_call": kinds}
+
+    try:
+        await connector.maintain()
+        phase("subscribe", 1)
+        ids = [world.book_here(next_weekday_at(9 + i % 8, days_ahead=7 + i // 8)) for i in range(sessions)]
+        await world.drain()
+        phase("out_create", sessions)
+        await world.sync(full=True)
+        phase("full_listing", sessions)
+        emu.notifier.idle()
+        own = [connector.webhook_targets(h, b) for h, b in host.accepted]
+        results["own_write_notifications"] = {"received": len(own), "events_to_reread": sum(len(t or []) for t in own)}
+        host.accepted.clear()
+        count.take()
+        for appt_id in ids:
+            world.move_here(appt_id, store.appointment(appt_id).start + timedelta(minutes=30))
+        await world.drain()
+        phase("out_move", sessions)
+        await world.sync()
+        phase("echo_poll_after_moves", sessions)
+        emu.notifier.idle()
+        host.accepted.clear()
+        count.take()
+
+        # in, by notification: the clinician deletes half, moves the other half
+        half = sessions // 2
+        started: list[float] = []
+        for i, appt_id in enumerate(ids):
+            event_id = world.external_id(appt_id).partition("/")[2]
+            started.append(time.monotonic())
+            if i < half:
+                emu.user_delete(MAILBOX, event_id)
+            else:
+                shifted = store.appointment(appt_id).start + timedelta(hours=1)
+                emu.user_update(MAILBOX, event_id, {"start": {"dateTime": shifted.strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": "UTC"},
+                                                    "end": {"dateTime": (shifted + timedelta(minutes=50)).strftime("%Y-%m-%dT%H:%M:%S"), "timeZone": "UTC"}})
+            committed = await handle_notifications(1)
+            results.setdefault("_latencies", []).append(committed[0] - started[-1] if committed else float("nan"))
+        phase("in_by_notification", sessions)
+        cancelled = sum(1 for a in ids[:half] if store.appointment(a).cancelled)
+        await world.sync()
+        phase("safety_net_poll_after_notifications", sessions)
+        results["in_by_notification"]["cancelled_in_record"] = cancelled
+        await world.drain()  # the moves fan out nowhere else; the cancellations need no write here
+        count.take()
+
+        # in, by polling only: notifications off, one change per poll (a batch of deletions
+        # would be held by the mass-cancellation guard, as it should)
+        for sub_id in list(emu.notifier.subscriptions):
+            del emu.notifier.subscriptions[sub_id]
+        live = ids[half:]
+        for i, appt_id in enumerate(live):
+            event_id = world.external_id(appt_id).partition("/")[2]
+            if i % 2 == 0:
+                emu.user_delete(MAILBOX, event_id)
+            else:
+                emu.user_update(MAILBOX, event_id, {"subject": "Client session #late"})
+            await world.sync()
+        phase("in_by_poll_only", len(live))
+        results["in_by_poll_only"]["cancelled_in_record"] = sum(1 for a in live if store.appointment(a).cancelled)
+        await world.drain()
+        count.take()
+
+        # out: cancel (new sessions, so there is something live to cancel)
+        more = [world.book_here(next_weekday_at(9 + i % 8, days_ahead=30 + i // 8)) for i in range(sessions)]
+        await world.drain()
+        count.take()
+        for appt_id in more:
+            world.cancel_here(appt_id)
+        await world.drain()
+        phase("out_cancel", sessions)
+        latencies = results.pop("_latencies")
+        results["notification_latency_ms_median"] = round(1000 * statistics.median(latencies), 1)
+        return results
+    finally:
+        await connector.close()
+        store.close()
+        listener.stop()
+        graph.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=20)
+    args = parser.parse_args()
+    from syncbridge.logging import configure
+
+    configure(level="error", json_logs=True)
+    print(json.dumps(asyncio.run(main(args.sessions)), indent=2))

@@ -1,0 +1,263 @@
+"""The Graph wire layer: every request the connector makes, and the one table from answers to errors.
+
+Knows Graph v1.0 calendar and subscription calls and nothing of appointments. At most four
+requests per mailbox are in flight at once (Outlook's MailboxConcurrency limit,
+learn.microsoft.com/graph/throttling-limits#outlook-service-limits). Every failure leaves as a
+:mod:`syncbridge.errors` exception, translated here and only here; messages name the call and
+Graph's error code, never event content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn, Protocol
+from urllib.parse import quote
+
+import httpx
+
+from syncbridge.errors import AuthError, ConflictError, CursorExpired, MalformedRecord, PermanentError, RateLimited, TransientError
+from syncbridge.limits import check_record_size
+
+__all__ = ["GraphClient", "TokenSource", "raise_for_status"]
+
+MAILBOX_CONCURRENCY = 4
+ACCESS_HINT = (
+    "check the Calendars.ReadWrite permission and admin consent, and that the application access policy "
+    "includes this mailbox (connectors/microsoft365/README.md)"
+)
+
+
+class TokenSource(Protocol):
+    def token(self, clinician: str | None) -> Awaitable[str]: ...
+    def invalidate(self, clinician: str | None) -> None: ...
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def _code(r: httpx.Response) -> str:
+    try:
+        return str(r.json()["error"]["code"])[:80]
+    except (ValueError, KeyError, TypeError):
+        return "unknown"
+
+
+def raise_for_status(r: httpx.Response, what: str) -> NoReturn:
+    """The one table from an unsuccessful Graph answer to what the caller must do (learn.microsoft.com/graph/errors)."""
+    status, code = r.status_code, _code(r)
+    if status == 401:
+        raise AuthError(f"{what}: Graph refused the access token ({code})", action=ACCESS_HINT)
+    if status == 403:
+        raise AuthError(f"{what}: access denied ({code})", action=ACCESS_HINT)
+    if status in (409, 412):
+        raise ConflictError(f"{what}: the event changed since it was read ({status} {code})")
+    if status == 410 or code in ("SyncStateNotFound", "SyncStateInvalid", "resyncRequired"):
+        raise CursorExpired(f"{what}: the delta token is no longer accepted ({status} {code})")
+    if status in (429, 503, 509):
+        raise RateLimited(f"{what}: Graph asks to slow down ({status} {code})", retry_after=_retry_after(r.headers.get("retry-after")))
+    if status >= 500 or status in (408, 425):
+        raise TransientError(f"{what}: server error ({status} {code})", retry_after=_retry_after(r.headers.get("retry-after")))
+    raise PermanentError(f"{what}: refused ({status} {code})")
+
+
+def _body(r: httpx.Response, what: str) -> dict[str, Any]:
+    check_record_size(len(r.content), what, limit=16 << 20)  # a page of events; one event is checked again by the connector
+    try:
+        body = r.json()
+    except ValueError as err:
+        raise TransientError(f"{what}: the answer is not JSON") from err
+    if not isinstance(body, dict):
+        raise MalformedRecord(f"{what}: the answer is not an object")
+    return body
+
+
+class GraphClient:
+    """Thin async client for ``/users/{mailbox}/...`` calendar calls and ``/subscriptions``."""
+
+    def __init__(self, graph_url: str, tokens: TokenSource, *, ca_bundle: Path | None = None, page_size: int = 100) -> None:
+        self.graph_url = graph_url.rstrip("/")
+        self.tokens = tokens
+        self.page_size = page_size
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_bundle)) if ca_bundle else True
+        self._http = httpx.AsyncClient(timeout=30.0, verify=verify)
+        self._sems: dict[str, asyncio.Semaphore] = {}
+        self.requests = 0
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    def _sem(self, mailbox: str) -> asyncio.Semaphore:
+        return self._sems.setdefault(mailbox.lower(), asyncio.Semaphore(MAILBOX_CONCURRENCY))
+
+    async def request(
+        self, method: str, url: str, what: str, *, clinician: str | None, mailbox: str = "", json: Any = None,
+        headers: dict[str, str] | None = None, params: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        """One call under the mailbox's concurrency bound; a refused token is renewed once."""
+        full = url if url.startswith("https://") or url.startswith("http://") else f"{self.graph_url}/{url.lstrip('/')}"
+        for attempt in range(2):
+            hdrs = {"Authorization": f"Bearer {await self.tokens.token(clinician)}", "Accept": "application/json", **(headers or {})}
+            async with self._sem(mailbox):
+                self.requests += 1
+                try:
+                    r = await self._http.request(method, full, json=json, headers=hdrs, params=params)
+                except httpx.HTTPError as err:
+                    raise TransientError(f"{what}: {type(err).__name__}") from err
+            if r.status_code == 401 and attempt == 0:
+                self.tokens.invalidate(clinician)
+                continue
+            return r
+        return r
+
+    def _user(self, mailbox: str) -> str:
+        return f"users/{quote(mailbox, safe='@')}"
+
+    # --- events ---------------------------------------------------------------------------------
+
+    async def get_event(self, clinician: str, mailbox: str, event_id: str, *, expand: list[str] | None = None,
+                        select: list[str] | None = None) -> dict[str, Any] | None:
+        what = "GET event"
+        params: dict[str, str] = {}
+        if expand:
+            params["$expand"] = "singleValueExtendedProperties($filter=" + " or ".join(f"id eq '{p}'" for p in expand) + ")"
+        if select:
+            params["$select"] = ",".join(select)
+        r = await self.request("GET", f"{self._user(mailbox)}/events/{quote(event_id, safe='')}", what, clinician=clinician,
+                               mailbox=mailbox, params=params, headers={"Prefer": 'outlook.timezone="UTC"'})
+        if r.status_code == 404:
+            return None
+        if r.status_code >= 300:
+            raise_for_status(r, what)
+        return _body(r, what)
+
+    async def create_event(self, clinician: str, mailbox: str, body: dict[str, Any]) -> dict[str, Any]:
+        what = "POST events"
+        r = await self.request("POST", f"{self._user(mailbox)}/events", what, clinician=clinician, mailbox=mailbox, json=body,
+                               headers={"Prefer": 'outlook.timezone="UTC"'})
+        if r.status_code >= 300:
+            raise_for_status(r, what)
+        return _body(r, what)
+
+    async def update_event(self, clinician: str, mailbox: str, event_id: str, body: dict[str, Any], etag: str | None) -> dict[str, Any] | None:
+        """PATCH under ``If-Match``; None when the event is gone."""
+        what = "PATCH event"
+        headers = {"Prefer": 'outlook.timezone="UTC"'} | ({"If-Match": etag} if etag else {})
+        r = await self.request("PATCH", f"{self._user(mailbox)}/events/{quote(event_id, safe='')}", what, clinician=clinician,
+                               mailbox=mailbox, json=body, headers=headers)
+        if r.status_code == 404:
+            return None
+        if r.status_code >= 300:
+            raise_for_status(r, what)
+        return _body(r, what)
+
+    async def delete_event(self, clinician: str, mailbox: str, event_id: str, etag: str | None) -> bool:
+        """DELETE under ``If-Match``; False when it was already gone."""
+        what = "DELETE event"
+        r = await self.request("DELETE", f"{self._user(mailbox)}/events/{quote(event_id, safe='')}", what, clinician=clinician,
+                               mailbox=mailbox, headers={"If-Match": etag} if etag else None)
+        if r.status_code == 404:
+            return False
+        if r.status_code >= 300:
+            raise_for_status(r, what)
+        return True
+
+    async def cancel_event(self, clinician: str, mailbox: str, event_id: str, comment: str) -> bool:
+        """``POST /events/{id}/cancel`` (the organizer tells the attendees); False when already gone."""
+        what = "POST event cancel"
+        r = await self.request("POST", f"{self._user(mailbox)}/events/{quote(event_id, safe='')}/cancel", what, clinician=clinician,
+                               mailbox=mailbox, json={"comment": comment})
+        if r.status_code == 404:
+            return False
+        if r.status_code >= 300:
+            raise_for_status(r, what)
+        return True
+
+    async def find_by_property(self, clinician: str, mailbox: str, property_id: str, value: str) -> list[dict[str, Any]]:
+        """Events whose single-value extended property ``property_id`` equals ``value`` (id and etag only)."""
+        what = "GET events?$filter"
+        flt = f"singleValueExtendedProperties/Any(ep: ep/id eq '{property_id}' and ep/value eq '{value}')"
+        r = await self.request("GET", f"{self._user(mailbox)}/events", what, clinician=clinician, mailbox=mailbox,
+                               params={"$filter": flt, "$select": "id,attendees"})
+        if r.status_code >= 300:
+            raise_for_status(r, what)
+        return [e for e in _body(r, what).get("value", []) if isinstance(e, dict)]
+
+    async def _pages(self, clinician: str, mailbox: str, url: str, what: str, params: dict[str, str] | None,
+                     on_page: Callable[[list[dict[str, Any]]], None]) -> dict[str, Any]:
+        """Follow ``@odata.nextLink`` to the end; returns the last page (it holds a deltaLink if any)."""
+        headers = {"Prefer": f'odata.maxpagesize={self.page_size}, outlook.timezone="UTC"'}
+        while True:
+            r = await self.request("GET", url, what, clinician=clinician, mailbox=mailbox, params=params, headers=headers)
+            if r.status_code >= 300:
+                raise_for_status(r, what)
+            page = _body(r, what)
+            on_page([e for e in page.get("value", []) if isinstance(e, dict)])
+            if not page.get("@odata.nextLink"):
+                return page
+            url, params = str(page["@odata.nextLink"]), None
+
+    async def delta(self, clinician: str, mailbox: str, *, link: str | None = None, window: tuple[datetime, datetime] | None = None
+                    ) -> tuple[list[dict[str, Any]], str]:
+        """A whole round of ``calendarView/delta``: every item and the new ``@odata.deltaLink``."""
+        what = "GET calendarView/delta"
+        items: list[dict[str, Any]] = []
+        params = None
+        if link is None:
+            assert window is not None
+            link = f"{self._user(mailbox)}/calendarView/delta"
+            params = {"startDateTime": _utc(window[0]), "endDateTime": _utc(window[1])}
+        last = await self._pages(clinician, mailbox, link, what, params, items.extend)
+        if not last.get("@odata.deltaLink"):
+            raise TransientError(f"{what}: the round ended without a deltaLink")
+        return items, str(last["@odata.deltaLink"])
+
+    async def calendar_view(self, clinician: str, mailbox: str, window: tuple[datetime, datetime], *,
+                            select: list[str] | None = None, expand: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every occurrence overlapping ``window`` (series expanded by Exchange), following nextLinks."""
+        what = "GET calendarView"
+        params = {"startDateTime": _utc(window[0]), "endDateTime": _utc(window[1])}
+        if select:
+            params["$select"] = ",".join(select)
+        if expand:
+            params["$expand"] = "singleValueExtendedProperties($filter=" + " or ".join(f"id eq '{p}'" for p in expand) + ")"
+        items: list[dict[str, Any]] = []
+        await self._pages(clinician, mailbox, f"{self._user(mailbox)}/calendarView", what, params, items.extend)
+        return items
+
+    # --- subscriptions ------------------------------------------------------------------------
+
+    async def create_subscription(self, clinician: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        what = "POST subscriptions"
+        r = await self.request("POST", "subscriptions", what, clinician=clinician, json=body)
+        if r.status_code >= 300:
+            raise_for_status(r, what)
+        return _body(r, what)
+
+    async def renew_subscription(self, clinician: str | None, sub_id: str, expires: datetime) -> dict[str, Any] | None:
+        """PATCH ``expirationDateTime`` (renews and reauthorizes); None when the subscription is gone."""
+        what = "PATCH subscription"
+        r = await self.request("PATCH", f"subscriptions/{quote(sub_id, safe='')}", what, clinician=clinician,
+                               json={"expirationDateTime": _utc(expires)})
+        if r.status_code == 404:
+            return None
+        if r.status_code >= 300:
+            raise_for_status(r, what)
+        return _body(r, what)
+
+    async def delete_subscription(self, clinician: str | None, sub_id: str) -> None:
+        what = "DELETE subscription"
+        r = await self.request("DELETE", f"subscriptions/{quote(sub_id, safe='')}", what, clinician=clinician)
+        if r.status_code >= 300 and r.status_code != 404:
+            raise_for_status(r, what)
+
+
+def _utc(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
