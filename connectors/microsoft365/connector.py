@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -22,10 +22,10 @@ from urllib.parse import urlsplit
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from syncbridge.connector import MIRROR_STATUS_MAP, ApplyResult, BusyInterval, Capabilities, Connector, Link, Observation, PullResult
+from syncbridge.connector import ApplyResult, BusyInterval, Connector, Link, Observation, PullResult, calendar_capabilities, without_location
 from syncbridge.errors import ConfigError, ConflictError, CursorExpired, MalformedRecord, PermanentError
 from syncbridge.limits import check_record_size
-from syncbridge.model import Role, Snapshot, iso
+from syncbridge.model import Snapshot, iso
 from syncbridge.policy.privacy import EventText, event_text
 from syncbridge.secrets import SecretRef
 
@@ -117,21 +117,14 @@ class _Seen:
 class Microsoft365Connector(Connector):
     """Mirror appointments into Outlook calendars of a Microsoft 365 tenant."""
 
-    capabilities = Capabilities(
-        role=Role.MIRROR,
-        fields=frozenset({"clinician", "start", "end", "timezone", "status", "modality", "location"}),
-        status_map=MIRROR_STATUS_MAP,
-        busy_time=True,
-        accepts_new=True,
-        push=True,
-    )
+    capabilities = calendar_capabilities(push=True)
     Options = Microsoft365Options
 
     def __init__(self, name: str, config: ConnectorConfig, practice: PracticeConfig) -> None:
         super().__init__(name, config, practice)
         self.options: Microsoft365Options
         if self.options.disclosure == "busy":
-            self.capabilities = replace(self.capabilities, fields=self.capabilities.fields - {"location"})
+            self.capabilities = without_location(self.capabilities)
         self.mailboxes: dict[str, str] = {}
         for key, account in self.clinicians.items():
             mailbox = account.get("mailbox")

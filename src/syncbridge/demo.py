@@ -174,7 +174,7 @@ async def _demo(workdir: Path, wait: bool) -> int:
             _say(f"  cancelled in {elapsed:.1f}s: by {c['by']}, {c['kind'].replace('_', ' ')}, fee {c['fee']}, via {c['via']}")
         for lk, applied_at in daemon.store.links_for(victim):
             state = "event removed" if lk.gone else ("applied" if lk.applied_version >= appt.version else "pending")
-            _say(f"    {lk.connector:<20} {state:<14} {applied_at or ''}")
+            _say(f"    {lk.connector:<24} {state:<14} {applied_at or ''}")
         records = [n for n, c in daemon.connectors.items() if c.capabilities.role.value == "record"]
         if records:
 

@@ -144,6 +144,10 @@ class Daemon:
 
     async def maintain(self) -> None:
         """Keep every connector's push channels alive; a failure here never stops polling."""
+        for _ in range(100):  # vendors validate the webhook URL when a channel is made: listen first
+            if self.http is None or self.http.started or self.stopping.is_set():
+                break
+            await asyncio.sleep(0.1)
         for name, connector in list(self.connectors.items()):
             try:
                 await connector.maintain()
