@@ -163,6 +163,13 @@ class FHIRClient:
             raise_for_status(r.status_code, what, retry_after=r.headers.get("retry-after"))
         return self._resource(r, what)
 
+    async def delete(self, rtype: str, rid: str) -> None:
+        """DELETE (http.html#delete); a resource already gone is fine."""
+        what = f"DELETE {rtype}"
+        r = await self._request("DELETE", f"{rtype}/{quote(rid)}", what)
+        if r.status_code >= 300 and r.status_code not in (404, 410):
+            raise_for_status(r.status_code, what, retry_after=r.headers.get("retry-after"))
+
     async def search(self, rtype: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
         """Every entry of a search, following the Bundle's ``next`` links (http.html#search, #paging)."""
         what = f"GET {rtype}?"

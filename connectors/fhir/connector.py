@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from syncbridge.connector import ApplyResult, Capabilities, Connector, Link, Observation, PullResult
+from syncbridge.connector import ApplyResult, Capabilities, Connector, Link, Observation, PullResult, WebhookRoute
 from syncbridge.errors import ConfigError, MalformedRecord, PermanentError
 from syncbridge.limits import check_record_size
 from syncbridge.model import CANCELLED_STATES, Role, Snapshot, iso, parse_iso, utcnow
 from syncbridge.secrets import SecretRef
 
 from .claims import suppress
+from .subscription import AppointmentSubscription
 from .client import FHIRClient
 from .mapping import EXT_BILLING, extension, read_appointment, render_appointment, set_extension
 
@@ -40,7 +41,7 @@ __all__ = ["FHIRConnector", "FHIROptions"]
 log = structlog.get_logger("syncbridge.fhir")
 
 # SMART v2 scopes: read and search everything we reconcile, create and update what claim suppression touches
-DEFAULT_SCOPE = "system/Appointment.cruds system/Encounter.rus system/ChargeItem.crus system/Claim.rus"
+DEFAULT_SCOPE = "system/Appointment.cruds system/Encounter.rus system/ChargeItem.crus system/Claim.rus system/Subscription.crud"
 
 
 class FHIROptions(BaseModel):
@@ -66,6 +67,10 @@ class FHIROptions(BaseModel):
     #: self-pay fee code; defaults to policy.cancellation.fee_code
     late_cancel_fee_code: str | None = None
     page_size: int = Field(100, ge=1, le=1000)
+    #: ask the EHR to notify changes (R4 rest-hook Subscription) when the daemon has http.public_url
+    subscription: bool = True
+    #: days a subscription lasts before it is renewed (renewed a day before its end)
+    subscription_days: int = Field(7, ge=2, le=365)
 
     @model_validator(mode="after")
     def _auth_complete(self) -> FHIROptions:
@@ -91,6 +96,7 @@ class FHIRConnector(Connector):
             {"clinician", "client_key", "start", "end", "timezone", "status", "cancellation", "modality", "location", "service_code", "series_id", "billing"}
         ),
         accepts_new=True,
+        push=True,
     )
     Options = FHIROptions
 
@@ -104,6 +110,7 @@ class FHIRConnector(Connector):
             if not ref.startswith("Practitioner/"):
                 raise ConfigError(f"clinicians.{key}.accounts.{name}.practitioner", f"must look like 'Practitioner/<id>', got {ref!r}")
             self.clinician_of[ref.removeprefix("Practitioner/")] = key
+        self.subscription = AppointmentSubscription(self)
 
     def client(self) -> FHIRClient:
         if self._client is None:
@@ -118,7 +125,14 @@ class FHIRConnector(Connector):
                 )
         return self._client
 
+    def webhook_routes(self) -> list[WebhookRoute]:
+        return [self.subscription.route()]
+
+    async def maintain(self) -> None:
+        await self.subscription.maintain()
+
     async def close(self) -> None:
+        await self.subscription.stop()
         if self._client is not None:
             await self._client.close()
             self._client = None

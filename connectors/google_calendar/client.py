@@ -16,7 +16,7 @@ import contextlib
 import json
 import socket
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import google.auth.exceptions
 import google_auth_httplib2
@@ -72,6 +72,19 @@ def raise_for_status(status: int, reason: str, what: str, *, retry_after: str | 
     raise PermanentError(f"{what}: refused ({status} {reason})".rstrip())
 
 
+_T = TypeVar("_T")
+
+
+def _retry_dropped(call: Callable[[], _T]) -> _T:
+    """A kept-alive connection the server has since closed fails at once with a reset: one
+    immediate retry on a fresh connection is safe (reads, inserts with derived ids and If-Match
+    writes are idempotent) and spares a whole backoff round."""
+    try:
+        return call()
+    except ConnectionError:
+        return call()
+
+
 def translate(err: BaseException, what: str) -> Exception:
     """A foreign exception from the client stack as a syncbridge error (returned, for ``raise ... from``)."""
     if isinstance(err, HttpError) and err.resp is None:  # BatchError: the multipart answer could not be read
@@ -124,7 +137,7 @@ class CalendarClient:
             if etag is not None:
                 request.headers["If-Match"] = etag
             self.requests += 1
-            return request.execute(num_retries=0)
+            return _retry_dropped(lambda: request.execute(num_retries=0))
 
         try:
             async with self.lock:
@@ -218,7 +231,7 @@ async def batch_list(parts: list[tuple[CalendarClient, str, dict[str, Any]]]) ->
             client._fresh_credentials()
             batch.add(client._service.events().list(calendarId=calendar, **params), request_id=str(offset + i))
             client.requests += 1
-        batch.execute(http=owner._service._http)
+        _retry_dropped(lambda: batch.execute(http=owner._service._http))
 
     for offset in range(0, len(parts), 50):
         chunk = parts[offset : offset + 50]
