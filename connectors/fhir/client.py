@@ -19,7 +19,7 @@ import httpx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from syncbridge.errors import AuthError, ConflictError, MalformedRecord, PermanentError, RateLimited, TransientError
+from syncbridge.errors import AuthError, ConflictError, MalformedRecord, PermanentError, RateLimited, TransientError, retry_after_seconds
 from syncbridge.limits import check_record_size
 
 __all__ = ["FHIRClient", "raise_for_status", "signed_assertion"]
@@ -51,13 +51,6 @@ def signed_assertion(client_id: str, token_url: str, private_key_pem: str, kid: 
     return f"{signing_input}.{_b64url(signature)}"
 
 
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
-
-
 def raise_for_status(status: int, what: str, *, retry_after: str | None = None) -> NoReturn:
     """The one table from an unsuccessful HTTP status to what the caller must do (DESIGN section 9)."""
     if status == 401:
@@ -67,9 +60,9 @@ def raise_for_status(status: int, what: str, *, retry_after: str | None = None) 
     if status in (409, 412):
         raise ConflictError(f"{what}: the EHR's copy changed since it was read ({status})")
     if status in (429, 503):
-        raise RateLimited(f"{what}: the EHR asks to slow down ({status})", retry_after=_retry_after(retry_after))
+        raise RateLimited(f"{what}: the EHR asks to slow down ({status})", retry_after=retry_after_seconds(retry_after))
     if status >= 500 or status in (408, 425):
-        raise TransientError(f"{what}: server error ({status})", retry_after=_retry_after(retry_after))
+        raise TransientError(f"{what}: server error ({status})", retry_after=retry_after_seconds(retry_after))
     raise PermanentError(f"{what}: refused ({status})")
 
 

@@ -26,7 +26,7 @@ from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
 from googleapiclient.http import BatchHttpRequest, HttpRequest
 
-from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError
+from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError, retry_after_seconds
 
 __all__ = ["CalendarClient", "batch_list", "raise_for_status", "translate"]
 
@@ -39,13 +39,6 @@ DELEGATION_HINT = (
 )
 
 
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
-
-
 def _reason(content: bytes) -> str:
     try:
         errors = json.loads(content)["error"]["errors"]
@@ -56,7 +49,7 @@ def _reason(content: bytes) -> str:
 
 def raise_for_status(status: int, reason: str, what: str, *, retry_after: str | None = None) -> NoReturn:
     """The one table from a Calendar API error (status, reason) to what the caller must do."""
-    wait = _retry_after(retry_after)
+    wait = retry_after_seconds(retry_after)
     if status == 401:
         raise AuthError(f"{what}: Google refused the access token (401)", action=DELEGATION_HINT)
     if status == 429 or (status == 403 and reason in RATE_REASONS):

@@ -18,7 +18,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from syncbridge.connector import ApplyResult, Capabilities, Connector, Link, Observation, PullResult
-from syncbridge.errors import AuthError, ConfigError, MalformedRecord, PermanentError, RateLimited, TransientError
+from syncbridge.errors import AuthError, ConfigError, MalformedRecord, PermanentError, RateLimited, TransientError, retry_after_seconds
 from syncbridge.model import CANCELLED_STATES, Role, Snapshot, Status, iso, parse_iso, utcnow
 from syncbridge.secrets import SecretRef
 
@@ -70,7 +70,7 @@ class ICalFeedConnector(Connector):
         if resp.status_code == 429 or resp.status_code >= 500:
             retry = resp.headers.get("Retry-After")
             cls = RateLimited if resp.status_code in (429, 503) else TransientError
-            raise cls(f"feed of {clinician} answered {resp.status_code}", retry_after=float(retry) if retry and retry.isdigit() else None)
+            raise cls(f"feed of {clinician} answered {resp.status_code}", retry_after=retry_after_seconds(retry))
         if resp.status_code != 200:
             raise PermanentError(f"feed of {clinician} answered {resp.status_code}")
         return resp.content, resp.headers.get("ETag")

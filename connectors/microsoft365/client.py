@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import httpx
 
-from syncbridge.errors import AuthError, ConflictError, CursorExpired, MalformedRecord, PermanentError, RateLimited, TransientError
+from syncbridge.errors import AuthError, ConflictError, CursorExpired, MalformedRecord, PermanentError, RateLimited, TransientError, retry_after_seconds
 from syncbridge.limits import check_record_size
 
 __all__ = ["GraphClient", "TokenSource", "raise_for_status"]
@@ -34,13 +34,6 @@ ACCESS_HINT = (
 class TokenSource(Protocol):
     def token(self, clinician: str | None) -> Awaitable[str]: ...
     def invalidate(self, clinician: str | None) -> None: ...
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
 
 
 def _code(r: httpx.Response) -> str:
@@ -62,9 +55,9 @@ def raise_for_status(r: httpx.Response, what: str) -> NoReturn:
     if status == 410 or code in ("SyncStateNotFound", "SyncStateInvalid", "resyncRequired"):
         raise CursorExpired(f"{what}: the delta token is no longer accepted ({status} {code})")
     if status in (429, 503, 509):
-        raise RateLimited(f"{what}: Graph asks to slow down ({status} {code})", retry_after=_retry_after(r.headers.get("retry-after")))
+        raise RateLimited(f"{what}: Graph asks to slow down ({status} {code})", retry_after=retry_after_seconds(r.headers.get("retry-after")))
     if status >= 500 or status in (408, 425):
-        raise TransientError(f"{what}: server error ({status} {code})", retry_after=_retry_after(r.headers.get("retry-after")))
+        raise TransientError(f"{what}: server error ({status} {code})", retry_after=retry_after_seconds(r.headers.get("retry-after")))
     raise PermanentError(f"{what}: refused ({status} {code})")
 
 

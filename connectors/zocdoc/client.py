@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import httpx
 
-from syncbridge.errors import AuthError, ConflictError, MalformedRecord, PermanentError, RateLimited, TransientError
+from syncbridge.errors import AuthError, ConflictError, MalformedRecord, PermanentError, RateLimited, TransientError, retry_after_seconds
 from syncbridge.limits import check_record_size
 
 __all__ = ["API_CAP", "ZocdocClient", "instant_param", "raise_for_status"]
@@ -36,13 +36,6 @@ def instant_param(dt: datetime) -> str:
     return dt.astimezone(UTC).isoformat(sep=" ", timespec="milliseconds")
 
 
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
-
-
 def _detail(r: httpx.Response) -> str:
     """The messages of an ``ErrorResult`` body (they describe our request, not patients)."""
     try:
@@ -55,7 +48,7 @@ def _detail(r: httpx.Response) -> str:
 def raise_for_status(r: httpx.Response, what: str) -> NoReturn:
     """The one table from an unsuccessful answer to what the caller must do (DESIGN section 9)."""
     status = r.status_code
-    retry_after = _retry_after(r.headers.get("retry-after"))
+    retry_after = retry_after_seconds(r.headers.get("retry-after"))
     detail = _detail(r)
     suffix = f": {detail}" if detail else ""
     if status == 401:

@@ -16,6 +16,9 @@ engine only ever sees these.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
 __all__ = [
     "AuthError",
     "ConfigError",
@@ -27,6 +30,7 @@ __all__ = [
     "SyncbridgeError",
     "TransientError",
     "error_kind",
+    "retry_after_seconds",
 ]
 
 
@@ -99,3 +103,22 @@ class MalformedRecord(PermanentError):
 def error_kind(exc: BaseException) -> str:
     """A short label for metrics and status, never containing record content."""
     return exc.kind if isinstance(exc, SyncbridgeError) else "unexpected"
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """A ``Retry-After`` header as seconds to wait: delay-seconds or an HTTP-date (RFC 9110
+    section 10.2.3); None when absent or unreadable (the caller's own backoff applies)."""
+    if not value:
+        return None
+    text = value.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())

@@ -168,3 +168,13 @@ async def test_an_edit_seen_while_writing_is_not_overwritten_by_the_write_answer
     assert record is not None and link is not None
     assert record.fields["start"] == therapist["start"]  # the later edit won the merge
     assert link.etag == "etag-x" and link.base is not None and link.base["start"] == therapist["start"]
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
+    from syncbridge.errors import retry_after_seconds
+
+    now = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+    assert retry_after_seconds("120", now) == 120.0
+    assert retry_after_seconds("Mon, 23 Nov 2026 12:00:30 GMT", now) == 30.0
+    assert retry_after_seconds("Mon, 23 Nov 2026 11:59:00 GMT", now) == 0.0  # already past: go now
+    assert retry_after_seconds("soon", now) is None and retry_after_seconds(None, now) is None
