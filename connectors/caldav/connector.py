@@ -17,7 +17,7 @@ from urllib.parse import urljoin, urlsplit
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from syncbridge.connector import ApplyResult, BusyInterval, Connector, Link, Observation, PullResult, calendar_capabilities, without_location
+from syncbridge.connector import ApplyResult, BusyInterval, CalendarConnector, Link, Observation, PullResult, calendar_capabilities
 from syncbridge.errors import ConfigError, ConflictError, CursorExpired, MalformedRecord, PermanentError
 from syncbridge.limits import check_record_size
 from syncbridge.model import Snapshot, iso, utcnow
@@ -77,7 +77,7 @@ class CalDAVOptions(BaseModel):
         return self
 
 
-class CalDAVConnector(Connector):
+class CalDAVConnector(CalendarConnector):
     """Mirror appointments into RFC 4791 calendars (iCloud, Fastmail, Nextcloud, Radicale...)."""
 
     capabilities = calendar_capabilities(push=False)
@@ -86,8 +86,6 @@ class CalDAVConnector(Connector):
     def __init__(self, name: str, config: ConnectorConfig, practice: PracticeConfig) -> None:
         super().__init__(name, config, practice)
         self.options: CalDAVOptions
-        if self.options.disclosure == "busy":
-            self.capabilities = without_location(self.capabilities)
         for key, account in self.clinicians.items():
             if not isinstance(account.get("calendar"), str) or not account["calendar"].strip():
                 raise ConfigError(

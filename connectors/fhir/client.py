@@ -19,8 +19,8 @@ import httpx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from syncbridge.errors import AuthError, ConflictError, MalformedRecord, PermanentError, RateLimited, TransientError, retry_after_seconds
-from syncbridge.limits import check_record_size
+from syncbridge.errors import AuthError, ConflictError, PermanentError, RateLimited, TransientError, retry_after_seconds
+from syncbridge.limits import json_object
 
 __all__ = ["FHIRClient", "raise_for_status", "signed_assertion"]
 
@@ -137,14 +137,7 @@ class FHIRClient:
 
     @staticmethod
     def _resource(r: httpx.Response, what: str) -> dict[str, Any]:
-        check_record_size(len(r.content), what)
-        try:
-            body = r.json()
-        except ValueError as err:
-            raise MalformedRecord(f"{what}: the answer is not JSON") from err
-        if not isinstance(body, dict):
-            raise MalformedRecord(f"{what}: the answer is not a resource")
-        return body
+        return json_object(r.content, what, kind="a resource")
 
     async def read(self, rtype: str, rid: str) -> dict[str, Any] | None:
         """The resource, or None when it is gone (404/410)."""

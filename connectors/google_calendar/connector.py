@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from syncbridge.connector import ApplyResult, BusyInterval, Connector, Link, Observation, PullResult, calendar_capabilities, without_location, WebhookRoute
+from syncbridge.connector import ApplyResult, BusyInterval, CalendarConnector, Link, Observation, PullResult, WebhookRoute, calendar_capabilities
 from syncbridge.errors import AuthError, ConfigError, CursorExpired, MalformedRecord, PermanentError
 from syncbridge.limits import check_record_size
 from syncbridge.model import Snapshot, iso
@@ -93,7 +93,7 @@ class GoogleOptions(BaseModel):
         return self
 
 
-class GoogleCalendarConnector(Connector):
+class GoogleCalendarConnector(CalendarConnector):
     """Mirror appointments into Google Calendar (Workspace or personal accounts)."""
 
     capabilities = calendar_capabilities(push=True)
@@ -102,8 +102,6 @@ class GoogleCalendarConnector(Connector):
     def __init__(self, name: str, config: ConnectorConfig, practice: PracticeConfig) -> None:
         super().__init__(name, config, practice)
         self.options: GoogleOptions
-        if self.options.disclosure == "busy":
-            self.capabilities = without_location(self.capabilities)
         for key, account in self.clinicians.items():
             if not isinstance(account.get("email"), str) or "@" not in account["email"]:
                 raise ConfigError(f"clinicians.{key}.accounts.{name}.email", "required: the clinician's Google account address")

@@ -19,8 +19,8 @@ from urllib.parse import quote
 
 import httpx
 
-from syncbridge.errors import AuthError, ConflictError, CursorExpired, MalformedRecord, PermanentError, RateLimited, TransientError, retry_after_seconds
-from syncbridge.limits import check_record_size
+from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError, retry_after_seconds
+from syncbridge.limits import json_object
 
 __all__ = ["GraphClient", "TokenSource", "raise_for_status"]
 
@@ -62,14 +62,8 @@ def raise_for_status(r: httpx.Response, what: str) -> NoReturn:
 
 
 def _body(r: httpx.Response, what: str) -> dict[str, Any]:
-    check_record_size(len(r.content), what, limit=16 << 20)  # a page of events; one event is checked again by the connector
-    try:
-        body = r.json()
-    except ValueError as err:
-        raise TransientError(f"{what}: the answer is not JSON") from err
-    if not isinstance(body, dict):
-        raise MalformedRecord(f"{what}: the answer is not an object")
-    return body
+    # a page of events (one event is checked again by the connector); non-JSON is a proxy's page
+    return json_object(r.content, what, limit=16 << 20, not_json=TransientError)
 
 
 class GraphClient:

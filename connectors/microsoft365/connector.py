@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from syncbridge.connector import ApplyResult, BusyInterval, Connector, Link, Observation, PullResult, calendar_capabilities, without_location
+from syncbridge.connector import ApplyResult, BusyInterval, CalendarConnector, Link, Observation, PullResult, calendar_capabilities
 from syncbridge.errors import ConfigError, ConflictError, CursorExpired, MalformedRecord, PermanentError
 from syncbridge.limits import check_record_size
 from syncbridge.model import Snapshot, iso
@@ -114,7 +114,7 @@ class _Seen:
     before: tuple[str, ...] = ()
 
 
-class Microsoft365Connector(Connector):
+class Microsoft365Connector(CalendarConnector):
     """Mirror appointments into Outlook calendars of a Microsoft 365 tenant."""
 
     capabilities = calendar_capabilities(push=True)
@@ -123,8 +123,6 @@ class Microsoft365Connector(Connector):
     def __init__(self, name: str, config: ConnectorConfig, practice: PracticeConfig) -> None:
         super().__init__(name, config, practice)
         self.options: Microsoft365Options
-        if self.options.disclosure == "busy":
-            self.capabilities = without_location(self.capabilities)
         self.mailboxes: dict[str, str] = {}
         for key, account in self.clinicians.items():
             mailbox = account.get("mailbox")

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import httpx
 
 from syncbridge.errors import AuthError, ConflictError, MalformedRecord, PermanentError, RateLimited, TransientError, retry_after_seconds
-from syncbridge.limits import check_record_size
+from syncbridge.limits import json_object
 
 __all__ = ["API_CAP", "ZocdocClient", "instant_param", "raise_for_status"]
 
@@ -129,14 +129,7 @@ class ZocdocClient:
 
     @staticmethod
     def _json(r: httpx.Response, what: str) -> dict[str, Any]:
-        check_record_size(len(r.content), what, limit=16 << 20)
-        try:
-            body = r.json()
-        except ValueError as err:
-            raise TransientError(f"{what}: the answer is not JSON") from err
-        if not isinstance(body, dict):
-            raise MalformedRecord(f"{what}: the answer is not an object")
-        return body
+        return json_object(r.content, what, limit=16 << 20, not_json=TransientError)
 
     # --- appointments ---------------------------------------------------------------------
 

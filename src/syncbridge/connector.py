@@ -29,7 +29,7 @@ __all__ = [
     "BusyInterval",
     "MIRROR_FIELDS",
     "calendar_capabilities",
-    "without_location",
+    "CalendarConnector",
     "Capabilities",
     "Connector",
     "Host",
@@ -85,14 +85,6 @@ MIRROR_FIELDS = frozenset({"clinician", "start", "end", "timezone", "status", "m
 def calendar_capabilities(*, push: bool) -> Capabilities:
     """A clinician's calendar: a mirror of sessions that reports busy time."""
     return Capabilities(role=Role.MIRROR, fields=MIRROR_FIELDS, status_map=MIRROR_STATUS_MAP, busy_time=True, accepts_new=True, push=push)
-
-
-def without_location(caps: Capabilities) -> Capabilities:
-    """For a calendar others can see (``disclosure: busy``): it never holds the location, not even
-    in a hidden property."""
-    from dataclasses import replace
-
-    return replace(caps, fields=caps.fields - {"location"})
 
 
 @dataclass(slots=True)
@@ -355,3 +347,18 @@ class Connector(abc.ABC):
 
     async def close(self) -> None:
         return None
+
+
+class CalendarConnector(Connector):
+    """A clinician's calendar (set ``capabilities = calendar_capabilities(push=...)``).
+
+    Its ``Options`` carry ``disclosure``: a ``busy`` calendar (one others can see) never holds the
+    location, not even in a hidden property.
+    """
+
+    def __init__(self, name: str, config: ConnectorConfig, practice: PracticeConfig) -> None:
+        super().__init__(name, config, practice)
+        if getattr(self.options, "disclosure", "standard") == "busy":
+            from dataclasses import replace
+
+            self.capabilities = replace(self.capabilities, fields=self.capabilities.fields - {"location"})

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from .errors import MalformedRecord
+import json
+from typing import Any
 
-__all__ = ["MAX_RECORD_BYTES", "MAX_WEBHOOK_BYTES", "check_record_size"]
+from .errors import MalformedRecord, SyncbridgeError
+
+__all__ = ["MAX_RECORD_BYTES", "MAX_WEBHOOK_BYTES", "check_record_size", "json_object"]
 
 #: one calendar event, FHIR resource or directory record; real ones are a few kilobytes
 MAX_RECORD_BYTES = 1 << 20
@@ -16,3 +19,18 @@ def check_record_size(size: int, what: str, limit: int = MAX_RECORD_BYTES) -> No
     """Refuse an oversized record by name, without reading its content into an error message."""
     if size > limit:
         raise MalformedRecord(f"{what} is {size:,} bytes, over the {limit:,}-byte limit for one record; it was skipped")
+
+
+def json_object(
+    content: bytes, what: str, *, limit: int = MAX_RECORD_BYTES, not_json: type[SyncbridgeError] = MalformedRecord, kind: str = "an object"
+) -> dict[str, Any]:
+    """A vendor's answer as a JSON object, size-checked before it is parsed. ``not_json`` says what
+    unreadable text means for that vendor (a broken record, or a proxy page worth retrying)."""
+    check_record_size(len(content), what, limit)
+    try:
+        body = json.loads(content)
+    except ValueError as err:
+        raise not_json(f"{what}: the answer is not JSON") from err
+    if not isinstance(body, dict):
+        raise MalformedRecord(f"{what}: the answer is not {kind}")
+    return body

@@ -37,10 +37,11 @@ from syncbridge.registry import build_connectors
 from syncbridge.store import Store
 from syncbridge_connectors.google_calendar.client import raise_for_status
 from syncbridge_connectors.google_calendar.connector import GoogleCalendarConnector
-from syncbridge_connectors.google_calendar.emulator import GoogleCalendarEmulator, Running, running
+from syncbridge_connectors.google_calendar.emulator import GoogleCalendarEmulator, Running
 from syncbridge_connectors.google_calendar.emulator_auth import new_service_account_key
 from syncbridge_connectors.google_calendar.mapping import BUSY_FIELDS, ID_KEY, canonical_id_of, event_id_for
 from tests.contract.suite import CLINICIAN, ZONE, ConnectorContract, Harness, Vendor, World, next_weekday_at
+from tests.support.emulators import google_calendar
 
 EMAIL = "dr.rivera@practice.example"
 SA_EMAIL = "syncbridge@practice-project.iam.gserviceaccount.com"
@@ -102,12 +103,8 @@ class CalendarUser(Vendor):
 
 @pytest.fixture
 def google() -> Iterator[Running]:
-    server = running(GoogleCalendarEmulator())
-    server.emulator.add_user(EMAIL, time_zone=ZONE)
-    try:
+    with google_calendar(EMAIL, zone=ZONE) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def sa_key_file(server: Running, tmp_path: Path, **grant: Any) -> Path:

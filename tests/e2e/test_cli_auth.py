@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from syncbridge.store import Store
-from syncbridge_connectors.google_calendar.emulator import GoogleCalendarEmulator, Running, running
+from syncbridge_connectors.google_calendar.emulator import Running
 from tests.support.daemon import ROOT
+from tests.support.emulators import google_calendar
 
 pytestmark = pytest.mark.slow
 EMAIL = "rivera@practice.example"
@@ -24,12 +25,8 @@ EMAIL = "rivera@practice.example"
 
 @pytest.fixture
 def google() -> Iterator[Running]:
-    server = running(GoogleCalendarEmulator())
-    server.emulator.add_user(EMAIL, time_zone="America/New_York")
-    try:
+    with google_calendar(EMAIL) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def write_config(tmp: Path, google: Running, secret_key: bool = True) -> Path:

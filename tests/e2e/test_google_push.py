@@ -27,9 +27,10 @@ from syncbridge.engine import Engine
 from syncbridge.model import empty_snapshot, iso, new_canonical_id
 from syncbridge.registry import build_connectors
 from syncbridge.store import Store
-from syncbridge_connectors.google_calendar.emulator import GoogleCalendarEmulator, Running, running
+from syncbridge_connectors.google_calendar.emulator import Running
 from tests.contract.suite import next_weekday_at
 from tests.support.daemon import DaemonProcess
+from tests.support.emulators import google_calendar
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +40,8 @@ EMAIL = "dr.lee@practice.example"
 
 @pytest.fixture
 def google() -> Iterator[Running]:
-    server = running(GoogleCalendarEmulator())
-    server.emulator.add_user(EMAIL, time_zone=ZONE)
-    try:
+    with google_calendar(EMAIL, zone=ZONE) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def practice_config(tmp: Path, google: Running, port: int) -> dict[str, Any]:
