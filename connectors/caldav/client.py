@@ -116,6 +116,10 @@ def raise_for_status(status: int, what: str, *, retry_after: str | None = None, 
         raise RateLimited(f"{what}: the server asks to slow down ({status})", retry_after=_retry_after(retry_after))
     if status in (404, 410):
         raise PermanentError(f"{what}: not found ({status}); check the calendar's URL or name")
+    if status == 423:
+        # RFC 4918 section 11.3: the resource is locked, by a client's LOCK or the server's own
+        # write lock (Xandikos answers 423 to a PUT made while another PUT commits)
+        raise TransientError(f"{what}: the calendar is locked for another write (423)", retry_after=_retry_after(retry_after))
     if status >= 500 or status in (408, 425):
         raise TransientError(f"{what}: server error ({status})", retry_after=_retry_after(retry_after))
     raise PermanentError(f"{what}: the server refused the request ({status})")

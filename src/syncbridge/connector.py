@@ -10,6 +10,7 @@ entry-point group.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -40,6 +41,7 @@ __all__ = [
     "SeenCopy",
     "Slot",
     "WebhookRoute",
+    "Write",
 ]
 
 
@@ -154,6 +156,15 @@ class ApplyResult:
     #: fields the system itself set while applying (an EHR's billing outcome); merged back into the
     #: canonical record as that system's change, under the usual rules
     reported: Snapshot = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One write the outbox hands a connector: converge ``appointment_id``'s copy to ``desired``."""
+
+    appointment_id: str
+    desired: Snapshot
+    link: Link | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +308,20 @@ class Connector(abc.ABC):
         must be idempotent (derive the external id from ``appointment_id``) so a retried create
         never duplicates.
         """
+
+    #: most writes one :meth:`apply_many` call takes; above 1 when the vendor has a batch request
+    write_batch: int = 1
+
+    async def apply_many(self, writes: Sequence[Write]) -> list[ApplyResult | BaseException]:
+        """Apply several writes; one result or raised error per write, in order.
+
+        The default applies each on its own, concurrently. A connector whose vendor takes batch
+        requests (Google's batch endpoint, Graph ``$batch``, a FHIR ``batch`` Bundle) overrides it
+        and sets :attr:`write_batch`, so a practice's initial sync costs one request per batch
+        rather than per appointment. Each write keeps :meth:`apply`'s semantics: its own
+        precondition, its own idempotent create, its own error.
+        """
+        return list(await asyncio.gather(*(self.apply(w.appointment_id, w.desired, w.link) for w in writes), return_exceptions=True))
 
     def external_id_for(self, appointment_id: str) -> str | None:
         """The id a create for ``appointment_id`` uses, when the connector derives it (idempotent creates).

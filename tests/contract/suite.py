@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from syncbridge.config import parse_config
-from syncbridge.connector import Connector
+from syncbridge.connector import Connector, Write
 from syncbridge.engine import Engine
+from syncbridge.errors import ConflictError, TransientError
 from syncbridge.model import Role, empty_snapshot, iso, new_canonical_id
 from syncbridge.outbox import Outbox
 from syncbridge.registry import build_connectors
@@ -317,6 +318,42 @@ class ConnectorContract:
         assert world.store.link(world.connector.name, appt_id) is not None
         assert len(await world.vendor.live()) == 1
         assert world.store.dead_letters() == []
+
+    async def test_batched_writes_land_each_once_with_their_own_outcome(self, world: World) -> None:
+        """Writes sent together (as an initial sync does) each land once; a stale one fails alone."""
+        if not self.mirrors(world):
+            pytest.skip("connector does not hold appointments made elsewhere")
+        size = min(max(world.connector.write_batch, 2) * 2 + 1, 25)
+        first = next_weekday_at(8, days_ahead=14)
+        ids = [world.book_here(first + timedelta(days=7 * (i // 5) + i % 5)) for i in range(size)]
+        await world.drain()
+        live = await world.vendor.live()
+        assert len(live) == size and len({e["external_id"] for e in live}) == size
+        moved, cancelled, retried, stale = ids[:4]
+        # a person moves one copy, so the record's write to it carries an outdated precondition
+        user_start = next_weekday_at(16, days_ahead=21)
+        await world.vendor.move(world.external_id(stale), user_start, user_start + timedelta(minutes=50))
+        new_start = next_weekday_at(18, days_ahead=21)
+        world.move_here(moved, new_start)
+        world.cancel_here(cancelled)
+        writes = []
+        for appt_id in (moved, cancelled, retried, stale):
+            desired = world.connector.capabilities.project(world.store.appointment(appt_id).fields)
+            if appt_id == stale:
+                desired = desired | {"location": "Room 9"}
+            link = None if appt_id == retried else world.store.link(world.connector.name, appt_id)
+            writes.append(Write(appt_id, desired, link))
+        results = await world.connector.apply_many(writes)
+        assert len(results) == 4
+        for i, r in enumerate(results):
+            if isinstance(r, TransientError):  # a busy server (a locked collection): retried alone, as the outbox does
+                w = writes[i]
+                results[i] = (await world.connector.apply_many([w]))[0]
+        assert [isinstance(r, ConflictError) for r in results] == [False, False, False, True], results
+        assert not any(isinstance(r, BaseException) for r in results[:3]), results
+        starts = sorted(e["start"] for e in await world.vendor.live())
+        assert len(starts) == size - 1, "the cancelled copy is still live, or a retried create duplicated"
+        assert new_start in starts and user_start in starts
 
     async def test_private_events_count_as_busy_only(self, world: World) -> None:
         """Other events in the calendar are busy time; they never become sessions and their text is never stored."""
