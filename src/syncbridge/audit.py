@@ -35,10 +35,16 @@ def entry_hash(prev: str, seq: int, at: str, kind: str, connector: str | None, a
 
 
 class AuditWriter:
-    """Appends entries within the caller's transaction; reads the head once per transaction."""
+    """Appends entries within the caller's transaction; reads the head once per transaction.
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    Each entry also records its appointment's integer key (``audit.appt``, what the
+    per-appointment index is built on), taken from ``keys`` (appointment id -> key, the
+    transaction's own map) or, for appointments the transaction never loaded, looked up at flush.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, keys: dict[str, int] | None = None) -> None:
         self.conn = conn
+        self.keys = keys if keys is not None else {}
         row = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
         self.seq: int = row[0] if row else 0
         self.hash: str = row[1] if row else GENESIS
@@ -51,13 +57,23 @@ class AuditWriter:
         """Append an entry whose detail is already encoded as compact, key-sorted JSON."""
         seq = self.seq + 1
         digest = entry_hash(self.hash, seq, at, kind, connector, appointment_id, text)
-        self.rows.append((seq, at, kind, connector, appointment_id, text, self.hash, digest))
+        self.rows.append((seq, at, kind, connector, appointment_id, text, self.hash, digest, self.keys.get(appointment_id) if appointment_id else None))
         self.seq, self.hash = seq, digest
 
     def flush(self) -> None:
         if not self.rows:
             return
-        self.conn.executemany("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?)", self.rows)
+        rows = self.rows
+        unkeyed = list({r[4] for r in rows if r[4] and r[8] is None})
+        if unkeyed:
+            found = dict[str, int]()
+            for i in range(0, len(unkeyed), 500):
+                chunk = unkeyed[i : i + 500]
+                found.update(self.conn.execute(f"SELECT id, key FROM appointments WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+            rows = [r if r[4] is None or r[8] is not None else (*r[:8], found.get(r[4])) for r in rows]
+        self.conn.executemany(
+            "INSERT INTO audit (seq, at, kind, connector, appointment_id, detail, prev_hash, hash, appt) VALUES (?,?,?,?,?,?,?,?,?)", rows
+        )
         self.conn.execute(
             "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
             (self.seq, self.hash),

@@ -156,6 +156,53 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX webhook_inbox_pending ON webhook_inbox (connector) WHERE processed_at IS NULL;
         """,
     ),
+    (
+        4,
+        """
+        -- appointments get an integer key in creation order (the canonical id stays the uuid5 text,
+        -- unique): the history and the audit's per-appointment index are keyed on it, so their
+        -- entries are a few bytes instead of a 35-character id and a batch of changes to
+        -- appointments made around the same time writes to neighbouring index pages (the old
+        -- rowids are kept as keys, so the creation order is kept too)
+        CREATE TABLE appointments_keyed (
+            key INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            clinician TEXT NOT NULL,
+            start TEXT NOT NULL,
+            status TEXT NOT NULL,
+            snapshot TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            updated_at TEXT NOT NULL,
+            updated_via TEXT NOT NULL
+        );
+        INSERT INTO appointments_keyed (key, id, clinician, start, status, snapshot, version, updated_at, updated_via)
+            SELECT rowid, id, clinician, start, status, snapshot, version, updated_at, updated_via FROM appointments ORDER BY rowid;
+        DROP TABLE appointments;
+        ALTER TABLE appointments_keyed RENAME TO appointments;
+        CREATE INDEX appointments_clinician_start ON appointments (clinician, start);
+        -- a history row whose appointment is missing fails NOT NULL here and the step rolls back
+        -- whole, rather than being dropped
+        CREATE TABLE appointment_history (
+            appt INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            snapshot TEXT NOT NULL,
+            at TEXT NOT NULL,
+            via TEXT NOT NULL,
+            PRIMARY KEY (appt, version)
+        );
+        INSERT INTO appointment_history (appt, version, snapshot, at, via)
+            SELECT a.key, v.version, v.snapshot, v.at, v.via FROM appointment_versions v LEFT JOIN appointments a ON a.id = v.appointment_id
+            ORDER BY v.rowid;
+        DROP TABLE appointment_versions;
+        -- the audit entry's appointment key (NULL for entries about no stored appointment), not
+        -- part of the hash, which covers appointment_id as before: old entries still verify
+        ALTER TABLE audit ADD COLUMN appt INTEGER;
+        UPDATE audit SET appt = (SELECT a.key FROM appointments a WHERE a.id = audit.appointment_id) WHERE appointment_id IS NOT NULL;
+        DROP INDEX audit_appointment;
+        CREATE INDEX audit_appt ON audit (appt) WHERE appt IS NOT NULL;
+        CREATE INDEX audit_unkeyed ON audit (appointment_id) WHERE appt IS NULL AND appointment_id IS NOT NULL;
+        """,
+    ),
 ]
 
 

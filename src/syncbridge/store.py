@@ -153,7 +153,8 @@ class Store:
         return [
             (r[0], loads(r[1]), r[2], r[3])
             for r in self.conn.execute(
-                "SELECT version, snapshot, at, via FROM appointment_versions WHERE appointment_id = ? ORDER BY version",
+                "SELECT version, snapshot, at, via FROM appointment_history "
+                "WHERE appt = (SELECT key FROM appointments WHERE id = ?) ORDER BY version",
                 (appointment_id,),
             )
         ]
@@ -244,8 +245,9 @@ class Store:
         sql, args = "SELECT seq, at, kind, connector, appointment_id, detail FROM audit", list[Any]()
         conds = []
         if appointment_id:
-            conds.append("appointment_id = ?")
-            args.append(appointment_id)
+            # entries of a stored appointment carry its key, the rare others only the id
+            conds.append("(appt = (SELECT key FROM appointments WHERE id = ?) OR (appt IS NULL AND appointment_id = ?))")
+            args += [appointment_id, appointment_id]
         if kind:
             conds.append("kind = ?")
             args.append(kind)

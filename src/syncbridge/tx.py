@@ -22,16 +22,15 @@ if TYPE_CHECKING:
 
 __all__ = ["Tx"]
 
-_UPSERT_APPOINTMENT = (
-    "INSERT INTO appointments (id, clinician, start, status, snapshot, version, updated_at, updated_via) "
-    "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET clinician = excluded.clinician, start = excluded.start, "
-    "status = excluded.status, snapshot = excluded.snapshot, version = excluded.version, "
-    "updated_at = excluded.updated_at, updated_via = excluded.updated_via"
+#: a new appointment gets the next key in creation order (the transaction holds the write lock)
+_INSERT_APPOINTMENT = (
+    "INSERT INTO appointments (key, id, clinician, start, status, snapshot, version, updated_at, updated_via) "
+    "VALUES (?,?,?,?,?,?,?,?,?)"
 )
-#: an appointment loaded in this transaction is rewritten through its rowid, skipping the id index
+#: an appointment already stored is rewritten through its key, skipping the id index
 _UPDATE_APPOINTMENT = (
     "UPDATE appointments SET clinician = ?, start = ?, status = ?, snapshot = ?, version = ?, updated_at = ?, updated_via = ? "
-    "WHERE rowid = ?"
+    "WHERE key = ?"
 )
 _UPSERT_LINK = (
     "INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, applied_at, gone, applied_ts) "
@@ -61,9 +60,10 @@ class Tx:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.conn = store.conn
-        self.audit = AuditWriter(store.conn)
         self._appts: dict[str, Appointment | None] = {}
-        self._rowids: dict[str, int] = {}  # appointment -> its row in the appointments table
+        self._keys: dict[str, int] = {}  # appointment -> its integer key (creation order)
+        self._next_key: int | None = None
+        self.audit = AuditWriter(store.conn, self._keys)
         # appointment -> connector -> the link as stored: (connector, appointment, external id, etag,
         # base as JSON text, applied version, gone, rowid or None), decoded into a Link on first
         # use: links a batch never reads are never decoded.
@@ -102,10 +102,10 @@ class Tx:
                 self._appts.setdefault(appt_id, None)
                 self._links.setdefault(appt_id, {})
             for r in self.conn.execute(
-                f"SELECT id, snapshot, version, updated_at, updated_via, rowid FROM appointments WHERE id IN ({marks})", chunk
+                f"SELECT id, snapshot, version, updated_at, updated_via, key FROM appointments WHERE id IN ({marks})", chunk
             ):
                 self._appts[r[0]] = Appointment(r[0], loads(r[1]), r[2], r[3], r[4])
-                self._rowids[r[0]] = r[5]
+                self._keys[r[0]] = r[5]
             for r in self.conn.execute(f"SELECT {LINK_COLS}, rowid FROM links WHERE appointment_id IN ({marks})", chunk):
                 self._links[r[1]][r[0]] = r
                 self._decoded.pop((r[0], r[1]), None)
@@ -224,12 +224,17 @@ class Tx:
 
     def put_appointment(self, appointment_id: str, snap: Snapshot, version: int, at: str, via: str) -> None:
         text = dumps(snap)
-        rowid = self._rowids.get(appointment_id)
-        if rowid is not None:
-            self._appt_updates[appointment_id] = (snap["clinician"], snap["start"], snap["status"], text, version, at, via, rowid)
+        if appointment_id not in self._appts:
+            self._load([appointment_id])
+        key = self._keys.get(appointment_id)
+        if key is None or appointment_id in self._appt_rows:
+            if key is None:
+                key = self._keys[appointment_id] = self._new_key()
+            row = (key, appointment_id, snap["clinician"], snap["start"], snap["status"], text, version, at, via)
+            self._appt_rows[appointment_id] = row
         else:
-            self._appt_rows[appointment_id] = (appointment_id, snap["clinician"], snap["start"], snap["status"], text, version, at, via)
-        self._versions.append((appointment_id, version, text, at, via))
+            self._appt_updates[appointment_id] = (snap["clinician"], snap["start"], snap["status"], text, version, at, via, key)
+        self._versions.append((key, version, text, at, via))
         if snap.get("series_id"):
             self._series[snap["series_id"]] = (snap["series_id"], snap["clinician"], snap["timezone"], at)
         self._appts[appointment_id] = Appointment(appointment_id, snap, version, at, via)
@@ -262,6 +267,12 @@ class Tx:
         links[connector] = (connector, appt_id, ext, link.etag, base_text, link.applied_version, gone, rowid)
         self._decoded[key] = link
 
+    def _new_key(self) -> int:
+        if self._next_key is None:
+            self._next_key = self.conn.execute("SELECT COALESCE(MAX(key), 0) FROM appointments").fetchone()[0]
+        self._next_key += 1
+        return self._next_key
+
     def enqueue(self, connector: str, appointment_id: str, version: int, now: float) -> None:
         """State-based: one row per (connector, appointment); a newer version replaces the target."""
         key = (connector, appointment_id)
@@ -272,9 +283,9 @@ class Tx:
         if self._appt_updates:
             self.conn.executemany(_UPDATE_APPOINTMENT, list(self._appt_updates.values()))
         if self._appt_rows:
-            self.conn.executemany(_UPSERT_APPOINTMENT, list(self._appt_rows.values()))
+            self.conn.executemany(_INSERT_APPOINTMENT, list(self._appt_rows.values()))
         if self._versions:
-            self.conn.executemany("INSERT INTO appointment_versions VALUES (?,?,?,?,?)", self._versions)
+            self.conn.executemany("INSERT INTO appointment_history (appt, version, snapshot, at, via) VALUES (?,?,?,?,?)", self._versions)
         if self._series:
             self.conn.executemany(
                 "INSERT INTO series (id, clinician, timezone, created_at) VALUES (?,?,?,?) ON CONFLICT (id) DO NOTHING",

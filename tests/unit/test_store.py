@@ -74,7 +74,9 @@ def test_rewritten_chain_is_detected(tmp_path: Path) -> None:
     from syncbridge.audit import entry_hash
 
     store = _store_with_entries(tmp_path / "s.db")
-    seq, at, kind, conn_, appt, detail, prev, _ = store.conn.execute("SELECT * FROM audit WHERE seq = 2").fetchone()
+    seq, at, kind, conn_, appt, detail, prev, _ = store.conn.execute(
+        "SELECT seq, at, kind, connector, appointment_id, detail, prev_hash, hash FROM audit WHERE seq = 2"
+    ).fetchone()
     forged = entry_hash(prev, seq, at, kind, conn_, appt, '{"version":42}')
     store.conn.execute("UPDATE audit SET detail = ?, hash = ? WHERE seq = 2", ('{"version":42}', forged))
     result = store.verify_audit()

@@ -1,0 +1,112 @@
+"""Upgrading a store written by the previous schema (version 3) keeps everything it held."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from syncbridge.audit import GENESIS, entry_hash
+from syncbridge.connector import Link
+from syncbridge.migrations import MIGRATIONS
+from syncbridge.model import empty_snapshot
+from syncbridge.store import Store, dumps
+
+
+def _snap(start: str, status: str = "booked") -> dict[str, object]:
+    snap = empty_snapshot()
+    snap.update(clinician="dr_a", client_key="c1", start=start, end=start.replace(":00:00Z", ":50:00Z"), timezone="America/New_York")
+    snap["status"] = status
+    return snap
+
+
+def _version3_store(path: Path) -> None:
+    """A store as schema version 3 wrote it: text-keyed history and audit, rows in that order."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL)")
+    for version, sql in MIGRATIONS:
+        if version > 3:
+            break
+        for statement in sql.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (?, datetime('now'))", (version,))
+    # three appointments, created in this order; the second moved once (two versions)
+    appts = [("sb-c", "2027-01-04T14:00:00Z"), ("sb-a", "2027-01-04T15:00:00Z"), ("sb-b", "2027-01-04T16:00:00Z")]
+    for appt_id, start in appts:
+        snap = _snap(start)
+        conn.execute("INSERT INTO appointments VALUES (?,?,?,?,?,?,?,?)", (appt_id, "dr_a", start, "booked", dumps(snap), 1, start, "ehr"))
+        conn.execute("INSERT INTO appointment_versions VALUES (?,?,?,?,?)", (appt_id, 1, dumps(snap), start, "ehr"))
+    moved = _snap("2027-01-05T15:00:00Z")
+    conn.execute("UPDATE appointments SET start = ?, snapshot = ?, version = 2 WHERE id = 'sb-a'", (moved["start"], dumps(moved)))
+    conn.execute("INSERT INTO appointment_versions VALUES (?,?,?,?,?)", ("sb-a", 2, dumps(moved), "2027-01-02T00:00:00Z", "cal"))
+    conn.execute("INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version) VALUES ('cal','sb-a','e1','x','{}',2)")
+    conn.execute("INSERT INTO outbox VALUES ('ehr','sb-a',2,0,0,NULL,0,0)")
+    prev = GENESIS
+    entries = [("observed", "ehr", "sb-c"), ("observed", "cal", "sb-a"), ("rejected", "cal", None), ("write", "ehr", "sb-gone")]
+    for seq, (kind, connector, appt_id) in enumerate(entries, start=1):
+        at, detail = f"2027-01-01T00:00:0{seq}Z", json.dumps({"n": seq}, separators=(",", ":"))
+        digest = entry_hash(prev, seq, at, kind, connector, appt_id, detail)
+        conn.execute("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?)", (seq, at, kind, connector, appt_id, detail, prev, digest))
+        prev = digest
+    conn.execute("INSERT INTO audit_head VALUES (1, ?, ?)", (len(entries), prev))
+    conn.close()
+
+
+@pytest.fixture
+def upgraded(tmp_path: Path) -> Store:
+    _version3_store(tmp_path / "old.db")
+    return Store(tmp_path / "old.db")
+
+
+def test_upgrade_keeps_appointments_history_links_and_outbox(upgraded: Store) -> None:
+    """Every appointment, every version of its history, its links and outbox rows survive the upgrade."""
+    assert upgraded.schema_version == MIGRATIONS[-1][0]
+    assert {a.id: a.version for a in upgraded.appointments()} == {"sb-c": 1, "sb-a": 2, "sb-b": 1}
+    history = upgraded.history("sb-a")
+    assert [(v, s["start"], via) for v, s, _, via in history] == [(1, "2027-01-04T15:00:00Z", "ehr"), (2, "2027-01-05T15:00:00Z", "cal")]
+    assert [v for v, *_ in upgraded.history("sb-b")] == [1]
+    link = upgraded.link("cal", "sb-a")
+    assert link is not None and link.external_id == "e1" and link.applied_version == 2
+    assert [(o.connector, o.appointment_id, o.target_version) for o in upgraded.outbox_due(1.0, 10)] == [("ehr", "sb-a", 2)]
+
+
+def test_upgrade_keys_appointments_in_creation_order(upgraded: Store) -> None:
+    """Old appointments keep their creation order; a new one is keyed after them."""
+    keys = upgraded.conn.execute("SELECT id FROM appointments ORDER BY key").fetchall()
+    assert [k for (k,) in keys] == ["sb-c", "sb-a", "sb-b"]
+    with upgraded.tx() as tx:
+        tx.put_appointment("sb-new", _snap("2027-01-06T14:00:00Z"), 1, "2027-01-03T00:00:00Z", "ehr")
+        tx.audit.add("2027-01-03T00:00:00Z", "observed", "ehr", "sb-new", {})
+    assert upgraded.conn.execute("SELECT key FROM appointments WHERE id = 'sb-new'").fetchone()[0] == 4
+    assert [e["kind"] for e in upgraded.audit_entries(appointment_id="sb-new")] == ["observed"]
+
+
+def test_upgraded_audit_still_verifies_and_is_found_by_appointment(upgraded: Store) -> None:
+    """The old hash chain verifies after the upgrade, and entries are still found per appointment, stored or not."""
+    assert upgraded.verify_audit().ok
+    assert [e["seq"] for e in upgraded.audit_entries(appointment_id="sb-a")] == [2]
+    assert [e["seq"] for e in upgraded.audit_entries(appointment_id="sb-gone")] == [4]
+    with upgraded.tx() as tx:
+        tx.audit.add("2027-01-03T00:00:00Z", "observed", "cal", "sb-a", {"n": 5})
+        tx.put_link(Link("cal", "sb-a", "e1", "y", {}, 2))
+    assert upgraded.verify_audit().ok
+    assert [e["seq"] for e in upgraded.audit_entries(appointment_id="sb-a")] == [5, 2]
+    upgraded.conn.execute("""UPDATE audit SET detail = '{"n":9}' WHERE seq = 2""")
+    assert "entry 2 was altered" in upgraded.verify_audit().problem
+
+
+def test_upgrade_refuses_to_drop_history_of_a_missing_appointment(tmp_path: Path) -> None:
+    """A history row whose appointment is missing stops the upgrade instead of being dropped."""
+    _version3_store(tmp_path / "old.db")
+    conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    conn.execute("INSERT INTO appointment_versions VALUES ('sb-orphan', 1, '{}', 'x', 'ehr')")
+    conn.close()
+    with pytest.raises(sqlite3.IntegrityError):
+        Store(tmp_path / "old.db")
+    conn = sqlite3.connect(tmp_path / "old.db")
+    assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 3
+    assert conn.execute("SELECT COUNT(*) FROM appointment_versions").fetchone()[0] == 5
