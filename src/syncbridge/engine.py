@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from .config import PracticeConfig
-from .connector import Connector, Link, Observation, PullResult
+from .connector import Capabilities, Connector, Link, Observation, PullResult
 from .errors import CursorExpired, MalformedRecord
 from .merge import merge
 from .model import CANCELLED_STATES, Billing, Role, Snapshot, canonical_id_for, iso, parse_iso, utcnow, validate_snapshot
@@ -65,6 +65,15 @@ class Engine:
         self.clock = clock
         #: called with (connector, report) after each committed batch; the runtime hooks metrics here
         self.listeners: list[Callable[[str, ObserveReport], None]] = []
+        self._shapes: dict[str, _Shape] = {}
+
+    def _shape(self, connector: Connector) -> _Shape:
+        """The connector's projection and field order, built once per capabilities object."""
+        caps = connector.capabilities
+        shape = self._shapes.get(connector.name)
+        if shape is None or shape.caps is not caps:
+            shape = self._shapes[connector.name] = _Shape.of(caps)
+        return shape
 
     # --- pulling ------------------------------------------------------------------------
 
@@ -212,6 +221,7 @@ class Engine:
 
     def _observe_one(self, tx: Tx, connector: Connector, obs: Observation, now_dt: datetime, now: str, report: ObserveReport) -> None:
         name, caps = connector.name, connector.capabilities
+        shape = self._shape(connector)
         appt_id, link = self._match(tx, connector, obs)
         if link is not None and link.external_id == obs.external_id and not obs.deleted and obs.etag and obs.etag == link.etag:
             report.echoes += 1
@@ -222,7 +232,7 @@ class Engine:
         appt = tx.appointment(appt_id) if appt_id else None
         outcome = merge(
             role=caps.role,
-            project=caps.project,
+            project=shape.project,
             base=link.base if link else None,
             canonical=appt.fields if appt else None,
             canonical_updated_at=appt.updated_at if appt else None,
@@ -258,11 +268,10 @@ class Engine:
             report.conflicts += 1
             tx.audit.add(now, "conflict", name, appt_id, {"field": c.field, "winner": c.winner, "rule": c.rule})
         if obs.deleted:
-            base = dict(link.base or caps.project(snap)) if link else caps.project(snap)
+            base = dict(link.base or shape.project(snap)) if link else shape.project(snap)
             base["status"] = "cancelled"
         else:
-            ofields = obs.fields
-            base = {k: ofields.get(k) for k in caps.fields}
+            base = dict(zip(shape.fields, map(obs.fields.get, shape.fields)))
         tx.put_link(Link(name, appt_id, obs.external_id, obs.etag, base, version, gone=obs.deleted))
         self.fan_out(tx, appt_id, snap, version, now)
 
@@ -319,8 +328,7 @@ class Engine:
                 if row is not None and cancelled:
                     needed = False
             else:
-                link = tx.link(name, appt_id)
-                needed = link is None or caps.project(snap) != link.base
+                needed = self._shape(connector).project(snap) != tx.stored_base(row)
             if caps.read_only:
                 work_key = f"readonly:{name}:{appt_id}"
                 if needed:
@@ -329,6 +337,33 @@ class Engine:
                     tx.audit.add(now, "worklist_closed", name, appt_id, {"key": work_key})
             elif needed:
                 tx.enqueue(name, appt_id, version, stamp)
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """A connector's projection, precomputed: the engine projects every change for every connector."""
+
+    caps: Capabilities
+    fields: tuple[str, ...]
+    project: Callable[[Snapshot], Snapshot]
+
+    @classmethod
+    def of(cls, caps: Capabilities) -> _Shape:
+        fields = tuple(sorted(caps.fields))
+        if type(caps).project is not Capabilities.project:
+            return cls(caps, fields, caps.project)  # a projection of its own: used as is
+        status_map = dict(caps.status_map)
+        get_status = status_map.get if "status" in caps.fields and status_map else None
+
+        def project(snap: Snapshot) -> Snapshot:
+            out = dict(zip(fields, map(snap.get, fields)))
+            if get_status is not None:
+                status = out["status"]
+                if isinstance(status, str):
+                    out["status"] = get_status(status, status)
+            return out
+
+        return cls(caps, fields, project)
 
 
 def _observed_detail(version: int, changed: tuple[str, ...], status: str) -> str:
