@@ -82,9 +82,14 @@ class Tx:
     # --- cached reads ----------------------------------------------------------------------
 
     def prefetch(self, connector: str, external_ids: Iterable[str], canonical_ids: Iterable[str]) -> None:
-        """Load, in a few queries, everything a batch from ``connector`` will read."""
+        """Load, in a few queries, everything a batch from ``connector`` will read.
+
+        The appointments named by canonical id come first: their links usually include the
+        observed copies, so only external ids still unknown after that are looked up.
+        """
+        self._load(sorted({c for c in canonical_ids if c not in self._links}))
         ext = [e for e in external_ids if (connector, e) not in self._ext]
-        appt_ids = {c for c in canonical_ids if c not in self._links}
+        appt_ids: set[str] = set()
         for i in range(0, len(ext), 500):
             chunk = ext[i : i + 500]
             rows = self.conn.execute(
