@@ -271,7 +271,7 @@ class Engine:
             base = dict(link.base or shape.project(snap)) if link else shape.project(snap)
             base["status"] = "cancelled"
         else:
-            base = dict(zip(shape.fields, map(obs.fields.get, shape.fields)))
+            base = dict(zip(shape.fields, map(obs.fields.get, shape.fields), strict=True))
         tx.put_link(Link(name, appt_id, obs.external_id, obs.etag, base, version, gone=obs.deleted))
         self.fan_out(tx, appt_id, snap, version, now)
 
@@ -356,7 +356,7 @@ class _Shape:
         get_status = status_map.get if "status" in caps.fields and status_map else None
 
         def project(snap: Snapshot) -> Snapshot:
-            out = dict(zip(fields, map(snap.get, fields)))
+            out = dict(zip(fields, map(snap.get, fields), strict=True))
             if get_status is not None:
                 status = out["status"]
                 if isinstance(status, str):

@@ -103,3 +103,22 @@ def test_full_listing_does_not_cancel_copies_written_meanwhile(tmp_path: Path) -
     report = engine.observe("cal", listing, pulled_at=pulled_at)
     assert report.updated == 0
     assert not any(a.cancelled for a in engine.store.appointments())
+
+
+def test_copy_naming_another_appointment_is_matched_by_its_link(practice) -> None:  # type: ignore[no-untyped-def]
+    """A linked copy that carries another appointment's id (an event duplicated in the calendar app)
+    moves the appointment it is linked to, and leaves the one it names alone."""
+    from syncbridge.connector import Observation, PullResult
+    from syncbridge.model import iso
+
+    engine, _, _ = practice
+    linked, named = engine.store.appointments()[:2]
+    link = engine.store.link("cal", linked.id)
+    fields = engine.connectors["cal"].capabilities.project(linked.fields)
+    fields |= {"start": iso(START + timedelta(days=3)), "end": iso(START + timedelta(days=3, minutes=50))}
+    copy = Observation(external_id=link.external_id, etag="moved", canonical_id=named.id, fields=fields)
+    report = engine.observe("cal", PullResult([copy], cursor=None), advance=False)
+    assert report.updated == 1
+    assert engine.store.appointment(linked.id).start == START + timedelta(days=3)
+    assert engine.store.appointment(named.id).fields == named.fields
+    assert [v for v, *_ in engine.store.history(linked.id)] == list(range(1, linked.version + 2))
