@@ -147,6 +147,12 @@ class Engine:
                 report.held = True
                 return
             tx.prefetch(name, (o.external_id for o in observations), (o.canonical_id for o in observations if o.canonical_id))
+            # records seen for the first time get ids derived from their external ids: loaded in
+            # bulk too (usually finding nothing), so creating them needs no query of its own
+            tx.prefetch(name, (), (
+                canonical_id_for(name, o.external_id) for o in observations
+                if not o.canonical_id and not o.deleted and not tx.knows_external(name, o.external_id)
+            ))
             for obs in observations:
                 try:
                     if obs.problem:

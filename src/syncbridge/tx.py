@@ -99,6 +99,10 @@ class Tx:
             appt_ids.update(r[0] for r in rows)
         self._load(sorted(appt_ids - self._links.keys()))
 
+    def knows_external(self, connector: str, external_id: str) -> bool:
+        """Whether a link of ``connector`` with this external id was loaded in this transaction."""
+        return (connector, external_id) in self._ext
+
     def _load(self, appt_ids: list[str]) -> None:
         for i in range(0, len(appt_ids), 500):
             chunk = appt_ids[i : i + 500]
