@@ -183,6 +183,12 @@ class Outbox:
                 tx.outbox_done(name, appt.id, appt.version)
                 tx.audit.add(now, "applied", name, appt.id, {"version": appt.version, "status": appt.fields["status"], "disclosed": list(result.disclosed)}
                     | ({"steps": list(result.steps)} if result.steps else {}))
+                current = tx.appointment(appt.id)
+                if current is not None and current.version > appt.version and connector.capabilities.project(current.fields) != desired:
+                    # the record moved on while we wrote, and its fan-out compared against the copy as
+                    # it was before this write (say, moved back to where the copy then was): the copy
+                    # now holds what we wrote, so it needs the record's current state after all
+                    tx.enqueue(name, appt.id, current.version, time.time())
                 if result.reported:
                     reported.append((appt.id, result, desired))
         for appt_id, result, desired in reported:

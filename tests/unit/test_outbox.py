@@ -284,3 +284,31 @@ async def test_stopping_finishes_sent_writes_and_sends_no_more(tmp_path: Path) -
     assert report.applied == 2 and len(Gated.started) == 2
     assert {i for i in ids if engine.store.link("cal", i) is not None} == set(Gated.started)
     assert len(engine.store.outbox_due(float("inf"), 20)) == 8
+
+
+async def test_an_edit_merged_while_writing_reaches_the_copy_even_if_it_matched_the_old_copy(world: tuple[Engine, Outbox]) -> None:
+    """The record moves 10:00 -> 11:00 and, while that write travels, back to 10:00: the fan-out of
+    the second edit sees the copy still at 10:00 and enqueues nothing. Once the 11:00 write lands,
+    the copy must still be brought back to 10:00."""
+    engine, outbox = world
+    appt = book(engine, hour=10)
+    await outbox.drain()
+    record = engine.store.appointment(appt)
+    assert record is not None
+    at_ten = dict(record.fields)
+    engine.change(appt, at_ten | {"start": iso(datetime(2027, 1, 5, 11, tzinfo=UTC)), "end": iso(datetime(2027, 1, 5, 11, 50, tzinfo=UTC))}, via="ehr")
+
+    original = Scripted.apply
+
+    async def apply_while_moved_back(self: Scripted, appointment_id: str, desired: Snapshot, link: Link | None) -> ApplyResult:
+        if desired["start"].startswith("2027-01-05T11"):
+            engine.change(appt, at_ten, via="ehr")
+        return await original(self, appointment_id, desired, link)
+
+    Scripted.apply = apply_while_moved_back  # type: ignore[method-assign]
+    try:
+        await outbox.drain()
+    finally:
+        Scripted.apply = original  # type: ignore[method-assign]
+    assert Scripted.calls[-1]["start"] == at_ten["start"], "the copy was left at 11:00 while the record says 10:00"
+    assert engine.store.outbox_due(float("inf"), 10) == []
