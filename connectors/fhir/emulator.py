@@ -49,13 +49,15 @@ from starlette.routing import Route
 
 from syncbridge.emulation import Injector, free_port, serve_in_thread
 
+from .emulator_answers import Answer, issue, outcome, respond
+from .emulator_bundles import process_bundle
 from .emulator_subscriptions import RestHookNotifier
 
 __all__ = ["FHIREmulator", "RESOURCE_TYPES", "running"]
 
 RESOURCE_TYPES = ("Appointment", "Encounter", "ChargeItem", "Claim", "Patient", "Practitioner", "Subscription")
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-FHIR_JSON = "application/fhir+json"
+
 
 
 def _now() -> str:
@@ -91,32 +93,6 @@ def _matches(resource: dict[str, Any], param: str, value: str) -> bool:
         wanted = value if "/" in value else prefix + value
         return wanted in _refs(resource, param)
     return value in _refs(resource, param)
-
-
-@dataclass
-class Answer:
-    """One interaction's outcome, before it becomes an HTTP response or a Bundle entry's ``response``."""
-
-    status: int
-    body: dict[str, Any] | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def issue(status: int, code: str, text: str, headers: dict[str, str] | None = None) -> Answer:
-    """An OperationOutcome error (http.html#Status)."""
-    body = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]}
-    return Answer(status, body, headers or {})
-
-
-def respond(answer: Answer) -> Response:
-    if answer.body is None:
-        return Response(status_code=answer.status, headers=answer.headers)
-    return JSONResponse(answer.body, answer.status, headers=answer.headers, media_type=FHIR_JSON)
-
-
-def outcome(status: int, code: str, text: str, headers: dict[str, str] | None = None) -> Response:
-    """An OperationOutcome error body as an HTTP response."""
-    return respond(issue(status, code, text, headers))
 
 
 def _b64url_decode(part: str) -> bytes:
@@ -365,8 +341,6 @@ class FHIREmulator:
         """POST [base] with a ``batch`` or ``transaction`` Bundle (http.html#transaction; emulator_bundles.py)."""
         if (denied := self._gate(request)) is not None:
             return denied
-        from .emulator_bundles import process_bundle  # it builds on this module's Answer
-
         body = await self._json(request)
         minimal = "return=minimal" in request.headers.get("prefer", "")
         with self._lock:

@@ -25,7 +25,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-from .emulator import RESOURCE_TYPES, Answer, issue
+from .emulator_answers import Answer, issue
 
 if TYPE_CHECKING:
     from .emulator import FHIREmulator
@@ -47,7 +47,7 @@ def _one(server: FHIREmulator, entry: Any) -> Answer:
     method, url, req = _request(entry)
     path, _, query = url.partition("?")
     parts = [p for p in path.strip("/").split("/") if p]
-    if not parts or parts[0] not in RESOURCE_TYPES:
+    if not parts or parts[0] not in server.store:
         return issue(404 if parts else 400, "not-supported", f"entry.request.url {url!r} names no supported resource type")
     rtype = parts[0]
     if method == "GET" and len(parts) == 2:
