@@ -30,7 +30,17 @@ from syncbridge.errors import (
 )
 from syncbridge.limits import json_object
 
-__all__ = ["BundleTooLarge", "FHIRClient", "search_url", "entry_status", "error_for_status", "raise_for_status", "signed_assertion"]
+__all__ = [
+    "BundleTooLarge",
+    "FHIRClient",
+    "entry_etag",
+    "entry_resource",
+    "entry_status",
+    "error_for_status",
+    "raise_for_status",
+    "search_url",
+    "signed_assertion",
+]
 
 FHIR_JSON = "application/fhir+json"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -95,6 +105,23 @@ def entry_status(entry: dict[str, Any]) -> int:
     text = str(entry.get("response", {}).get("status", "")).strip()
     head = text.split(" ", 1)[0]
     return int(head) if head.isdigit() else 0
+
+
+def entry_resource(entry: dict[str, Any], what: str, *, searchset: bool = False) -> dict[str, Any]:
+    """The resource of a successful Bundle response entry; a failed one raises its error."""
+    status = entry_status(entry)
+    if not 200 <= status < 300:
+        raise error_for_status(status, what) if status else TransientError(f"{what}: the entry has no response status")
+    resource = entry.get("resource")
+    if not isinstance(resource, dict) or ("id" not in resource and not searchset):
+        raise TransientError(f"{what}: the entry carries no resource")
+    return resource
+
+
+def entry_etag(entry: dict[str, Any]) -> str:
+    """The version a write entry produced: its resource's versionId, else ``response.etag``."""
+    resource = entry_resource(entry, "write in a Bundle")
+    return f'W/"{resource["meta"]["versionId"]}"' if resource.get("meta", {}).get("versionId") else str(entry["response"].get("etag"))
 
 
 class FHIRClient:

@@ -4,16 +4,19 @@ Pulls are watermark searches (``_lastUpdated=ge``) with an overlap against clock
 cursor also remembers which (id, versionId) pairs inside the overlap were already returned, so a
 re-read is not reported as a change and a held batch is re-read in full (the cursor only
 advances with the engine's commit). Writes are conditional: create with ``If-None-Exist`` on the
-canonical identifier, update with ``If-Match``. A cancelled or no-show session also runs claim
-suppression (claims.py); its outcome is written on the Appointment as a billing-state extension
-and reported back to the engine (``ApplyResult.reported``), which moves canonical ``billing``
-forward as the record's own change.
+canonical identifier, update with ``If-Match``; ``apply_many`` sends up to ``write_batch`` of them
+in one ``batch`` Bundle, each entry with its own outcome. A cancelled or no-show session also runs
+claim suppression (claims.py) in two requests, a ``batch`` read and a ``transaction`` write; its
+outcome is written on the Appointment as a billing-state extension in that same transaction and
+reported back to the engine (``ApplyResult.reported``), which moves canonical ``billing`` forward
+as the record's own change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,13 +26,13 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from syncbridge.connector import ApplyResult, Capabilities, Connector, Link, Observation, PullResult, WebhookRoute, Write
-from syncbridge.errors import ConfigError, MalformedRecord, PermanentError, SyncbridgeError, TransientError
+from syncbridge.errors import ConfigError, MalformedRecord, PermanentError
 from syncbridge.limits import check_record_size
 from syncbridge.model import CANCELLED_STATES, Role, Snapshot, iso, parse_iso, utcnow
 from syncbridge.secrets import SecretRef
 
 from .claims import billing_reads, plan
-from .client import BundleTooLarge, FHIRClient, entry_status, error_for_status
+from .client import BundleTooLarge, FHIRClient, entry_etag, entry_resource, entry_status
 from .mapping import read_appointment, render_appointment
 from .subscription import AppointmentSubscription
 
@@ -83,6 +86,8 @@ class FHIROptions(BaseModel):
         return self
 
 
+#: how many recently seen Appointments are kept to spare a GET before an update (~2 kB each)
+KNOWN_APPOINTMENTS = 2000
 #: what a written Appointment tells the EHR beyond a calendar's share (recorded in the audit)
 DISCLOSED = ("client_key", "service_code", "cancellation")
 
@@ -93,23 +98,6 @@ def _etag(resource: dict[str, Any]) -> str:
 
 def _stripped(resource: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resource.items() if k != "meta"}
-
-
-def _entry_resource(entry: dict[str, Any], what: str, *, searchset: bool = False) -> dict[str, Any]:
-    """The resource of a successful Bundle response entry; a failed one raises its error."""
-    status = entry_status(entry)
-    if not 200 <= status < 300:
-        raise error_for_status(status, what) if status else TransientError(f"{what}: the entry has no response status")
-    resource = entry.get("resource")
-    if not isinstance(resource, dict) or ("id" not in resource and not searchset):
-        raise TransientError(f"{what}: the entry carries no resource")
-    return resource
-
-
-def _entry_etag(entry: dict[str, Any]) -> str:
-    """The version a write entry produced: its resource's versionId, else ``response.etag``."""
-    resource = _entry_resource(entry, "write in a Bundle")
-    return _etag(resource) if resource.get("meta", {}).get("versionId") else str(entry["response"].get("etag"))
 
 
 class FHIRConnector(Connector):
@@ -136,6 +124,20 @@ class FHIRConnector(Connector):
                 raise ConfigError(f"clinicians.{key}.accounts.{name}.practitioner", f"must look like 'Practitioner/<id>', got {ref!r}")
             self.clinician_of[ref.removeprefix("Practitioner/")] = key
         self.subscription = AppointmentSubscription(self)
+        #: the last version of recent Appointments read, pulled or written: an update of a copy
+        #: still at that version needs no GET (a newer one on the server fails its If-Match: 412)
+        self._known: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def _remember(self, appt: dict[str, Any]) -> None:
+        if appt.get("resourceType") == "Appointment" and appt.get("id") and appt.get("meta", {}).get("versionId"):
+            self._known[str(appt["id"])] = appt
+            self._known.move_to_end(str(appt["id"]))
+            while len(self._known) > KNOWN_APPOINTMENTS:
+                self._known.popitem(last=False)
+
+    def _known_at(self, link: Link | None) -> dict[str, Any] | None:
+        known = self._known.get(link.external_id) if link is not None and link.external_id else None
+        return known if known is not None and link is not None and link.etag == _etag(known) else None
 
     def client(self) -> FHIRClient:
         if self._client is None:
@@ -176,6 +178,7 @@ class FHIRConnector(Connector):
         return self._clinician(appt) is not None
 
     def _observe(self, appt: dict[str, Any]) -> Observation:
+        self._remember(appt)
         rid = str(appt.get("id"))
         etag = _etag(appt) if appt.get("meta", {}).get("versionId") else None
         try:
@@ -259,13 +262,14 @@ class FHIRConnector(Connector):
             if_match = _etag(saved)  # an earlier, lost create answered with the existing copy
         else:
             assert link is not None and link.external_id is not None
-            current = await client.read("Appointment", link.external_id)
+            current = self._known_at(link) or await client.read("Appointment", link.external_id)
             if current is None:
                 return ApplyResult(link.external_id, None, gone=True)
             saved, if_match = current, link.etag or _etag(current)
         body = render_appointment(saved, appointment_id, desired, **self._render_kw(desired))
         if body != _stripped(saved) or if_match != _etag(saved):
             saved = await client.update(body | {"id": saved["id"]}, if_match)
+        self._remember(saved)
         return ApplyResult(saved["id"], _etag(saved), disclosed=DISCLOSED)
 
     async def _apply_cancelled(self, appointment_id: str, desired: Snapshot, link: Link | None) -> ApplyResult:
@@ -285,8 +289,9 @@ class FHIRConnector(Connector):
         answers = await client.bundle("batch", read)
         if entry_status(answers[0]) in (404, 410):
             return ApplyResult(external_id, None, gone=True)
-        current = _entry_resource(answers[0], "GET Appointment in a batch")
-        related, fees = [await client.rest_of(_entry_resource(a, "search in a batch", searchset=True)) for a in answers[1:]]
+        current = entry_resource(answers[0], "GET Appointment in a batch")
+        self._remember(current)
+        related, fees = [await client.rest_of(entry_resource(a, "search in a batch", searchset=True)) for a in answers[1:]]
         suppression = plan(
             appointment=current,
             appointment_id=appointment_id,
@@ -308,9 +313,10 @@ class FHIRConnector(Connector):
         if writes:
             done = await client.bundle("transaction", writes)
             if own:
-                etag = _entry_etag(done[0])
+                etag = entry_etag(done[0])
+                self._remember(entry_resource(done[0], "PUT Appointment in a transaction"))
             if suppression.fee_create is not None:
-                fee = _entry_resource(done[suppression.fee_create + own], "POST ChargeItem in a transaction")
+                fee = entry_resource(done[suppression.fee_create + own], "POST ChargeItem in a transaction")
                 steps.append(f"ChargeItem/{fee['id']} self-pay fee created")
             log.info("claim_suppression", connector=self.name, appointment=appointment_id, billing=billing)
         reported = {"billing": billing} if billing != desired.get("billing") else {}
@@ -324,7 +330,7 @@ class FHIRConnector(Connector):
         outcome (a 412 fails that write alone). Cancellations take :meth:`apply` (claim suppression)."""
         results: list[ApplyResult | BaseException | None] = [None] * len(writes)
         single = [i for i, w in enumerate(writes) if w.desired.get("status") in CANCELLED_STATES]
-        grouped = [i for i in range(len(writes)) if i not in set(single)]
+        grouped = sorted(set(range(len(writes))) - set(single))
 
         async def alone(i: int) -> None:
             w = writes[i]
@@ -345,18 +351,31 @@ class FHIRConnector(Connector):
         out: list[ApplyResult | BaseException | None] = [None] * len(writes)
         first: list[dict[str, Any]] = []
         owners: list[int] = []
+        second: list[dict[str, Any]] = []
+        pending: list[tuple[int, dict[str, Any]]] = []
+
+        def converge(i: int, saved: dict[str, Any], if_match: str) -> None:
+            w = writes[i]
+            body = render_appointment(saved, w.appointment_id, w.desired, **self._render_kw(w.desired))
+            if body != _stripped(saved) or if_match != _etag(saved):
+                second.append({"resource": body | {"id": saved["id"]}, "request": {"method": "PUT", "url": f"Appointment/{saved['id']}", "ifMatch": if_match}})
+                pending.append((i, saved))
+            else:
+                out[i] = ApplyResult(str(saved["id"]), _etag(saved), disclosed=DISCLOSED)
+
         for i, w in enumerate(writes):
             try:
                 if self._creates(w.link):
                     first.append(self._create_entry(w.appointment_id, w.desired))
+                elif (known := self._known_at(w.link)) is not None:
+                    converge(i, known, _etag(known))  # the copy is as we last saw it: no read needed
+                    continue
                 else:
                     assert w.link is not None and w.link.external_id is not None
                     first.append({"request": {"method": "GET", "url": f"Appointment/{quote(w.link.external_id)}"}})
                 owners.append(i)
             except PermanentError as err:
                 out[i] = err
-        second: list[dict[str, Any]] = []
-        pending: list[tuple[int, dict[str, Any]]] = []
         try:
             answers = await self.client().bundle("batch", first) if first else []
         except BundleTooLarge:
@@ -369,37 +388,31 @@ class FHIRConnector(Connector):
             answers = [{"error": err}] * len(first)
         for answer, i in zip(answers, owners, strict=True):
             w = writes[i]
-            if isinstance(answer.get("error"), BaseException):
-                out[i] = answer["error"]
-                continue
             creating = self._creates(w.link)
-            if not creating and entry_status(answer) in (404, 410):
-                out[i] = ApplyResult(w.link.external_id if w.link else None, None, gone=True)
-                continue
             try:
-                saved = _entry_resource(answer, "POST Appointment in a batch" if creating else "GET Appointment in a batch")
-            except SyncbridgeError as err:
+                if isinstance(answer.get("error"), BaseException):
+                    raise answer["error"]
+                if not creating and entry_status(answer) in (404, 410):
+                    out[i] = ApplyResult(w.link.external_id if w.link else None, None, gone=True)
+                    continue
+                saved = entry_resource(answer, "POST Appointment in a batch" if creating else "GET Appointment in a batch")
+            except Exception as err:  # noqa: BLE001 - this write's own outcome
                 out[i] = err
                 continue
-            if_match = _etag(saved) if creating or w.link is None or not w.link.etag else w.link.etag
-            body = render_appointment(saved, w.appointment_id, w.desired, **self._render_kw(w.desired))
-            if body != _stripped(saved) or if_match != _etag(saved):
-                second.append({"resource": body | {"id": saved["id"]}, "request": {"method": "PUT", "url": f"Appointment/{saved['id']}", "ifMatch": if_match}})
-                pending.append((i, saved))
-            else:
-                out[i] = ApplyResult(str(saved["id"]), _etag(saved), disclosed=DISCLOSED)
+            self._remember(saved)
+            converge(i, saved, _etag(saved) if creating or w.link is None or not w.link.etag else w.link.etag)
         if second:
             try:
                 updated: list[dict[str, Any]] = await self.client().bundle("batch", second)
             except Exception as err:  # noqa: BLE001
                 updated = [{"error": err}] * len(second)
             for answer, (i, saved) in zip(updated, pending, strict=True):
-                if isinstance(answer.get("error"), BaseException):
-                    out[i] = answer["error"]
-                    continue
                 try:
-                    out[i] = ApplyResult(str(saved["id"]), _entry_etag(answer), disclosed=DISCLOSED)
-                except SyncbridgeError as err:
+                    if isinstance(answer.get("error"), BaseException):
+                        raise answer["error"]
+                    out[i] = ApplyResult(str(saved["id"]), entry_etag(answer), disclosed=DISCLOSED)
+                    self._remember(entry_resource(answer, "PUT Appointment in a batch"))
+                except Exception as err:  # noqa: BLE001
                     out[i] = err
         return [r if r is not None else PermanentError("no outcome") for r in out]
 
