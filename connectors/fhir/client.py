@@ -34,6 +34,7 @@ __all__ = [
     "BundleTooLarge",
     "FHIRClient",
     "entry_etag",
+    "entry_id",
     "entry_resource",
     "entry_status",
     "error_for_status",
@@ -119,9 +120,26 @@ def entry_resource(entry: dict[str, Any], what: str, *, searchset: bool = False)
 
 
 def entry_etag(entry: dict[str, Any]) -> str:
-    """The version a write entry produced: its resource's versionId, else ``response.etag``."""
-    resource = entry_resource(entry, "write in a Bundle")
-    return f'W/"{resource["meta"]["versionId"]}"' if resource.get("meta", {}).get("versionId") else str(entry["response"].get("etag"))
+    """The version a successful write entry produced: ``response.etag``, else its resource's versionId."""
+    status = entry_status(entry)
+    if not 200 <= status < 300:
+        raise error_for_status(status, "write in a Bundle") if status else TransientError("write in a Bundle: no response status")
+    etag = entry.get("response", {}).get("etag")
+    if etag:
+        return str(etag)
+    return f'W/"{entry_resource(entry, "write in a Bundle")["meta"]["versionId"]}"'
+
+
+def entry_id(entry: dict[str, Any]) -> str:
+    """The id a successful write entry names: its resource's, else the one in ``response.location``
+    (``[type]/[id]/_history/[vid]``, possibly absolute), for a server answering ``return=minimal``."""
+    resource = entry.get("resource")
+    if isinstance(resource, dict) and resource.get("id"):
+        return str(resource["id"])
+    parts = str(entry.get("response", {}).get("location", "")).split("/")
+    if "_history" in parts and parts.index("_history") >= 1:
+        return parts[parts.index("_history") - 1]
+    raise TransientError("write in a Bundle: the entry names no resource id")
 
 
 class FHIRClient:

@@ -32,7 +32,7 @@ from syncbridge.model import CANCELLED_STATES, Role, Snapshot, iso, parse_iso, u
 from syncbridge.secrets import SecretRef
 
 from .claims import billing_reads, plan
-from .client import BundleTooLarge, FHIRClient, entry_etag, entry_resource, entry_status
+from .client import BundleTooLarge, FHIRClient, entry_etag, entry_id, entry_resource, entry_status
 from .mapping import read_appointment, render_appointment
 from .subscription import AppointmentSubscription
 
@@ -314,10 +314,10 @@ class FHIRConnector(Connector):
             done = await client.bundle("transaction", writes)
             if own:
                 etag = entry_etag(done[0])
-                self._remember(entry_resource(done[0], "PUT Appointment in a transaction"))
+                if isinstance(done[0].get("resource"), dict):
+                    self._remember(done[0]["resource"])
             if suppression.fee_create is not None:
-                fee = entry_resource(done[suppression.fee_create + own], "POST ChargeItem in a transaction")
-                steps.append(f"ChargeItem/{fee['id']} self-pay fee created")
+                steps.append(f"ChargeItem/{entry_id(done[suppression.fee_create + int(own)])} self-pay fee created")
             log.info("claim_suppression", connector=self.name, appointment=appointment_id, billing=billing)
         reported = {"billing": billing} if billing != desired.get("billing") else {}
         return ApplyResult(str(current["id"]), etag, disclosed=DISCLOSED, steps=tuple(steps), reported=reported)
@@ -411,7 +411,8 @@ class FHIRConnector(Connector):
                     if isinstance(answer.get("error"), BaseException):
                         raise answer["error"]
                     out[i] = ApplyResult(str(saved["id"]), entry_etag(answer), disclosed=DISCLOSED)
-                    self._remember(entry_resource(answer, "PUT Appointment in a batch"))
+                    if isinstance(answer.get("resource"), dict):
+                        self._remember(answer["resource"])
                 except Exception as err:  # noqa: BLE001
                     out[i] = err
         return [r if r is not None else PermanentError("no outcome") for r in out]
