@@ -59,7 +59,6 @@ RESOURCE_TYPES = ("Appointment", "Encounter", "ChargeItem", "Claim", "Patient", 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -119,6 +118,10 @@ class FHIREmulator:
     max_bundle_entries: int = 200
     #: resource types changed inside an open transaction, notified once it commits
     _held: list[str] | None = None
+    #: (type, "system|value") -> ids: conditional creates stay cheap with tens of thousands of resources
+    _ident: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    #: (type, id, resource before, was deleted) for each change of an open transaction
+    _undo: list[tuple[str, str, dict[str, Any] | None, bool]] | None = None
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
     notifier: RestHookNotifier = field(init=False)
@@ -153,6 +156,7 @@ class FHIREmulator:
             self._failures.clear()
             self._pages.clear()
             self._includes.clear()
+            self._ident.clear()
 
     def put(self, resource: dict[str, Any]) -> dict[str, Any]:
         """Store a resource directly (a new version when it exists), as EHR staff or billing would."""
@@ -176,6 +180,8 @@ class FHIREmulator:
         resource["meta"] = {**resource.get("meta", {}), "versionId": str(version), "lastUpdated": _now()}
         if rtype == "Subscription" and resource.get("status") == "requested":
             resource["status"] = "active"  # subscription.html 2.46.7: the server sets it up
+        self._journal(rtype, rid)
+        self._reindex(rtype, rid, old, resource)
         self.store[rtype][rid] = resource
         self.deleted.discard((rtype, rid))
         if rtype != "Subscription":
@@ -184,6 +190,37 @@ class FHIREmulator:
             else:
                 self.notifier.changed(rtype, list(self.store["Subscription"].values()))
         return json.loads(json.dumps(resource))
+
+    def _reindex(self, rtype: str, rid: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        for key in _refs(old, "identifier") if old else []:
+            self._ident.get((rtype, key), set()).discard(rid)
+        for key in _refs(new, "identifier") if new else []:
+            self._ident.setdefault((rtype, key), set()).add(rid)
+
+    def _journal(self, rtype: str, rid: str) -> None:
+        """Inside a transaction, remember how a resource was before its first change (for rollback)."""
+        if self._undo is not None:
+            self._undo.append((rtype, rid, self.store[rtype].get(rid), (rtype, rid) in self.deleted))
+
+    def begin(self) -> None:
+        """Open a transaction: changes are journalled and subscriptions notified only at commit."""
+        self._undo, self._held = [], []
+
+    def commit(self) -> None:
+        held, self._undo, self._held = self._held or [], None, None
+        subscriptions = list(self.store["Subscription"].values())
+        for rtype in held:
+            self.notifier.changed(rtype, subscriptions)
+
+    def rollback(self) -> None:
+        for rtype, rid, old, was_deleted in reversed(self._undo or []):
+            self._reindex(rtype, rid, self.store[rtype].get(rid), old)
+            if old is None:
+                self.store[rtype].pop(rid, None)
+            else:
+                self.store[rtype][rid] = old
+            (self.deleted.add if was_deleted else self.deleted.discard)((rtype, rid))
+        self._undo, self._held = None, None
 
     def _headers(self, resource: dict[str, Any]) -> dict[str, str]:
         return {"ETag": f'W/"{resource["meta"]["versionId"]}"', "Last-Modified": resource["meta"]["lastUpdated"]}
@@ -199,7 +236,9 @@ class FHIREmulator:
         return Answer(200, json.loads(json.dumps(current)), self._headers(current))
 
     def delete(self, rtype: str, rid: str) -> Answer:
-        if self.store[rtype].pop(rid, None) is not None:
+        self._journal(rtype, rid)
+        if (old := self.store[rtype].pop(rid, None)) is not None:
+            self._reindex(rtype, rid, old, None)
             self.deleted.add((rtype, rid))
         return Answer(204)
 
@@ -347,7 +386,11 @@ class FHIREmulator:
             return respond(process_bundle(self, body, minimal=minimal))
 
     def _filter(self, rtype: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        out = list(self.store[rtype].values())
+        token = next((v for k, v in params if k == "identifier"), None)
+        if token is not None:
+            out = [self.store[rtype][i] for i in self._ident.get((rtype, token), ()) if i in self.store[rtype]]
+        else:
+            out = list(self.store[rtype].values())
         for name, value in params:
             if name == "_lastUpdated":
                 prefix, when = value[:2], value[2:]

@@ -104,23 +104,20 @@ def process_bundle(server: FHIREmulator, body: Any, *, minimal: bool = False) ->
         written = [_request(e)[1].split("?")[0].strip("/") for e, m in zip(entries, methods, strict=True) if m in ("PUT", "DELETE")]
         if len(set(written)) != len(written):
             return issue(400, "invalid", "a resource may appear only once in a transaction (http.html#transaction)")
-        saved = copy.deepcopy(server.store), set(server.deleted)
-        server._held = []
+        server.begin()
         try:
             for i in order:
                 answer = _one(server, entries[i])
                 if answer.status >= 300:
-                    server.store, server.deleted = saved  # all or nothing
+                    server.rollback()  # all or nothing
                     first = ((answer.body or {}).get("issue") or [{}])[0]
                     text = f"entry {i} ({methods[i]} {_request(entries[i])[1]}) failed: {first.get('diagnostics', '')}; nothing was applied"
                     return issue(answer.status, str(first.get("code", "processing")), text)
                 answers[i] = answer
-            held = server._held
-        finally:
-            server._held = None
-        subscriptions = list(server.store["Subscription"].values())
-        for rtype in held:
-            server.notifier.changed(rtype, subscriptions)
+        except Exception:
+            server.rollback()
+            raise
+        server.commit()
     out = {
         "resourceType": "Bundle",
         "id": uuid.uuid4().hex,
