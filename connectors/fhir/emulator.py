@@ -20,14 +20,13 @@ Search parameters kept (the reference each one follows is chosen to match R4's d
 (ChargeItem.context -> Encounter) and ``encounter`` (Claim.item.encounter).
 
 Auth follows SMART Backend Services (https://hl7.org/fhir/smart-app-launch/backend-services.html):
-``POST /auth/token`` with ``client_credentials`` and an RS384-signed JWT assertion; a static
+``POST /auth/token`` with ``client_credentials`` and an RS384-signed JWT assertion (emulator_smart.py); a static
 bearer token configured at start is also accepted. There is no referential integrity check, as
 real servers differ on it.
 """
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import threading
@@ -37,26 +36,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from syncbridge.emulation import Injector, free_port, serve_in_thread
 
 from .emulator_answers import Answer, issue, outcome, respond
 from .emulator_bundles import process_bundle
+from .emulator_smart import token_endpoint
 from .emulator_subscriptions import RestHookNotifier
 
 __all__ = ["FHIREmulator", "RESOURCE_TYPES", "running"]
 
 RESOURCE_TYPES = ("Appointment", "Encounter", "ChargeItem", "Claim", "Patient", "Practitioner", "Subscription")
-ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
 def _now() -> str:
@@ -92,10 +87,6 @@ def _matches(resource: dict[str, Any], param: str, value: str) -> bool:
         wanted = value if "/" in value else prefix + value
         return wanted in _refs(resource, param)
     return value in _refs(resource, param)
-
-
-def _b64url_decode(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
 @dataclass
@@ -376,6 +367,9 @@ class FHIREmulator:
         with self._lock:
             return respond(self.create(rtype, body, request.headers.get("if-none-exist")))
 
+    async def _token(self, request: Request) -> Response:
+        return await token_endpoint(self, request)
+
     async def _bundle(self, request: Request) -> Response:
         """POST [base] with a ``batch`` or ``transaction`` Bundle (http.html#transaction; emulator_bundles.py)."""
         if (denied := self._gate(request)) is not None:
@@ -405,50 +399,6 @@ class FHIREmulator:
             elif name not in ("_count", "_sort"):
                 raise ValueError(f"search parameter {name} is not supported")
         return [json.loads(json.dumps(r)) for r in out]
-
-    # --- SMART Backend Services ------------------------------------------------------------
-
-    async def _token(self, request: Request) -> Response:
-        """client_credentials with a signed JWT assertion (backend-services.html#obtaining-an-access-token)."""
-        self.log.append((request.method, request.url.path))
-        # application/x-www-form-urlencoded, parsed here (starlette's form() needs python-multipart)
-        form = {k: v[0] for k, v in parse_qs((await request.body()).decode(), keep_blank_values=True).items()}
-
-        def refuse(text: str) -> Response:
-            return JSONResponse({"error": "invalid_client", "error_description": text}, 401)
-
-        if form.get("grant_type") != "client_credentials":
-            return JSONResponse({"error": "unsupported_grant_type"}, 400)
-        if form.get("client_assertion_type") != ASSERTION_TYPE:
-            return JSONResponse({"error": "invalid_request", "error_description": "client_assertion_type must be jwt-bearer"}, 400)
-        try:
-            head_b64, claims_b64, sig_b64 = str(form.get("client_assertion", "")).split(".")
-            header = json.loads(_b64url_decode(head_b64))
-            claims = json.loads(_b64url_decode(claims_b64))
-            signature = _b64url_decode(sig_b64)
-        except ValueError:
-            return refuse("client_assertion is not a JWT")
-        if header.get("alg") != "RS384":
-            return refuse("the assertion must be signed with RS384")
-        client_id = claims.get("iss")
-        pem = self.clients.get(client_id)
-        if pem is None or claims.get("sub") != client_id:
-            return refuse("unknown client: iss and sub must be the registered client_id")
-        key = serialization.load_pem_public_key(pem)
-        if not isinstance(key, rsa.RSAPublicKey):
-            return refuse("the registered key is not an RSA key (RS384)")
-        try:
-            key.verify(signature, f"{head_b64}.{claims_b64}".encode(), padding.PKCS1v15(), hashes.SHA384())
-        except InvalidSignature:
-            return refuse("the assertion's signature does not match the registered public key")
-        if claims.get("aud") != f"{self.base_url}/auth/token":
-            return refuse("aud must be the token URL")
-        if not isinstance(claims.get("exp"), int | float) or claims["exp"] < time.time() or claims["exp"] > time.time() + 300 + 5:
-            return refuse("exp must be in the future and at most five minutes away")
-        token = uuid.uuid4().hex
-        self._tokens[token] = time.time() + 300
-        scope = str(form.get("scope", ""))
-        return JSONResponse({"access_token": token, "token_type": "bearer", "expires_in": 300, "scope": scope})
 
 
 @dataclass
