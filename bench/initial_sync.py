@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -102,10 +103,14 @@ def main() -> None:
         daemon = DaemonProcess(workdir, conf)
         watch = Store(cfg.store.path)
         peak = 0
+        finished: dict[str, float] = {}
         try:
             while True:
                 peak = max(peak, vm_hwm(daemon.proc.pid))
                 linked = {h: watch.conn.execute("SELECT count(*) FROM links WHERE connector = ? AND external_id IS NOT NULL", (h,)).fetchone()[0] for h in holds}
+                for h, v in linked.items():
+                    if v >= n and h not in finished:
+                        finished[h] = time.monotonic() - started
                 pending = sum(p for p, _ in watch.outbox_counts().values())
                 if all(v >= n for v in linked.values()) and pending == 0:
                     break
@@ -115,11 +120,15 @@ def main() -> None:
                 time.sleep(2)
             took = time.monotonic() - started
             peak = max(peak, vm_hwm(daemon.proc.pid))
+            fields = Path(f"/proc/{daemon.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            daemon_cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         finally:
             watch.close()
             daemon.stop()
         calls = {name: s.injector.requests for name, s in sandboxes.items() if s.injector}
         print(f"initial sync: {took:.0f}s ({took / 60:.1f} min) with {args.latency * 1000:.0f} ms per API call; daemon peak RSS {peak} MB")
+        print("every appointment copied, by system: " + ", ".join(f"{h} {t:.0f}s" for h, t in sorted(finished.items(), key=lambda kv: kv[1])))
+        print(f"daemon CPU: {daemon_cpu:.0f}s")
         print("API calls: " + ", ".join(f"{k} {v} ({v / n:.2f} per appointment)" for k, v in calls.items()))
     finally:
         for s in sandboxes.values():

@@ -19,10 +19,29 @@ import httpx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from syncbridge.errors import AuthError, ConflictError, PermanentError, RateLimited, TransientError, retry_after_seconds
+from syncbridge.errors import (
+    AuthError,
+    ConflictError,
+    PermanentError,
+    RateLimited,
+    SyncbridgeError,
+    TransientError,
+    retry_after_seconds,
+)
 from syncbridge.limits import json_object
 
-__all__ = ["FHIRClient", "raise_for_status", "signed_assertion"]
+__all__ = [
+    "BundleTooLarge",
+    "FHIRClient",
+    "entry_etag",
+    "entry_id",
+    "entry_resource",
+    "entry_status",
+    "error_for_status",
+    "raise_for_status",
+    "search_url",
+    "signed_assertion",
+]
 
 FHIR_JSON = "application/fhir+json"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -51,19 +70,76 @@ def signed_assertion(client_id: str, token_url: str, private_key_pem: str, kid: 
     return f"{signing_input}.{_b64url(signature)}"
 
 
-def raise_for_status(status: int, what: str, *, retry_after: str | None = None) -> NoReturn:
-    """The one table from an unsuccessful HTTP status to what the caller must do (DESIGN section 9)."""
+def error_for_status(status: int, what: str, *, retry_after: str | None = None) -> SyncbridgeError:
+    """The one table from an unsuccessful HTTP status to what the caller must do (DESIGN section 9).
+
+    Used for whole answers and for each failed entry of a batch or transaction Bundle alike.
+    """
     if status == 401:
-        raise AuthError(f"{what}: the EHR refused the access token (401)", action=SMART_HINT)
+        return AuthError(f"{what}: the EHR refused the access token (401)", action=SMART_HINT)
     if status == 403:
-        raise AuthError(f"{what}: the client lacks a scope for this (403)", action="grant the scopes listed in connectors/fhir/README.md")
+        return AuthError(f"{what}: the client lacks a scope for this (403)", action="grant the scopes listed in connectors/fhir/README.md")
     if status in (409, 412):
-        raise ConflictError(f"{what}: the EHR's copy changed since it was read ({status})")
+        return ConflictError(f"{what}: the EHR's copy changed since it was read ({status})")
     if status in (429, 503):
-        raise RateLimited(f"{what}: the EHR asks to slow down ({status})", retry_after=retry_after_seconds(retry_after))
+        return RateLimited(f"{what}: the EHR asks to slow down ({status})", retry_after=retry_after_seconds(retry_after))
     if status >= 500 or status in (408, 425):
-        raise TransientError(f"{what}: server error ({status})", retry_after=retry_after_seconds(retry_after))
-    raise PermanentError(f"{what}: refused ({status})")
+        return TransientError(f"{what}: server error ({status})", retry_after=retry_after_seconds(retry_after))
+    return PermanentError(f"{what}: refused ({status})")
+
+
+class BundleTooLarge(PermanentError):
+    """The EHR refused a Bundle for its size (413); fewer entries per Bundle will pass."""
+
+
+def search_url(rtype: str, params: dict[str, str]) -> str:
+    """``[type]?name=value&...`` relative to the base, as a search request or a Bundle entry's url."""
+    return f"{rtype}?" + "&".join(f"{k}={quote(v, safe='|:/')}" for k, v in params.items())
+
+
+def raise_for_status(status: int, what: str, *, retry_after: str | None = None) -> NoReturn:
+    raise error_for_status(status, what, retry_after=retry_after)
+
+
+def entry_status(entry: dict[str, Any]) -> int:
+    """The HTTP status of one response entry of a batch/transaction Bundle ("201 Created" -> 201)."""
+    text = str(entry.get("response", {}).get("status", "")).strip()
+    head = text.split(" ", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def entry_resource(entry: dict[str, Any], what: str, *, searchset: bool = False) -> dict[str, Any]:
+    """The resource of a successful Bundle response entry; a failed one raises its error."""
+    status = entry_status(entry)
+    if not 200 <= status < 300:
+        raise error_for_status(status, what) if status else TransientError(f"{what}: the entry has no response status")
+    resource = entry.get("resource")
+    if not isinstance(resource, dict) or ("id" not in resource and not searchset):
+        raise TransientError(f"{what}: the entry carries no resource")
+    return resource
+
+
+def entry_etag(entry: dict[str, Any]) -> str:
+    """The version a successful write entry produced: ``response.etag``, else its resource's versionId."""
+    status = entry_status(entry)
+    if not 200 <= status < 300:
+        raise error_for_status(status, "write in a Bundle") if status else TransientError("write in a Bundle: no response status")
+    etag = entry.get("response", {}).get("etag")
+    if etag:
+        return str(etag)
+    return f'W/"{entry_resource(entry, "write in a Bundle")["meta"]["versionId"]}"'
+
+
+def entry_id(entry: dict[str, Any]) -> str:
+    """The id a successful write entry names: its resource's, else the one in ``response.location``
+    (``[type]/[id]/_history/[vid]``, possibly absolute), for a server answering ``return=minimal``."""
+    resource = entry.get("resource")
+    if isinstance(resource, dict) and resource.get("id"):
+        return str(resource["id"])
+    parts = str(entry.get("response", {}).get("location", "")).split("/")
+    if "_history" in parts and parts.index("_history") >= 1:
+        return parts[parts.index("_history") - 1]
+    raise TransientError("write in a Bundle: the entry names no resource id")
 
 
 class FHIRClient:
@@ -158,8 +234,11 @@ class FHIRClient:
 
     async def search(self, rtype: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
         """Every entry of a search, following the Bundle's ``next`` links (http.html#search, #paging)."""
-        what = f"GET {rtype}?"
-        url: str | None = f"{rtype}?" + "&".join(f"{k}={quote(v, safe='|:/')}" for k, v in params.items())
+        async for resource in self._pages(search_url(rtype, params), f"GET {rtype}?"):
+            yield resource
+
+    async def _pages(self, first: str, what: str) -> AsyncIterator[dict[str, Any]]:
+        url: str | None = first
         while url:
             r = await self._request("GET", url, what)
             if r.status_code >= 300:
@@ -192,3 +271,32 @@ class FHIRClient:
         if r.status_code >= 300:
             raise_for_status(r.status_code, what, retry_after=r.headers.get("retry-after"))
         return self._resource(r, what)
+
+    async def bundle(self, kind: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """POST a ``batch`` or ``transaction`` Bundle to [base] (http.html#transaction); one request.
+
+        Returns the response entries in request order (``response.status``, ``etag``, ``location``,
+        ``outcome``, and the resource: ``Prefer: return=representation``). A batch answers 200
+        whatever its entries did: the caller reads each entry (:func:`entry_status`). A failed
+        transaction changed nothing and raises the error of its status (412 -> ConflictError).
+        """
+        what = f"POST {kind} Bundle"
+        body = {"resourceType": "Bundle", "type": kind, "entry": entries}
+        r = await self._request("POST", "", what, json_body=body, headers={"Prefer": "return=representation"})
+        if r.status_code == 413:
+            raise BundleTooLarge(f"{what}: the EHR takes fewer than {len(entries)} entries per Bundle (413)")
+        if r.status_code >= 300:
+            raise_for_status(r.status_code, what, retry_after=r.headers.get("retry-after"))
+        answer = self._resource(r, what)
+        out = answer.get("entry")
+        if answer.get("type") != f"{kind}-response" or not isinstance(out, list) or len(out) != len(entries):
+            raise TransientError(f"{what}: the answer is not a {kind}-response with one entry per request")
+        return [e if isinstance(e, dict) else {} for e in out]
+
+    async def rest_of(self, searchset: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every resource of a searchset Bundle (a batch entry's answer), following its ``next`` links."""
+        found = [e["resource"] for e in searchset.get("entry", []) if isinstance(e, dict) and "resource" in e]
+        after = next((link["url"] for link in searchset.get("link", []) if link.get("relation") == "next"), None)
+        if after:
+            found += [r async for r in self._pages(after, "GET next page")]
+        return found

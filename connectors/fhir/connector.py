@@ -4,32 +4,37 @@ Pulls are watermark searches (``_lastUpdated=ge``) with an overlap against clock
 cursor also remembers which (id, versionId) pairs inside the overlap were already returned, so a
 re-read is not reported as a change and a held batch is re-read in full (the cursor only
 advances with the engine's commit). Writes are conditional: create with ``If-None-Exist`` on the
-canonical identifier, update with ``If-Match``. A cancelled or no-show session also runs claim
-suppression (claims.py); its outcome is written on the Appointment as a billing-state extension
-and reported back to the engine (``ApplyResult.reported``), which moves canonical ``billing``
-forward as the record's own change.
+canonical identifier, update with ``If-Match``; ``apply_many`` sends up to ``write_batch`` of them
+in one ``batch`` Bundle, each entry with its own outcome. A cancelled or no-show session also runs
+claim suppression (claims.py) in two requests, a ``batch`` read and a ``transaction`` write; its
+outcome is written on the Appointment as a billing-state extension in that same transaction and
+reported back to the engine (``ApplyResult.reported``), which moves canonical ``billing`` forward
+as the record's own change.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from dataclasses import replace
+from collections import OrderedDict
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from syncbridge.connector import ApplyResult, Capabilities, Connector, Link, Observation, PullResult, WebhookRoute
+from syncbridge.connector import ApplyResult, Capabilities, Connector, Link, Observation, PullResult, WebhookRoute, Write
 from syncbridge.errors import ConfigError, MalformedRecord, PermanentError
 from syncbridge.limits import check_record_size
 from syncbridge.model import CANCELLED_STATES, Role, Snapshot, iso, parse_iso, utcnow
 from syncbridge.secrets import SecretRef
 
-from .claims import suppress
+from .claims import billing_reads, plan
+from .client import BundleTooLarge, FHIRClient, entry_etag, entry_id, entry_resource, entry_status
+from .mapping import read_appointment, render_appointment
 from .subscription import AppointmentSubscription
-from .client import FHIRClient
-from .mapping import EXT_BILLING, extension, read_appointment, render_appointment, set_extension
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -81,6 +86,12 @@ class FHIROptions(BaseModel):
         return self
 
 
+#: how many recently seen Appointments are kept to spare a GET before an update (~2 kB each)
+KNOWN_APPOINTMENTS = 2000
+#: what a written Appointment tells the EHR beyond a calendar's share (recorded in the audit)
+DISCLOSED = ("client_key", "service_code", "cancellation")
+
+
 def _etag(resource: dict[str, Any]) -> str:
     return f'W/"{resource["meta"]["versionId"]}"'
 
@@ -99,6 +110,8 @@ class FHIRConnector(Connector):
         push=True,
     )
     Options = FHIROptions
+    #: writes per ``batch`` Bundle (apply_many); lowered by itself when the EHR refuses a Bundle as too large
+    write_batch = 50
 
     def __init__(self, name: str, config: Any, practice: Any) -> None:
         super().__init__(name, config, practice)
@@ -111,6 +124,20 @@ class FHIRConnector(Connector):
                 raise ConfigError(f"clinicians.{key}.accounts.{name}.practitioner", f"must look like 'Practitioner/<id>', got {ref!r}")
             self.clinician_of[ref.removeprefix("Practitioner/")] = key
         self.subscription = AppointmentSubscription(self)
+        #: the last version of recent Appointments read, pulled or written: an update of a copy
+        #: still at that version needs no GET (a newer one on the server fails its If-Match: 412)
+        self._known: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def _remember(self, appt: dict[str, Any]) -> None:
+        if appt.get("resourceType") == "Appointment" and appt.get("id") and appt.get("meta", {}).get("versionId"):
+            self._known[str(appt["id"])] = appt
+            self._known.move_to_end(str(appt["id"]))
+            while len(self._known) > KNOWN_APPOINTMENTS:
+                self._known.popitem(last=False)
+
+    def _known_at(self, link: Link | None) -> dict[str, Any] | None:
+        known = self._known.get(link.external_id) if link is not None and link.external_id else None
+        return known if known is not None and link is not None and link.etag == _etag(known) else None
 
     def client(self) -> FHIRClient:
         if self._client is None:
@@ -151,6 +178,7 @@ class FHIRConnector(Connector):
         return self._clinician(appt) is not None
 
     def _observe(self, appt: dict[str, Any]) -> Observation:
+        self._remember(appt)
         rid = str(appt.get("id"))
         etag = _etag(appt) if appt.get("meta", {}).get("versionId") else None
         try:
@@ -212,43 +240,182 @@ class FHIRConnector(Connector):
             raise PermanentError(f"clinician {clinician} has no account in connector {self.name} (clinicians.{clinician}.accounts.{self.name}.practitioner)")
         return str(account["practitioner"])
 
+    def _creates(self, link: Link | None) -> bool:
+        return link is None or link.gone or link.external_id is None
+
+    def _render_kw(self, desired: Snapshot) -> dict[str, str]:
+        return {"practitioner": self._practitioner(desired["clinician"]), "identifier_system": self.options.identifier_system}
+
+    def _create_entry(self, appointment_id: str, desired: Snapshot) -> dict[str, Any]:
+        """A conditional create on the canonical identifier (http.html#ccreate): a retry never duplicates."""
+        body = render_appointment(None, appointment_id, desired, **self._render_kw(desired))
+        condition = f"identifier={self.options.identifier_system}|{appointment_id}"
+        return {"resource": body, "request": {"method": "POST", "url": "Appointment", "ifNoneExist": condition}}
+
     async def apply(self, appointment_id: str, desired: Snapshot, link: Link | None) -> ApplyResult:
+        if desired["status"] in CANCELLED_STATES:
+            return await self._apply_cancelled(appointment_id, desired, link)
         client = self.client()
-        system = self.options.identifier_system
-        render_kw = {"practitioner": self._practitioner(desired["clinician"]), "identifier_system": system}
-        if link is None or link.gone or link.external_id is None:
-            body = render_appointment(None, appointment_id, desired, **render_kw)
-            saved = await client.create(body, if_none_exist=f"identifier={system}|{appointment_id}")
+        if self._creates(link):
+            entry = self._create_entry(appointment_id, desired)
+            saved = await client.create(entry["resource"], if_none_exist=entry["request"]["ifNoneExist"])
             if_match = _etag(saved)  # an earlier, lost create answered with the existing copy
         else:
-            current = await client.read("Appointment", link.external_id)
+            assert link is not None and link.external_id is not None
+            current = self._known_at(link) or await client.read("Appointment", link.external_id)
             if current is None:
                 return ApplyResult(link.external_id, None, gone=True)
             saved, if_match = current, link.etag or _etag(current)
-        body = render_appointment(saved, appointment_id, desired, **render_kw)
+        body = render_appointment(saved, appointment_id, desired, **self._render_kw(desired))
         if body != _stripped(saved) or if_match != _etag(saved):
             saved = await client.update(body | {"id": saved["id"]}, if_match)
-        result = ApplyResult(saved["id"], _etag(saved), disclosed=("client_key", "service_code", "cancellation"))
-        if desired["status"] in CANCELLED_STATES:
-            steps: list[str] = []
-            billing = await suppress(
-                client,
-                appointment=saved,
-                appointment_id=appointment_id,
-                cancellation=desired.get("cancellation"),
-                client_key=desired.get("client_key"),
-                fee_code=self.options.late_cancel_fee_code or self.practice.policy.cancellation.fee_code,
-                fee_amount=self.practice.policy.cancellation.fee_amount,
-                steps=steps,
-            )
-            result = replace(result, steps=tuple(steps))
-            if extension(saved, EXT_BILLING) != billing:
-                marked = _stripped(saved)
-                set_extension(marked, EXT_BILLING, "valueCode", billing)
-                saved = await client.update(marked | {"id": saved["id"]}, _etag(saved))
-                log.info("claim_suppression", connector=self.name, appointment=appointment_id, billing=billing)
-            result = replace(result, etag=_etag(saved), reported={"billing": billing} if billing != desired.get("billing") else {})
-        return result
+        self._remember(saved)
+        return ApplyResult(saved["id"], _etag(saved), disclosed=DISCLOSED)
+
+    async def _apply_cancelled(self, appointment_id: str, desired: Snapshot, link: Link | None) -> ApplyResult:
+        """A cancelled or no-show session with claim suppression (claims.py): one ``batch`` Bundle reads
+        the Appointment and its billing resources, one ``transaction`` writes every change, the
+        billing outcome on the Appointment included."""
+        client = self.client()
+        expected: str | None
+        if self._creates(link):
+            entry = self._create_entry(appointment_id, desired)
+            created = await client.create(entry["resource"], if_none_exist=entry["request"]["ifNoneExist"])
+            external_id, expected = str(created["id"]), _etag(created)
+        else:
+            assert link is not None and link.external_id is not None
+            external_id, expected = link.external_id, link.etag
+        read = [{"request": {"method": "GET", "url": f"Appointment/{quote(external_id)}"}}, *billing_reads(external_id, appointment_id)]
+        answers = await client.bundle("batch", read)
+        if entry_status(answers[0]) in (404, 410):
+            return ApplyResult(external_id, None, gone=True)
+        current = entry_resource(answers[0], "GET Appointment in a batch")
+        self._remember(current)
+        related, fees = [await client.rest_of(entry_resource(a, "search in a batch", searchset=True)) for a in answers[1:]]
+        suppression = plan(
+            appointment=current,
+            appointment_id=appointment_id,
+            related=related,
+            fees=fees,
+            cancellation=desired.get("cancellation"),
+            client_key=desired.get("client_key"),
+            fee_code=self.options.late_cancel_fee_code or self.practice.policy.cancellation.fee_code,
+            fee_amount=self.practice.policy.cancellation.fee_amount,
+        )
+        billing = suppression.billing
+        body = render_appointment(current, appointment_id, desired | {"billing": billing}, **self._render_kw(desired))
+        if_match = expected or _etag(current)
+        writes = list(suppression.writes)
+        own = body != _stripped(current) or if_match != _etag(current)
+        if own:
+            writes.insert(0, {"resource": body | {"id": current["id"]}, "request": {"method": "PUT", "url": f"Appointment/{current['id']}", "ifMatch": if_match}})
+        etag, steps = _etag(current), list(suppression.steps)
+        if writes:
+            done = await client.bundle("transaction", writes)
+            if own:
+                etag = entry_etag(done[0])
+                if isinstance(done[0].get("resource"), dict):
+                    self._remember(done[0]["resource"])
+            if suppression.fee_create is not None:
+                steps.append(f"ChargeItem/{entry_id(done[suppression.fee_create + int(own)])} self-pay fee created")
+            log.info("claim_suppression", connector=self.name, appointment=appointment_id, billing=billing)
+        reported = {"billing": billing} if billing != desired.get("billing") else {}
+        return ApplyResult(str(current["id"]), etag, disclosed=DISCLOSED, steps=tuple(steps), reported=reported)
+
+    # --- batched writes (an initial sync) -------------------------------------------------------
+
+    async def apply_many(self, writes: Sequence[Write]) -> list[ApplyResult | BaseException]:
+        """Up to :attr:`write_batch` writes in one ``batch`` Bundle of conditional creates and reads,
+        then one of PUTs under ``ifMatch`` for those that need an update; each entry has its own
+        outcome (a 412 fails that write alone). Cancellations take :meth:`apply` (claim suppression)."""
+        results: list[ApplyResult | BaseException | None] = [None] * len(writes)
+        single = [i for i, w in enumerate(writes) if w.desired.get("status") in CANCELLED_STATES]
+        grouped = sorted(set(range(len(writes))) - set(single))
+
+        async def alone(i: int) -> None:
+            w = writes[i]
+            try:
+                results[i] = await self.apply(w.appointment_id, w.desired, w.link)
+            except Exception as err:  # noqa: BLE001 - one result or error per write
+                results[i] = err
+
+        async def together(chunk: list[int]) -> None:
+            for i, r in zip(chunk, await self._batched([writes[i] for i in chunk]), strict=True):
+                results[i] = r
+
+        chunks = [grouped[k : k + self.write_batch] for k in range(0, len(grouped), self.write_batch)]
+        await asyncio.gather(*(together(c) for c in chunks), *(alone(i) for i in single))
+        return [r if r is not None else PermanentError("no outcome") for r in results]
+
+    async def _batched(self, writes: Sequence[Write]) -> list[ApplyResult | BaseException]:
+        out: list[ApplyResult | BaseException | None] = [None] * len(writes)
+        first: list[dict[str, Any]] = []
+        owners: list[int] = []
+        second: list[dict[str, Any]] = []
+        pending: list[tuple[int, dict[str, Any]]] = []
+
+        def converge(i: int, saved: dict[str, Any], if_match: str) -> None:
+            w = writes[i]
+            body = render_appointment(saved, w.appointment_id, w.desired, **self._render_kw(w.desired))
+            if body != _stripped(saved) or if_match != _etag(saved):
+                second.append({"resource": body | {"id": saved["id"]}, "request": {"method": "PUT", "url": f"Appointment/{saved['id']}", "ifMatch": if_match}})
+                pending.append((i, saved))
+            else:
+                out[i] = ApplyResult(str(saved["id"]), _etag(saved), disclosed=DISCLOSED)
+
+        for i, w in enumerate(writes):
+            try:
+                if self._creates(w.link):
+                    first.append(self._create_entry(w.appointment_id, w.desired))
+                elif (known := self._known_at(w.link)) is not None:
+                    converge(i, known, _etag(known))  # the copy is as we last saw it: no read needed
+                    continue
+                else:
+                    assert w.link is not None and w.link.external_id is not None
+                    first.append({"request": {"method": "GET", "url": f"Appointment/{quote(w.link.external_id)}"}})
+                owners.append(i)
+            except PermanentError as err:
+                out[i] = err
+        try:
+            answers = await self.client().bundle("batch", first) if first else []
+        except BundleTooLarge:
+            if len(writes) < 2:
+                raise
+            self.write_batch = max(1, len(writes) // 2)  # the EHR's limit: smaller Bundles from now on
+            half = len(writes) // 2
+            return [*await self._batched(writes[:half]), *await self._batched(writes[half:])]
+        except Exception as err:  # noqa: BLE001 - the whole request failed: so did each write in it
+            answers = [{"error": err}] * len(first)
+        for answer, i in zip(answers, owners, strict=True):
+            w = writes[i]
+            creating = self._creates(w.link)
+            try:
+                if isinstance(answer.get("error"), BaseException):
+                    raise answer["error"]
+                if not creating and entry_status(answer) in (404, 410):
+                    out[i] = ApplyResult(w.link.external_id if w.link else None, None, gone=True)
+                    continue
+                saved = entry_resource(answer, "POST Appointment in a batch" if creating else "GET Appointment in a batch")
+            except Exception as err:  # noqa: BLE001 - this write's own outcome
+                out[i] = err
+                continue
+            self._remember(saved)
+            converge(i, saved, _etag(saved) if creating or w.link is None or not w.link.etag else w.link.etag)
+        if second:
+            try:
+                updated: list[dict[str, Any]] = await self.client().bundle("batch", second)
+            except Exception as err:  # noqa: BLE001
+                updated = [{"error": err}] * len(second)
+            for answer, (i, saved) in zip(updated, pending, strict=True):
+                try:
+                    if isinstance(answer.get("error"), BaseException):
+                        raise answer["error"]
+                    out[i] = ApplyResult(str(saved["id"]), entry_etag(answer), disclosed=DISCLOSED)
+                    if isinstance(answer.get("resource"), dict):
+                        self._remember(answer["resource"])
+                except Exception as err:  # noqa: BLE001
+                    out[i] = err
+        return [r if r is not None else PermanentError("no outcome") for r in out]
 
     def external_id_for(self, appointment_id: str) -> str | None:
         return None  # the EHR assigns ids; conditional create finds the copy by identifier instead

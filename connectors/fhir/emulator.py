@@ -5,7 +5,9 @@ uses (cited by the page's anchors): ``#read`` (404 unknown, 410 deleted), ``#upd
 version-aware ``If-Match`` (``#concurrency``, "Managing Resource Contention": 412 on a stale weak
 ETag), ``#create`` (201 with ``Location: [base]/[type]/[id]/_history/[vid]``) and ``#ccreate``
 (``If-None-Exist``: no match -> create, one match -> 200 with the existing resource, several ->
-412), ``#search`` with paging links in a ``searchset`` Bundle (``#paging``, search.html#count),
+412), ``#search`` with paging links in a ``searchset`` Bundle (``#paging``, search.html#count) and
+``_revinclude`` (search.html#revinclude, e.g. ``_revinclude=Claim:encounter``), ``batch`` and
+``transaction`` Bundles POSTed to [base] (``#transaction``; emulator_bundles.py),
 ``#versioning`` (``ETag: W/"versionId"``, ``meta.versionId``/``meta.lastUpdated``) and
 OperationOutcome bodies on errors (``#Status``). R4 rest-hook Subscriptions notify on changes
 (emulator_subscriptions.py). Nothing is deleted by the connector (EHRs
@@ -18,14 +20,13 @@ Search parameters kept (the reference each one follows is chosen to match R4's d
 (ChargeItem.context -> Encounter) and ``encounter`` (Claim.item.encounter).
 
 Auth follows SMART Backend Services (https://hl7.org/fhir/smart-app-launch/backend-services.html):
-``POST /auth/token`` with ``client_credentials`` and an RS384-signed JWT assertion; a static
+``POST /auth/token`` with ``client_credentials`` and an RS384-signed JWT assertion (emulator_smart.py); a static
 bearer token configured at start is also accepted. There is no referential integrity check, as
 real servers differ on it.
 """
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import threading
@@ -35,25 +36,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from syncbridge.emulation import Injector, free_port, serve_in_thread
 
+from .emulator_answers import Answer, issue, outcome, respond
+from .emulator_bundles import process_bundle
+from .emulator_smart import token_endpoint
 from .emulator_subscriptions import RestHookNotifier
 
 __all__ = ["FHIREmulator", "RESOURCE_TYPES", "running"]
 
 RESOURCE_TYPES = ("Appointment", "Encounter", "ChargeItem", "Claim", "Patient", "Practitioner", "Subscription")
-ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-FHIR_JSON = "application/fhir+json"
 
 
 def _now() -> str:
@@ -91,16 +89,6 @@ def _matches(resource: dict[str, Any], param: str, value: str) -> bool:
     return value in _refs(resource, param)
 
 
-def outcome(status: int, code: str, text: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """An OperationOutcome error body (http.html#Status)."""
-    body = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]}
-    return JSONResponse(body, status, headers=headers, media_type=FHIR_JSON)
-
-
-def _b64url_decode(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-
-
 @dataclass
 class FHIREmulator:
     """The in-memory server. ``app`` is the starlette application; knobs are plain methods."""
@@ -116,6 +104,15 @@ class FHIREmulator:
     _failures: list[tuple[int, float | None]] = field(default_factory=list)
     _tokens: dict[str, float] = field(default_factory=dict)
     _pages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    _includes: dict[str, list[str]] = field(default_factory=dict)
+    #: most entries one batch or transaction Bundle may hold (emulator_bundles.py)
+    max_bundle_entries: int = 200
+    #: resource types changed inside an open transaction, notified once it commits
+    _held: list[str] | None = None
+    #: (type, "system|value") -> ids: conditional creates stay cheap with tens of thousands of resources
+    _ident: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    #: (type, id, resource before, was deleted) for each change of an open transaction
+    _undo: list[tuple[str, str, dict[str, Any] | None, bool]] | None = None
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
     notifier: RestHookNotifier = field(init=False)
@@ -149,6 +146,8 @@ class FHIREmulator:
             self.log.clear()
             self._failures.clear()
             self._pages.clear()
+            self._includes.clear()
+            self._ident.clear()
 
     def put(self, resource: dict[str, Any]) -> dict[str, Any]:
         """Store a resource directly (a new version when it exists), as EHR staff or billing would."""
@@ -172,14 +171,134 @@ class FHIREmulator:
         resource["meta"] = {**resource.get("meta", {}), "versionId": str(version), "lastUpdated": _now()}
         if rtype == "Subscription" and resource.get("status") == "requested":
             resource["status"] = "active"  # subscription.html 2.46.7: the server sets it up
+        self._journal(rtype, rid)
+        self._reindex(rtype, rid, old, resource)
         self.store[rtype][rid] = resource
         self.deleted.discard((rtype, rid))
         if rtype != "Subscription":
-            self.notifier.changed(rtype, list(self.store["Subscription"].values()))
+            if self._held is not None:
+                self._held.append(rtype)  # inside a transaction: notify once it is committed
+            else:
+                self.notifier.changed(rtype, list(self.store["Subscription"].values()))
         return json.loads(json.dumps(resource))
+
+    def _reindex(self, rtype: str, rid: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        for key in _refs(old, "identifier") if old else []:
+            self._ident.get((rtype, key), set()).discard(rid)
+        for key in _refs(new, "identifier") if new else []:
+            self._ident.setdefault((rtype, key), set()).add(rid)
+
+    def _journal(self, rtype: str, rid: str) -> None:
+        """Inside a transaction, remember how a resource was before its first change (for rollback)."""
+        if self._undo is not None:
+            self._undo.append((rtype, rid, self.store[rtype].get(rid), (rtype, rid) in self.deleted))
+
+    def begin(self) -> None:
+        """Open a transaction: changes are journalled and subscriptions notified only at commit."""
+        self._undo, self._held = [], []
+
+    def commit(self) -> None:
+        held, self._undo, self._held = self._held or [], None, None
+        subscriptions = list(self.store["Subscription"].values())
+        for rtype in held:
+            self.notifier.changed(rtype, subscriptions)
+
+    def rollback(self) -> None:
+        for rtype, rid, old, was_deleted in reversed(self._undo or []):
+            self._reindex(rtype, rid, self.store[rtype].get(rid), old)
+            if old is None:
+                self.store[rtype].pop(rid, None)
+            else:
+                self.store[rtype][rid] = old
+            (self.deleted.add if was_deleted else self.deleted.discard)((rtype, rid))
+        self._undo, self._held = None, None
 
     def _headers(self, resource: dict[str, Any]) -> dict[str, str]:
         return {"ETag": f'W/"{resource["meta"]["versionId"]}"', "Last-Modified": resource["meta"]["lastUpdated"]}
+
+    # --- interactions (the lock is held by the caller) -------------------------------------
+
+    def read(self, rtype: str, rid: str) -> Answer:
+        """http.html#read: 404 unknown, 410 deleted."""
+        current = self.store[rtype].get(rid)
+        if current is None:
+            gone = (rtype, rid) in self.deleted
+            return issue(410 if gone else 404, "deleted" if gone else "not-found", f"{rtype}/{rid} is not here")
+        return Answer(200, json.loads(json.dumps(current)), self._headers(current))
+
+    def delete(self, rtype: str, rid: str) -> Answer:
+        self._journal(rtype, rid)
+        if (old := self.store[rtype].pop(rid, None)) is not None:
+            self._reindex(rtype, rid, old, None)
+            self.deleted.add((rtype, rid))
+        return Answer(204)
+
+    def update(self, rtype: str, rid: str, body: dict[str, Any], if_match: str | None) -> Answer:
+        """http.html#update under version-aware If-Match (#concurrency: 412 on a stale version)."""
+        if body.get("id") != rid:
+            return issue(400, "invalid", "the resource id must match the URL (http.html#update)")
+        current = self.store[rtype].get(rid)
+        if if_match is not None and (current is None or if_match != f'W/"{current["meta"]["versionId"]}"'):
+            return issue(412, "conflict", f"{rtype}/{rid} changed since version {if_match}")
+        saved = self._save(body)
+        return Answer(200 if current is not None else 201, saved, self._headers(saved))
+
+    def create(self, rtype: str, body: dict[str, Any], if_none_exist: str | None) -> Answer:
+        """http.html#create, and #ccreate with If-None-Exist (one match -> 200 with it, several -> 412)."""
+        if if_none_exist:
+            try:
+                found = self._filter(rtype, [(k, v) for k, _, v in (p.partition("=") for p in if_none_exist.split("&"))])
+            except ValueError as err:
+                return issue(400, "invalid", f"If-None-Exist: {err}")
+            if len(found) > 1:
+                return issue(412, "duplicate", "If-None-Exist matched more than one resource")
+            if found:
+                return Answer(200, found[0], self._headers(found[0]))
+        body.pop("id", None)
+        saved = self._save(body)
+        location = f"{self.base_url}/{rtype}/{saved['id']}/_history/{saved['meta']['versionId']}"
+        return Answer(201, saved, self._headers(saved) | {"Location": location})
+
+    def search(self, rtype: str, params: list[tuple[str, str]], self_url: str) -> Answer:
+        """A searchset Bundle (http.html#search); the result is frozen at the first page so paging never skips."""
+        q = dict(params)
+        token = q.get("_page")
+        if token is None:
+            try:
+                found = self._filter(rtype, [(k, v) for k, v in params if k != "_revinclude"])
+            except ValueError as err:
+                return issue(400, "not-supported", str(err))
+            found.sort(key=lambda r: r["meta"]["lastUpdated"])
+            token = uuid.uuid4().hex
+            self._pages[token] = found
+            self._includes[token] = [v for k, v in params if k == "_revinclude"]
+        found = self._pages.get(token)  # type: ignore[assignment]
+        if found is None:
+            return issue(410, "expired", "the paging link has expired; search again")
+        count = max(1, min(int(q.get("_count", self.page_size)), 500))
+        offset = int(q.get("_offset", 0))
+        page = found[offset : offset + count]
+        link = [{"relation": "self", "url": self_url}]
+        if offset + count < len(found):
+            link.append({"relation": "next", "url": f"{self.base_url}/{rtype}?_page={token}&_offset={offset + count}&_count={count}"})
+        entries = [{"fullUrl": f"{self.base_url}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in page]
+        for r in self._revincluded(rtype, page, self._includes.get(token, [])):
+            entries.append({"fullUrl": f"{self.base_url}/{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "include"}})
+        bundle = {"resourceType": "Bundle", "type": "searchset", "meta": {"lastUpdated": _now()}, "total": len(found), "link": link, "entry": entries}
+        return Answer(200, bundle)
+
+    def _revincluded(self, rtype: str, page: list[dict[str, Any]], includes: list[str]) -> list[dict[str, Any]]:
+        """search.html#revinclude: resources of another type whose reference parameter names a match."""
+        wanted = {f"{rtype}/{r['id']}" for r in page}
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for spec in includes:
+            source, _, param = spec.partition(":")
+            if source not in self.store:
+                continue
+            for r in self.store[source].values():
+                if wanted & set(_refs(r, param)):
+                    out[(source, r["id"])] = json.loads(json.dumps(r))
+        return list(out.values())
 
     # --- HTTP ---------------------------------------------------------------------------
 
@@ -188,6 +307,7 @@ class FHIREmulator:
         return Starlette(
             routes=[
                 Route("/auth/token", self._token, methods=["POST"]),
+                Route("/", self._bundle, methods=["POST"]),
                 Route("/{rtype}", self._type_level, methods=["GET", "POST"]),
                 Route("/{rtype}/{rid}", self._instance, methods=["GET", "PUT", "DELETE"]),
             ]
@@ -205,76 +325,66 @@ class FHIREmulator:
         )
         if not ok:
             return outcome(401, "login", "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})
-        if request.path_params["rtype"] not in RESOURCE_TYPES:
+        if request.path_params.get("rtype", "") not in RESOURCE_TYPES and request.url.path != "/":
             return outcome(404, "not-supported", f"resource type {request.path_params['rtype']} is not supported")
         return None
 
-    async def _body(self, request: Request, rtype: str) -> dict[str, Any] | Response:
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            return outcome(400, "structure", "the body is not JSON")
+    @staticmethod
+    def checked(body: Any, rtype: str) -> dict[str, Any] | Answer:
         if not isinstance(body, dict) or body.get("resourceType") != rtype:
-            return outcome(400, "invalid", f"the body must be a {rtype} resource")
+            return issue(400, "invalid", f"the body must be a {rtype} resource")
         return body
+
+    async def _json(self, request: Request) -> Any:
+        try:
+            return json.loads(await request.body())
+        except ValueError:
+            return None
 
     async def _instance(self, request: Request) -> Response:
         if (denied := self._gate(request)) is not None:
             return denied
         rtype, rid = request.path_params["rtype"], request.path_params["rid"]
+        if request.method in ("GET", "DELETE"):
+            with self._lock:
+                return respond(self.read(rtype, rid) if request.method == "GET" else self.delete(rtype, rid))
+        body = self.checked(await self._json(request), rtype)
+        if isinstance(body, Answer):
+            return respond(body)
         with self._lock:
-            current = self.store[rtype].get(rid)
-            if request.method == "GET":
-                if current is None:
-                    gone = (rtype, rid) in self.deleted
-                    return outcome(410 if gone else 404, "deleted" if gone else "not-found", f"{rtype}/{rid} is not here")
-                return JSONResponse(current, headers=self._headers(current), media_type=FHIR_JSON)
-            if request.method == "DELETE":
-                if current is not None:
-                    del self.store[rtype][rid]
-                    self.deleted.add((rtype, rid))
-                return Response(status_code=204)
-        body = await self._body(request, rtype)
-        if isinstance(body, Response):
-            return body
-        if body.get("id") != rid:
-            return outcome(400, "invalid", "the resource id must match the URL (http.html#update)")
-        with self._lock:
-            current = self.store[rtype].get(rid)
-            match = request.headers.get("if-match")
-            if match is not None and (current is None or match != f'W/"{current["meta"]["versionId"]}"'):
-                return outcome(412, "conflict", f"{rtype}/{rid} changed since version {match}")
-            saved = self._save(body)
-        status = 200 if current is not None else 201
-        return JSONResponse(saved, status, headers=self._headers(saved), media_type=FHIR_JSON)
+            return respond(self.update(rtype, rid, body, request.headers.get("if-match")))
 
     async def _type_level(self, request: Request) -> Response:
         if (denied := self._gate(request)) is not None:
             return denied
         rtype = request.path_params["rtype"]
         if request.method == "GET":
-            return self._search(request, rtype)
-        body = await self._body(request, rtype)
-        if isinstance(body, Response):
-            return body
+            with self._lock:
+                return respond(self.search(rtype, list(request.query_params.multi_items()), str(request.url)))
+        body = self.checked(await self._json(request), rtype)
+        if isinstance(body, Answer):
+            return respond(body)
         with self._lock:
-            condition = request.headers.get("if-none-exist")
-            if condition:
-                try:
-                    found = self._filter(rtype, [(k, v) for k, _, v in (p.partition("=") for p in condition.split("&"))])
-                except ValueError as err:
-                    return outcome(400, "invalid", f"If-None-Exist: {err}")
-                if len(found) > 1:
-                    return outcome(412, "duplicate", "If-None-Exist matched more than one resource")
-                if found:  # http.html#ccreate: one match -> ignore the request, answer 200
-                    return JSONResponse(found[0], 200, headers=self._headers(found[0]), media_type=FHIR_JSON)
-            body.pop("id", None)
-            saved = self._save(body)
-        headers = self._headers(saved) | {"Location": f"{self.base_url}/{rtype}/{saved['id']}/_history/{saved['meta']['versionId']}"}
-        return JSONResponse(saved, 201, headers=headers, media_type=FHIR_JSON)
+            return respond(self.create(rtype, body, request.headers.get("if-none-exist")))
+
+    async def _token(self, request: Request) -> Response:
+        return await token_endpoint(self, request)
+
+    async def _bundle(self, request: Request) -> Response:
+        """POST [base] with a ``batch`` or ``transaction`` Bundle (http.html#transaction; emulator_bundles.py)."""
+        if (denied := self._gate(request)) is not None:
+            return denied
+        body = await self._json(request)
+        minimal = "return=minimal" in request.headers.get("prefer", "")
+        with self._lock:
+            return respond(process_bundle(self, body, minimal=minimal))
 
     def _filter(self, rtype: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        out = list(self.store[rtype].values())
+        token = next((v for k, v in params if k == "identifier"), None)
+        if token is not None:
+            out = [self.store[rtype][i] for i in self._ident.get((rtype, token), ()) if i in self.store[rtype]]
+        else:
+            out = list(self.store[rtype].values())
         for name, value in params:
             if name == "_lastUpdated":
                 prefix, when = value[:2], value[2:]
@@ -289,83 +399,6 @@ class FHIREmulator:
             elif name not in ("_count", "_sort"):
                 raise ValueError(f"search parameter {name} is not supported")
         return [json.loads(json.dumps(r)) for r in out]
-
-    def _search(self, request: Request, rtype: str) -> Response:
-        """A searchset Bundle; the full result is frozen at the first page so paging never skips."""
-        q = request.query_params
-        token = q.get("_page")
-        with self._lock:
-            if token is None:
-                try:
-                    found = self._filter(rtype, [(k, v) for k, v in q.multi_items() if k != "_page"])
-                except ValueError as err:
-                    return outcome(400, "not-supported", str(err))
-                found.sort(key=lambda r: r["meta"]["lastUpdated"])
-                token = uuid.uuid4().hex
-                self._pages[token] = found
-            frozen = self._pages.get(token)
-        if frozen is None:
-            return outcome(410, "expired", "the paging link has expired; search again")
-        found = frozen
-        count = max(1, min(int(q.get("_count", self.page_size)), 500))
-        offset = int(q.get("_offset", 0))
-        page = found[offset : offset + count]
-        link = [{"relation": "self", "url": str(request.url)}]
-        if offset + count < len(found):
-            link.append({"relation": "next", "url": f"{self.base_url}/{rtype}?_page={token}&_offset={offset + count}&_count={count}"})
-        bundle = {
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "meta": {"lastUpdated": _now()},
-            "total": len(found),
-            "link": link,
-            "entry": [{"fullUrl": f"{self.base_url}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in page],
-        }
-        return JSONResponse(bundle, media_type=FHIR_JSON)
-
-    # --- SMART Backend Services ------------------------------------------------------------
-
-    async def _token(self, request: Request) -> Response:
-        """client_credentials with a signed JWT assertion (backend-services.html#obtaining-an-access-token)."""
-        self.log.append((request.method, request.url.path))
-        # application/x-www-form-urlencoded, parsed here (starlette's form() needs python-multipart)
-        form = {k: v[0] for k, v in parse_qs((await request.body()).decode(), keep_blank_values=True).items()}
-
-        def refuse(text: str) -> Response:
-            return JSONResponse({"error": "invalid_client", "error_description": text}, 401)
-
-        if form.get("grant_type") != "client_credentials":
-            return JSONResponse({"error": "unsupported_grant_type"}, 400)
-        if form.get("client_assertion_type") != ASSERTION_TYPE:
-            return JSONResponse({"error": "invalid_request", "error_description": "client_assertion_type must be jwt-bearer"}, 400)
-        try:
-            head_b64, claims_b64, sig_b64 = str(form.get("client_assertion", "")).split(".")
-            header = json.loads(_b64url_decode(head_b64))
-            claims = json.loads(_b64url_decode(claims_b64))
-            signature = _b64url_decode(sig_b64)
-        except ValueError:
-            return refuse("client_assertion is not a JWT")
-        if header.get("alg") != "RS384":
-            return refuse("the assertion must be signed with RS384")
-        client_id = claims.get("iss")
-        pem = self.clients.get(client_id)
-        if pem is None or claims.get("sub") != client_id:
-            return refuse("unknown client: iss and sub must be the registered client_id")
-        key = serialization.load_pem_public_key(pem)
-        if not isinstance(key, rsa.RSAPublicKey):
-            return refuse("the registered key is not an RSA key (RS384)")
-        try:
-            key.verify(signature, f"{head_b64}.{claims_b64}".encode(), padding.PKCS1v15(), hashes.SHA384())
-        except InvalidSignature:
-            return refuse("the assertion's signature does not match the registered public key")
-        if claims.get("aud") != f"{self.base_url}/auth/token":
-            return refuse("aud must be the token URL")
-        if not isinstance(claims.get("exp"), int | float) or claims["exp"] < time.time() or claims["exp"] > time.time() + 300 + 5:
-            return refuse("exp must be in the future and at most five minutes away")
-        token = uuid.uuid4().hex
-        self._tokens[token] = time.time() + 300
-        scope = str(form.get("scope", ""))
-        return JSONResponse({"access_token": token, "token_type": "bearer", "expires_in": 300, "scope": scope})
 
 
 @dataclass

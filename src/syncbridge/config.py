@@ -182,6 +182,7 @@ class OutboxConfig(_Strict):
     max_attempts: int = Field(8, ge=1)
     backoff_base: float = Field(1.0, gt=0)
     backoff_max: float = Field(900.0, gt=0)
+    #: due writes read from the store at a time per connector (at least two calls' worth in flight)
     batch: int = Field(50, ge=1)
     #: writes in flight per connector; connectors keep their vendor's own limits (per mailbox...)
     concurrency: int = Field(8, ge=1, le=64)

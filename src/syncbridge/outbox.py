@@ -9,6 +9,7 @@ auth -> connector marked unhealthy, slow retry; permanent -> dead letter plus a 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections import defaultdict
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from .connector import Link, Observation, PullResult
+from .connector import ApplyResult, Link, Observation, PullResult, Write
 from .engine import Engine
 from .errors import AuthError, ConflictError, PermanentError, SyncbridgeError, TransientError, error_kind
-from .model import iso
+from .model import Appointment, Snapshot, iso
 from .store import OutboxItem
 
 __all__ = ["ApplyReport", "Outbox", "backoff_delay"]
@@ -45,96 +46,183 @@ class ApplyReport:
 
 
 class Outbox:
+    """Keeps every connector's calls in flight until nothing is due.
+
+    Each connector gets its own feeder: it takes due items in ``write_batch``-sized chunks (one
+    vendor batch request, or one write) and keeps up to ``outbox.concurrency`` of them in flight,
+    starting the next as soon as one answers, so a slow write never holds up the others and an
+    initial sync of a whole practice streams instead of moving in rounds.
+    """
+
+    #: a due item is sent at most this often per drain (a copy that keeps changing under us waits
+    #: for the next drain instead of holding the loop)
+    max_sends = 20
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.store = engine.store
         self.cfg = engine.config.outbox
-        self._sems: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(self.cfg.concurrency))
+        #: set to stop taking new items; writes already sent are finished and recorded
+        self.halt = asyncio.Event()
         #: called with (connector, outcome, seconds from enqueue to applied or None) after each attempt
         self.listeners: list[Callable[[str, str, float | None], None]] = []
 
-    async def drain(self, *, until_empty: bool = True, max_rounds: int = 20) -> ApplyReport:
-        """Apply every due item (and items that became due through re-merges), bounded in rounds."""
+    async def drain(self) -> ApplyReport:
+        """Apply every due item, including items that fall due through re-merges meanwhile."""
         report = ApplyReport()
-        for _ in range(max_rounds):
-            items = self.store.outbox_due(time.time(), self.cfg.batch)
-            if not items:
-                break
-            await asyncio.gather(*(self._guarded(item, report) for item in items))
-            if not until_empty:
-                break
+        feeders: dict[str, asyncio.Task[None]] = {}
+        try:
+            while not self.halt.is_set():
+                for name in self.store.outbox_due_connectors(time.time()):
+                    if name not in feeders:
+                        feeders[name] = asyncio.create_task(self._feed(name, report))
+                if not feeders:
+                    break
+                done, _ = await asyncio.wait(feeders.values(), timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                for name in [n for n, t in feeders.items() if t in done]:
+                    feeders.pop(name).result()
+        finally:
+            if feeders:
+                await asyncio.gather(*feeders.values(), return_exceptions=True)
         return report
 
-    async def _guarded(self, item: OutboxItem, report: ApplyReport) -> None:
-        async with self._sems[item.connector]:
-            await self.apply_one(item, report)
+    async def _feed(self, name: str, report: ApplyReport) -> None:
+        connector = self.engine.connectors.get(name)
+        size = max(1, connector.write_batch) if connector is not None else 1
+        calls = asyncio.Semaphore(self.cfg.concurrency)
+        inflight: set[str] = set()
+        sends: dict[str, int] = defaultdict(int)
+        running: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None], *, ids: list[str]) -> None:
+            calls.release()
+            inflight.difference_update(ids)
+            running.discard(task)
+
+        while not self.halt.is_set():
+            want = max(self.cfg.batch, size * self.cfg.concurrency * 2)
+            items = [
+                i for i in self.store.outbox_due(time.time(), want + len(inflight), connector=name)
+                if i.appointment_id not in inflight and sends[i.appointment_id] < self.max_sends
+            ][:want]
+            if not items:
+                if not running:
+                    break
+                await asyncio.wait(set(running), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            for k in range(0, len(items), size):
+                await calls.acquire()
+                if self.halt.is_set():
+                    calls.release()
+                    break
+                chunk = items[k : k + size]
+                ids = [i.appointment_id for i in chunk]
+                inflight.update(ids)
+                for i in ids:
+                    sends[i] += 1
+                task = asyncio.create_task(self.apply_chunk(name, chunk, report))
+                running.add(task)
+                task.add_done_callback(functools.partial(finished, ids=ids))
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def apply_one(self, item: OutboxItem, report: ApplyReport) -> None:
-        engine = self.engine
-        connector = engine.connectors.get(item.connector)
-        now = iso(engine.clock())
-        appt = self.store.appointment(item.appointment_id)
-        if connector is None or appt is None:
-            with self.store.tx() as tx:
-                tx.outbox_done(item.connector, item.appointment_id, 1 << 62)
-            report.skipped += 1
-            return
-        link = self.store.link(item.connector, item.appointment_id)
-        desired = connector.capabilities.project(appt.fields)
-        if link is not None and not link.gone and desired == link.base:
-            with self.store.tx() as tx:
-                tx.outbox_done(item.connector, item.appointment_id, appt.version)
-            report.skipped += 1
+        await self.apply_chunk(item.connector, [item], report)
+
+    async def apply_chunk(self, name: str, items: list[OutboxItem], report: ApplyReport) -> None:
+        """Send one chunk of a connector's due items (one vendor batch) and record each outcome."""
+        connector = self.engine.connectors.get(name)
+        now = iso(self.engine.clock())
+        todo: list[tuple[OutboxItem, Appointment, Link | None, Snapshot]] = []
+        with self.store.tx() as tx:
+            for item in items:
+                appt = self.store.appointment(item.appointment_id)
+                if connector is None or appt is None:
+                    tx.outbox_done(name, item.appointment_id, 1 << 62)
+                    report.skipped += 1
+                    continue
+                link = self.store.link(name, item.appointment_id)
+                desired = connector.capabilities.project(appt.fields)
+                if link is not None and not link.gone and desired == link.base:
+                    tx.outbox_done(name, item.appointment_id, appt.version)
+                    report.skipped += 1
+                    continue
+                todo.append((item, appt, link, desired))
+        if not todo or connector is None:
             return
         try:
-            result = await connector.apply(appt.id, desired, link)
-        except ConflictError:
+            results = await connector.apply_many([Write(appt.id, desired, link) for _, appt, link, desired in todo])
+        except Exception as err:  # the batch as a whole failed (no answer at all): each write shares the error
+            results = [err] * len(todo)
+        if len(results) != len(todo):
+            log.error("apply_many_mismatch", connector=name, sent=len(todo), answered=len(results))
+            results = [TransientError("the connector answered a batch with the wrong number of results")] * len(todo)
+        landed: list[tuple[OutboxItem, Appointment, Link | None, Snapshot, ApplyResult]] = []
+        for (item, appt, link, desired), result in zip(todo, results, strict=True):
+            if isinstance(result, ApplyResult):
+                landed.append((item, appt, link, desired, result))
+            else:
+                await self._failed(item, link, result, report)
+        if not landed:
+            return
+        reported: list[tuple[str, ApplyResult, Snapshot]] = []
+        with self.store.tx() as tx:
+            for _item, appt, link, desired, result in landed:
+                if tx.link(name, appt.id) != link:
+                    # a pull recorded a later state of the copy while we were writing (someone edited it
+                    # right after our write landed): our answer is older, so keep the pull's view and
+                    # decide again from it rather than overwrite it with a stale etag
+                    tx.outbox_retry(name, appt.id, time.time(), "the copy changed while it was written; deciding again")
+                    tx.audit.add(now, "applied", name, appt.id, {"version": appt.version, "status": appt.fields["status"],
+                                 "disclosed": list(result.disclosed), "superseded": True})
+                    continue
+                # with fields reported back, the etag is left unknown until they are merged: if we stop
+                # in between, the next pull reads the copy as a change instead of as our echo
+                etag = None if result.reported else result.etag
+                tx.put_link(Link(name, appt.id, result.external_id, etag, desired, appt.version, gone=result.gone), applied_at=now)
+                tx.outbox_done(name, appt.id, appt.version)
+                tx.audit.add(now, "applied", name, appt.id, {"version": appt.version, "status": appt.fields["status"], "disclosed": list(result.disclosed)}
+                    | ({"steps": list(result.steps)} if result.steps else {}))
+                current = tx.appointment(appt.id)
+                if current is not None and current.version > appt.version and connector.capabilities.project(current.fields) != desired:
+                    # the record moved on while we wrote, and its fan-out compared against the copy as
+                    # it was before this write (say, moved back to where the copy then was): the copy
+                    # now holds what we wrote, so it needs the record's current state after all
+                    tx.enqueue(name, appt.id, current.version, time.time())
+                if result.reported:
+                    reported.append((appt.id, result, desired))
+        for appt_id, result, desired in reported:
+            # what the system decided while applying (say, a claim that already went out) flows back
+            # through the merge; without an etag it is never mistaken for an echo of our write
+            obs = Observation(external_id=result.external_id or "", etag=result.etag, canonical_id=appt_id, fields=desired | result.reported)
+            self.engine.observe(name, PullResult([obs], cursor=None), advance=False)
+        report.applied += len(landed)
+        clock = time.time()
+        for item, appt, _, _, _ in landed:
+            self._tell(name, "applied", clock - item.due_at if item.attempts == 0 else None)
+            log.info("applied", connector=name, appointment=appt.id, version=appt.version)
+
+    async def _failed(self, item: OutboxItem, link: Link | None, err: BaseException, report: ApplyReport) -> None:
+        if isinstance(err, ConflictError):
             report.conflicts += 1
             self._tell(item.connector, "conflict")
             await self._remerge(item, link)
-            return
-        except TransientError as err:
+        elif isinstance(err, TransientError):
             self._tell(item.connector, error_kind(err))
             self._retry(item, err, err.retry_after, report)
-            return
-        except AuthError as err:
+        elif isinstance(err, AuthError):
             with self.store.tx() as tx:
                 tx.set_health(item.connector, False, f"authentication failed: {err}")
             self._retry(item, err, self.cfg.backoff_max, report)
-            return
-        except PermanentError as err:
+        elif isinstance(err, PermanentError):
             self._tell(item.connector, "dead")
             self._dead(item, err, report)
-            return
-        except Exception as err:  # a bug or an untranslated library error: retry, then dead-letter
-            log.exception("apply_unexpected", connector=item.connector, appointment=item.appointment_id)
+        elif isinstance(err, Exception):  # a bug or an untranslated library error: retry, then dead-letter
+            log.error("apply_unexpected", connector=item.connector, appointment=item.appointment_id,
+                      error=type(err).__name__, exc_info=err)
             self._retry(item, err, None, report)
-            return
-        with self.store.tx() as tx:
-            if tx.link(item.connector, appt.id) != link:
-                # a pull recorded a later state of the copy while we were writing (someone edited it
-                # right after our write landed): our answer is older, so keep the pull's view and
-                # decide again from it rather than overwrite it with a stale etag
-                tx.outbox_retry(item.connector, appt.id, time.time(), "the copy changed while it was written; deciding again")
-                tx.audit.add(now, "applied", item.connector, appt.id, {"version": appt.version, "status": appt.fields["status"],
-                             "disclosed": list(result.disclosed), "superseded": True})
-                report.applied += 1
-                return
-            # with fields reported back, the etag is left unknown until they are merged: if we stop
-            # in between, the next pull reads the copy as a change instead of as our echo
-            etag = None if result.reported else result.etag
-            tx.put_link(Link(item.connector, appt.id, result.external_id, etag, desired, appt.version, gone=result.gone), applied_at=now)
-            tx.outbox_done(item.connector, appt.id, appt.version)
-            tx.audit.add(now, "applied", item.connector, appt.id, {"version": appt.version, "status": appt.fields["status"], "disclosed": list(result.disclosed)}
-                | ({"steps": list(result.steps)} if result.steps else {}))
-        if result.reported:
-            # what the system decided while applying (say, a claim that already went out) flows back
-            # through the merge; without an etag it is never mistaken for an echo of our write
-            obs = Observation(external_id=result.external_id or "", etag=result.etag, canonical_id=appt.id, fields=desired | result.reported)
-            self.engine.observe(item.connector, PullResult([obs], cursor=None), advance=False)
-        report.applied += 1
-        self._tell(item.connector, "applied", time.time() - item.due_at if item.attempts == 0 else None)
-        log.info("applied", connector=item.connector, appointment=appt.id, version=appt.version)
+        else:  # cancelled or interrupted mid-write: the item stays due for the next drain
+            raise err
 
     def _tell(self, connector: str, outcome: str, seconds: float | None = None) -> None:
         for listener in self.listeners:

@@ -314,6 +314,7 @@ class Daemon:
         notify(stopping=1, status="finishing in-flight writes")
         log.info("stopping")
         self.scheduler.shutdown(wait=False)
+        self.outbox.halt.set()
         self.poke.set()
         await worker  # the current drain finishes its in-flight writes
         for task in helpers:

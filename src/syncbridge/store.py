@@ -205,13 +205,18 @@ class Store:
         keys = ("cursor", "updated_at", "last_good_pull", "last_full_sweep", "healthy", "note")
         return dict(zip(keys, r, strict=True)) if r else dict.fromkeys(keys) | {"healthy": 1}
 
-    def outbox_due(self, now: float, limit: int) -> list[OutboxItem]:
+    def outbox_due(self, now: float, limit: int, connector: str | None = None) -> list[OutboxItem]:
+        where, args = ("AND connector = ? ", (connector,)) if connector is not None else ("", ())
         rows = self.conn.execute(
             "SELECT connector, appointment_id, target_version, due_at, attempts, last_error, dead FROM outbox "
-            "WHERE dead = 0 AND due_at <= ? ORDER BY due_at LIMIT ?",
-            (now, limit),
+            f"WHERE dead = 0 AND due_at <= ? {where}ORDER BY due_at LIMIT ?",
+            (now, *args, limit),
         ).fetchall()
         return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
+
+    def outbox_due_connectors(self, now: float) -> list[str]:
+        """Connectors with at least one write due now."""
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT connector FROM outbox WHERE dead = 0 AND due_at <= ?", (now,))]
 
     def outbox_next_due(self) -> float | None:
         r = self.conn.execute("SELECT MIN(due_at) FROM outbox WHERE dead = 0").fetchone()

@@ -296,8 +296,8 @@ def _chaos(
             raise AssertionError(f"daemon exited:\n{daemon.log.read_text()[-3000:]}")
         time.sleep(2)
         found = problems()
-    assert not found, "\n".join(found[:20])
-    assert watch.dead_letters() == []
+    assert watch.dead_letters() == [], watch.dead_letters()
+    assert not found, "\n".join(found[:20]) + _history(watch, found)
     assert daemon.stop() == 0
     watch.close()
     verify = subprocess.run(
@@ -320,3 +320,15 @@ def _wait(daemon: DaemonProcess, what: str, predicate: Callable[[], bool], timeo
             return
         time.sleep(0.5)
     raise AssertionError(f"{what}: not within {timeout}s\n{daemon.log.read_text()[-3000:]}")
+
+
+def _history(store: Store, found: list[str]) -> str:
+    """What the store recorded of the first appointments named in a failure, to tell why."""
+    out = []
+    for appt in dict.fromkeys(w for line in found for w in line.split() if w.startswith("sb-")):
+        out.append(f"\n--- {appt}: outbox {store.conn.execute('SELECT * FROM outbox WHERE appointment_id = ?', (appt,)).fetchall()}")
+        out.append(f"links {[(lk.connector, lk.etag, lk.applied_version, lk.gone) for lk, _ in store.links_for(appt)]}")
+        out.extend(f"{e['seq']} {e['kind']} {e['connector']} {str(e.get('detail'))[:200]}" for e in reversed(store.audit_entries(appointment_id=appt, limit=40)))
+        if len(out) > 120:
+            break
+    return "\n".join(out)

@@ -264,3 +264,36 @@ async def test_session_deleted_in_calendar_is_never_billed(fhir_server: Any, mon
         for c in connectors.values():
             await c.close()
         store.close()
+
+
+async def test_cancellation_with_billing_costs_two_requests(world: World, fhir_server: Any) -> None:  # noqa: F811
+    """Cancelling a session with an Encounter, a charge and a draft claim takes one read and one write request."""
+    appt_id, _, ids = await booked_with_billing(world)
+    fhir_server.injector.reset_counts()
+    world.cancel_here(appt_id)
+    await world.drain()
+    assert fhir_server.injector.requests == 2
+    assert emu(world).get("Claim", ids["claim"])["status"] == "cancelled"
+
+
+async def test_biller_edit_during_cancel_leaves_nothing_half_done(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A biller touching the claim between our read and our write: nothing is written, the retry finishes the job."""
+    appt_id, ext, ids = await booked_with_billing(world)
+    client = world.connector.client()
+    real = client.bundle
+    raced: list[str] = []
+
+    async def racing(kind: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if kind == "transaction" and not raced:
+            raced.append(kind)  # the biller saves the claim just before our write: it is refused whole
+            emu(world).put(emu(world).get("Claim", ids["claim"]) | {"priority": {"text": "normal"}})
+        return await real(kind, entries)
+
+    monkeypatch.setattr(client, "bundle", racing)
+    world.cancel_here(appt_id)
+    await world.drain()
+    e = emu(world)
+    assert raced and e.get("Claim", ids["claim"])["status"] == "cancelled"
+    assert e.get("Claim", ids["claim"])["priority"] == {"text": "normal"}  # the biller's edit survived
+    assert e.get("Encounter", ids["encounter"])["meta"]["versionId"] == "2"  # written once, by the retry
+    assert e.get("Appointment", ext)["status"] == "cancelled"

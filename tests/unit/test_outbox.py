@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import pytest
 import yaml
 
 from syncbridge.config import parse_config
-from syncbridge.connector import MIRROR_STATUS_MAP, ApplyResult, Capabilities, Connector, Link, Observation, PullResult
+from syncbridge.connector import MIRROR_STATUS_MAP, ApplyResult, Capabilities, Connector, Link, Observation, PullResult, Write
 from syncbridge.engine import Engine
 from syncbridge.errors import AuthError, PermanentError, RateLimited
 from syncbridge.model import Role, Snapshot, empty_snapshot, iso
@@ -178,3 +180,135 @@ def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
     assert retry_after_seconds("Mon, 23 Nov 2026 12:00:30 GMT", now) == 30.0
     assert retry_after_seconds("Mon, 23 Nov 2026 11:59:00 GMT", now) == 0.0  # already past: go now
     assert retry_after_seconds("soon", now) is None and retry_after_seconds(None, now) is None
+
+
+class Batched(Scripted):
+    """A connector whose vendor takes batch requests: records each call's size; one write throttled."""
+
+    write_batch = 5
+    sizes: list[int] = []
+    throttled: str | None = None
+
+    async def apply_many(self, writes: Sequence[Write]) -> list[ApplyResult | BaseException]:
+        Batched.sizes.append(len(writes))
+        return [RateLimited("429", retry_after=30) if w.appointment_id == Batched.throttled
+                else ApplyResult(f"ext-{w.appointment_id}", "etag-b") for w in writes]
+
+
+class Gated(Scripted):
+    """Holds the write of one appointment (or of every one) until the test opens the gate."""
+
+    gate: asyncio.Event
+    held: str | None = None
+    started: list[str] = []
+
+    async def apply(self, appointment_id: str, desired: Snapshot, link: Link | None) -> ApplyResult:
+        Gated.started.append(appointment_id)
+        if Gated.held in (None, appointment_id):
+            await Gated.gate.wait()
+        return ApplyResult(f"ext-{appointment_id}", "etag-g")
+
+
+def _world_with(tmp_path: Path, kind: str, **outbox: Any) -> tuple[Engine, Outbox]:
+    cfg = parse_config(yaml.safe_dump({
+        "store": {"path": str(tmp_path / "s.db")},
+        "clinicians": {"dr_a": {"accounts": {"cal": {}}}},
+        "connectors": {"cal": {"type": f"tests.unit.test_outbox:{kind}"}},
+        "outbox": {"backoff_base": 1.0, "backoff_max": 60.0, "max_attempts": 3} | outbox,
+    }))
+    from syncbridge.registry import build_connectors
+    from syncbridge.store import Store
+
+    engine = Engine(Store(cfg.store.path), build_connectors(cfg), cfg)
+    return engine, Outbox(engine)
+
+
+def _book_many(engine: Engine, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        start = datetime(2027, 1, 5, 8, tzinfo=UTC) + timedelta(days=i)
+        ids.append(f"sb-{i:03d}")
+        engine.change(ids[-1], empty_snapshot() | {"clinician": "dr_a", "start": iso(start), "end": iso(start + timedelta(minutes=50)),
+                                                   "timezone": "America/New_York"}, via="test")
+    return ids
+
+
+async def _until(check: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_slow_write_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    """One write that hangs (a slow server answer) must not stop the rest of the queue from landing."""
+    engine, outbox = _world_with(tmp_path, "Gated", batch=4, concurrency=2)
+    Gated.gate, Gated.started = asyncio.Event(), []
+    ids = _book_many(engine, 12)
+    Gated.held = ids[0]
+    drain = asyncio.create_task(outbox.drain())
+    linked = lambda: sum(engine.store.link("cal", i) is not None for i in ids)  # noqa: E731
+    await _until(lambda: linked() == 11)
+    assert engine.store.link("cal", ids[0]) is None and not drain.done()
+    Gated.gate.set()
+    report = await drain
+    assert report.applied == 12 and linked() == 12
+
+
+async def test_batching_connector_gets_chunks_and_each_write_its_own_outcome(tmp_path: Path) -> None:
+    """Writes go out in the connector's batch size; a throttled write in a batch waits alone."""
+    engine, outbox = _world_with(tmp_path, "Batched", concurrency=2)
+    Batched.sizes = []
+    ids = _book_many(engine, 12)
+    Batched.throttled = ids[3]
+    before = time.time()
+    report = await outbox.drain()
+    assert sorted(Batched.sizes) == [2, 5, 5]
+    assert report.applied == 11 and report.retried == 1
+    assert all(engine.store.link("cal", i) is not None for i in ids if i != ids[3])
+    assert engine.store.link("cal", ids[3]) is None
+    (item,) = engine.store.outbox_due(float("inf"), 20)
+    assert item.appointment_id == ids[3] and item.due_at >= before + 30 and item.attempts == 1
+
+
+async def test_stopping_finishes_sent_writes_and_sends_no_more(tmp_path: Path) -> None:
+    """On SIGTERM the daemon halts the outbox: writes already sent are recorded, the rest stay queued."""
+    engine, outbox = _world_with(tmp_path, "Gated", concurrency=2)
+    Gated.gate, Gated.started, Gated.held = asyncio.Event(), [], None
+    ids = _book_many(engine, 10)
+    drain = asyncio.create_task(outbox.drain())
+    await _until(lambda: len(Gated.started) == 2)
+    outbox.halt.set()
+    Gated.gate.set()
+    report = await drain
+    assert report.applied == 2 and len(Gated.started) == 2
+    assert {i for i in ids if engine.store.link("cal", i) is not None} == set(Gated.started)
+    assert len(engine.store.outbox_due(float("inf"), 20)) == 8
+
+
+async def test_an_edit_merged_while_writing_reaches_the_copy_even_if_it_matched_the_old_copy(world: tuple[Engine, Outbox]) -> None:
+    """The record moves 10:00 -> 11:00 and, while that write travels, back to 10:00: the fan-out of
+    the second edit sees the copy still at 10:00 and enqueues nothing. Once the 11:00 write lands,
+    the copy must still be brought back to 10:00."""
+    engine, outbox = world
+    appt = book(engine, hour=10)
+    await outbox.drain()
+    record = engine.store.appointment(appt)
+    assert record is not None
+    at_ten = dict(record.fields)
+    engine.change(appt, at_ten | {"start": iso(datetime(2027, 1, 5, 11, tzinfo=UTC)), "end": iso(datetime(2027, 1, 5, 11, 50, tzinfo=UTC))}, via="ehr")
+
+    original = Scripted.apply
+
+    async def apply_while_moved_back(self: Scripted, appointment_id: str, desired: Snapshot, link: Link | None) -> ApplyResult:
+        if desired["start"].startswith("2027-01-05T11"):
+            engine.change(appt, at_ten, via="ehr")
+        return await original(self, appointment_id, desired, link)
+
+    Scripted.apply = apply_while_moved_back  # type: ignore[method-assign]
+    try:
+        await outbox.drain()
+    finally:
+        Scripted.apply = original  # type: ignore[method-assign]
+    assert Scripted.calls[-1]["start"] == at_ten["start"], "the copy was left at 11:00 while the record says 10:00"
+    assert engine.store.outbox_due(float("inf"), 10) == []
