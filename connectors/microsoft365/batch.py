@@ -1,13 +1,14 @@
 """Many writes in Graph JSON batches (learn.microsoft.com/graph/json-batching).
 
 An initial sync writes thousands of events: one HTTPS request per event spends the time on round
-trips. A ``$batch`` carries up to 20 requests to one mailbox (a delegated token is one
-clinician's), answered one by one in any order and matched by id, so each write keeps the
+trips. A ``$batch`` carries up to 20 requests (with app-only auth to any of the tenant's
+mailboxes; with delegated sign-in to one clinician's, whose token it carries), answered one by
+one in any order and matched by id, so each write keeps the
 semantics of :meth:`Microsoft365Connector.apply`: a create carries its ``transactionId`` (a
 retry returns the first event), updates and deletes carry ``If-Match``, and each write gets its
 own outcome (a 412 or a 429 with its ``Retry-After`` fails that write alone). Graph runs up to
-four requests of a batch at once, so a batch holds that much of the mailbox's concurrency bound
-(learn.microsoft.com/graph/throttling-limits#outlook-service-limits). Writes that need a read
+four requests of a batch at once, so a batch holds up to four slots of each mailbox's
+concurrency bound (learn.microsoft.com/graph/throttling-limits#outlook-service-limits). Writes that need a read
 first (a session moved to another clinician, a cancelled one never linked, an event not seen
 since its last write) take the single-write path beside the batches.
 """
@@ -26,7 +27,7 @@ from syncbridge.connector import ApplyResult, Observation, Write
 from syncbridge.errors import ConflictError
 from syncbridge.policy.privacy import event_text
 
-from .client import BatchItem, _body, raise_for_status
+from .client import MAX_BATCH, BatchItem, _body, raise_for_status
 from .mapping import as_written, render, transaction_id_for, with_properties
 
 if TYPE_CHECKING:
@@ -63,16 +64,16 @@ def _plan(connector: Microsoft365Connector, write: Write) -> _Planned | None:
             return None
         match = {"If-Match": link.etag} if link.etag else {}
         if not cancelled:
-            item = BatchItem("PATCH", client.events_url(mailbox, event_id), "PATCH event", body, _UTC | match)
+            item = BatchItem("PATCH", mailbox, client.events_url(mailbox, event_id), "PATCH event", body, _UTC | match)
             return _Planned(item, clinician, event_id, body, text.disclosed)
         seen = connector._seen.get(link.external_id)
         if seen is None or seen.etag != link.etag or seen.has_attendees:
             return None  # a meeting is cancelled (attendees are told), and that needs a read first
-        return _Planned(BatchItem("DELETE", client.events_url(mailbox, event_id), "DELETE event", None, match), clinician, event_id, body, ())
+        return _Planned(BatchItem("DELETE", mailbox, client.events_url(mailbox, event_id), "DELETE event", None, match), clinician, event_id, body, ())
     if cancelled:
         return None
     create = body | {"transactionId": transaction_id_for(write.appointment_id)}
-    return _Planned(BatchItem("POST", client.events_url(mailbox), "POST events", create, dict(_UTC)), clinician, None, body, text.disclosed)
+    return _Planned(BatchItem("POST", mailbox, client.events_url(mailbox), "POST events", create, dict(_UTC)), clinician, None, body, text.disclosed)
 
 
 async def _finish(connector: Microsoft365Connector, plan: _Planned, answer: httpx.Response | Exception, asked: datetime) -> ApplyResult:
@@ -99,20 +100,21 @@ async def _finish(connector: Microsoft365Connector, plan: _Planned, answer: http
 
 
 async def apply_batched(connector: Microsoft365Connector, writes: Sequence[Write]) -> list[ApplyResult | BaseException]:
-    """Each write's result or error, in order: batches per mailbox, side by side under its bound."""
+    """Each write's result or error, in order; batches run side by side under the mailboxes' bounds."""
     plans = [_plan(connector, w) for w in writes]
-    by_clinician: dict[str, list[int]] = {}
+    delegated = connector.options.auth == "delegated"
+    groups: dict[str | None, list[int]] = {}
     for i, p in enumerate(plans):
         if p is not None:
-            by_clinician.setdefault(p.clinician, []).append(i)
-    size = max(1, min(connector.write_batch, 20))
-    chunks = [(c, idx[k : k + size]) for c, idx in by_clinician.items() for k in range(0, len(idx), size)]
+            groups.setdefault(p.clinician if delegated else None, []).append(i)
+    size = max(1, min(connector.write_batch, MAX_BATCH))
+    chunks = [(c, idx[k : k + size]) for c, idx in groups.items() for k in range(0, len(idx), size)]
     results: list[ApplyResult | BaseException | None] = [None] * len(writes)
 
-    async def chunk(clinician: str, indices: list[int]) -> None:
+    async def chunk(clinician: str | None, indices: list[int]) -> None:
         asked = datetime.now(UTC)
         parts = [p for i in indices if (p := plans[i]) is not None]
-        answers = await connector.client.batch(clinician, connector.mailboxes[clinician], [p.item for p in parts])
+        answers = await connector.client.batch(clinician, [p.item for p in parts])
         done = await asyncio.gather(*(_finish(connector, p, a, asked) for p, a in zip(parts, answers, strict=True)), return_exceptions=True)
         for i, r in zip(indices, done, strict=True):
             results[i] = r

@@ -77,6 +77,7 @@ class BatchItem:
     """One request inside a ``$batch``: ``url`` relative to the Graph root, as the single call's."""
 
     method: str
+    mailbox: str
     url: str
     what: str
     body: dict[str, Any] | None = None
@@ -103,9 +104,7 @@ class GraphClient:
         return self._sems.setdefault(mailbox.lower(), asyncio.Semaphore(MAILBOX_CONCURRENCY))
 
     @contextlib.asynccontextmanager
-    async def _hold(self, mailbox: str, slots: int) -> AsyncIterator[None]:
-        """``slots`` of the mailbox's concurrency (a batch runs up to four of its requests at once).
-        Holders of several slots gather them one holder at a time, so two never deadlock."""
+    async def _hold_one(self, mailbox: str, slots: int) -> AsyncIterator[None]:
         sem = self._sem(mailbox)
         if slots <= 1:
             async with sem:
@@ -122,15 +121,26 @@ class GraphClient:
             for _ in range(held):
                 sem.release()
 
+    @contextlib.asynccontextmanager
+    async def _hold(self, slots: dict[str, int]) -> AsyncIterator[None]:
+        """Slots of each mailbox's concurrency (a batch runs up to four of its requests at once).
+        Mailboxes are taken in one order, and several slots of one are gathered one holder at a
+        time, so two holders never deadlock."""
+        async with contextlib.AsyncExitStack() as stack:
+            for mailbox in sorted(slots):
+                await stack.enter_async_context(self._hold_one(mailbox, slots[mailbox]))
+            yield
+
     async def request(
         self, method: str, url: str, what: str, *, clinician: str | None, mailbox: str = "", json: Any = None,
-        headers: dict[str, str] | None = None, params: dict[str, str] | None = None, slots: int = 1,
+        headers: dict[str, str] | None = None, params: dict[str, str] | None = None, slots: dict[str, int] | None = None,
     ) -> httpx.Response:
-        """One call under the mailbox's concurrency bound (``slots`` of it); a refused token is renewed once."""
+        """One call under the mailbox's concurrency bound (a batch: ``slots`` of each mailbox's);
+        a refused token is renewed once."""
         full = url if url.startswith("https://") or url.startswith("http://") else f"{self.graph_url}/{url.lstrip('/')}"
         for attempt in range(2):
             hdrs = {"Authorization": f"Bearer {await self.tokens.token(clinician)}", "Accept": "application/json", **(headers or {})}
-            async with self._hold(mailbox, slots):
+            async with self._hold(slots if slots is not None else {mailbox.lower(): 1}):
                 self.requests += 1
                 try:
                     r = await self._http.request(method, full, json=json, headers=hdrs, params=params)
@@ -148,12 +158,16 @@ class GraphClient:
     def events_url(self, mailbox: str, event_id: str | None = None) -> str:
         return f"{self._user(mailbox)}/events" + (f"/{quote(event_id, safe='')}" if event_id else "")
 
-    async def batch(self, clinician: str, mailbox: str, items: Sequence[BatchItem]) -> list[httpx.Response | Exception]:
-        """Up to :data:`MAX_BATCH` requests to one mailbox in one ``POST /$batch``; each answer, in order,
-        as the response its single call would have had (or the translated error of the batch itself).
-        Graph runs up to four of them at once, so the batch holds that much of the mailbox's bound."""
+    async def batch(self, clinician: str | None, items: Sequence[BatchItem]) -> list[httpx.Response | Exception]:
+        """Up to :data:`MAX_BATCH` requests in one ``POST /$batch`` with ``clinician``'s token (None:
+        the app's); each answer, in order, as the response its single call would have had (or the
+        translated error of the batch itself). Graph runs up to four of them at once, whatever their
+        mailboxes, so the batch holds up to four slots of each mailbox it writes to."""
         if not 0 < len(items) <= MAX_BATCH:
             raise ValueError(f"a JSON batch holds 1 to {MAX_BATCH} requests")
+        per_mailbox: dict[str, int] = {}
+        for it in items:
+            per_mailbox[it.mailbox.lower()] = min(MAILBOX_CONCURRENCY, per_mailbox.get(it.mailbox.lower(), 0) + 1)
         payload = {"requests": [
             {"id": str(i), "method": it.method, "url": "/" + it.url.lstrip("/"),
              "headers": ({"Content-Type": "application/json"} if it.body is not None else {}) | it.headers}
@@ -162,8 +176,7 @@ class GraphClient:
         ]}  # fmt: skip
         what = "POST $batch"
         try:
-            r = await self.request("POST", "$batch", what, clinician=clinician, mailbox=mailbox, json=payload,
-                                   slots=min(MAILBOX_CONCURRENCY, len(items)))
+            r = await self.request("POST", "$batch", what, clinician=clinician, json=payload, slots=per_mailbox)
             if r.status_code >= 300:
                 raise_for_status(r, what)
             answers = _body(r, what).get("responses")

@@ -564,7 +564,7 @@ async def test_one_failing_part_of_a_batch_fails_alone(google: Running, tmp_path
     try:
         made = await connector.apply_many([Write(a, desired[a], None) for a in appts[:4]])
         assert all(isinstance(r, ApplyResult) for r in made), made
-        links = {a: Link(connector.name, a, r.external_id, r.etag, desired[a]) for a, r in zip(appts, made) if isinstance(r, ApplyResult)}
+        links = {a: Link(connector.name, a, r.external_id, r.etag, desired[a]) for a, r in zip(appts, made, strict=False) if isinstance(r, ApplyResult)}
         stale = appts[0]
         google.emulator.user_patch(EMAIL, event_id_for(stale), {"summary": "Client session #late"})
         moved = {a: desired[a] | {"location": "Room 7"} for a in appts[:4]}
@@ -587,12 +587,35 @@ async def test_one_failing_part_of_a_batch_fails_alone(google: Running, tmp_path
     assert isinstance(results[0], ConflictError), results
     assert all(isinstance(r, ApplyResult) for r in results[1:]), results
     live = {e["id"]: e for e in google.emulator.live_events(EMAIL)}
-    for a, r in zip(writes, results):
+    for a, r in zip(writes, results, strict=True):
         event = live.get(event_id_for(a.appointment_id))
         if isinstance(r, ApplyResult):
             assert event is not None and event["etag"] == r.etag and event.get("location") == a.desired["location"]
     assert live[event_id_for(stale)]["location"] == "Room 2", "the stale write overwrote the clinician's edit"
     assert len(live) == 6, "a create landed twice, or not at all"
+
+
+async def test_a_failed_batch_request_is_retried_without_duplicates(google: Running, tmp_path: Path) -> None:
+    """A batch request that fails as a whole (throttled, unavailable, or answered after it took effect) fails each write; the retry converges with no duplicate."""
+    connector = connector_for(google_harness(google, tmp_path), tmp_path)
+    assert google.injector is not None
+    try:
+        await connector.apply(new_canonical_id(), connector.capabilities.project(session(8)), None)  # signed in before the faults start
+        for round_ in range(6):
+            starts = [next_weekday_at(9 + i, days_ahead=7 * round_ + 7) for i in range(3)]
+            writes = [Write(new_canonical_id(), connector.capabilities.project(session(start=iso(t), end=iso(t + timedelta(minutes=50)))), None)
+                      for t in starts]  # fmt: skip
+            google.injector.configure(error_rate=1.0)
+            try:
+                failed = await connector.apply_many(writes)
+            finally:
+                google.injector.configure()
+            assert all(isinstance(r, TransientError) for r in failed), failed
+            again = await connector.apply_many(writes)
+            assert all(isinstance(r, ApplyResult) for r in again), again
+    finally:
+        await connector.close()
+    assert len(await CalendarUser(google.emulator).live()) == 1 + 6 * 3
 
 
 async def test_check_reads_one_event_without_writing(google: Running, tmp_path: Path) -> None:

@@ -456,13 +456,29 @@ async def test_one_failing_request_of_a_batch_fails_alone(graph: RunningGraph, m
         assert len(throttled) == 1 and results[throttled[0]].retry_after == 7, results
         results[throttled[0]] = (await world.connector.apply_many([writes[throttled[0]]]))[0]  # retried alone later, as the outbox does
         assert isinstance(results[0], ConflictError), results
-        landed = [(w, r) for w, r in zip(writes, results) if isinstance(r, ApplyResult)]
+        landed = [(w, r) for w, r in zip(writes, results, strict=True) if isinstance(r, ApplyResult)]
         assert len(landed) == 5
         live = {e["external_id"]: e["start"] for e in await world.vendor.live()}
         assert live[world.external_id(stale)] == user_start, "the stale write overwrote the clinician's move"
         for w, r in landed:
             assert live[r.external_id] == datetime.fromisoformat(w.desired["start"])
         assert len(live) == 6, "a create landed twice, or not at all"
+
+
+async def test_batches_beside_single_calls_stay_within_the_mailbox_limit(graph: RunningGraph, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Batched writes running beside single reads of the same mailbox are never refused for concurrency, and land once each."""
+    async with world_for(m365_harness(graph, monkeypatch), tmp_path) as world:
+        appt_id = world.book_here(next_weekday_at(8))
+        await world.drain()
+        ext = world.external_id(appt_id)
+        fresh = [world.book_here(next_weekday_at(9 + i % 8, days_ahead=8 + i // 8)) for i in range(40)]
+        writes = [Write(a, world.connector.capabilities.project(world.store.appointment(a).fields), None) for a in fresh]
+        graph.emulator.latency = 0.05
+        results, reads = await asyncio.gather(world.connector.apply_many(writes), asyncio.gather(*(world.connector.read(ext) for _ in range(8))))
+        refused = [r for r in results if not isinstance(r, ApplyResult)]
+        assert not refused, refused[:3]
+        assert all(not r.deleted for r in reads)
+        assert len(await world.vendor.live()) == 41
 
 
 async def test_emulator_refuses_a_batch_over_twenty(graph: RunningGraph, tmp_path: Path) -> None:
