@@ -22,7 +22,7 @@ initial copy of ``--sessions`` sessions spread over ``--clinicians`` mailboxes, 
 ``apply_many`` the way a batching outbox would (8 calls in flight, as ``outbox.concurrency``):
 one write per call (``write_batch: 1``, what the outbox does today), then JSON batches of
 ``write_batch``. ``--latency`` adds that many seconds to every HTTP request (the emulator's
-Injector; a batch is one request). ``--copy-only`` runs the batched copy alone.
+Injector; a batch is one request). ``--copy-only`` runs the initial copy alone.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ async def main(sessions: int, latency: float = 0.0, clinicians: int = 10, copy_o
     results: dict[str, Any] = {"sessions": sessions, "latency_ms": round(latency * 1000)}
     if copy_only:
         try:
-            results["initial_copy"] = await initial_copy(graph, tmp, clinicians, sessions, (20,))
+            results["initial_copy"] = await initial_copy(graph, tmp, clinicians, sessions, (1, 20))
             return results
         finally:
             await connector.close()
@@ -287,7 +287,7 @@ if __name__ == "__main__":
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every HTTP request")
     parser.add_argument("--clinicians", type=int, default=10, help="mailboxes for the initial copy")
-    parser.add_argument("--copy-only", action="store_true", help="only the batched initial copy")
+    parser.add_argument("--copy-only", action="store_true", help="only the initial copy through apply_many")
     args = parser.parse_args()
     from syncbridge.logging import configure
 

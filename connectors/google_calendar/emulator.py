@@ -178,7 +178,7 @@ class GoogleCalendarEmulator:
                 status, target = self.auth.authorize({k: v[0] for k, v in q.items()})
                 return Answer(status, target)
             if path == "/batch/calendar/v3" and method == "POST":
-                return run_batch(self.handle, headers, body, injector=self.injector, rng=self._rng)
+                return run_batch(self.handle, headers, body, injector=self.injector, rng=self._rng, log=self.log)
             if segments[:2] != ["calendar", "v3"]:
                 raise ApiError(404, "notFound", "Not Found")
             grant = self._gate(headers)

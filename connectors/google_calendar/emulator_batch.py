@@ -17,7 +17,7 @@ import json
 import random
 import secrets
 from collections.abc import Callable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from syncbridge.emulation import Injector
 
@@ -57,7 +57,7 @@ def _faulted(kind: str, run: Callable[[], Answer]) -> Answer:
 
 
 def run_batch(handle: Handler, headers: dict[str, str], body: bytes, *, injector: Injector | None = None,
-              rng: random.Random | None = None) -> Answer:
+              rng: random.Random | None = None, log: list[tuple[str, str]] | None = None) -> Answer:
     ctype = headers.get("content-type", "")
     if not ctype.startswith("multipart/mixed"):
         raise ApiError(400, "badContent", "Batch requests must be multipart/mixed")
@@ -68,7 +68,7 @@ def run_batch(handle: Handler, headers: dict[str, str], body: bytes, *, injector
     rng = rng or random.Random()
     order = list(range(len(parts)))
     rng.shuffle(order)
-    answers = {i: _answer(handle, headers, parts[i], part_fault(injector, rng)) for i in order}
+    answers = {i: _answer(handle, headers, parts[i], part_fault(injector, rng), log) for i in order}
     boundary = "batch_" + secrets.token_hex(12)
     out: list[bytes] = []
     for i, part in enumerate(parts):
@@ -85,7 +85,8 @@ def run_batch(handle: Handler, headers: dict[str, str], body: bytes, *, injector
     return Answer(200, b"".join(out) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/mixed; boundary={boundary}"})
 
 
-def _answer(handle: Handler, headers: dict[str, str], part: email.message.EmailMessage, fault: str | None) -> Answer:
+def _answer(handle: Handler, headers: dict[str, str], part: email.message.EmailMessage, fault: str | None,
+            log: list[tuple[str, str]] | None) -> Answer:
     raw = part.get_payload(decode=True)
     if not isinstance(raw, bytes):
         raise ApiError(400, "badContent", "Each batch part must be an application/http request")
@@ -99,4 +100,6 @@ def _answer(handle: Handler, headers: dict[str, str], part: email.message.EmailM
     def run() -> Answer:
         return handle(method, split.path, split.query, inner_headers, inner_body.strip())
 
+    if fault is not None and fault != "lost" and log is not None:  # refused before it ran, but a call all the same
+        log.append((method, unquote(split.path)))
     return run() if fault is None else _faulted(fault, run)

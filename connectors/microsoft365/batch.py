@@ -101,12 +101,18 @@ async def _finish(connector: Microsoft365Connector, plan: _Planned, answer: http
 
 async def apply_batched(connector: Microsoft365Connector, writes: Sequence[Write]) -> list[ApplyResult | BaseException]:
     """Each write's result or error, in order; batches run side by side under the mailboxes' bounds."""
-    plans = [_plan(connector, w) for w in writes]
+    plans: list[_Planned | None] = []
+    for w in writes:
+        try:
+            plans.append(_plan(connector, w))
+        except Exception:  # noqa: BLE001 - apply() raises it again, for this write alone
+            plans.append(None)
     delegated = connector.options.auth == "delegated"
     groups: dict[str | None, list[int]] = {}
-    for i, p in enumerate(plans):
-        if p is not None:
-            groups.setdefault(p.clinician if delegated else None, []).append(i)
+    # a mailbox's writes side by side: a batch then holds few mailboxes' slots, and batches to
+    # different mailboxes run at once
+    for i, p in sorted(((i, p) for i, p in enumerate(plans) if p is not None), key=lambda ip: ip[1].clinician):
+        groups.setdefault(p.clinician if delegated else None, []).append(i)
     size = max(1, min(connector.write_batch, MAX_BATCH))
     chunks = [(c, idx[k : k + size]) for c, idx in groups.items() for k in range(0, len(idx), size)]
     results: list[ApplyResult | BaseException | None] = [None] * len(writes)

@@ -143,6 +143,8 @@ async def run_batch(emu: GraphEmulator, request: Request) -> Response:
                 return await _dispatch(app, item, authorization)
             if fault == "lost":  # it took effect; its answer did not make it into the batch
                 await _dispatch(app, item, authorization)
+            else:  # refused before it ran, but a call all the same
+                emu.log.append((str(item["method"]).upper(), "/v1.0/" + urlsplit(item["url"]).path.lstrip("/")))
             return _faulted(item, fault)
 
     order = list(items)
