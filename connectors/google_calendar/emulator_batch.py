@@ -85,7 +85,7 @@ def run_batch(handle: Handler, headers: dict[str, str], body: bytes, *, injector
     return Answer(200, b"".join(out) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/mixed; boundary={boundary}"})
 
 
-def _answer(handle: Handler, headers: dict[str, str], part: email.message.EmailMessage, fault: str | None,
+def _answer(handle: Handler, headers: dict[str, str], part: email.message.MIMEPart, fault: str | None,
             log: list[tuple[str, str]] | None) -> Answer:
     raw = part.get_payload(decode=True)
     if not isinstance(raw, bytes):

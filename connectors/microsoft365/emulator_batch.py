@@ -130,8 +130,8 @@ async def run_batch(emu: GraphEmulator, request: Request) -> Response:
         return payload
     items = payload.get("requests")
     problem = _problem(items)
-    if problem is not None:
-        return emu.error(400, "BadRequest", problem)
+    if problem is not None or not isinstance(items, list):
+        return emu.error(400, "BadRequest", problem or "Invalid batch payload format.")
     app = emu.router
     gate = asyncio.Semaphore(BATCH_PARALLEL)
     authorization = request.headers["authorization"]
