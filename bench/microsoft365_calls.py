@@ -139,7 +139,8 @@ async def initial_copy(graph: Any, tmp: Path, clinicians: int, sessions: int, si
     return rows
 
 
-async def main(sessions: int, latency: float = 0.0, clinicians: int = 10, copy_only: bool = False) -> dict[str, Any]:
+async def main(sessions: int, latency: float = 0.0, clinicians: int = 10, copy_only: bool = False,
+               sizes: tuple[int, ...] = (1, 20)) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="m365-bench-"))
     graph = running(tmp / "tls")
     graph.injector.configure(latency=latency)
@@ -171,7 +172,7 @@ async def main(sessions: int, latency: float = 0.0, clinicians: int = 10, copy_o
     results: dict[str, Any] = {"sessions": sessions, "latency_ms": round(latency * 1000)}
     if copy_only:
         try:
-            results["initial_copy"] = await initial_copy(graph, tmp, clinicians, sessions, (1, 20))
+            results["initial_copy"] = await initial_copy(graph, tmp, clinicians, sessions, sizes)
             return results
         finally:
             await connector.close()
@@ -273,7 +274,7 @@ async def main(sessions: int, latency: float = 0.0, clinicians: int = 10, copy_o
         phase("out_cancel", sessions)
         latencies = results.pop("_latencies")
         results["notification_latency_ms_median"] = round(1000 * statistics.median(latencies), 1)
-        results["initial_copy"] = await initial_copy(graph, tmp, clinicians, sessions, (1, 20))
+        results["initial_copy"] = await initial_copy(graph, tmp, clinicians, sessions, sizes)
         return results
     finally:
         await connector.close()
@@ -288,8 +289,9 @@ if __name__ == "__main__":
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every HTTP request")
     parser.add_argument("--clinicians", type=int, default=10, help="mailboxes for the initial copy")
     parser.add_argument("--copy-only", action="store_true", help="only the initial copy through apply_many")
+    parser.add_argument("--sizes", default="1,20", help="write_batch values for the initial copy, comma-separated")
     args = parser.parse_args()
     from syncbridge.logging import configure
 
     configure(level="error", json_logs=True)
-    print(json.dumps(asyncio.run(main(args.sessions, args.latency, args.clinicians, args.copy_only)), indent=2))
+    print(json.dumps(asyncio.run(main(args.sessions, args.latency, args.clinicians, args.copy_only, tuple(int(x) for x in args.sizes.split(",")))), indent=2))

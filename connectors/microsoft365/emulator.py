@@ -164,6 +164,8 @@ class GraphEmulator:
     def _create(self, box: Mailbox, body: dict[str, Any]) -> dict[str, Any]:
         event = new_event(box, body)
         box.events[event["id"]] = event
+        if event.get("transactionId"):
+            box.transactions[event["transactionId"]] = event["id"]
         self._touch(box, event, "created")
         return event
     def _update(self, box: Mailbox, event: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
@@ -298,7 +300,7 @@ class GraphEmulator:
             return body
         with self._lock:
             tid = body.get("transactionId")
-            existing = next((e for e in box.events.values() if tid and e.get("transactionId") == tid), None)
+            existing = box.events.get(box.transactions.get(tid, "")) if tid else None
             try:
                 event = existing or self._create(box, body)
             except ValueError as err:
