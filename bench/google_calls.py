@@ -2,9 +2,16 @@
 
 Runs the real connector (google-api-python-client, google-auth) against the emulator with the
 engine, store and outbox of syncbridge, and a loopback receiver for push notifications mounted as
-the daemon mounts it. Prints a Markdown table; nothing is asserted.
+the daemon mounts it. Prints a Markdown table; nothing is asserted. ``--latency`` adds that many
+seconds to every HTTP request (the emulator's Injector; a batch is one request).
 
-    .venv/bin/python bench/google_calls.py [--clinicians 10] [--sessions 50]
+The last two rows copy ``--sessions`` more sessions by handing writes to ``apply_many`` the way a
+batching outbox would (8 calls in flight, as ``outbox.concurrency``): one write per call
+(``write_batch: 1``, what the outbox does today), then batch requests of ``write_batch`` parts.
+
+    .venv/bin/python bench/google_calls.py [--clinicians 10] [--sessions 50] [--latency 0.05] [--copy-only]
+
+``--copy-only`` runs the two apply_many rows alone (a practice-sized run without the other rows).
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
 from syncbridge.config import parse_config
-from syncbridge.connector import Host
+from syncbridge.connector import ApplyResult, Connector, Host, Write
+from syncbridge.emulation import Injector
 from syncbridge.emulation import serve_in_thread
 from syncbridge.engine import Engine
 from syncbridge.logging import configure
@@ -60,25 +68,40 @@ def call_name(method: str, path: str) -> str:
     return {"GET": "events.get", "PUT": "events.update", "PATCH": "events.patch", "DELETE": "events.delete"}[method]
 
 
-def api_calls(log: list[tuple[str, str]], since: int) -> tuple[int, int, list[str]]:
-    """(API calls, HTTP requests, call names) after ``since``. A batch is one HTTP request whose
-    parts are logged after it and count as calls (as Google's quota counts them); token requests
-    are left out (one per clinician per hour)."""
-    calls: list[str] = []
-    http = 0
-    in_batch = False
-    for method, path in log[since:]:
-        if path == "/token":
-            continue
-        if path == "/batch/calendar/v3":
-            http += 1
-            in_batch = True
-            continue
-        calls.append(call_name(method, path))
-        if not (in_batch and method == "GET" and path.endswith("/events")):
-            http += 1
-            in_batch = False
-    return len(calls), http, calls
+class Mark:
+    """Where the emulator's request log and its Injector's request count stood."""
+
+    def __init__(self, log: list[tuple[str, str]], injector: Injector) -> None:
+        self.log, self.injector = log, injector
+        self.entries, self.http = len(log), injector.requests
+
+
+def api_calls(mark: Mark) -> tuple[int, int, list[str]]:
+    """(API calls, HTTP requests, call names) since ``mark``. A batch is one HTTP request whose
+    parts each count as a call (as Google's quota counts them); token requests are left out (one
+    per clinician per hour)."""
+    new = mark.log[mark.entries :]
+    calls = [call_name(m, p) for m, p in new if p not in ("/token", "/batch/calendar/v3")]
+    tokens = sum(1 for _, p in new if p == "/token")
+    return len(calls), mark.injector.requests - mark.http - tokens, calls
+
+
+async def copy_by_apply_many(connector: Connector, writes: list[Write], in_flight: int = 8) -> float:
+    """Seconds to apply ``writes`` in ``apply_many`` calls of ``write_batch``, ``in_flight`` at once."""
+    size = connector.write_batch
+    gate = asyncio.Semaphore(in_flight)
+
+    async def run(chunk: list[Write]) -> list[ApplyResult | BaseException]:
+        async with gate:
+            return await connector.apply_many(chunk)
+
+    t0 = time.perf_counter()
+    done = await asyncio.gather(*(run(writes[i : i + size]) for i in range(0, len(writes), size)))
+    took = time.perf_counter() - t0
+    failed = [r for rs in done for r in rs if not isinstance(r, ApplyResult)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} writes failed, first: {failed[0]!r}")
+    return took
 
 
 def summary(names: list[str]) -> str:
@@ -95,10 +118,13 @@ def session_at(clinician: str, start: datetime) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def main(clinicians: int, sessions: int) -> None:
+async def main(clinicians: int, sessions: int, latency: float, copy_only: bool = False) -> None:
     configure(level="warning", json_logs=True)
     server = running(GoogleCalendarEmulator())
     emu = server.emulator
+    assert server.injector is not None
+    injector = server.injector
+    injector.configure(latency=latency)
     work = Path(tempfile.mkdtemp(prefix="gcal-bench-"))
     keys = {f"dr_{i:02d}": f"dr{i:02d}@practice.example" for i in range(clinicians)}
     for email in keys.values():
@@ -122,27 +148,31 @@ async def main(clinicians: int, sessions: int) -> None:
     rows: list[tuple[str, int, int, str]] = []
     day = datetime.now(ZoneInfo(ZONE)).replace(hour=8, minute=0, second=0, microsecond=0) + timedelta(days=7)
     try:
+        if copy_only:
+            await copy_rows(connector, emu.log, injector, keys, sessions, day, rows, sizes=(1, connector.write_batch))
+            return
         # initial copy: sessions spread over the clinicians
-        mark = len(emu.log)
+        mark = Mark(emu.log, injector)
         ids = []
         for n in range(sessions):
             appt = new_canonical_id()
             engine.change(appt, session_at(list(keys)[n % clinicians], day + timedelta(days=n // clinicians, hours=n % 8)), via="bench-record")
             ids.append(appt)
         t0 = time.perf_counter()
-        await outbox.drain()
+        while store.outbox_due(time.time(), 1):  # one drain() stops after 20 rounds of outbox.batch
+            await outbox.drain()
         copy_s = time.perf_counter() - t0
-        calls, http, _ = api_calls(emu.log, mark)
+        calls, http, _ = api_calls(mark)
         rows.append((f"initial copy of {sessions} sessions to Google", calls, http, f"{copy_s:.2f} s, {sessions / copy_s:.0f} events/s"))
 
-        mark = len(emu.log)
+        mark = Mark(emu.log, injector)
         await engine.sync(NAME, full=True)
-        calls, http, _ = api_calls(emu.log, mark)
+        calls, http, _ = api_calls(mark)
         rows.append((f"full sync of {clinicians} calendars (our own {sessions} events come back as echoes)", calls, http, ""))
 
-        mark = len(emu.log)
+        mark = Mark(emu.log, injector)
         await engine.sync(NAME)
-        calls, http, _ = api_calls(emu.log, mark)
+        calls, http, _ = api_calls(mark)
         rows.append((f"quiet incremental poll, {clinicians} calendars", calls, http, "batched first pages" if clinicians > 1 else ""))
 
         await connector.maintain()
@@ -155,27 +185,27 @@ async def main(clinicians: int, sessions: int) -> None:
         assert record is not None
         cancelled = dict(record.fields) | {"status": "cancelled", "cancellation": {
             "by": "client", "kind": "cancel", "fee": "none", "clinical": False, "reason": None, "at": iso(datetime.now(UTC)), "via": "bench-record"}}
-        mark = len(emu.log)
+        mark = Mark(emu.log, injector)
         engine.change(appt, cancelled, via="bench-record")
         await outbox.drain()
-        calls, http, names = api_calls(emu.log, mark)
+        calls, http, names = api_calls(mark)
         rows.append(("one cancellation in the record -> Google", calls, http, summary(names)))
         emu.settle()
         await asyncio.sleep(0.2)
         host.woken.clear()
-        mark = len(emu.log)
+        mark = Mark(emu.log, injector)
         await engine.sync(NAME)
-        calls, http, _ = api_calls(emu.log, mark)
+        calls, http, _ = api_calls(mark)
         rows.append(("the pull after it (our own delete comes back, dropped as an echo)", calls, http, ""))
 
         # one move in the record -> Google
         appt = ids[1]
         record = store.appointment(appt)
         assert record is not None
-        mark = len(emu.log)
+        mark = Mark(emu.log, injector)
         engine.change(appt, dict(record.fields) | {"start": iso(record.start + timedelta(hours=1)), "end": iso(record.end + timedelta(hours=1))}, via="bench-record")
         await outbox.drain()
-        calls, http, names = api_calls(emu.log, mark)
+        calls, http, names = api_calls(mark)
         rows.append(("one move in the record -> Google", calls, http, summary(names)))
         emu.settle()
         await asyncio.sleep(0.2)
@@ -187,23 +217,48 @@ async def main(clinicians: int, sessions: int) -> None:
         assert link is not None and link.external_id
         calendar, _, event_id = link.external_id.rpartition("/")
         host.woken.clear()
-        mark = len(emu.log)
+        mark = Mark(emu.log, injector)
         t0 = time.perf_counter()
         emu.user_delete(calendar, event_id)
         await asyncio.wait_for(host.woken.wait(), timeout=10)
         await engine.sync(NAME)
-        latency = time.perf_counter() - t0
+        took = time.perf_counter() - t0
         cancelled_now = store.appointment(appt)
         assert cancelled_now is not None and cancelled_now.cancelled
-        calls, http, names = api_calls(emu.log, mark)
-        rows.append(("one deletion in Google -> record, with push", calls, http, f"{summary(names)}; {latency * 1000:.0f} ms from delete to cancelled record"))
+        calls, http, names = api_calls(mark)
+        rows.append(("one deletion in Google -> record, with push", calls, http, f"{summary(names)}; {took * 1000:.0f} ms from delete to cancelled record"))
+
+        await copy_rows(connector, emu.log, injector, keys, sessions, day, rows, sizes=(1, connector.write_batch))
     finally:
         await connector.close()
         receiver.stop()
         server.stop()
         store.close()
+        print_rows(clinicians, sessions, latency, rows)
 
-    print(f"\n{clinicians} clinicians, {sessions} sessions\n")
+
+async def copy_rows(connector: Connector, log: list[tuple[str, str]], injector: Injector, keys: dict[str, str], sessions: int,
+                    day: datetime, rows: list[tuple[str, int, int, str]], sizes: tuple[int, ...]) -> None:
+    """The initial copy through apply_many, once per write_batch in ``sizes``, each on fresh sessions."""
+    batch_size = connector.write_batch
+    clinicians = len(keys)
+    for k, size in enumerate(sizes):
+        writes = [
+            Write(new_canonical_id(), connector.capabilities.project(
+                session_at(list(keys)[n % clinicians], day + timedelta(days=400 * (k + 1) + n // clinicians, hours=n % 8))), None)
+            for n in range(sessions)
+        ]  # fmt: skip
+        connector.write_batch = size
+        mark = Mark(log, injector)
+        copy_s = await copy_by_apply_many(connector, writes)
+        calls, http, _ = api_calls(mark)
+        how = "each write on its own" if size == 1 else f"batches of {size}"
+        rows.append((f"initial copy of {sessions} sessions, apply_many, {how}", calls, http, f"{copy_s:.2f} s, {sessions / copy_s:.0f} events/s"))
+    connector.write_batch = batch_size
+
+
+def print_rows(clinicians: int, sessions: int, latency: float, rows: list[tuple[str, int, int, str]]) -> None:
+    print(f"\n{clinicians} clinicians, {sessions} sessions, {latency * 1000:.0f} ms added to each HTTP request\n")
     print("| change | API calls | HTTP requests | notes |")
     print("| --- | --- | --- | --- |")
     for what, calls, http, note in rows:
@@ -214,5 +269,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clinicians", type=int, default=10)
     parser.add_argument("--sessions", type=int, default=50)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every HTTP request")
+    parser.add_argument("--copy-only", action="store_true", help="only the initial copy through apply_many")
     args = parser.parse_args()
-    asyncio.run(main(args.clinicians, args.sessions))
+    asyncio.run(main(args.clinicians, args.sessions, args.latency, args.copy_only))

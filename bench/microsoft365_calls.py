@@ -1,6 +1,6 @@
 """Benchmark: Graph API calls per propagated change for the Microsoft 365 connector.
 
-    .venv/bin/python bench/microsoft365_calls.py --sessions 20
+    .venv/bin/python bench/microsoft365_calls.py --sessions 20 [--latency 0.05] [--clinicians 10] [--copy-only]
 
 Everything runs against the Graph emulator (connectors/microsoft365/emulator.py) over TLS on
 loopback, with msal fetching tokens from the emulator's identity endpoints, and the connector's
@@ -17,7 +17,12 @@ calls per change:
   next poll runs (the safety net: its delta round must not fetch those events again);
 - in, by polling only: the same changes with notifications off, found by the next delta round.
 
-Also printed: notification latency (Outlook change -> canonical record updated), median.
+Also printed: notification latency (Outlook change -> canonical record updated), median; and the
+initial copy of ``--sessions`` sessions spread over ``--clinicians`` mailboxes, writes handed to
+``apply_many`` the way a batching outbox would (8 calls in flight, as ``outbox.concurrency``):
+one write per call (``write_batch: 1``, what the outbox does today), then JSON batches of
+``write_batch``. ``--latency`` adds that many seconds to every HTTP request (the emulator's
+Injector; a batch is one request). ``--copy-only`` runs the initial copy alone.
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from syncbridge.config import parse_config  # noqa: E402
-from syncbridge.connector import Host, PullResult  # noqa: E402
+from syncbridge.connector import ApplyResult, Connector, Host, PullResult, Write  # noqa: E402
 from syncbridge.emulation import serve_in_thread  # noqa: E402
+from syncbridge.model import empty_snapshot, iso, new_canonical_id  # noqa: E402
 from syncbridge.engine import Engine  # noqa: E402
 from syncbridge.outbox import Outbox  # noqa: E402
 from syncbridge.registry import build_connectors  # noqa: E402
@@ -64,7 +70,7 @@ class Counter:
         """(graph calls, identity calls, graph calls by method and kind) since the last take."""
         new = self.log[self.mark :]
         self.mark = len(self.log)
-        graph = [(m, p) for m, p in new if p.startswith("/v1.0/")]
+        graph = [(m, p) for m, p in new if p.startswith("/v1.0/") and p != "/v1.0/$batch"]
         kinds: dict[str, int] = {}
         for m, p in graph:
             parts = p.split("/")[2:]
@@ -72,12 +78,72 @@ class Counter:
             kind = "/".join("{id}" if i == 1 and rest[0] in ("events", "subscriptions") else x for i, x in enumerate(rest))
             key = f"{m} {kind}"
             kinds[key] = kinds.get(key, 0) + 1
-        return len(graph), len(new) - len(graph), kinds
+        return len(graph), sum(1 for _, p in new if not p.startswith("/v1.0/")), kinds
 
 
-async def main(sessions: int) -> dict[str, Any]:
+async def copy_by_apply_many(connector: Connector, writes: list[Write], in_flight: int = 8) -> float:
+    """Seconds to apply ``writes`` in ``apply_many`` calls of ``write_batch``, ``in_flight`` at once."""
+    size = connector.write_batch
+    gate = asyncio.Semaphore(in_flight)
+
+    async def run(chunk: list[Write]) -> list[ApplyResult | BaseException]:
+        async with gate:
+            return await connector.apply_many(chunk)
+
+    t0 = time.perf_counter()
+    done = await asyncio.gather(*(run(writes[i : i + size]) for i in range(0, len(writes), size)))
+    took = time.perf_counter() - t0
+    failed = [r for rs in done for r in rs if not isinstance(r, ApplyResult)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} writes failed, first: {failed[0]!r}")
+    return took
+
+
+async def initial_copy(graph: Any, tmp: Path, clinicians: int, sessions: int, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+    """The initial copy into ``clinicians`` mailboxes through apply_many, once per write_batch in ``sizes``."""
+    emu = graph.emulator
+    boxes = {f"dr_{i:02d}": f"dr{i:02d}@lakeside.example" for i in range(clinicians)}
+    for box in boxes.values():
+        emu.add_user(box)
+    cfg = parse_config(yaml.safe_dump({
+        "practice": {"timezone": ZONE}, "store": {"path": str(tmp / "copy.db")},
+        "clinicians": {k: {"accounts": {"outlook": {"mailbox": m}}} for k, m in boxes.items()},
+        "connectors": {"outlook": {
+            "type": "microsoft365", "tenant": emu.tenant, "client_id": CLIENT_ID, "client_secret": {"file": str(tmp / "secret")},
+            "authority_host": graph.authority_host, "graph_url": graph.graph_url, "ca_bundle": str(graph.ca_file),
+        }},
+    }))  # fmt: skip
+    connector = build_connectors(cfg)["outlook"]
+    batch_size = connector.write_batch
+    rows = []
+    try:
+        for k, size in enumerate(sizes):
+            writes = []
+            for n in range(sessions):
+                start = next_weekday_at(9 + n % 8, days_ahead=60 + 400 * k + n // (8 * clinicians))
+                snap = empty_snapshot() | {"clinician": list(boxes)[n % clinicians], "client_key": "client-" + new_canonical_id()[-6:],
+                                           "start": iso(start), "end": iso(start + timedelta(minutes=50)), "timezone": ZONE,
+                                           "service_code": "90837", "location": "Room 2"}
+                writes.append(Write(new_canonical_id(), connector.capabilities.project(snap), None))
+            connector.write_batch = size
+            count = Counter(emu.log)
+            http_before = graph.injector.requests
+            took = await copy_by_apply_many(connector, writes)
+            calls, identity, _ = count.take()
+            rows.append({"write_batch": size, "sessions": sessions, "mailboxes": clinicians, "graph_calls": calls,
+                         "http_requests": graph.injector.requests - http_before - identity, "seconds": round(took, 2),
+                         "events_per_s": round(sessions / took)})
+        connector.write_batch = batch_size
+    finally:
+        await connector.close()
+    return rows
+
+
+async def main(sessions: int, latency: float = 0.0, clinicians: int = 10, copy_only: bool = False,
+               sizes: tuple[int, ...] = (1, 20)) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="m365-bench-"))
     graph = running(tmp / "tls")
+    graph.injector.configure(latency=latency)
     emu = graph.emulator
     emu.notifier.allow_http = True
     emu.register_app(CLIENT_ID, SECRET)
@@ -103,7 +169,16 @@ async def main(sessions: int) -> dict[str, Any]:
     listener = serve_in_thread(Starlette(routes=routes))
     host.public_url = f"{listener.url}/webhooks/outlook"
     count = Counter(emu.log)
-    results: dict[str, Any] = {"sessions": sessions}
+    results: dict[str, Any] = {"sessions": sessions, "latency_ms": round(latency * 1000)}
+    if copy_only:
+        try:
+            results["initial_copy"] = await initial_copy(graph, tmp, clinicians, sessions, sizes)
+            return results
+        finally:
+            await connector.close()
+            store.close()
+            listener.stop()
+            graph.stop()
 
     async def handle_notifications(expected: int) -> list[float]:
         """Process accepted notifications as the daemon does; returns when each change was committed."""
@@ -199,6 +274,7 @@ async def main(sessions: int) -> dict[str, Any]:
         phase("out_cancel", sessions)
         latencies = results.pop("_latencies")
         results["notification_latency_ms_median"] = round(1000 * statistics.median(latencies), 1)
+        results["initial_copy"] = await initial_copy(graph, tmp, clinicians, sessions, sizes)
         return results
     finally:
         await connector.close()
@@ -210,8 +286,12 @@ async def main(sessions: int) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every HTTP request")
+    parser.add_argument("--clinicians", type=int, default=10, help="mailboxes for the initial copy")
+    parser.add_argument("--copy-only", action="store_true", help="only the initial copy through apply_many")
+    parser.add_argument("--sizes", default="1,20", help="write_batch values for the initial copy, comma-separated")
     args = parser.parse_args()
     from syncbridge.logging import configure
 
     configure(level="error", json_logs=True)
-    print(json.dumps(asyncio.run(main(args.sessions)), indent=2))
+    print(json.dumps(asyncio.run(main(args.sessions, args.latency, args.clinicians, args.copy_only, tuple(int(x) for x in args.sizes.split(",")))), indent=2))

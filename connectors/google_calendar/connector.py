@@ -23,7 +23,9 @@ from urllib.parse import urlsplit
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from syncbridge.connector import ApplyResult, BusyInterval, CalendarConnector, Link, Observation, PullResult, WebhookRoute, calendar_capabilities
+from syncbridge.connector import (
+    ApplyResult, BusyInterval, CalendarConnector, Link, Observation, PullResult, WebhookRoute, Write, calendar_capabilities,
+)
 from syncbridge.errors import AuthError, ConfigError, CursorExpired, MalformedRecord, PermanentError
 from syncbridge.limits import check_record_size
 from syncbridge.model import Snapshot, iso
@@ -32,10 +34,11 @@ from syncbridge.secrets import SecretRef
 
 from .client import CalendarClient, batch_list
 from .credentials import SCOPE, oauth_credentials, service_account_credentials, vault_key
-from .mapping import BUSY_FIELDS, canonical_id_of, event_id_for, read_event, render
+from .mapping import BUSY_FIELDS, canonical_id_of, event_id_for, read_event, render, without_nulls
 from .push import ROUTE, ChannelKeeper
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
 
     from syncbridge.config import ConnectorConfig, PracticeConfig
@@ -70,6 +73,9 @@ class GoogleOptions(BaseModel):
     #: longest busy-time window one query covers
     horizon_days: int = Field(180, ge=1, le=3660)
     page_size: int = Field(250, ge=1, le=2500)
+    #: writes per batch request (an initial sync); Google takes up to 1000 but advises modest
+    #: batches; 1 sends each write on its own
+    write_batch: int = Field(50, ge=1, le=1000)
     #: open watch channels when the daemon has an http.public_url
     push: bool = True
     channel_ttl: int = Field(604800, ge=3600, le=2592000)
@@ -114,6 +120,7 @@ class GoogleCalendarConnector(CalendarConnector):
         self._calendars = found
         self._clients: dict[str, CalendarClient] = {}
         self.push = ChannelKeeper(self)
+        self.write_batch = self.options.write_batch
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -258,22 +265,37 @@ class GoogleCalendarConnector(CalendarConnector):
             return await self._cancel_unlinked(clinician, target, body["id"])
         return await self._create(clinician, target, body, text.disclosed)
 
+    async def apply_many(self, writes: Sequence[Write]) -> list[ApplyResult | BaseException]:
+        """Writes in batch requests of ``write_batch`` parts (batch.py), each with apply()'s semantics."""
+        if self.write_batch <= 1 or len(writes) <= 1:
+            return await super().apply_many(writes)
+        from .batch import apply_batched
+
+        return await apply_batched(self, writes)
+
     async def _create(self, clinician: str, calendar: str, body: dict[str, Any], disclosed: tuple[str, ...]) -> ApplyResult:
         """Insert; a 409 means our id exists (a lost answer, or a deleted copy): converge that event."""
         client = self.client(clinician)
         external_id = f"{calendar}/{body['id']}"
-        event = await client.insert(calendar, _without_nulls(body))
+        event = await client.insert(calendar, without_nulls(body))
         if event is None:
-            existing = await client.get(calendar, body["id"])
-            if existing is None:
-                raise PermanentError(f"{external_id}: Google refuses the id but has no such event")
-            private = (existing.get("extendedProperties") or {}).get("private") or {}
-            if existing.get("status") != "cancelled" and private.get("syncbridgeId") not in (None, canonical_id_of(body["id"])):
-                raise PermanentError(f"{external_id} already holds an event that is not this appointment's")
-            if existing.get("status") == "cancelled":  # restore the deleted copy with a full update
-                event = await client.update(calendar, body["id"], _without_nulls(body), existing.get("etag"))
-            else:
-                event = await client.patch(calendar, body["id"], {k: v for k, v in body.items() if k != "id"}, existing.get("etag"))
+            return await self.adopt(clinician, calendar, body, disclosed)
+        return ApplyResult(external_id, event.get("etag"), disclosed)
+
+    async def adopt(self, clinician: str, calendar: str, body: dict[str, Any], disclosed: tuple[str, ...]) -> ApplyResult:
+        """The insert's id exists (a lost answer, or a deleted copy): converge that event."""
+        client = self.client(clinician)
+        external_id = f"{calendar}/{body['id']}"
+        existing = await client.get(calendar, body["id"])
+        if existing is None:
+            raise PermanentError(f"{external_id}: Google refuses the id but has no such event")
+        private = (existing.get("extendedProperties") or {}).get("private") or {}
+        if existing.get("status") != "cancelled" and private.get("syncbridgeId") not in (None, canonical_id_of(body["id"])):
+            raise PermanentError(f"{external_id} already holds an event that is not this appointment's")
+        if existing.get("status") == "cancelled":  # restore the deleted copy with a full update
+            event = await client.update(calendar, body["id"], without_nulls(body), existing.get("etag"))
+        else:
+            event = await client.patch(calendar, body["id"], {k: v for k, v in body.items() if k != "id"}, existing.get("etag"))
         return ApplyResult(external_id, event.get("etag"), disclosed)
 
     async def _cancel_unlinked(self, clinician: str, calendar: str, event_id: str) -> ApplyResult:
@@ -364,12 +386,3 @@ class GoogleCalendarConnector(CalendarConnector):
         finally:
             self._clients.clear()
 
-
-def _without_nulls(body: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in body.items():
-        if isinstance(v, dict):
-            v = _without_nulls(v)
-        if v is not None:
-            out[k] = v
-    return out

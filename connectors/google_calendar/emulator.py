@@ -20,8 +20,9 @@ Faithful to the documented behaviour the connector relies on, cited by page:
   ``rateLimitExceeded`` / ``userRateLimitExceeded`` (domain ``usageLimits``) or 429, with
   ``Retry-After`` when asked.
 - Batch (https://developers.google.com/workspace/calendar/api/guides/batch): ``POST
-  /batch/calendar/v3`` with ``multipart/mixed`` parts of ``application/http``; each part counts as
-  a request of its own.
+  /batch/calendar/v3`` with up to 1000 ``multipart/mixed`` parts of ``application/http``, run in
+  any order; each part counts as a call of its own and gets its own status (emulator_batch.py),
+  the batch is one HTTP request (the Injector's count).
 - OAuth: see emulator_auth.py.
 
 ``log`` records ``(method, path)`` of every request (batch parts included) so tests and the
@@ -33,6 +34,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import random
 import secrets
 import threading
 import time
@@ -76,6 +78,9 @@ class GoogleCalendarEmulator:
     _etags: itertools.count = field(default_factory=lambda: itertools.count(int(time.time() * 1000) * 1000))
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _deliverer: Deliverer | None = None
+    #: the server's Injector: its error rate also fails batch parts one by one
+    injector: Injector | None = None
+    _rng: random.Random = field(default_factory=random.Random)
 
     # --- knobs ---------------------------------------------------------------------------------
 
@@ -173,7 +178,7 @@ class GoogleCalendarEmulator:
                 status, target = self.auth.authorize({k: v[0] for k, v in q.items()})
                 return Answer(status, target)
             if path == "/batch/calendar/v3" and method == "POST":
-                return run_batch(self.handle, headers, body)
+                return run_batch(self.handle, headers, body, injector=self.injector, rng=self._rng, log=self.log)
             if segments[:2] != ["calendar", "v3"]:
                 raise ApiError(404, "notFound", "Not Found")
             grant = self._gate(headers)
@@ -435,6 +440,7 @@ def running(emulator: GoogleCalendarEmulator | None = None) -> Running:
     port = free_port()
     emu.base_url = f"http://127.0.0.1:{port}"
     server = serve_in_thread(emu.app, port=port)
+    emu.injector = server.injector
 
     def stop() -> None:
         server.stop()

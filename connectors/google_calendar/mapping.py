@@ -33,6 +33,7 @@ __all__ = [
     "canonical_id_of",
     "event_id_for",
     "read_event",
+    "without_nulls",
     "render",
 ]
 
@@ -192,3 +193,14 @@ def busy_interval(event: dict[str, Any], clinician_zone: str) -> tuple[datetime,
     if "date" in (event.get("end") or {}) and end == start:
         end = start + timedelta(days=1)
     return (start, end) if end > start else None
+
+
+def without_nulls(body: dict[str, Any]) -> dict[str, Any]:
+    """An insert or full update carries no null members (a patch uses them to clear a field)."""
+    out: dict[str, Any] = {}
+    for k, v in body.items():
+        if isinstance(v, dict):
+            v = without_nulls(v)
+        if v is not None:
+            out[k] = v
+    return out

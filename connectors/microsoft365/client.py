@@ -10,8 +10,12 @@ Graph's error code, never event content.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
+import json as jsonlib
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -22,9 +26,11 @@ import httpx
 from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError, retry_after_seconds
 from syncbridge.limits import json_object
 
-__all__ = ["GraphClient", "TokenSource", "raise_for_status"]
+__all__ = ["MAX_BATCH", "BatchItem", "GraphClient", "TokenSource", "raise_for_status"]
 
 MAILBOX_CONCURRENCY = 4
+#: "JSON batch requests are currently limited to 20 individual requests" (learn.microsoft.com/graph/json-batching)
+MAX_BATCH = 20
 ACCESS_HINT = (
     "check the Calendars.ReadWrite permission and admin consent, and that the application access policy "
     "includes this mailbox (connectors/microsoft365/README.md)"
@@ -66,6 +72,18 @@ def _body(r: httpx.Response, what: str) -> dict[str, Any]:
     return json_object(r.content, what, limit=16 << 20, not_json=TransientError)
 
 
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One request inside a ``$batch``: ``url`` relative to the Graph root, as the single call's."""
+
+    method: str
+    mailbox: str
+    url: str
+    what: str
+    body: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
 class GraphClient:
     """Thin async client for ``/users/{mailbox}/...`` calendar calls and ``/subscriptions``."""
 
@@ -76,6 +94,7 @@ class GraphClient:
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_bundle)) if ca_bundle else True
         self._http = httpx.AsyncClient(timeout=30.0, verify=verify)
         self._sems: dict[str, asyncio.Semaphore] = {}
+        self._gathering: dict[str, asyncio.Lock] = {}
         self.requests = 0
 
     async def close(self) -> None:
@@ -84,15 +103,44 @@ class GraphClient:
     def _sem(self, mailbox: str) -> asyncio.Semaphore:
         return self._sems.setdefault(mailbox.lower(), asyncio.Semaphore(MAILBOX_CONCURRENCY))
 
+    @contextlib.asynccontextmanager
+    async def _hold_one(self, mailbox: str, slots: int) -> AsyncIterator[None]:
+        sem = self._sem(mailbox)
+        if slots <= 1:
+            async with sem:
+                yield
+            return
+        held = 0
+        try:
+            async with self._gathering.setdefault(mailbox.lower(), asyncio.Lock()):
+                for _ in range(slots):
+                    await sem.acquire()
+                    held += 1
+            yield
+        finally:
+            for _ in range(held):
+                sem.release()
+
+    @contextlib.asynccontextmanager
+    async def _hold(self, slots: dict[str, int]) -> AsyncIterator[None]:
+        """Slots of each mailbox's concurrency (a batch runs up to four of its requests at once).
+        Mailboxes are taken in one order, and several slots of one are gathered one holder at a
+        time, so two holders never deadlock."""
+        async with contextlib.AsyncExitStack() as stack:
+            for mailbox in sorted(slots):
+                await stack.enter_async_context(self._hold_one(mailbox, slots[mailbox]))
+            yield
+
     async def request(
         self, method: str, url: str, what: str, *, clinician: str | None, mailbox: str = "", json: Any = None,
-        headers: dict[str, str] | None = None, params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None, params: dict[str, str] | None = None, slots: dict[str, int] | None = None,
     ) -> httpx.Response:
-        """One call under the mailbox's concurrency bound; a refused token is renewed once."""
+        """One call under the mailbox's concurrency bound (a batch: ``slots`` of each mailbox's);
+        a refused token is renewed once."""
         full = url if url.startswith("https://") or url.startswith("http://") else f"{self.graph_url}/{url.lstrip('/')}"
         for attempt in range(2):
             hdrs = {"Authorization": f"Bearer {await self.tokens.token(clinician)}", "Accept": "application/json", **(headers or {})}
-            async with self._sem(mailbox):
+            async with self._hold(slots if slots is not None else {mailbox.lower(): 1}):
                 self.requests += 1
                 try:
                     r = await self._http.request(method, full, json=json, headers=hdrs, params=params)
@@ -106,6 +154,47 @@ class GraphClient:
 
     def _user(self, mailbox: str) -> str:
         return f"users/{quote(mailbox, safe='@')}"
+
+    def events_url(self, mailbox: str, event_id: str | None = None) -> str:
+        return f"{self._user(mailbox)}/events" + (f"/{quote(event_id, safe='')}" if event_id else "")
+
+    async def batch(self, clinician: str | None, items: Sequence[BatchItem]) -> list[httpx.Response | Exception]:
+        """Up to :data:`MAX_BATCH` requests in one ``POST /$batch`` with ``clinician``'s token (None:
+        the app's); each answer, in order, as the response its single call would have had (or the
+        translated error of the batch itself). Graph runs up to four of them at once, whatever their
+        mailboxes, so the batch holds up to four slots of each mailbox it writes to."""
+        if not 0 < len(items) <= MAX_BATCH:
+            raise ValueError(f"a JSON batch holds 1 to {MAX_BATCH} requests")
+        per_mailbox: dict[str, int] = {}
+        for it in items:
+            per_mailbox[it.mailbox.lower()] = min(MAILBOX_CONCURRENCY, per_mailbox.get(it.mailbox.lower(), 0) + 1)
+        payload = {"requests": [
+            {"id": str(i), "method": it.method, "url": "/" + it.url.lstrip("/"),
+             "headers": ({"Content-Type": "application/json"} if it.body is not None else {}) | it.headers}
+            | ({"body": it.body} if it.body is not None else {})
+            for i, it in enumerate(items)
+        ]}  # fmt: skip
+        what = "POST $batch"
+        try:
+            r = await self.request("POST", "$batch", what, clinician=clinician, json=payload, slots=per_mailbox)
+            if r.status_code >= 300:
+                raise_for_status(r, what)
+            answers = _body(r, what).get("responses")
+        except Exception as err:  # noqa: BLE001 - the batch failed as a whole: every request gets its error
+            return [copy.copy(err) for _ in items]
+        by_id = {str(a.get("id")): a for a in answers if isinstance(a, dict)} if isinstance(answers, list) else {}
+        self.requests += len(items) - 1
+        out: list[httpx.Response | Exception] = []
+        for i, it in enumerate(items):
+            answer = by_id.get(str(i))
+            if answer is None or not isinstance(answer.get("status"), int):
+                out.append(TransientError(f"{it.what} (batch): no answer for this request"))
+                continue
+            body = answer.get("body")
+            headers = {str(k): str(v) for k, v in (answer.get("headers") or {}).items()}
+            content = b"" if body is None else jsonlib.dumps(body).encode()
+            out.append(httpx.Response(answer["status"], headers=headers, content=content))
+        return out
 
     # --- events ---------------------------------------------------------------------------------
 

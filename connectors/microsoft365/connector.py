@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from syncbridge.connector import ApplyResult, BusyInterval, CalendarConnector, Link, Observation, PullResult, calendar_capabilities
+from syncbridge.connector import ApplyResult, BusyInterval, CalendarConnector, Link, Observation, PullResult, Write, calendar_capabilities
 from syncbridge.errors import ConfigError, ConflictError, CursorExpired, MalformedRecord, PermanentError
 from syncbridge.limits import check_record_size
 from syncbridge.model import Snapshot, iso
@@ -35,7 +35,7 @@ from .mapping import EXT_FIELDS, EXT_ID, as_written, busy_interval, is_ours, rea
 from .push import Push
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from syncbridge.config import ConnectorConfig, PracticeConfig
     from syncbridge.connector import Sandbox, WebhookRoute
@@ -77,6 +77,8 @@ class Microsoft365Options(BaseModel):
     #: lifetime asked for each subscription (Outlook events allow at most 10080 minutes)
     subscription_minutes: int = Field(4230, ge=45, le=10080)
     renew_before_minutes: int = Field(1440, ge=5)
+    #: writes per JSON batch (an initial sync); Graph takes at most 20; 1 sends each write on its own
+    write_batch: int = Field(20, ge=1, le=20)
 
     @field_validator("authority_host", "graph_url")
     @classmethod
@@ -135,6 +137,7 @@ class Microsoft365Connector(CalendarConnector):
         self._tokens: AppTokens | DelegatedTokens | None = None
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
         self.push = Push(self)
+        self.write_batch = self.options.write_batch
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -304,6 +307,14 @@ class Microsoft365Connector(CalendarConnector):
             await self._remove_unlinked(appointment_id, clinician)
             return ApplyResult(None, None, gone=True)
         return await self._create(appointment_id, desired, text, clinician)
+
+    async def apply_many(self, writes: Sequence[Write]) -> list[ApplyResult | BaseException]:
+        """Writes in JSON batches of ``write_batch`` per mailbox (batch.py), each with apply()'s semantics."""
+        if self.write_batch <= 1 or len(writes) <= 1:
+            return await super().apply_many(writes)
+        from .batch import apply_batched
+
+        return await apply_batched(self, writes)
 
     async def _create(self, appointment_id: str, desired: Snapshot, text: EventText, clinician: str) -> ApplyResult:
         mailbox = self.mailboxes[clinician]

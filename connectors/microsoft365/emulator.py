@@ -24,6 +24,7 @@ For the tests, the bench and ``syncbridge demo``. Follows the documented behavio
   503 with ``Retry-After``; more than four concurrent requests per app and mailbox -> 429
   ``ApplicationThrottled`` (MailboxConcurrency).
 - learn.microsoft.com/graph/errors: ``{"error": {"code", "message", "innerError"}}``.
+- learn.microsoft.com/graph/json-batching: ``POST /v1.0/$batch``, see emulator_batch.py.
 Identity: emulator_identity.py; subscriptions and notifications: emulator_notify.py. Not
 emulated: recurring series (every event is a ``singleInstance``), attachments, other calendars.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import secrets
 import threading
 import uuid
@@ -79,10 +81,15 @@ class GraphEmulator:
     _pages: dict[str, tuple[list[dict[str, Any]], str]] = field(default_factory=dict)  # skiptoken -> (rest, closing link)
     _inflight: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     _lock: threading.RLock = field(default_factory=threading.RLock)
+    #: the server's Injector: its error rate also fails requests inside a batch one by one
+    injector: Injector | None = None
+    rng: random.Random = field(default_factory=random.Random)
 
     def __post_init__(self) -> None:
         self.identity = Identity(self, self.tenant)
         self.notifier = Notifier(self)
+        #: the routes, for the requests inside a batch
+        self.router = self.app
 
     @property
     def resource(self) -> str:
@@ -157,6 +164,8 @@ class GraphEmulator:
     def _create(self, box: Mailbox, body: dict[str, Any]) -> dict[str, Any]:
         event = new_event(box, body)
         box.events[event["id"]] = event
+        if event.get("transactionId"):
+            box.transactions[event["transactionId"]] = event["id"]
         self._touch(box, event, "created")
         return event
     def _update(self, box: Mailbox, event: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
@@ -188,6 +197,7 @@ class GraphEmulator:
             Route("/v1.0/users/{user}/events", g(self._events), methods=["GET", "POST"]),
             Route("/v1.0/users/{user}/events/{eid}", g(self._event), methods=["GET", "PATCH", "DELETE"]),
             Route("/v1.0/users/{user}/events/{eid}/cancel", g(self._cancel), methods=["POST"]),
+            Route("/v1.0/$batch", self._batch, methods=["POST"]),
             Route("/v1.0/subscriptions", g(self._subscriptions), methods=["POST"]),
             Route("/v1.0/subscriptions/{sid}", g(self._subscription), methods=["GET", "PATCH", "DELETE"]),
             Route("/v1.0/subscriptions/{sid}/reauthorize", g(self._subscription), methods=["POST"]),
@@ -290,7 +300,7 @@ class GraphEmulator:
             return body
         with self._lock:
             tid = body.get("transactionId")
-            existing = next((e for e in box.events.values() if tid and e.get("transactionId") == tid), None)
+            existing = box.events.get(box.transactions.get(tid, "")) if tid else None
             try:
                 event = existing or self._create(box, body)
             except ValueError as err:
@@ -401,6 +411,11 @@ class GraphEmulator:
                 out["@odata.deltaLink"] = closing
         return JSONResponse(out, headers={"Preference-Applied": f"odata.maxpagesize={size}"})
 
+    async def _batch(self, request: Request) -> Response:
+        from .emulator_batch import run_batch
+
+        return await run_batch(self, request)
+
     async def _subscriptions(self, request: Request, box: Mailbox | None, grant: TokenGrant) -> Response:
         body = await self._json(request)
         if isinstance(body, Response):
@@ -445,6 +460,7 @@ def running(workdir: Path, emulator: GraphEmulator | None = None) -> RunningGrap
     port = free_port()
     emu.base_url = f"https://127.0.0.1:{port}"
     server = serve_tls_in_thread(emu.app, tls, port=port)
+    emu.injector = server.injector
     emu.notifier.start()
 
     def stop() -> None:

@@ -54,6 +54,8 @@ class Mailbox:
     events: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: event id -> sequence number of its last change (creates, updates and deletes)
     changed: dict[str, int] = field(default_factory=dict)
+    #: transactionId -> event id, so a repeated create finds its event without a scan
+    transactions: dict[str, str] = field(default_factory=dict)
     seq: int = 0
 
 

@@ -26,7 +26,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
 from syncbridge.config import parse_config
-from syncbridge.connector import Host
+from syncbridge.connector import ApplyResult, Host, Link, Write
 from syncbridge.emulation import RunningServer, serve_in_thread
 from syncbridge.engine import Engine
 from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError
@@ -553,6 +553,69 @@ async def test_polling_many_calendars_is_one_batch_request(google: Running, tmp_
             await connector.pull(changed.cursor)
     finally:
         await connector.close()
+
+
+async def test_one_failing_part_of_a_batch_fails_alone(google: Running, tmp_path: Path) -> None:
+    """In one batch request a stale write (412) and a throttled part (429) fail alone, with when to retry; the rest land."""
+    connector = connector_for(google_harness(google, tmp_path), tmp_path)
+    assert google.injector is not None
+    appts = [new_canonical_id() for _ in range(6)]
+    desired = {a: connector.capabilities.project(session(9 + i)) for i, a in enumerate(appts)}
+    try:
+        made = await connector.apply_many([Write(a, desired[a], None) for a in appts[:4]])
+        assert all(isinstance(r, ApplyResult) for r in made), made
+        links = {a: Link(connector.name, a, r.external_id, r.etag, desired[a]) for a, r in zip(appts, made, strict=False) if isinstance(r, ApplyResult)}
+        stale = appts[0]
+        google.emulator.user_patch(EMAIL, event_id_for(stale), {"summary": "Client session #late"})
+        moved = {a: desired[a] | {"location": "Room 7"} for a in appts[:4]}
+        writes = [Write(a, moved[a], links[a]) for a in appts[:4]] + [Write(a, desired[a], None) for a in appts[4:]]
+        google.emulator.fail_next(429, retry_after=7)
+        http_before, calls_before = google.injector.requests, len(google.emulator.log)
+        results = await connector.apply_many(writes)
+        http = google.injector.requests - http_before
+        calls = sum(1 for _, path in google.emulator.log[calls_before:] if path != "/batch/calendar/v3")
+    finally:
+        await connector.close()
+    assert http == 1 and calls == 6, (http, calls)
+    throttled = [i for i, r in enumerate(results) if isinstance(r, RateLimited)]
+    assert len(throttled) == 1 and results[throttled[0]].retry_after == 7, results
+    connector = connector_for(google_harness(google, tmp_path), tmp_path)
+    try:  # the throttled write is retried alone later, as the outbox does
+        results[throttled[0]] = (await connector.apply_many([writes[throttled[0]]]))[0]
+    finally:
+        await connector.close()
+    assert isinstance(results[0], ConflictError), results
+    assert all(isinstance(r, ApplyResult) for r in results[1:]), results
+    live = {e["id"]: e for e in google.emulator.live_events(EMAIL)}
+    for a, r in zip(writes, results, strict=True):
+        event = live.get(event_id_for(a.appointment_id))
+        if isinstance(r, ApplyResult):
+            assert event is not None and event["etag"] == r.etag and event.get("location") == a.desired["location"]
+    assert live[event_id_for(stale)]["location"] == "Room 2", "the stale write overwrote the clinician's edit"
+    assert len(live) == 6, "a create landed twice, or not at all"
+
+
+async def test_a_failed_batch_request_is_retried_without_duplicates(google: Running, tmp_path: Path) -> None:
+    """A batch request that fails as a whole (throttled, unavailable, or answered after it took effect) fails each write; the retry converges with no duplicate."""
+    connector = connector_for(google_harness(google, tmp_path), tmp_path)
+    assert google.injector is not None
+    try:
+        await connector.apply(new_canonical_id(), connector.capabilities.project(session(8)), None)  # signed in before the faults start
+        for round_ in range(6):
+            starts = [next_weekday_at(9 + i, days_ahead=7 * round_ + 7) for i in range(3)]
+            writes = [Write(new_canonical_id(), connector.capabilities.project(session(start=iso(t), end=iso(t + timedelta(minutes=50)))), None)
+                      for t in starts]  # fmt: skip
+            google.injector.configure(error_rate=1.0)
+            try:
+                failed = await connector.apply_many(writes)
+            finally:
+                google.injector.configure()
+            assert all(isinstance(r, TransientError) for r in failed), failed
+            again = await connector.apply_many(writes)
+            assert all(isinstance(r, ApplyResult) for r in again), again
+    finally:
+        await connector.close()
+    assert len(await CalendarUser(google.emulator).live()) == 1 + 6 * 3
 
 
 async def test_check_reads_one_event_without_writing(google: Running, tmp_path: Path) -> None:

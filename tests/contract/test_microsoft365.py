@@ -22,10 +22,10 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from syncbridge.config import parse_config
-from syncbridge.connector import Connector, Host, PullResult
+from syncbridge.connector import ApplyResult, Connector, Host, PullResult, Write
 from syncbridge.emulation import RunningServer, serve_in_thread
 from syncbridge.engine import Engine
-from syncbridge.errors import AuthError, CursorExpired, RateLimited
+from syncbridge.errors import AuthError, ConflictError, CursorExpired, RateLimited
 from syncbridge.model import iso
 from syncbridge.outbox import Outbox
 from syncbridge.registry import build_connectors
@@ -429,6 +429,74 @@ async def test_retried_create_converges_the_first_attempt(graph: RunningGraph, m
         assert result.external_id == ext
         live = await world.vendor.live()
         assert [(e["external_id"], e["start"]) for e in live] == [(ext, world.store.appointment(appt_id).start)]
+
+
+async def test_one_failing_request_of_a_batch_fails_alone(graph: RunningGraph, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """In one $batch a stale write (412) and a throttled request (429) fail alone, with when to retry; the rest land once."""
+    async with world_for(m365_harness(graph, monkeypatch), tmp_path) as world:
+        booked = [world.book_here(next_weekday_at(9 + i)) for i in range(4)]
+        await world.drain()
+        stale = booked[0]
+        user_start = next_weekday_at(17)
+        await world.vendor.move(world.external_id(stale), user_start, user_start + timedelta(minutes=50))
+        fresh = [world.book_here(next_weekday_at(9 + i, days_ahead=8)) for i in range(2)]
+        writes = []
+        for appt_id in booked:
+            world.move_here(appt_id, world.store.appointment(appt_id).start + timedelta(minutes=30))
+            desired = world.connector.capabilities.project(world.store.appointment(appt_id).fields)
+            writes.append(Write(appt_id, desired, world.store.link(world.connector.name, appt_id)))
+        writes += [Write(a, world.connector.capabilities.project(world.store.appointment(a).fields), None) for a in fresh]
+        graph.emulator.fail_next(429, retry_after=7)
+        http_before, log_before = graph.injector.requests, len(graph.emulator.log)
+        results = await world.connector.apply_many(writes)
+        http = graph.injector.requests - http_before
+        calls = [p for _, p in graph.emulator.log[log_before:] if p != "/v1.0/$batch"]
+        assert http == 1 and len(calls) == 6, (http, calls)
+        throttled = [i for i, r in enumerate(results) if isinstance(r, RateLimited)]
+        assert len(throttled) == 1 and results[throttled[0]].retry_after == 7, results
+        results[throttled[0]] = (await world.connector.apply_many([writes[throttled[0]]]))[0]  # retried alone later, as the outbox does
+        assert isinstance(results[0], ConflictError), results
+        landed = [(w, r) for w, r in zip(writes, results, strict=True) if isinstance(r, ApplyResult)]
+        assert len(landed) == 5
+        live = {e["external_id"]: e["start"] for e in await world.vendor.live()}
+        assert live[world.external_id(stale)] == user_start, "the stale write overwrote the clinician's move"
+        for w, r in landed:
+            assert live[r.external_id] == datetime.fromisoformat(w.desired["start"])
+        assert len(live) == 6, "a create landed twice, or not at all"
+
+
+async def test_batches_beside_single_calls_stay_within_the_mailbox_limit(graph: RunningGraph, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Batched writes running beside single reads of the same mailbox are never refused for concurrency, and land once each."""
+    async with world_for(m365_harness(graph, monkeypatch), tmp_path) as world:
+        appt_id = world.book_here(next_weekday_at(8))
+        await world.drain()
+        ext = world.external_id(appt_id)
+        fresh = [world.book_here(next_weekday_at(9 + i % 8, days_ahead=8 + i // 8)) for i in range(40)]
+        writes = [Write(a, world.connector.capabilities.project(world.store.appointment(a).fields), None) for a in fresh]
+        graph.emulator.latency = 0.05
+        results, reads = await asyncio.gather(world.connector.apply_many(writes), asyncio.gather(*(world.connector.read(ext) for _ in range(8))))
+        refused = [r for r in results if not isinstance(r, ApplyResult)]
+        assert not refused, refused[:3]
+        assert all(not r.deleted for r in reads)
+        assert len(await world.vendor.live()) == 41
+
+
+async def test_emulator_refuses_a_batch_over_twenty(graph: RunningGraph, tmp_path: Path) -> None:
+    """A $batch of 21 requests is refused as a whole (400), as Graph does; 20 are answered one by one, matched by id."""
+    import ssl
+
+    async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(graph.ca_file)), trust_env=False) as http:
+        token = (await http.post(f"{graph.base_url}/{graph.emulator.tenant}/oauth2/v2.0/token", data={
+            "grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": SECRET, "scope": f"{graph.base_url}/.default",
+        })).json()["access_token"]  # fmt: skip
+        auth = {"Authorization": f"Bearer {token}"}
+        one = {"method": "GET", "url": f"/users/{MAILBOX}/events/nope"}
+        too_many = await http.post(f"{graph.graph_url}/$batch", headers=auth, json={"requests": [one | {"id": str(i)} for i in range(21)]})
+        assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "BadRequest"
+        ok = await http.post(f"{graph.graph_url}/$batch", headers=auth, json={"requests": [one | {"id": str(i)} for i in range(20)]})
+        answers = ok.json()["responses"]
+        assert ok.status_code == 200 and sorted(int(a["id"]) for a in answers) == list(range(20))
+        assert {a["status"] for a in answers} == {404} and answers[0]["body"]["error"]["code"] == "ErrorItemNotFound"
 
 
 async def test_emulator_answers_as_graph_does(graph: RunningGraph, tmp_path: Path) -> None:
