@@ -23,25 +23,15 @@ from syncbridge.emulation import Injector
 
 from .emulator_events import Answer, ApiError
 
-__all__ = ["BATCH_LIMIT", "part_fault", "run_batch"]
+__all__ = ["BATCH_LIMIT", "run_batch"]
 
 Handler = Callable[[str, str, str, dict[str, str], bytes], Answer]
 BATCH_LIMIT = 1000
-#: what an Injector injects (syncbridge.emulation): throttling, unavailable, server error, lost answer
-_FAULTS = ("429", "503", "500", "lost")
 
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             409: "Conflict", 410: "Gone", 412: "Precondition Failed", 429: "Too Many Requests", 500: "Internal Server Error",
             503: "Service Unavailable"}
 
-
-def part_fault(injector: Injector | None, rng: random.Random) -> str | None:
-    """The failure the injector's ``error_rate`` gives this part (counted in its ``failures``), or None."""
-    if injector is None or not injector.error_rate or rng.random() >= injector.error_rate:
-        return None
-    kind = rng.choice(_FAULTS)
-    injector.failures[kind] += 1
-    return kind
 
 
 def _faulted(kind: str, run: Callable[[], Answer]) -> Answer:
@@ -68,7 +58,7 @@ def run_batch(handle: Handler, headers: dict[str, str], body: bytes, *, injector
     rng = rng or random.Random()
     order = list(range(len(parts)))
     rng.shuffle(order)
-    answers = {i: _answer(handle, headers, parts[i], part_fault(injector, rng), log) for i in order}
+    answers = {i: _answer(handle, headers, parts[i], injector.fault() if injector else None, log) for i in order}
     boundary = "batch_" + secrets.token_hex(12)
     out: list[bytes] = []
     for i, part in enumerate(parts):

@@ -15,34 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from syncbridge.emulation import Injector
 
 if TYPE_CHECKING:
     from .emulator import GraphEmulator
 
-__all__ = ["MAX_BATCH", "part_fault", "run_batch"]
+__all__ = ["MAX_BATCH", "run_batch"]
 
 MAX_BATCH = 20
 #: requests of one batch Graph has in flight at once
 BATCH_PARALLEL = 4
-#: what an Injector injects (syncbridge.emulation): throttling, unavailable, server error, lost answer
-_FAULTS = ("429", "503", "500", "lost")
 
-
-def part_fault(injector: Injector | None, rng: random.Random) -> str | None:
-    """The failure the injector's ``error_rate`` gives this request (counted in its ``failures``), or None."""
-    if injector is None or not injector.error_rate or rng.random() >= injector.error_rate:
-        return None
-    kind = rng.choice(_FAULTS)
-    injector.failures[kind] += 1
-    return kind
 
 
 def _problem(items: Any) -> str | None:
@@ -138,7 +126,7 @@ async def run_batch(emu: GraphEmulator, request: Request) -> Response:
 
     async def one(item: dict[str, Any]) -> dict[str, Any]:
         async with gate:
-            fault = part_fault(emu.injector, emu.rng)
+            fault = emu.injector.fault() if emu.injector else None
             if fault is None:
                 return await _dispatch(app, item, authorization)
             if fault == "lost":  # it took effect; its answer did not make it into the batch

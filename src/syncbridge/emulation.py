@@ -51,6 +51,17 @@ class Injector:
         self.failures.clear()
         self.by_method.clear()
 
+    def fault(self) -> str | None:
+        """The failure this call gets at ``error_rate`` ("429", "503", "500" or "lost"), counted; mostly None.
+
+        Also decided per part of a vendor batch request, where each part fails on its own.
+        """
+        if not self.error_rate or self._rng.random() >= self.error_rate:
+            return None
+        kind = self._rng.choice(_FAILURES)
+        self.failures[kind] += 1
+        return kind
+
     async def __call__(self, scope: _Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or any(k == _PERSON for k, _ in scope["headers"]):
             await self.app(scope, receive, send)
@@ -59,11 +70,10 @@ class Injector:
         self.by_method[scope["method"]] += 1
         if self.latency:
             await asyncio.sleep(self.latency)
-        if not self.error_rate or self._rng.random() >= self.error_rate:
+        kind = self.fault()
+        if kind is None:
             await self.app(scope, receive, send)
             return
-        kind = self._rng.choice(_FAILURES)
-        self.failures[kind] += 1
         if kind == "lost":  # the request takes effect, the answer never arrives (a proxy gives up)
             async def swallow(message: dict[str, Any]) -> None:
                 return None
