@@ -118,6 +118,8 @@ class Outbox:
                 chunk = items[k : k + size]
                 ids = [i.appointment_id for i in chunk]
                 inflight.update(ids)
+                if len(sends) > 20_000:  # bounded memory through a whole practice's initial sync
+                    sends.clear()
                 for i in ids:
                     sends[i] += 1
                 task = asyncio.create_task(self.apply_chunk(name, chunk, report))
