@@ -30,8 +30,9 @@ import yaml
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
+from batching import copy_by_apply_many
 from syncbridge.config import parse_config
-from syncbridge.connector import ApplyResult, Connector, Host, Write
+from syncbridge.connector import Connector, Host, Write
 from syncbridge.emulation import Injector
 from syncbridge.emulation import serve_in_thread
 from syncbridge.engine import Engine
@@ -84,24 +85,6 @@ def api_calls(mark: Mark) -> tuple[int, int, list[str]]:
     calls = [call_name(m, p) for m, p in new if p not in ("/token", "/batch/calendar/v3")]
     tokens = sum(1 for _, p in new if p == "/token")
     return len(calls), mark.injector.requests - mark.http - tokens, calls
-
-
-async def copy_by_apply_many(connector: Connector, writes: list[Write], in_flight: int = 8) -> float:
-    """Seconds to apply ``writes`` in ``apply_many`` calls of ``write_batch``, ``in_flight`` at once."""
-    size = connector.write_batch
-    gate = asyncio.Semaphore(in_flight)
-
-    async def run(chunk: list[Write]) -> list[ApplyResult | BaseException]:
-        async with gate:
-            return await connector.apply_many(chunk)
-
-    t0 = time.perf_counter()
-    done = await asyncio.gather(*(run(writes[i : i + size]) for i in range(0, len(writes), size)))
-    took = time.perf_counter() - t0
-    failed = [r for rs in done for r in rs if not isinstance(r, ApplyResult)]
-    if failed:
-        raise RuntimeError(f"{len(failed)} writes failed, first: {failed[0]!r}")
-    return took
 
 
 def summary(names: list[str]) -> str:

@@ -45,8 +45,9 @@ from starlette.routing import Route
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from batching import copy_by_apply_many
 from syncbridge.config import parse_config  # noqa: E402
-from syncbridge.connector import ApplyResult, Connector, Host, PullResult, Write  # noqa: E402
+from syncbridge.connector import Host, PullResult, Write  # noqa: E402
 from syncbridge.emulation import serve_in_thread  # noqa: E402
 from syncbridge.model import empty_snapshot, iso, new_canonical_id  # noqa: E402
 from syncbridge.engine import Engine  # noqa: E402
@@ -79,24 +80,6 @@ class Counter:
             key = f"{m} {kind}"
             kinds[key] = kinds.get(key, 0) + 1
         return len(graph), sum(1 for _, p in new if not p.startswith("/v1.0/")), kinds
-
-
-async def copy_by_apply_many(connector: Connector, writes: list[Write], in_flight: int = 8) -> float:
-    """Seconds to apply ``writes`` in ``apply_many`` calls of ``write_batch``, ``in_flight`` at once."""
-    size = connector.write_batch
-    gate = asyncio.Semaphore(in_flight)
-
-    async def run(chunk: list[Write]) -> list[ApplyResult | BaseException]:
-        async with gate:
-            return await connector.apply_many(chunk)
-
-    t0 = time.perf_counter()
-    done = await asyncio.gather(*(run(writes[i : i + size]) for i in range(0, len(writes), size)))
-    took = time.perf_counter() - t0
-    failed = [r for rs in done for r in rs if not isinstance(r, ApplyResult)]
-    if failed:
-        raise RuntimeError(f"{len(failed)} writes failed, first: {failed[0]!r}")
-    return took
 
 
 async def initial_copy(graph: Any, tmp: Path, clinicians: int, sessions: int, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
