@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--systems", default="", help="connector types to include (default: every installed sandbox)")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--no-push", action="store_true", help="no public URL: systems are polled, nothing pushes")
+    ap.add_argument("--poll", type=float, default=30.0, help="poll interval of every system, seconds (default 30)")
     args = ap.parse_args()
     configure("warning", json_logs=False)
     workdir = Path(tempfile.mkdtemp(prefix="sb-initial-"))
@@ -69,7 +70,7 @@ def main() -> None:
     else:
         sandboxes = start_sandboxes(workdir, list(names), say=lambda _t: None)
     try:
-        conf = sandbox_config(workdir, sandboxes, names, free_port(), poll_interval=30, push=not args.no_push)
+        conf = sandbox_config(workdir, sandboxes, names, free_port(), poll_interval=args.poll, push=not args.no_push)
         conf["logging"] = {"level": "warning", "json": True}
         path = workdir / "config.yaml"
         path.write_text(yaml.safe_dump(conf, sort_keys=False))
