@@ -153,16 +153,6 @@ async def main(sessions: int, latency: float = 0.0, clinicians: int = 10, copy_o
     host.public_url = f"{listener.url}/webhooks/outlook"
     count = Counter(emu.log)
     results: dict[str, Any] = {"sessions": sessions, "latency_ms": round(latency * 1000)}
-    if copy_only:
-        try:
-            results["initial_copy"] = await initial_copy(graph, tmp, clinicians, sessions, sizes)
-            return results
-        finally:
-            await connector.close()
-            store.close()
-            listener.stop()
-            graph.stop()
-
     async def handle_notifications(expected: int) -> list[float]:
         """Process accepted notifications as the daemon does; returns when each change was committed."""
         deadline = time.monotonic() + 30
@@ -186,6 +176,9 @@ async def main(sessions: int, latency: float = 0.0, clinicians: int = 10, copy_o
         results[name] = {"graph_calls": graph_calls, "per_change": round(graph_calls / changes, 2), "identity_calls": identity_calls, "by_call": kinds}
 
     try:
+        if copy_only:
+            results["initial_copy"] = await initial_copy(graph, tmp, clinicians, sessions, sizes)
+            return results
         await connector.maintain()
         phase("subscribe", 1)
         ids = [world.book_here(next_weekday_at(9 + i % 8, days_ahead=7 + i // 8)) for i in range(sessions)]

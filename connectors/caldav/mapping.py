@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -20,6 +19,7 @@ import icalendar
 import recurring_ical_events
 from icalendar.parser.property import unescape_backslash
 
+from syncbridge.connector import SessionEvent
 from syncbridge.errors import MalformedRecord
 from syncbridge.model import Modality, Snapshot, check_timezone, iso, parse_iso
 from syncbridge.policy.cancellation import find_tags
@@ -30,8 +30,7 @@ __all__ = [
     "X_ID",
     "X_LOCATION",
     "X_MODALITY",
-    "ObservedEvent",
-    "busy_intervals",
+        "busy_intervals",
     "canonical_id_of",
     "parse_calendar",
     "read_event",
@@ -170,17 +169,7 @@ def _zone_name(prop: Any) -> str | None:
     return str(tzid)
 
 
-@dataclass(frozen=True, slots=True)
-class ObservedEvent:
-    """What one of our events says, in canonical field space; its text is reduced to tags."""
-
-    canonical_id: str
-    fields: Snapshot
-    tags: frozenset[str]
-    modified_at: str | None
-
-
-def read_event(cal: icalendar.Calendar, *, clinician: str, clinician_zone: str) -> ObservedEvent | None:
+def read_event(cal: icalendar.Calendar, *, clinician: str, clinician_zone: str) -> SessionEvent | None:
     """Our event as canonical fields, or None when the object is not ours.
 
     ``timezone`` is the DTSTART TZID when it is an IANA name, else the clinician's zone; times
@@ -220,7 +209,7 @@ def read_event(cal: icalendar.Calendar, *, clinician: str, clinician_zone: str) 
     modified = event.get("LAST-MODIFIED")
     modified_at = iso(modified.dt) if modified is not None and isinstance(modified.dt, datetime) and modified.dt.tzinfo else None
     tags = find_tags(_text(event, "SUMMARY"), _text(event, "DESCRIPTION"))
-    return ObservedEvent(cid, fields, tags, modified_at)
+    return SessionEvent(cid, fields, tags, modified_at)
 
 
 def busy_intervals(cal: icalendar.Calendar, start: datetime, end: datetime, clinician_zone: str) -> list[tuple[datetime, datetime]]:

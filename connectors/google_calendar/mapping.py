@@ -18,6 +18,7 @@ from datetime import date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from syncbridge.connector import SessionEvent
 from syncbridge.errors import MalformedRecord, PermanentError
 from syncbridge.model import Modality, Snapshot, check_timezone, iso, parse_iso
 from syncbridge.policy.cancellation import find_tags
@@ -125,13 +126,9 @@ def _zone(name: Any) -> ZoneInfo | None:
 
 
 @dataclass(frozen=True, slots=True)
-class ObservedEvent:
-    """What one of our events says, in canonical field space; its text is reduced to tags."""
+class ObservedEvent(SessionEvent):
+    """A session event as Google tells it, including whether it was deleted (status "cancelled")."""
 
-    canonical_id: str
-    fields: Snapshot
-    tags: frozenset[str]
-    modified_at: str | None
     deleted: bool
 
 

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from syncbridge.connector import SessionEvent
 from syncbridge.errors import MalformedRecord
 from syncbridge.model import Modality, Snapshot, check_timezone, iso, parse_iso
 from syncbridge.policy.cancellation import find_tags
@@ -113,13 +114,9 @@ def with_properties(event: dict[str, Any], body: dict[str, Any]) -> dict[str, An
 
 
 @dataclass(frozen=True, slots=True)
-class ObservedEvent:
-    """What one of our events says, in canonical field space; its text is reduced to tags."""
+class ObservedEvent(SessionEvent):
+    """A session event as Graph tells it; one with attendees is a meeting, cancelled with a message."""
 
-    canonical_id: str
-    fields: Snapshot
-    tags: frozenset[str]
-    modified_at: str | None
     has_attendees: bool
 
 

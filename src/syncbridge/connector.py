@@ -39,6 +39,7 @@ __all__ = [
     "PullResult",
     "Sandbox",
     "SeenCopy",
+    "SessionEvent",
     "Slot",
     "WebhookRoute",
     "Write",
@@ -372,6 +373,20 @@ class Connector(abc.ABC):
 
     async def close(self) -> None:
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """What one of our calendar events says, in canonical field space; its text is reduced to tags.
+
+    Each calendar connector's mapping reads its vendor's event into one (adding what only that
+    vendor tells, such as attendees), and builds the :class:`Observation` from it.
+    """
+
+    canonical_id: str
+    fields: Snapshot
+    tags: frozenset[str]
+    modified_at: str | None
 
 
 class CalendarConnector(Connector):
