@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from syncbridge.config import parse_config
-from syncbridge.connector import Connector, Write
+from syncbridge.connector import Connector, Host, Write
 from syncbridge.engine import Engine
 from syncbridge.errors import ConflictError, TransientError
 from syncbridge.model import Role, empty_snapshot, iso, new_canonical_id
@@ -126,6 +127,35 @@ class World:
         return link.external_id
 
 
+@asynccontextmanager
+async def world_for(harness: Harness, tmp_path: Path, host: Host | None = None) -> AsyncIterator[World]:
+    """Store, engine and outbox around the connector under test, as ``syncbridge run`` builds them."""
+    import yaml
+
+    cfg = parse_config(
+        yaml.safe_dump(
+            {
+                "practice": {"timezone": ZONE},
+                "store": {"path": str(tmp_path / "contract.db")},
+                "clinicians": {CLINICIAN: {"accounts": {harness.name: harness.account}}},
+                "connectors": {harness.name: harness.connector_config},
+                "outbox": {"backoff_base": 0.05, "backoff_max": 0.2, "max_attempts": 6},
+            }
+        )
+    )
+    store = Store(cfg.store.path)
+    connectors = build_connectors(cfg)
+    if host is not None:
+        connectors[harness.name].host = host
+    engine = Engine(store, connectors, cfg)
+    try:
+        yield World(store, engine, Outbox(engine), connectors[harness.name], harness.vendor)
+    finally:
+        for c in connectors.values():
+            await c.close()
+        store.close()
+
+
 def next_weekday_at(hour: int, days_ahead: int = 7) -> datetime:
     from zoneinfo import ZoneInfo
 
@@ -140,29 +170,8 @@ class ConnectorContract:
 
     @pytest.fixture
     async def world(self, harness: Harness, tmp_path: Path) -> AsyncIterator[World]:
-        import yaml
-
-        cfg = parse_config(
-            yaml.safe_dump(
-                {
-                    "practice": {"timezone": ZONE},
-                    "store": {"path": str(tmp_path / "contract.db")},
-                    "clinicians": {CLINICIAN: {"accounts": {harness.name: harness.account}}},
-                    "connectors": {harness.name: harness.connector_config},
-                    "outbox": {"backoff_base": 0.05, "backoff_max": 0.2, "max_attempts": 6},
-                }
-            )
-        )
-        store = Store(cfg.store.path)
-        connectors = build_connectors(cfg)
-        engine = Engine(store, connectors, cfg)
-        world = World(store, engine, Outbox(engine), connectors[harness.name], harness.vendor)
-        try:
+        async with world_for(harness, tmp_path) as world:
             yield world
-        finally:
-            for c in connectors.values():
-                await c.close()
-            store.close()
 
     @staticmethod
     def mirrors(world: World) -> bool:

@@ -21,18 +21,14 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from syncbridge.config import parse_config
 from syncbridge.connector import ApplyResult, Connector, Host, PullResult, Write
 from syncbridge.emulation import RunningServer, serve_in_thread
-from syncbridge.engine import Engine
 from syncbridge.errors import AuthError, ConflictError, CursorExpired, RateLimited
 from syncbridge.model import iso
-from syncbridge.outbox import Outbox
-from syncbridge.registry import build_connectors
-from syncbridge.store import Store
-from syncbridge_connectors.microsoft365.emulator import RunningGraph, running
+from syncbridge_connectors.microsoft365.emulator import RunningGraph
 from syncbridge_connectors.microsoft365.mapping import EXT_ID
-from tests.contract.suite import CLINICIAN, ZONE, ConnectorContract, Harness, Vendor, World, next_weekday_at
+from tests.support.emulators import microsoft365
+from tests.contract.suite import CLINICIAN, ConnectorContract, Harness, Vendor, World, next_weekday_at, world_for
 
 SECRET_ENV = "SYNCBRIDGE_TEST_M365_SECRET"
 SECRET = "test-client-secret-value"
@@ -97,13 +93,8 @@ class OutlookUser(Vendor):
 
 @pytest.fixture
 def graph(tmp_path: Path) -> Iterator[RunningGraph]:
-    server = running(tmp_path / "graph-tls")
-    server.emulator.register_app(CLIENT_ID, SECRET)
-    server.emulator.add_user(MAILBOX)
-    try:
+    with microsoft365(tmp_path / "graph-tls", CLIENT_ID, SECRET, MAILBOX) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def m365_config(server: RunningGraph, **options: Any) -> dict[str, Any]:
@@ -129,31 +120,6 @@ class TestMicrosoft365(ConnectorContract):
     def harness(self, graph: RunningGraph, monkeypatch: pytest.MonkeyPatch) -> Harness:
         return m365_harness(graph, monkeypatch)
 # --- Microsoft 365 specifics beyond the shared suite -------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def world_for(harness: Harness, tmp_path: Path, host: Host | None = None) -> AsyncIterator[World]:
-    """Store, engine and outbox around the connector, as ``syncbridge run`` builds them."""
-    import yaml
-
-    cfg = parse_config(yaml.safe_dump({
-        "practice": {"timezone": ZONE},
-        "store": {"path": str(tmp_path / "m365.db")},
-        "clinicians": {CLINICIAN: {"accounts": {harness.name: harness.account}}},
-        "connectors": {harness.name: harness.connector_config},
-        "outbox": {"backoff_base": 0.05, "backoff_max": 0.2, "max_attempts": 6},
-    }))
-    store = Store(cfg.store.path)
-    connectors = build_connectors(cfg)
-    if host is not None:
-        connectors[harness.name].host = host
-    engine = Engine(store, connectors, cfg)
-    try:
-        yield World(store, engine, Outbox(engine), connectors[harness.name], harness.vendor)
-    finally:
-        for c in connectors.values():
-            await c.close()
-        store.close()
 
 
 def serve_routes(connector: Connector) -> RunningServer:

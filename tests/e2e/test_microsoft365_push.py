@@ -26,8 +26,9 @@ import yaml
 
 from syncbridge.emulation import free_port
 from syncbridge.store import Store
-from syncbridge_connectors.microsoft365.emulator import RunningGraph, running
+from syncbridge_connectors.microsoft365.emulator import RunningGraph
 from tests.support.daemon import ROOT, DaemonProcess
+from tests.support.emulators import microsoft365
 from tests.support.replica import ReplicaVendor
 
 pytestmark = pytest.mark.slow
@@ -39,14 +40,9 @@ SECRET = "e2e-client-secret"
 
 @pytest.fixture
 def graph(tmp_path: Path) -> Iterator[RunningGraph]:
-    server = running(tmp_path / "graph-tls")
-    server.emulator.notifier.allow_http = True  # the daemon's loopback listener is plain http
-    server.emulator.register_app(CLIENT_ID, SECRET)
-    server.emulator.add_user(MAILBOX)
-    try:
+    # the daemon's loopback listener is plain http
+    with microsoft365(tmp_path / "graph-tls", CLIENT_ID, SECRET, MAILBOX, allow_http=True) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def practice(tmp: Path, graph: RunningGraph, port: int) -> dict[str, Any]:
