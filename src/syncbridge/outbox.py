@@ -128,22 +128,20 @@ class Outbox:
         if running:
             await asyncio.gather(*running, return_exceptions=True)
 
-    async def apply_one(self, item: OutboxItem, report: ApplyReport) -> None:
-        await self.apply_chunk(item.connector, [item], report)
-
     async def apply_chunk(self, name: str, items: list[OutboxItem], report: ApplyReport) -> None:
         """Send one chunk of a connector's due items (one vendor batch) and record each outcome."""
         connector = self.engine.connectors.get(name)
         now = iso(self.engine.clock())
         todo: list[tuple[OutboxItem, Appointment, Link | None, Snapshot]] = []
         with self.store.tx() as tx:
+            tx.prefetch(name, (), [i.appointment_id for i in items])
             for item in items:
-                appt = self.store.appointment(item.appointment_id)
+                appt = tx.appointment(item.appointment_id)
                 if connector is None or appt is None:
                     tx.outbox_done(name, item.appointment_id, 1 << 62)
                     report.skipped += 1
                     continue
-                link = self.store.link(name, item.appointment_id)
+                link = tx.link(name, item.appointment_id)
                 desired = connector.capabilities.project(appt.fields)
                 if link is not None and not link.gone and desired == link.base:
                     tx.outbox_done(name, item.appointment_id, appt.version)
@@ -169,6 +167,7 @@ class Outbox:
             return
         reported: list[tuple[str, ApplyResult, Snapshot]] = []
         with self.store.tx() as tx:
+            tx.prefetch(name, (), [appt.id for _, appt, _, _, _ in landed])
             for _item, appt, link, desired, result in landed:
                 if tx.link(name, appt.id) != link:
                     # a pull recorded a later state of the copy while we were writing (someone edited it
