@@ -216,6 +216,12 @@ def migrate(conn: sqlite3.Connection) -> int:
             continue
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # another process (the daemon and a CLI command starting at once) may have applied it
+            # while we waited for the write lock
+            if (conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0) >= version:
+                conn.execute("COMMIT")
+                current = version
+                continue
             for statement in sql.split(";"):
                 if statement.strip():
                     conn.execute(statement)
