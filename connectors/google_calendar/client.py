@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -101,6 +102,29 @@ def translate(err: BaseException, what: str) -> Exception:
     return err if isinstance(err, Exception) else RuntimeError(str(err))
 
 
+class _Unbound(httplib2.Http):
+    """The shared service's own Http: every request must carry its account's Http instead."""
+
+    def request(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise RuntimeError("a Calendar request was sent without its account's Http")
+
+
+@functools.cache
+def _resources(api_root: str) -> tuple[Any, Any]:
+    """The ``events`` and ``channels`` resources of one service per API root, shared by every account.
+
+    Building a service, and each ``service.events()`` call, makes the library generate every
+    method with its docstring (about 2 MB per service): made per account and per request, that
+    was most of the daemon's memory growth in a practice's initial sync. The requests they make are
+    bound to an account's Http by :meth:`CalendarClient.bind`.
+    """
+    service = build(
+        "calendar", "v3", static_discovery=True, cache_discovery=False,
+        client_options={"api_endpoint": api_root}, http=_Unbound(),
+    )  # fmt: skip
+    return service.events(), service.channels()
+
+
 class CalendarClient:
     """One account's Calendar service (a clinician impersonated, or signed in with OAuth)."""
 
@@ -110,17 +134,22 @@ class CalendarClient:
         self.api_root = api_root
         self._credentials = credentials
         self._timeout = timeout
-        self._service = build(
-            "calendar", "v3", static_discovery=True, cache_discovery=False,
-            client_options={"api_endpoint": api_root},
-            http=google_auth_httplib2.AuthorizedHttp(credentials, http=httplib2.Http(timeout=timeout)),
-        )  # fmt: skip
+        self._http = google_auth_httplib2.AuthorizedHttp(credentials, http=httplib2.Http(timeout=timeout))
         self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         #: idle connections for batch requests: each batch takes one, so batches run side by side
         #: without ever sharing an Http between threads
         self._spare: list[httplib2.Http] = []
         #: API requests made (batch parts counted one by one, as Google's quota does)
         self.requests = 0
+
+    @property
+    def events(self) -> Any:
+        return _resources(self.api_root)[0]
+
+    def bind(self, request: HttpRequest) -> HttpRequest:
+        """The request as this account's: sent over its Http, and in a batch, with its token."""
+        request.http = self._http
+        return request
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -132,7 +161,8 @@ class CalendarClient:
 
     async def _run(self, what: str, make: Callable[[Any], HttpRequest], *, etag: str | None = None) -> Any:
         def run() -> Any:
-            request = make(self._service.events() if what.startswith("events") else self._service.channels())
+            events, channels = _resources(self.api_root)
+            request = self.bind(make(events if what.startswith("events") else channels))
             if etag is not None:
                 request.headers["If-Match"] = etag
             self.requests += 1
@@ -156,10 +186,10 @@ class CalendarClient:
 
     # --- events ------------------------------------------------------------------------------
 
-    async def list_all(self, calendar: str, first: dict[str, Any] | None = None, **params: Any) -> tuple[list[dict[str, Any]], str | None]:
-        """Every page of events.list (from ``first``, a first page already fetched, if given); the
-        ``nextSyncToken`` comes only with the last page."""
-        items: list[dict[str, Any]] = []
+    async def pages(self, calendar: str, first: dict[str, Any] | None = None, **params: Any) -> AsyncIterator[tuple[list[dict[str, Any]], str | None]]:
+        """Each page of events.list with the ``nextSyncToken``, which only the last page carries
+        (from ``first``, a first page already fetched, if given). Taken page by page, a listing of
+        thousands of events never has to be held whole."""
         page: str | None = None
         while True:
             if first is not None:
@@ -170,10 +200,10 @@ class CalendarClient:
                     return e.list(calendarId=calendar, pageToken=p, **params)
 
                 answer = await self._run("events.list", make)
-            items += answer.get("items", [])
             page = answer.get("nextPageToken")
+            yield answer.get("items", []), None if page else answer.get("nextSyncToken")
             if not page:
-                return items, answer.get("nextSyncToken")
+                return
 
     async def peek(self, calendar: str) -> None:
         """One harmless read (a single event id), to prove access."""
@@ -225,12 +255,12 @@ async def batch_list(parts: list[tuple[CalendarClient, str, dict[str, Any]]]) ->
             results[int(request_id)] = translate(exception, "events.list (batch)") if exception is not None else response
 
         owner = chunk[0][0]
-        batch = BatchHttpRequest(callback=done, batch_uri=owner.api_root[: -len("calendar/v3/")] + "batch/calendar/v3")
+        batch = _new_batch(owner, done)
         for i, (client, calendar, params) in enumerate(chunk):
             client._fresh_credentials()
-            batch.add(client._service.events().list(calendarId=calendar, **params), request_id=str(offset + i))
+            batch.add(client.bind(client.events.list(calendarId=calendar, **params)), request_id=str(offset + i))
             client.requests += 1
-        _retry_dropped(lambda: batch.execute(http=owner._service._http))
+        _retry_dropped(lambda: batch.execute(http=owner._http))
 
     for offset in range(0, len(parts), 50):
         chunk = parts[offset : offset + 50]
@@ -257,7 +287,7 @@ class Part:
     etag: str | None = None
 
     def request(self) -> HttpRequest:
-        events = self.client._service.events()
+        events = self.client.events
         if self.method == "insert":
             request = events.insert(calendarId=self.calendar, body=self.body)
         elif self.method == "patch":
@@ -266,7 +296,7 @@ class Part:
             request = events.delete(calendarId=self.calendar, eventId=self.event_id)
         if self.etag is not None and self.method != "insert":
             request.headers["If-Match"] = self.etag
-        return request
+        return self.client.bind(request)
 
     #: statuses answered as values rather than raised: an insert whose id exists, a delete of a gone event
     @property
@@ -275,11 +305,10 @@ class Part:
 
 
 def _new_batch(owner: CalendarClient, callback: Callable[[str, Any, Exception | None], None]) -> BatchHttpRequest:
-    """``new_batch_http_request`` of the service; for another ``api_root`` (an emulator, a proxy) the
-    batch path is taken from it, as the library builds it from the discovery document's rootUrl only
+    """A batch request to the path beside ``api_root`` (``https://www.googleapis.com/batch/calendar/v3``
+    for Google itself). The library's ``new_batch_http_request`` would take it from the discovery
+    document's rootUrl, which is wrong for another ``api_root`` such as an emulator or a proxy
     (github.com/googleapis/google-api-python-client/issues/1107)."""
-    if owner.api_root == "https://www.googleapis.com/calendar/v3/":
-        return owner._service.new_batch_http_request(callback=callback)
     return BatchHttpRequest(callback=callback, batch_uri=owner.api_root[: -len("calendar/v3/")] + "batch/calendar/v3")
 
 

@@ -202,11 +202,13 @@ class GoogleCalendarConnector(CalendarConnector):
         for (clinician, calendar, params), first in zip(plan, firsts, strict=True):
             if isinstance(first, Exception):
                 raise first
-            items, token = await self.client(clinician).list_all(calendar, first, **params)
+            token = None
+            async for items, last in self.client(clinician).pages(calendar, first, **params):
+                observations += [o for o in (self.to_observation(e, clinician, calendar) for e in items) if o is not None]
+                token = last
             if token is None:
                 raise PermanentError(f"events.list for {clinician} ended without a nextSyncToken")
             tokens[calendar] = token
-            observations += [o for o in (self.to_observation(e, clinician, calendar) for e in items) if o is not None]
         problems = sum(1 for o in observations if o.problem)
         log.debug("pulled", connector=self.name, full=state is None, observations=len(observations), problems=problems)
         full = state is None
@@ -317,18 +319,18 @@ class GoogleCalendarConnector(CalendarConnector):
         skipped = 0
         for clinician, calendar in self._calendars.items():
             zone = self.practice.clinician_zone(clinician)
-            items, _ = await self.client(clinician).list_all(
+            async for items, _ in self.client(clinician).pages(
                 calendar, timeMin=iso(start), timeMax=iso(end), singleEvents=True, orderBy="startTime",
                 maxResults=self.options.page_size, fields=BUSY_FIELDS,
-            )  # fmt: skip
-            for event in items:
-                try:
-                    interval = busy_interval(event, zone)
-                except MalformedRecord:
-                    skipped += 1
-                    continue
-                if interval is not None:
-                    out.append(BusyInterval(clinician, interval[0].astimezone(UTC), interval[1].astimezone(UTC)))
+            ):  # fmt: skip
+                for event in items:
+                    try:
+                        interval = busy_interval(event, zone)
+                    except MalformedRecord:
+                        skipped += 1
+                        continue
+                    if interval is not None:
+                        out.append(BusyInterval(clinician, interval[0].astimezone(UTC), interval[1].astimezone(UTC)))
         if skipped:
             log.warning("busy_events_skipped", connector=self.name, count=skipped)
         return sorted(out, key=lambda b: (b.clinician, b.start, b.end))
