@@ -31,6 +31,8 @@ __all__ = ["MAX_BATCH", "BatchItem", "GraphClient", "TokenSource", "raise_for_st
 MAILBOX_CONCURRENCY = 4
 #: "JSON batch requests are currently limited to 20 individual requests" (learn.microsoft.com/graph/json-batching)
 MAX_BATCH = 20
+#: what a delta item keeps (see :meth:`GraphClient.delta`)
+DELTA_KEYS = ("id", "@odata.etag", "transactionId", "@removed")
 ACCESS_HINT = (
     "check the Calendars.ReadWrite permission and admin consent, and that the application access policy "
     "includes this mailbox (connectors/microsoft365/README.md)"
@@ -282,15 +284,23 @@ class GraphClient:
 
     async def delta(self, clinician: str, mailbox: str, *, link: str | None = None, window: tuple[datetime, datetime] | None = None
                     ) -> tuple[list[dict[str, Any]], str]:
-        """A whole round of ``calendarView/delta``: every item and the new ``@odata.deltaLink``."""
+        """A whole round of ``calendarView/delta``: every item and the new ``@odata.deltaLink``.
+
+        Items keep only what decides whether an event must be read again (id, etag,
+        ``transactionId``, ``@removed``): a round after an initial sync lists every event we wrote,
+        and holding thousands of whole events for that would be memory for nothing."""
         what = "GET calendarView/delta"
         items: list[dict[str, Any]] = []
+
+        def keep(page: list[dict[str, Any]]) -> None:
+            items.extend({k: e[k] for k in DELTA_KEYS if k in e} for e in page)
+
         params = None
         if link is None:
             assert window is not None
             link = f"{self._user(mailbox)}/calendarView/delta"
             params = {"startDateTime": _utc(window[0]), "endDateTime": _utc(window[1])}
-        last = await self._pages(clinician, mailbox, link, what, params, items.extend)
+        last = await self._pages(clinician, mailbox, link, what, params, keep)
         if not last.get("@odata.deltaLink"):
             raise TransientError(f"{what}: the round ended without a deltaLink")
         return items, str(last["@odata.deltaLink"])
