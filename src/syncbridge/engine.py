@@ -52,6 +52,9 @@ class ObserveReport:
 
 
 class Engine:
+    #: observations committed per transaction; a larger pull is committed in slices of this size
+    commit_batch = 1000
+
     def __init__(
         self,
         store: Store,
@@ -129,7 +132,17 @@ class Engine:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            self._commit(name, connector, result, observations, report, now_dt, now, advance)
+            with self.store.tx() as tx:
+                report.held = self._guard(tx, connector, observations, now)
+            if not report.held:
+                # A large pull (an initial sync reading back thousands of our own writes) commits in
+                # slices, so what a transaction caches stays bounded; the cursor moves with the
+                # last slice only, and a pull cut short by a crash is read again from the old
+                # cursor, where the slices already committed come back as echoes.
+                step = self.commit_batch
+                for k in range(0, max(len(observations), 1), step):
+                    last = k + step >= len(observations)
+                    self._commit(name, connector, result, observations[k : k + step], report, now_dt, now, advance and last)
         finally:
             if collecting:
                 gc.enable()
@@ -143,9 +156,6 @@ class Engine:
         now_dt: datetime, now: str, advance: bool,
     ) -> None:
         with self.store.tx() as tx:
-            if self._guard(tx, connector, observations, now):
-                report.held = True
-                return
             tx.prefetch(name, (o.external_id for o in observations), (o.canonical_id for o in observations if o.canonical_id))
             # records seen for the first time get ids derived from their external ids: loaded in
             # bulk too (usually finding nothing), so creating them needs no query of its own

@@ -122,3 +122,47 @@ def test_copy_naming_another_appointment_is_matched_by_its_link(practice) -> Non
     assert engine.store.appointment(linked.id).start == START + timedelta(days=3)
     assert engine.store.appointment(named.id).fields == named.fields
     assert [v for v, *_ in engine.store.history(linked.id)] == list(range(1, linked.version + 2))
+
+
+def test_a_large_pull_commits_in_slices_and_moves_the_cursor_last(practice, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A pull bigger than one transaction's share is committed slice by slice; a crash between
+    slices keeps what was committed, leaves the cursor where it was, and the next pull finishes
+    the job without a duplicate or a lost move."""
+    engine, _, cal = practice
+    engine.commit_batch = 6
+    cursor = engine.store.cursor("cal")
+    for i, item in enumerate(cal.all_items()):
+        asyncio.run(cal.move(item["ext_id"], START + timedelta(days=3, hours=i), START + timedelta(days=3, hours=i, minutes=50)))
+    commit = engine._commit
+    slices: list[int] = []
+
+    def crash_on_third(name, connector, result, observations, *rest):  # type: ignore[no-untyped-def]
+        slices.append(len(observations))
+        if len(slices) == 3:
+            raise RuntimeError("killed")
+        return commit(name, connector, result, observations, *rest)
+
+    monkeypatch.setattr(engine, "_commit", crash_on_third)
+    with pytest.raises(RuntimeError):
+        asyncio.run(engine.sync("cal"))
+    assert slices == [6, 6, 6]
+    moved = [a for a in engine.store.appointments() if a.start >= START + timedelta(days=3)]
+    assert len(moved) == 12  # the two slices committed before the crash
+    assert engine.store.cursor("cal") == cursor
+    monkeypatch.setattr(engine, "_commit", commit)
+    report = asyncio.run(engine.sync("cal"))
+    assert report.updated == 8 and report.echoes == 12
+    appts = engine.store.appointments()
+    assert len(appts) == 20 and all(a.start >= START + timedelta(days=3) for a in appts)
+    assert engine.store.cursor("cal") != cursor
+
+
+def test_the_guard_weighs_the_whole_pull_not_one_slice(practice) -> None:  # type: ignore[no-untyped-def]
+    """Slicing a pull for the store does not let a mass deletion through piece by piece."""
+    engine, _, cal = practice
+    engine.commit_batch = 4
+    for item in cal.all_items()[:10]:
+        asyncio.run(cal.delete(item["ext_id"]))
+    report = asyncio.run(engine.sync("cal"))
+    assert report.held
+    assert not any(a.cancelled for a in engine.store.appointments())
