@@ -144,8 +144,11 @@ def _status(
     authoritative = role != Role.MIRROR
 
     if cstat in CANCELLED_STATES:
-        if not authoritative or ostat is None or ostat == bstat:
-            return None  # a stale copy never un-cancels
+        # A stale copy never un-cancels; nor does one we never agreed on (no base): it may be our
+        # own create whose answer was lost, showing the booking as we sent it. Only a status the
+        # record changed since we last agreed re-books.
+        if not authoritative or ostat is None or bstat is None or ostat == bstat:
+            return None
         if ostat in _LIVE:
             return {"status": ostat, "cancellation": None, "billing": observed.get("billing") or Billing.PENDING.value}
         if ostat != cstat:  # e.g. the EHR turns a cancel into a no-show

@@ -148,6 +148,18 @@ def test_record_rebooks_explicitly() -> None:
     assert out.new["status"] == "booked" and out.new["cancellation"] is None
 
 
+def test_record_copy_never_agreed_on_does_not_uncancel() -> None:
+    """A copy in the record we created but never heard back from (the answer was lost, the daemon
+    killed) still shows the booking we sent; seen after the session was cancelled elsewhere, it
+    is not a re-booking: there is no base to say the record changed it."""
+    c = canonical()
+    cancelled = run(RECORD, c, RECORD.project(c) | {"status": "cancelled"}).new
+    obs = Observation(external_id="x", fields=RECORD.project(c), modified_at=iso(NOW))
+    out = merge(role=Role.RECORD, project=RECORD.project, base=None, canonical=cancelled, canonical_updated_at=iso(NOW - timedelta(minutes=1)),
+                obs=obs, policy=CancellationPolicy(), now=NOW, via="ehr")
+    assert out.action == "noop"
+
+
 def test_record_reports_cancellation_details() -> None:
     """The EHR's own cancellation record (who, kind, reason) is kept."""
     c = canonical()
