@@ -109,6 +109,13 @@ async def scenario(ops: list[tuple], rnd, tmp: Path, lossy: bool) -> None:
             if item:
                 if o[3] != "#waive":
                     cancelled_ext.add((o[1], item["ext_id"]))
+                else:
+                    # the new title replaces a cancelling tag typed before: if nobody saw that one
+                    # yet, there is no cancellation to keep
+                    link = store.link_by_external(o[1], item["ext_id"])
+                    appt = store.appointment(link.appointment_id) if link else None
+                    if appt is None or not appt.cancelled:
+                        cancelled_ext.discard((o[1], item["ext_id"]))
                 await vendors[o[1]].retitle(item["ext_id"], f"Client session {o[3]}")
         elif kind == "sync":
             # notifications are hints: duplicated and reordered, each just triggers a pull
