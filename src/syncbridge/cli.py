@@ -29,7 +29,7 @@ def _config(args: argparse.Namespace) -> PracticeConfig:
 
 
 def _store(cfg: PracticeConfig) -> Store:
-    return Store(cfg.store.path)
+    return Store(cfg.store.path, cache_mb=cfg.store.cache_mb)
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

@@ -52,6 +52,9 @@ class Practice(_Strict):
 
 class StoreConfig(_Strict):
     path: Path = Path("syncbridge.db")
+    #: SQLite page cache, MiB: most of the daemon's memory beyond Python itself. The store's pages
+    #: are in the operating system's file cache anyway; a larger cache saves system calls, not I/O.
+    cache_mb: int = Field(16, ge=1, le=4096)
     #: encrypts tokens obtained at run time (``syncbridge auth``); a reference, never the value
     secret_key: SecretRef | None = None
 

@@ -43,7 +43,7 @@ class Daemon:
     def __init__(self, config_path: str | os.PathLike[str] | None, config: PracticeConfig) -> None:
         self.config_path = Path(config_path) if config_path else None
         self.config = config
-        self.store = Store(config.store.path)
+        self.store = Store(config.store.path, cache_mb=config.store.cache_mb)
         self.connectors: dict[str, Connector] = build_connectors(config)
         self.engine = Engine(self.store, self.connectors, config)
         self.outbox = Outbox(self.engine)

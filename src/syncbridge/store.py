@@ -91,7 +91,7 @@ LINK_COLS = "connector, appointment_id, external_id, etag, base, applied_version
 
 
 class Store:
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, cache_mb: int = 16) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
@@ -104,7 +104,7 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
-            conn.execute("PRAGMA cache_size=-65536")  # 64 MiB of page cache
+            conn.execute(f"PRAGMA cache_size=-{int(cache_mb) * 1024}")  # in KiB when negative
             conn.execute("PRAGMA wal_autocheckpoint=10000")
             conn.execute("PRAGMA temp_store=MEMORY")
             self.schema_version = migrate(conn)

@@ -43,6 +43,7 @@ def test_good_config_loads() -> None:
         ("http:\n  token: hunter2\n", "http.token", 2, "never inline"),
         ("clinicians:\n  dr_x:\n    accounts:\n      nowhere: {}\n", "clinicians.dr_x.accounts.nowhere", 4, "no connector named 'nowhere'"),
         ("polcy:\n  x: 1\n", "polcy", 1, "Extra inputs are not permitted"),
+        ("store:\n  path: x.db\n  cache_mb: 0\n", "store.cache_mb", 3, "greater than or equal to 1"),
         ("connectors:\n  cal:\n    type: tests.support.replica:ReplicaConnector\n    pth: /x\n", "connectors.cal.path", 2, "Field required"),
     ],
 )

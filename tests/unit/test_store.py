@@ -81,3 +81,9 @@ def test_rewritten_chain_is_detected(tmp_path: Path) -> None:
     store.conn.execute("UPDATE audit SET detail = ?, hash = ? WHERE seq = 2", ('{"version":42}', forged))
     result = store.verify_audit()
     assert not result.ok and "entry 3 does not follow entry 2" in result.problem
+
+
+def test_page_cache_follows_the_setting(tmp_path: Path) -> None:
+    """`store.cache_mb` bounds SQLite's page cache, the daemon's largest memory holder after Python."""
+    assert Store(tmp_path / "a.db").conn.execute("PRAGMA cache_size").fetchone()[0] == -16 * 1024
+    assert Store(tmp_path / "b.db", cache_mb=64).conn.execute("PRAGMA cache_size").fetchone()[0] == -64 * 1024
