@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import time
 from json.encoder import encode_basestring_ascii as _json_str
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -331,7 +331,7 @@ class Engine:
         links = tx.stored_links(appt_id)
         cancelled = snap["status"] in CANCELLED_STATES
         stamp = time.time()
-        encoded: dict[object, str] = {}
+        encoded: dict[Hashable, str] = {}
         for name, connector in self.connectors.items():
             caps = connector.capabilities
             row = links.get(name)
@@ -365,7 +365,7 @@ class _Shape:
     fields: tuple[str, ...]
     project: Callable[[Snapshot], Snapshot]
     #: equal for connectors whose projections are the same function of the snapshot
-    key: object
+    key: Hashable
 
     @classmethod
     def of(cls, caps: Capabilities) -> _Shape:

@@ -133,13 +133,6 @@ class Tx:
             link = self._decoded[key] = row_link(row)
         return link
 
-    def stored_base(self, row: tuple[Any, ...]) -> Snapshot | None:
-        """The base of a stored link row (from :meth:`stored_links`), decoded without building a Link."""
-        link = self._decoded.get((row[0], row[1]))
-        if link is not None:
-            return link.base
-        return loads(row[4]) if row[4] else None
-
     def links_of(self, appointment_id: str) -> dict[str, Link]:
         return {c: self._link_of(c, r) for c, r in self.stored_links(appointment_id).items()}
 
