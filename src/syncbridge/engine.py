@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import time
 from json.encoder import encode_basestring_ascii as _json_str
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -24,7 +24,7 @@ from .errors import CursorExpired, MalformedRecord
 from .merge import merge
 from .model import CANCELLED_STATES, Billing, Role, Snapshot, canonical_id_for, iso, parse_iso, utcnow, validate_snapshot
 from .policy.cancellation import CANCELLING_TAGS
-from .store import Store
+from .store import Store, dumps
 from .tx import Tx
 
 __all__ = ["Engine", "ObserveReport"]
@@ -332,10 +332,16 @@ class Engine:
         return connector.capabilities.role != Role.MIRROR
 
     def fan_out(self, tx: Tx, appt_id: str, snap: Snapshot, version: int, now: str) -> None:
-        """Enqueue every connector whose copy differs from ``snap``; open or close read-only work."""
+        """Enqueue every connector whose copy differs from ``snap``; open or close read-only work.
+
+        A copy differs when the encoded projection differs from the stored base text: bases are
+        stored in the same canonical encoding, so nothing stored needs decoding, and connectors
+        sharing a projection (two calendars) share one encoding of it.
+        """
         links = tx.stored_links(appt_id)
         cancelled = snap["status"] in CANCELLED_STATES
         stamp = time.time()
+        encoded: dict[Hashable, str] = {}
         for name, connector in self.connectors.items():
             caps = connector.capabilities
             row = links.get(name)
@@ -343,8 +349,14 @@ class Engine:
                 needed = not cancelled and caps.accepts_new and self.serves(connector, snap["clinician"])
                 if row is not None and cancelled:
                     needed = False
+            elif row[4] is None:
+                needed = True
             else:
-                needed = self._shape(connector).project(snap) != tx.stored_base(row)
+                shape = self._shape(connector)
+                text = encoded.get(shape.key)
+                if text is None:
+                    text = encoded[shape.key] = dumps(shape.project(snap))
+                needed = text != row[4]
             if caps.read_only:
                 work_key = f"readonly:{name}:{appt_id}"
                 if needed:
@@ -362,12 +374,14 @@ class _Shape:
     caps: Capabilities
     fields: tuple[str, ...]
     project: Callable[[Snapshot], Snapshot]
+    #: equal for connectors whose projections are the same function of the snapshot
+    key: Hashable
 
     @classmethod
     def of(cls, caps: Capabilities) -> _Shape:
         fields = tuple(sorted(caps.fields))
         if type(caps).project is not Capabilities.project:
-            return cls(caps, fields, caps.project)  # a projection of its own: used as is
+            return cls(caps, fields, caps.project, id(caps))  # a projection of its own: used as is
         status_map = dict(caps.status_map)
         get_status = status_map.get if "status" in caps.fields and status_map else None
 
@@ -379,7 +393,8 @@ class _Shape:
                     out["status"] = get_status(status, status)
             return out
 
-        return cls(caps, fields, project)
+        key = (fields, tuple(sorted(status_map.items())) if get_status is not None else ())
+        return cls(caps, fields, project, key)
 
 
 def _observed_detail(version: int, changed: tuple[str, ...], status: str) -> str:

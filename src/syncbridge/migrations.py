@@ -203,6 +203,35 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX audit_unkeyed ON audit (appointment_id) WHERE appt IS NULL AND appointment_id IS NOT NULL;
         """,
     ),
+    (
+        5,
+        """
+        -- the outbox keyed by (connector, appointment key) in a table without rowids: every change
+        -- enqueues one row per other system, and keyed on the random text id each of those landed
+        -- on a random page of a separate primary-key index. Now the row is its own index entry
+        -- and changes to appointments made around the same time land on neighbouring pages. An
+        -- item whose appointment is no longer stored is not carried over: the worker would
+        -- discard it unsent anyway (there is nothing to render)
+        CREATE TABLE outbox_keyed (
+            connector TEXT NOT NULL,
+            appt INTEGER NOT NULL,
+            appointment_id TEXT NOT NULL,
+            target_version INTEGER NOT NULL,
+            due_at REAL NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            dead INTEGER NOT NULL DEFAULT 0,
+            enqueued_at REAL NOT NULL,
+            PRIMARY KEY (connector, appt)
+        ) WITHOUT ROWID;
+        INSERT INTO outbox_keyed (connector, appt, appointment_id, target_version, due_at, attempts, last_error, dead, enqueued_at)
+            SELECT o.connector, a.key, o.appointment_id, o.target_version, o.due_at, o.attempts, o.last_error, o.dead, o.enqueued_at
+            FROM outbox o JOIN appointments a ON a.id = o.appointment_id;
+        DROP TABLE outbox;
+        ALTER TABLE outbox_keyed RENAME TO outbox;
+        CREATE INDEX outbox_due ON outbox (dead, due_at);
+        """,
+    ),
 ]
 
 

@@ -43,14 +43,14 @@ _UPDATE_LINK = "UPDATE links SET etag = ?, base = ?, applied_version = ?, gone =
 #: the common case of _ENQUEUE, an item already pending and due: only the target moves, so the
 #: (dead, due_at) index is left alone; rows it does not cover are left unchanged (and not counted)
 _ENQUEUE_PENDING = (
-    "INSERT INTO outbox (connector, appointment_id, target_version, due_at, attempts, dead, enqueued_at) "
-    "VALUES (?,?,?,?,0,0,?) ON CONFLICT (connector, appointment_id) DO UPDATE SET "
+    "INSERT INTO outbox (connector, appt, appointment_id, target_version, due_at, attempts, dead, enqueued_at) "
+    "VALUES (?,?,?,?,?,0,0,?) ON CONFLICT (connector, appt) DO UPDATE SET "
     "target_version = MAX(outbox.target_version, excluded.target_version), attempts = 0, last_error = NULL "
     "WHERE outbox.dead = 0 AND outbox.due_at <= excluded.due_at"
 )
 _ENQUEUE = (
-    "INSERT INTO outbox (connector, appointment_id, target_version, due_at, attempts, dead, enqueued_at) "
-    "VALUES (?,?,?,?,0,0,?) ON CONFLICT (connector, appointment_id) DO UPDATE SET "
+    "INSERT INTO outbox (connector, appt, appointment_id, target_version, due_at, attempts, dead, enqueued_at) "
+    "VALUES (?,?,?,?,?,0,0,?) ON CONFLICT (connector, appt) DO UPDATE SET "
     "target_version = MAX(outbox.target_version, excluded.target_version), due_at = MIN(outbox.due_at, excluded.due_at), "
     "attempts = 0, dead = 0, last_error = NULL"
 )
@@ -133,13 +133,6 @@ class Tx:
             link = self._decoded[key] = row_link(row)
         return link
 
-    def stored_base(self, row: tuple[Any, ...]) -> Snapshot | None:
-        """The base of a stored link row (from :meth:`stored_links`), decoded without building a Link."""
-        link = self._decoded.get((row[0], row[1]))
-        if link is not None:
-            return link.base
-        return loads(row[4]) if row[4] else None
-
     def links_of(self, appointment_id: str) -> dict[str, Link]:
         return {c: self._link_of(c, r) for c, r in self.stored_links(appointment_id).items()}
 
@@ -187,21 +180,21 @@ class Tx:
         """Remove the item unless a newer version was enqueued meanwhile."""
         self.flush()
         self.conn.execute(
-            "DELETE FROM outbox WHERE connector = ? AND appointment_id = ? AND target_version <= ?", (connector, appointment_id, version)
+            "DELETE FROM outbox WHERE connector = ? AND appt = ? AND target_version <= ?", (connector, self._key_of(appointment_id), version)
         )
 
     def outbox_retry(self, connector: str, appointment_id: str, due_at: float, error: str) -> None:
         self.flush()
         self.conn.execute(
-            "UPDATE outbox SET attempts = attempts + 1, due_at = ?, last_error = ? WHERE connector = ? AND appointment_id = ?",
-            (due_at, error, connector, appointment_id),
+            "UPDATE outbox SET attempts = attempts + 1, due_at = ?, last_error = ? WHERE connector = ? AND appt = ?",
+            (due_at, error, connector, self._key_of(appointment_id)),
         )
 
     def outbox_dead(self, connector: str, appointment_id: str, error: str) -> None:
         self.flush()
         self.conn.execute(
-            "UPDATE outbox SET dead = 1, attempts = attempts + 1, last_error = ? WHERE connector = ? AND appointment_id = ?",
-            (error, connector, appointment_id),
+            "UPDATE outbox SET dead = 1, attempts = attempts + 1, last_error = ? WHERE connector = ? AND appt = ?",
+            (error, connector, self._key_of(appointment_id)),
         )
 
     def open_work(self, key: str, kind: str, instruction: str, at: str, connector: str | None = None, appointment_id: str | None = None) -> bool:
@@ -283,6 +276,15 @@ class Tx:
         links[connector] = (connector, appt_id, ext, link.etag, base_text, link.applied_version, gone, rowid)
         self._decoded[key] = link
 
+    def _key_of(self, appointment_id: str) -> int | None:
+        """The appointment's integer key (what the outbox is keyed on); None if it is not stored."""
+        key = self._keys.get(appointment_id)
+        if key is None:
+            row = self.conn.execute("SELECT key FROM appointments WHERE id = ?", (appointment_id,)).fetchone()
+            if row is not None:
+                key = self._keys[appointment_id] = row[0]
+        return key
+
     def _new_key(self) -> int:
         if self._next_key is None:
             self._next_key = self.conn.execute("SELECT COALESCE(MAX(key), 0) FROM appointments").fetchone()[0]
@@ -316,7 +318,13 @@ class Tx:
         if self._link_rows:
             self.conn.executemany(_UPSERT_LINK, list(self._link_rows.values()))
         if self._outbox:
-            rows = [(c, a, v, due, due) for (c, a), (v, due) in self._outbox.items()]
+            keys = self._keys
+            unkeyed = [a for (_, a) in self._outbox if a not in keys]
+            for i in range(0, len(unkeyed), 500):
+                chunk = unkeyed[i : i + 500]
+                keys.update(self.conn.execute(f"SELECT id, key FROM appointments WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+            # an item for an appointment that is not stored has nothing to converge to: not kept
+            rows = [(c, keys[a], a, v, due, due) for (c, a), (v, due) in self._outbox.items() if a in keys]
             if self.conn.executemany(_ENQUEUE_PENDING, rows).rowcount != len(rows):
                 # some item was dead or retrying: the full rule again (it is idempotent) fixes those
                 self.conn.executemany(_ENQUEUE, rows)

@@ -110,3 +110,50 @@ def test_upgrade_refuses_to_drop_history_of_a_missing_appointment(tmp_path: Path
     conn = sqlite3.connect(tmp_path / "old.db")
     assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 3
     assert conn.execute("SELECT COUNT(*) FROM appointment_versions").fetchone()[0] == 5
+
+
+def _version4_store(path: Path) -> None:
+    """A store as schema version 4 wrote it: outbox rows keyed on the text id, one dead, one retrying."""
+    _version3_store(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    for version, sql in MIGRATIONS:
+        if version == 4:
+            for statement in sql.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_version VALUES (4, datetime('now'))")
+    conn.execute("INSERT INTO outbox VALUES ('cal','sb-c',1,5.0,3,'HTTP 503',0,1.0)")
+    conn.execute("INSERT INTO outbox VALUES ('cal','sb-b',1,2.0,8,'HTTP 400: bad event',1,1.5)")
+    conn.close()
+
+
+def test_upgrade_from_version_4_keeps_every_outbox_item(tmp_path: Path) -> None:
+    """Pending, retrying and dead outbox items survive the upgrade with their attempts and errors."""
+    _version4_store(tmp_path / "old.db")
+    store = Store(tmp_path / "old.db")
+    assert store.schema_version == MIGRATIONS[-1][0]
+    items = {(o.connector, o.appointment_id): o for o in store.outbox_due(10.0, 10) + store.dead_letters()}
+    assert {k: (o.target_version, o.due_at, o.attempts, o.last_error, o.dead) for k, o in items.items()} == {
+        ("ehr", "sb-a"): (2, 0.0, 0, None, False),
+        ("cal", "sb-c"): (1, 5.0, 3, "HTTP 503", False),
+        ("cal", "sb-b"): (1, 2.0, 8, "HTTP 400: bad event", True),
+    }
+    assert store.history("sb-a")[-1][0] == 2 and store.verify_audit().ok
+
+
+def test_upgraded_outbox_coalesces_and_completes_items(tmp_path: Path) -> None:
+    """After the upgrade a newer version still replaces an item's target, and done/retry/dead reach the right row."""
+    _version4_store(tmp_path / "old.db")
+    store = Store(tmp_path / "old.db")
+    with store.tx() as tx:
+        tx.enqueue("ehr", "sb-a", 3, 0.0)
+        tx.enqueue("ehr", "sb-c", 1, 0.0)
+        tx.outbox_retry("cal", "sb-c", 7.0, "HTTP 429")
+        tx.outbox_dead("ehr", "sb-c", "HTTP 403")
+        tx.outbox_done("cal", "sb-b", 1)
+    rows = store.conn.execute("SELECT connector, appointment_id, target_version, attempts, last_error, dead FROM outbox ORDER BY 1, 2").fetchall()
+    assert rows == [
+        ("cal", "sb-c", 1, 4, "HTTP 429", 0),
+        ("ehr", "sb-a", 3, 0, None, 0),
+        ("ehr", "sb-c", 1, 1, "HTTP 403", 1),
+    ]
