@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--appointments", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--clinicians", type=int, default=30)
+    ap.add_argument("--cache-mb", type=int, default=None, help="store.cache_mb (default: the daemon's default)")
     ap.add_argument(
         "--order", choices=("created", "random"), default="created",
         help="which appointments each batch of moves touches: in creation order, or a random permutation",
@@ -68,7 +69,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sb-bench-"))
     clinicians = [f"dr_{i:02d}" for i in range(args.clinicians)]
     conf = {
-        "store": {"path": str(tmp / "bench.db")},
+        "store": {"path": str(tmp / "bench.db")} | ({"cache_mb": args.cache_mb} if args.cache_mb else {}),
         "clinicians": {c: {"accounts": {"cal": {}, "cal2": {}}} for c in clinicians},
         "connectors": {
             "ehr": {"type": "core_merge:Declared", "role": "record"},
@@ -77,7 +78,7 @@ def main() -> None:
         },
     }
     cfg = parse_config(yaml.safe_dump(conf))
-    store = Store(cfg.store.path)
+    store = Store(cfg.store.path, cache_mb=cfg.store.cache_mb)
     from syncbridge.registry import build_connectors
 
     engine = Engine(store, build_connectors(cfg), cfg)
