@@ -9,16 +9,15 @@ for 300 seconds, or an OAuth error (``invalid_client`` 401, ``unsupported_grant_
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 import uuid
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -28,10 +27,6 @@ if TYPE_CHECKING:
 __all__ = ["ASSERTION_TYPE", "token_endpoint"]
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-
-
-def _b64url_decode(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
 async def token_endpoint(server: FHIREmulator, request: Request) -> Response:
@@ -47,16 +42,17 @@ async def token_endpoint(server: FHIREmulator, request: Request) -> Response:
         return JSONResponse({"error": "unsupported_grant_type"}, 400)
     if form.get("client_assertion_type") != ASSERTION_TYPE:
         return JSONResponse({"error": "invalid_request", "error_description": "client_assertion_type must be jwt-bearer"}, 400)
+    assertion = str(form.get("client_assertion", ""))
     try:
-        head_b64, claims_b64, sig_b64 = str(form.get("client_assertion", "")).split(".")
-        header = json.loads(_b64url_decode(head_b64))
-        claims = json.loads(_b64url_decode(claims_b64))
-        signature = _b64url_decode(sig_b64)
-    except ValueError:
+        unverified = jwt.api_jws.decode_complete(assertion, options={"verify_signature": False})
+        header, claims = unverified["header"], json.loads(unverified["payload"])
+    except (jwt.InvalidTokenError, ValueError):
+        return refuse("client_assertion is not a JWT")
+    if not isinstance(claims, dict):
         return refuse("client_assertion is not a JWT")
     if header.get("alg") != "RS384":
         return refuse("the assertion must be signed with RS384")
-    client_id = claims.get("iss")
+    client_id = str(claims.get("iss"))
     pem = server.clients.get(client_id)
     if pem is None or claims.get("sub") != client_id:
         return refuse("unknown client: iss and sub must be the registered client_id")
@@ -64,8 +60,8 @@ async def token_endpoint(server: FHIREmulator, request: Request) -> Response:
     if not isinstance(key, rsa.RSAPublicKey):
         return refuse("the registered key is not an RSA key (RS384)")
     try:
-        key.verify(signature, f"{head_b64}.{claims_b64}".encode(), padding.PKCS1v15(), hashes.SHA384())
-    except InvalidSignature:
+        jwt.api_jws.decode_complete(assertion, key, algorithms=["RS384"])
+    except jwt.InvalidSignatureError:
         return refuse("the assertion's signature does not match the registered public key")
     if claims.get("aud") != f"{server.base_url}/auth/token":
         return refuse("aud must be the token URL")

@@ -30,19 +30,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus, urlencode, urlsplit
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 __all__ = ["GOOGLE_TOKEN_AUDIENCE", "JWT_BEARER", "AuthServer", "Grant", "new_service_account_key"]
 
 GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ACCESS_TTL = 3600
-
-
-def _b64url_decode(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
 def new_service_account_key(client_email: str, token_uri: str, project_id: str = "syncbridge-test") -> tuple[dict[str, Any], bytes]:
@@ -151,22 +147,20 @@ class AuthServer:
             return 400, {"error": "invalid_grant", "error_description": text}
 
         try:
-            head_b64, claims_b64, sig_b64 = assertion.split(".")
-            header = json.loads(_b64url_decode(head_b64))
-            claims = json.loads(_b64url_decode(claims_b64))
-            signature = _b64url_decode(sig_b64)
-        except ValueError:
+            unverified = jwt.api_jws.decode_complete(assertion, options={"verify_signature": False})
+            header, claims = unverified["header"], json.loads(unverified["payload"])
+        except (jwt.InvalidTokenError, ValueError):
+            return invalid("Invalid JWT: the assertion is not a signed JWT")
+        if not isinstance(claims, dict):
             return invalid("Invalid JWT: the assertion is not a signed JWT")
         if header.get("alg") != "RS256":
             return invalid("Invalid JWT Signature.")
         sa = self.service_accounts.get(str(claims.get("iss")))
         if sa is None:
             return 401, {"error": "invalid_client", "error_description": "The OAuth client was not found."}
-        key = serialization.load_pem_public_key(sa.public_pem)
-        assert isinstance(key, rsa.RSAPublicKey)
         try:
-            key.verify(signature, f"{head_b64}.{claims_b64}".encode(), padding.PKCS1v15(), hashes.SHA256())
-        except InvalidSignature:
+            jwt.api_jws.decode_complete(assertion, sa.public_pem, algorithms=["RS256"])
+        except jwt.InvalidSignatureError:
             return invalid("Invalid JWT Signature.")
         if claims.get("aud") != GOOGLE_TOKEN_AUDIENCE:
             return invalid(f"Invalid JWT: Audience must be {GOOGLE_TOKEN_AUDIENCE}")
