@@ -13,6 +13,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from .bulk import insert_rows
+
 __all__ = ["GENESIS", "AuditWriter", "VerifyResult", "entry_hash", "verify"]
 
 GENESIS = "0" * 64
@@ -71,9 +73,7 @@ class AuditWriter:
                 chunk = unkeyed[i : i + 500]
                 found.update(self.conn.execute(f"SELECT id, key FROM appointments WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
             rows = [r if r[4] is None or r[8] is not None else (*r[:8], found.get(r[4])) for r in rows]
-        self.conn.executemany(
-            "INSERT INTO audit (seq, at, kind, connector, appointment_id, detail, prev_hash, hash, appt) VALUES (?,?,?,?,?,?,?,?,?)", rows
-        )
+        insert_rows(self.conn, "INSERT INTO audit (seq, at, kind, connector, appointment_id, detail, prev_hash, hash, appt)", rows)
         self.conn.execute(
             "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
             (self.seq, self.hash),

@@ -283,13 +283,20 @@ class Engine:
         for c in outcome.conflicts:
             report.conflicts += 1
             tx.audit.add(now, "conflict", name, appt_id, {"field": c.field, "winner": c.winner, "rule": c.rule})
+        # the copy as observed becomes the base; when it shows the canonical record (the usual
+        # case) its encoding is also what fan-out compares this connector's base with
+        encoded: dict[Hashable, str] = {}
+        base_text = None
         if obs.deleted:
             base = dict(link.base or shape.project(snap)) if link else shape.project(snap)
             base["status"] = "cancelled"
         else:
-            base = dict(zip(shape.fields, map(obs.fields.get, shape.fields), strict=True))
-        tx.put_link(Link(name, appt_id, obs.external_id, obs.etag, base, version, gone=obs.deleted))
-        self.fan_out(tx, appt_id, snap, version, now)
+            get = obs.fields.get
+            base = {f: get(f) for f in shape.fields}
+            if base == shape.project(snap):
+                base_text = encoded[shape.key] = dumps(base)
+        tx.put_link(Link(name, appt_id, obs.external_id, obs.etag, base, version, gone=obs.deleted), base_text=base_text)
+        self.fan_out(tx, appt_id, snap, version, now, encoded)
 
     # --- local changes (CLI, the runtime's policies) ---------------------------------------
 
@@ -331,17 +338,18 @@ class Engine:
             return clinician in connector.clinicians
         return connector.capabilities.role != Role.MIRROR
 
-    def fan_out(self, tx: Tx, appt_id: str, snap: Snapshot, version: int, now: str) -> None:
+    def fan_out(self, tx: Tx, appt_id: str, snap: Snapshot, version: int, now: str, encoded: dict[Hashable, str] | None = None) -> None:
         """Enqueue every connector whose copy differs from ``snap``; open or close read-only work.
 
         A copy differs when the encoded projection differs from the stored base text: bases are
         stored in the same canonical encoding, so nothing stored needs decoding, and connectors
-        sharing a projection (two calendars) share one encoding of it.
+        sharing a projection (two calendars) share one encoding of it. ``encoded`` holds encodings
+        the caller already made, by ``_Shape.key``.
         """
         links = tx.stored_links(appt_id)
         cancelled = snap["status"] in CANCELLED_STATES
         stamp = time.time()
-        encoded: dict[Hashable, str] = {}
+        encoded = {} if encoded is None else encoded
         for name, connector in self.connectors.items():
             caps = connector.capabilities
             row = links.get(name)
@@ -386,7 +394,8 @@ class _Shape:
         get_status = status_map.get if "status" in caps.fields and status_map else None
 
         def project(snap: Snapshot) -> Snapshot:
-            out = dict(zip(fields, map(snap.get, fields), strict=True))
+            get = snap.get
+            out = {f: get(f) for f in fields}
             if get_status is not None:
                 status = out["status"]
                 if isinstance(status, str):

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .audit import AuditWriter
+from .bulk import insert_rows
 from .connector import Link
 from .model import Appointment, Snapshot
 from .store import LINK_COLS, dumps, loads, row_link
@@ -22,35 +23,31 @@ if TYPE_CHECKING:
 
 __all__ = ["Tx"]
 
-#: a new appointment gets the next key in creation order (the transaction holds the write lock)
-_INSERT_APPOINTMENT = (
-    "INSERT INTO appointments (key, id, clinician, start, status, snapshot, version, updated_at, updated_via) "
-    "VALUES (?,?,?,?,?,?,?,?,?)"
+#: a new appointment gets the next key in creation order (the transaction holds the write lock);
+#: one already stored is rewritten through its key, so the id index is left alone
+_PUT_APPOINTMENT = "INSERT INTO appointments (key, id, clinician, start, status, snapshot, version, updated_at, updated_via)"
+_PUT_APPOINTMENT_CONFLICT = (
+    "ON CONFLICT (key) DO UPDATE SET clinician = excluded.clinician, start = excluded.start, status = excluded.status, "
+    "snapshot = excluded.snapshot, version = excluded.version, updated_at = excluded.updated_at, updated_via = excluded.updated_via"
 )
-#: an appointment already stored is rewritten through its key, skipping the id index
-_UPDATE_APPOINTMENT = (
-    "UPDATE appointments SET clinician = ?, start = ?, status = ?, snapshot = ?, version = ?, updated_at = ?, updated_via = ? "
-    "WHERE key = ?"
-)
+_INSERT_LINK = "INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, applied_at, gone, applied_ts)"
 _UPSERT_LINK = (
-    "INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, applied_at, gone, applied_ts) "
-    "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (connector, appointment_id) DO UPDATE SET external_id = excluded.external_id, "
+    "ON CONFLICT (connector, appointment_id) DO UPDATE SET external_id = excluded.external_id, "
     "etag = excluded.etag, base = excluded.base, applied_version = excluded.applied_version, "
     "applied_at = COALESCE(excluded.applied_at, links.applied_at), gone = excluded.gone, "
     "applied_ts = COALESCE(excluded.applied_ts, links.applied_ts)"
 )
 _UPDATE_LINK = "UPDATE links SET etag = ?, base = ?, applied_version = ?, gone = ? WHERE rowid = ?"
+_INSERT_OUTBOX = "INSERT INTO outbox (connector, appt, appointment_id, target_version, due_at, enqueued_at)"
 #: the common case of _ENQUEUE, an item already pending and due: only the target moves, so the
 #: (dead, due_at) index is left alone; rows it does not cover are left unchanged (and not counted)
 _ENQUEUE_PENDING = (
-    "INSERT INTO outbox (connector, appt, appointment_id, target_version, due_at, attempts, dead, enqueued_at) "
-    "VALUES (?,?,?,?,?,0,0,?) ON CONFLICT (connector, appt) DO UPDATE SET "
+    "ON CONFLICT (connector, appt) DO UPDATE SET "
     "target_version = MAX(outbox.target_version, excluded.target_version), attempts = 0, last_error = NULL "
     "WHERE outbox.dead = 0 AND outbox.due_at <= excluded.due_at"
 )
 _ENQUEUE = (
-    "INSERT INTO outbox (connector, appt, appointment_id, target_version, due_at, attempts, dead, enqueued_at) "
-    "VALUES (?,?,?,?,?,0,0,?) ON CONFLICT (connector, appt) DO UPDATE SET "
+    "ON CONFLICT (connector, appt) DO UPDATE SET "
     "target_version = MAX(outbox.target_version, excluded.target_version), due_at = MIN(outbox.due_at, excluded.due_at), "
     "attempts = 0, dead = 0, last_error = NULL"
 )
@@ -71,7 +68,6 @@ class Tx:
         self._decoded: dict[tuple[str, str], Link] = {}
         self._ext: dict[tuple[str, str], str] = {}  # (connector, external id) -> appointment
         self._appt_rows: dict[str, tuple[Any, ...]] = {}
-        self._appt_updates: dict[str, tuple[Any, ...]] = {}
         self._versions: list[tuple[Any, ...]] = []
         self._link_rows: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._link_updates: list[tuple[Any, ...]] = []
@@ -236,20 +232,17 @@ class Tx:
         if appointment_id not in self._appts:
             self._load([appointment_id])
         key = self._keys.get(appointment_id)
-        if key is None or appointment_id in self._appt_rows:
-            if key is None:
-                key = self._keys[appointment_id] = self._new_key()
-            row = (key, appointment_id, snap["clinician"], snap["start"], snap["status"], text, version, at, via)
-            self._appt_rows[appointment_id] = row
-        else:
-            self._appt_updates[appointment_id] = (snap["clinician"], snap["start"], snap["status"], text, version, at, via, key)
+        if key is None:
+            key = self._keys[appointment_id] = self._new_key()
+        self._appt_rows[appointment_id] = (key, appointment_id, snap["clinician"], snap["start"], snap["status"], text, version, at, via)
         self._versions.append((key, version, text, at, via))
         if snap.get("series_id"):
             self._series[snap["series_id"]] = (snap["series_id"], snap["clinician"], snap["timezone"], at)
         self._appts[appointment_id] = Appointment(appointment_id, snap, version, at, via)
         self._links.setdefault(appointment_id, {})
 
-    def put_link(self, link: Link, applied_at: str | None = None) -> None:
+    def put_link(self, link: Link, applied_at: str | None = None, base_text: str | None = None) -> None:
+        """Buffer the link; ``base_text`` is ``link.base`` already encoded, when the caller has it."""
         links = self.stored_links(link.appointment_id)
         connector, appt_id, ext = link.connector, link.appointment_id, link.external_id
         old = links.get(connector)
@@ -257,7 +250,8 @@ class Tx:
             self._ext.pop((connector, old[2]), None)
         if ext:
             self._ext[(connector, ext)] = appt_id
-        base_text = dumps(link.base) if link.base is not None else None
+        if base_text is None and link.base is not None:
+            base_text = dumps(link.base)
         gone = int(link.gone)
         rowid = old[7] if old is not None else None
         key = (connector, appt_id)
@@ -298,17 +292,12 @@ class Tx:
         self._outbox[key] = (max(version, old[0]), min(now, old[1])) if old else (version, now)
 
     def flush(self) -> None:
-        if self._appt_updates:
-            self.conn.executemany(_UPDATE_APPOINTMENT, list(self._appt_updates.values()))
         if self._appt_rows:
-            self.conn.executemany(_INSERT_APPOINTMENT, list(self._appt_rows.values()))
+            insert_rows(self.conn, _PUT_APPOINTMENT, list(self._appt_rows.values()), _PUT_APPOINTMENT_CONFLICT)
         if self._versions:
-            self.conn.executemany("INSERT INTO appointment_history (appt, version, snapshot, at, via) VALUES (?,?,?,?,?)", self._versions)
+            insert_rows(self.conn, "INSERT INTO appointment_history (appt, version, snapshot, at, via)", self._versions)
         if self._series:
-            self.conn.executemany(
-                "INSERT INTO series (id, clinician, timezone, created_at) VALUES (?,?,?,?) ON CONFLICT (id) DO NOTHING",
-                list(self._series.values()),
-            )
+            insert_rows(self.conn, "INSERT INTO series (id, clinician, timezone, created_at)", list(self._series.values()), "ON CONFLICT (id) DO NOTHING")
         if self._link_updates:
             self.conn.executemany(_UPDATE_LINK, self._link_updates)
         if self._ext_moves:
@@ -316,7 +305,7 @@ class Tx:
                 "UPDATE links SET external_id = NULL WHERE connector = ? AND external_id = ? AND appointment_id != ?", self._ext_moves
             )
         if self._link_rows:
-            self.conn.executemany(_UPSERT_LINK, list(self._link_rows.values()))
+            insert_rows(self.conn, _INSERT_LINK, list(self._link_rows.values()), _UPSERT_LINK)
         if self._outbox:
             keys = self._keys
             unkeyed = [a for (_, a) in self._outbox if a not in keys]
@@ -325,9 +314,9 @@ class Tx:
                 keys.update(self.conn.execute(f"SELECT id, key FROM appointments WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
             # an item for an appointment that is not stored has nothing to converge to: not kept
             rows = [(c, keys[a], a, v, due, due) for (c, a), (v, due) in self._outbox.items() if a in keys]
-            if self.conn.executemany(_ENQUEUE_PENDING, rows).rowcount != len(rows):
+            if insert_rows(self.conn, _INSERT_OUTBOX, rows, _ENQUEUE_PENDING) != len(rows):
                 # some item was dead or retrying: the full rule again (it is idempotent) fixes those
-                self.conn.executemany(_ENQUEUE, rows)
+                insert_rows(self.conn, _INSERT_OUTBOX, rows, _ENQUEUE)
         self._appt_rows, self._versions, self._link_rows, self._outbox, self._series = {}, [], {}, {}, {}
-        self._link_updates, self._ext_moves, self._appt_updates = [], [], {}
+        self._link_updates, self._ext_moves = [], []
         self.audit.flush()
