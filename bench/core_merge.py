@@ -17,6 +17,7 @@ import argparse
 import json
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -79,6 +80,7 @@ def main() -> None:
     }
     cfg = parse_config(yaml.safe_dump(conf))
     store = Store(cfg.store.path, cache_mb=cfg.store.cache_mb)
+    store.checkpoint_in_background()  # as the daemon does
     from syncbridge.registry import build_connectors
 
     engine = Engine(store, build_connectors(cfg), cfg)
@@ -134,6 +136,9 @@ def main() -> None:
         random.Random(7).shuffle(order)
     merged = run("merge", "cal", moved, order)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    audit_ok = store.verify_audit().ok
+    outbox_rows = store.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+    store.close()  # the last checkpoint: the file then holds everything
     out = {
         "appointments": n,
         "batch": batch,
@@ -144,9 +149,10 @@ def main() -> None:
         "merge_cpu_us": round(cpu["merge"] / n * 1e6, 1),
         "peak_rss_mb": round(rss_mb, 1),
         "store_mb": round((tmp / "bench.db").stat().st_size / 2**20, 1),
-        "audit_ok": store.verify_audit().ok,
-        "outbox_rows": store.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0],
+        "audit_ok": audit_ok,
+        "outbox_rows": outbox_rows,
     }
+    shutil.rmtree(tmp)
     print(json.dumps(out))
 
 

@@ -25,6 +25,7 @@ from .migrations import migrate
 from .model import CANCELLED_STATES, Appointment, Snapshot
 
 if TYPE_CHECKING:
+    from .checkpoint import Checkpointer
     from .tx import Tx
 
 __all__ = ["OutboxItem", "Store", "WorkItem", "dumps", "loads", "row_link", "LINK_COLS"]
@@ -93,6 +94,7 @@ LINK_COLS = "connector, appointment_id, external_id, etag, base, applied_version
 class Store:
     def __init__(self, path: str | os.PathLike[str], *, cache_mb: int = 16) -> None:
         self.path = Path(path)
+        self._checkpointer: Checkpointer | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -105,14 +107,27 @@ class Store:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute(f"PRAGMA cache_size=-{int(cache_mb) * 1024}")  # in KiB when negative
-            conn.execute("PRAGMA wal_autocheckpoint=10000")
+            conn.execute("PRAGMA wal_autocheckpoint=10000")  # pages; a daemon checkpoints in the background instead
+            conn.execute(f"PRAGMA journal_size_limit={64 * 2**20}")  # a WAL grown by a burst is truncated back
             conn.execute("PRAGMA temp_store=MEMORY")
             self.schema_version = migrate(conn)
         finally:
             os.umask(old)
 
+    def checkpoint_in_background(self, interval: float = 1.0) -> None:
+        """For a long-running writer: WAL checkpoints on a thread (see :mod:`.checkpoint`), not in commits."""
+        from .checkpoint import Checkpointer
+
+        if self._checkpointer is None:
+            self.conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpointer = Checkpointer(self.path, interval)
+            self._checkpointer.start()
+
     def close(self) -> None:
-        self.conn.close()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
+        self.conn.close()  # the last connection to close checkpoints what is left
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:
