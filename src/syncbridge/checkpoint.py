@@ -18,7 +18,10 @@ from pathlib import Path
 
 import structlog
 
-__all__ = ["Checkpointer"]
+__all__ = ["JOURNAL_LIMIT", "Checkpointer"]
+
+#: bytes a WAL file is cut back to once it has been copied back and restarts
+JOURNAL_LIMIT = 64 * 2**20
 
 log = structlog.get_logger("syncbridge.checkpoint")
 
@@ -41,6 +44,7 @@ class Checkpointer:
 
     def _run(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute(f"PRAGMA journal_size_limit={JOURNAL_LIMIT}")
         try:
             while not self._stop.wait(self.interval):
                 try:

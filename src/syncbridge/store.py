@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 import sqlite_utils
 
 from .audit import VerifyResult, verify
+from .checkpoint import JOURNAL_LIMIT, Checkpointer
 from .connector import Link
 from .migrations import migrate
 from .model import CANCELLED_STATES, Appointment, Snapshot
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpointer
     from .tx import Tx
 
 __all__ = ["OutboxItem", "Store", "WorkItem", "dumps", "loads", "row_link", "LINK_COLS"]
@@ -108,7 +108,7 @@ class Store:
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute(f"PRAGMA cache_size=-{int(cache_mb) * 1024}")  # in KiB when negative
             conn.execute("PRAGMA wal_autocheckpoint=10000")  # pages; a daemon checkpoints in the background instead
-            conn.execute(f"PRAGMA journal_size_limit={64 * 2**20}")  # a WAL grown by a burst is truncated back
+            conn.execute(f"PRAGMA journal_size_limit={JOURNAL_LIMIT}")  # a WAL grown by a burst is cut back
             conn.execute("PRAGMA temp_store=MEMORY")
             self.schema_version = migrate(conn)
         finally:
@@ -116,8 +116,6 @@ class Store:
 
     def checkpoint_in_background(self, interval: float = 1.0) -> None:
         """For a long-running writer: WAL checkpoints on a thread (see :mod:`.checkpoint`), not in commits."""
-        from .checkpoint import Checkpointer
-
         if self._checkpointer is None:
             self.conn.execute("PRAGMA wal_autocheckpoint=0")
             self._checkpointer = Checkpointer(self.path, interval)
