@@ -80,7 +80,6 @@ def main() -> None:
     }
     cfg = parse_config(yaml.safe_dump(conf))
     store = Store(cfg.store.path, cache_mb=cfg.store.cache_mb)
-    store.checkpoint_in_background()  # as the daemon does
     from syncbridge.registry import build_connectors
 
     engine = Engine(store, build_connectors(cfg), cfg)
@@ -138,7 +137,7 @@ def main() -> None:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     audit_ok = store.verify_audit().ok
     outbox_rows = store.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-    store.close()  # the last checkpoint: the file then holds everything
+    store.close()  # the last connection to close checkpoints: the file then holds everything
     out = {
         "appointments": n,
         "batch": batch,

@@ -292,7 +292,6 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self.store.checkpoint_in_background()
         self.schedule()
         self.scheduler.start()
         worker = asyncio.create_task(self.outbox_loop())

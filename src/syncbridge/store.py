@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import sqlite_utils
 
 from .audit import VerifyResult, verify
-from .checkpoint import JOURNAL_LIMIT, Checkpointer
 from .connector import Link
 from .migrations import migrate
 from .model import CANCELLED_STATES, Appointment, Snapshot
@@ -94,7 +93,6 @@ LINK_COLS = "connector, appointment_id, external_id, etag, base, applied_version
 class Store:
     def __init__(self, path: str | os.PathLike[str], *, cache_mb: int = 16) -> None:
         self.path = Path(path)
-        self._checkpointer: Checkpointer | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -107,25 +105,14 @@ class Store:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute(f"PRAGMA cache_size=-{int(cache_mb) * 1024}")  # in KiB when negative
-            conn.execute("PRAGMA wal_autocheckpoint=10000")  # pages; a daemon checkpoints in the background instead
-            conn.execute(f"PRAGMA journal_size_limit={JOURNAL_LIMIT}")  # a WAL grown by a burst is cut back
+            conn.execute("PRAGMA wal_autocheckpoint=10000")
             conn.execute("PRAGMA temp_store=MEMORY")
             self.schema_version = migrate(conn)
         finally:
             os.umask(old)
 
-    def checkpoint_in_background(self, interval: float = 1.0) -> None:
-        """For a long-running writer: WAL checkpoints on a thread (see :mod:`.checkpoint`), not in commits."""
-        if self._checkpointer is None:
-            self.conn.execute("PRAGMA wal_autocheckpoint=0")
-            self._checkpointer = Checkpointer(self.path, interval)
-            self._checkpointer.start()
-
     def close(self) -> None:
-        if self._checkpointer is not None:
-            self._checkpointer.stop()
-            self._checkpointer = None
-        self.conn.close()  # the last connection to close checkpoints what is left
+        self.conn.close()
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:

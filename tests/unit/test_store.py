@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 from pathlib import Path
 
 from syncbridge.migrations import MIGRATIONS
@@ -88,37 +87,3 @@ def test_page_cache_follows_the_setting(tmp_path: Path) -> None:
     """`store.cache_mb` bounds SQLite's page cache, the daemon's largest memory holder after Python."""
     assert Store(tmp_path / "a.db").conn.execute("PRAGMA cache_size").fetchone()[0] == -16 * 1024
     assert Store(tmp_path / "b.db", cache_mb=64).conn.execute("PRAGMA cache_size").fetchone()[0] == -64 * 1024
-
-
-def test_commits_leave_checkpoints_to_the_background_thread(tmp_path: Path) -> None:
-    """A daemon's store copies the WAL into the database on its own thread: commits only append.
-
-    The database file grows while the writer does nothing but wait, and closing the store
-    stops the thread and leaves everything in the file.
-    """
-    store = Store(tmp_path / "s.db")
-    store.checkpoint_in_background(interval=0.05)
-    assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
-    before = (tmp_path / "s.db").stat().st_size
-    for batch in range(20):
-        with store.tx() as tx:
-            for i in range(200):
-                tx.audit.add("2026-11-23T10:00:00Z", "observed", "cal", f"sb-{batch}-{i}", {"version": i, "pad": "x" * 200})
-    deadline = time.monotonic() + 10
-    while (tmp_path / "s.db").stat().st_size <= before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert (tmp_path / "s.db").stat().st_size > before, "no checkpoint copied the WAL into the database"
-    thread = store._checkpointer._thread if store._checkpointer else None
-    store.close()
-    assert thread is not None and not thread.is_alive()
-    reopened = Store(tmp_path / "s.db")
-    assert reopened.verify_audit().entries == 4000
-    reopened.close()
-
-
-def test_a_store_without_the_thread_checkpoints_in_commits(tmp_path: Path) -> None:
-    """The CLI's short-lived stores keep SQLite's automatic checkpoints (nothing runs behind them)."""
-    store = _store_with_entries(tmp_path / "s.db")
-    assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] > 0
-    assert store._checkpointer is None
-    store.close()
