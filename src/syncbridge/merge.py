@@ -25,12 +25,13 @@ MIRROR_WRITABLE = frozenset({*TIME_FIELDS, "status"})
 _LIVE = frozenset(Status) - CANCELLED_STATES
 
 # Plain fields, with the three time fields moving as one group so a move is never torn; status
-# and cancellation follow their own rules (``_status``). Each group with the name a conflict gets.
-_ALL_GROUPS: tuple[tuple[tuple[str, ...], str], ...] = ((TIME_FIELDS, "time"),) + tuple(
-    ((f,), f) for f in FIELDS if f not in TIME_FIELDS and f not in ("status", "cancellation")
+# and cancellation follow their own rules (``_status``). Each group as its fields in order, the
+# same as a set, and the name a conflict gets.
+_ALL_GROUPS: tuple[tuple[tuple[str, ...], frozenset[str], str], ...] = ((TIME_FIELDS, frozenset(TIME_FIELDS), "time"),) + tuple(
+    ((f,), frozenset((f,)), f) for f in FIELDS if f not in TIME_FIELDS and f not in ("status", "cancellation")
 )
 #: the groups a calendar may write
-_MIRROR_GROUPS = tuple(g for g in _ALL_GROUPS if all(f in MIRROR_WRITABLE for f in g[0]))
+_MIRROR_GROUPS = tuple(g for g in _ALL_GROUPS if g[1] <= MIRROR_WRITABLE)
 
 Action = Literal["create", "update", "noop", "ignore"]
 
@@ -89,11 +90,8 @@ def merge(
     changed: list[str] = []
     conflicts: list[Conflict] = []
 
-    for group, name in _MIRROR_GROUPS if role == Role.MIRROR else _ALL_GROUPS:
-        if len(group) == 1:
-            if group[0] not in observed:
-                continue
-        elif not all(f in observed for f in group):
+    for group, members, name in _MIRROR_GROUPS if role == Role.MIRROR else _ALL_GROUPS:
+        if not observed.keys() >= members:
             continue
         ov = tuple(map(observed.__getitem__, group))
         cv = tuple(map(c_proj.__getitem__, group))
@@ -109,7 +107,7 @@ def merge(
             take = order > 0 or (order == 0 and role == Role.RECORD)
             conflicts.append(Conflict(name, "observed" if take else "canonical", "later modification wins; ties to record"))
         if take:
-            for f, v in zip(group, ov, strict=True):
+            for f, v in zip(group, ov):  # noqa: B905 (ov was built from group)
                 if new[f] != v:
                     new[f] = v
                     changed.append(f)
