@@ -13,7 +13,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from .bulk import insert_rows
+from .bulk import appointment_keys, insert_rows
 
 __all__ = ["GENESIS", "AuditWriter", "VerifyResult", "entry_hash", "verify"]
 
@@ -68,10 +68,7 @@ class AuditWriter:
         rows = self.rows
         unkeyed = list({r[4] for r in rows if r[4] and r[8] is None})
         if unkeyed:
-            found = dict[str, int]()
-            for i in range(0, len(unkeyed), 500):
-                chunk = unkeyed[i : i + 500]
-                found.update(self.conn.execute(f"SELECT id, key FROM appointments WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+            found = appointment_keys(self.conn, unkeyed)
             rows = [r if r[4] is None or r[8] is not None else (*r[:8], found.get(r[4])) for r in rows]
         insert_rows(self.conn, "INSERT INTO audit (seq, at, kind, connector, appointment_id, detail, prev_hash, hash, appt)", rows)
         self.conn.execute(

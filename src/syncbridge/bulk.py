@@ -1,4 +1,4 @@
-"""Multi-row statements: many rows written per SQLite statement step."""
+"""Multi-row statements: many rows written, or looked up, per SQLite statement."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
-__all__ = ["ROWS_PER_INSERT", "insert_rows"]
+__all__ = ["ROWS_PER_INSERT", "appointment_keys", "insert_rows"]
 
 #: the most rows in one statement: far below SQLite's limit of 32,766 bound values
 ROWS_PER_INSERT = 64
@@ -35,3 +35,12 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any
             lo = hi
         size //= 2
     return changed
+
+
+def appointment_keys(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, int]:
+    """Canonical id -> integer key for the stored ones among ``ids``, 500 ids per query."""
+    found: dict[str, int] = {}
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        found.update(conn.execute(f"SELECT id, key FROM appointments WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+    return found

@@ -8,7 +8,6 @@ is cheap and the merge is a pure function over plain data.
 from __future__ import annotations
 
 import uuid
-
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NamedTuple

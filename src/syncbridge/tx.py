@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .audit import AuditWriter
-from .bulk import insert_rows
+from .bulk import appointment_keys, insert_rows
 from .connector import Link
 from .model import Appointment, Snapshot
 from .store import LINK_COLS, dumps, loads, row_link
@@ -308,10 +308,7 @@ class Tx:
             insert_rows(self.conn, _INSERT_LINK, list(self._link_rows.values()), _UPSERT_LINK)
         if self._outbox:
             keys = self._keys
-            unkeyed = [a for (_, a) in self._outbox if a not in keys]
-            for i in range(0, len(unkeyed), 500):
-                chunk = unkeyed[i : i + 500]
-                keys.update(self.conn.execute(f"SELECT id, key FROM appointments WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+            keys.update(appointment_keys(self.conn, [a for (_, a) in self._outbox if a not in keys]))
             # an item for an appointment that is not stored has nothing to converge to: not kept
             rows = [(c, keys[a], a, v, due, due) for (c, a), (v, due) in self._outbox.items() if a in keys]
             if insert_rows(self.conn, _INSERT_OUTBOX, rows, _ENQUEUE_PENDING) != len(rows):
