@@ -132,8 +132,11 @@ class Engine:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with self.store.tx() as tx:
-                report.held = self._guard(tx, connector, observations, now)
+            cancelling = [o for o in observations if o.deleted or o.fields.get("status") in CANCELLED_STATES or o.tags & CANCELLING_TAGS]
+            if len(cancelling) >= self.config.policy.mass_cancel_guard.min_count:
+                # too few cancellations to trip the guard need no transaction of their own
+                with self.store.tx() as tx:
+                    report.held = self._guard(tx, connector, cancelling, now)
             if not report.held:
                 # A large pull (an initial sync reading back thousands of our own writes) commits in
                 # slices, so what a transaction caches stays bounded; the cursor moves with the
@@ -175,12 +178,9 @@ class Engine:
             if advance:
                 tx.set_cursor(name, result.cursor, now, full=result.complete)
 
-    def _guard(self, tx: Tx, connector: Connector, observations: list[Observation], now: str) -> bool:
-        """Mass-disappearance guard: hold a batch that would cancel too much at once."""
+    def _guard(self, tx: Tx, connector: Connector, cancelling: list[Observation], now: str) -> bool:
+        """Mass-disappearance guard: hold a batch whose ``cancelling`` observations would cancel too much at once."""
         policy = self.config.policy.mass_cancel_guard
-        cancelling = [o for o in observations if o.deleted or o.fields.get("status") in CANCELLED_STATES or o.tags & CANCELLING_TAGS]
-        if len(cancelling) < policy.min_count:
-            return False
         live = {
             r[0]: r[1]
             for r in tx.conn.execute(
