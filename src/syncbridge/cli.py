@@ -380,7 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as err:
-        print(f"syncbridge: configuration refused: {err}", file=sys.stderr)
+        if err.more:
+            print(f"syncbridge: configuration refused, {len(err.problems)} problems:", file=sys.stderr)
+            for problem in err.problems:
+                print(f"  {problem.text}", file=sys.stderr)
+        else:
+            print(f"syncbridge: configuration refused: {err}", file=sys.stderr)
         return 2
     except MalformedRecord as err:
         print(f"syncbridge: {err}", file=sys.stderr)

@@ -288,7 +288,11 @@ def _nearest_line(lines: dict[tuple[str, ...], int], loc: tuple[str, ...]) -> in
 
 
 def parse_config(text: str, source: str = "<config>") -> PracticeConfig:
-    """Parse and validate YAML text (plus environment overrides) into a PracticeConfig."""
+    """Parse and validate YAML text (plus environment overrides) into a PracticeConfig.
+
+    Every problem found is reported at once, in file order: an admin fixing a new config should
+    not need one run per typo.
+    """
     try:
         data = yaml.safe_load(text) or {}
         lines = _line_map(text)
@@ -298,47 +302,89 @@ def parse_config(text: str, source: str = "<config>") -> PracticeConfig:
         raise ConfigError("<yaml>", f"not valid YAML: {problem}", mark.line + 1 if mark else None, source) from err
     if not isinstance(data, dict):
         raise ConfigError("<root>", "the top level must be a mapping of sections", 1, source)
+    problems: list[ConfigError] = []
+    cfg: PracticeConfig | None = None
     try:
         cfg = PracticeConfig(**data)
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = tuple(str(p) for p in first["loc"])
-        raise ConfigError(".".join(loc) or "<root>", _message(first), _nearest_line(lines, loc), source) from None
-    _check_references(cfg, lines, source)
+        problems += _validation_problems(err, (), lines, source)
+    if cfg is not None:
+        connectors, accounts = cfg.connectors, {k: list(c.accounts) for k, c in cfg.clinicians.items()}
+        names = set(connectors)
+    else:
+        # the references can still be checked where the sections themselves are sound
+        connectors, names, accounts = _raw_references(data)
+    problems += _reference_problems(connectors, names, accounts, lines, source)
+    if problems:
+        raise ConfigError.of(problems)
+    assert cfg is not None
     return cfg
 
 
-def _check_references(cfg: PracticeConfig, lines: dict[tuple[str, ...], int], source: str) -> None:
+def _validation_problems(err: ValidationError, prefix: tuple[str, ...], lines: dict[tuple[str, ...], int], source: str) -> list[ConfigError]:
+    problems = []
+    for e in err.errors():
+        loc = (*prefix, *(str(p) for p in e["loc"]))
+        problems.append(ConfigError(".".join(loc) or "<root>", _message(e), _nearest_line(lines, loc), source))
+    return problems
+
+
+def _raw_references(data: dict[str, Any]) -> tuple[dict[str, ConnectorConfig], set[str], dict[str, list[str]]]:
+    """Of a config that failed validation: the sound connectors, every connector name, the accounts."""
+    raw = data.get("connectors", {})
+    if not isinstance(raw, dict):
+        return {}, set(), {}  # already reported; every account would look dangling
+    connectors: dict[str, ConnectorConfig] = {}
+    for name, entry in raw.items():
+        try:
+            connectors[str(name)] = ConnectorConfig.model_validate(entry)
+        except ValidationError:
+            continue  # already reported
+    accounts: dict[str, list[str]] = {}
+    clinicians = data.get("clinicians")
+    for key, entry in (clinicians.items() if isinstance(clinicians, dict) else ()):
+        acc = entry.get("accounts") if isinstance(entry, dict) else None
+        if isinstance(acc, dict):
+            accounts[str(key)] = [str(a) for a in acc]
+    return connectors, {str(n) for n in raw}, accounts
+
+
+def _reference_problems(
+    connectors: dict[str, ConnectorConfig], names: set[str], accounts: dict[str, list[str]],
+    lines: dict[tuple[str, ...], int], source: str,
+) -> list[ConfigError]:
+    """Connector types that are not installed, connector options their type refuses, accounts in no connector."""
     from .registry import connector_class, known_types  # late: the registry imports entry points
 
-    for name, conn in cfg.connectors.items():
+    problems: list[ConfigError] = []
+    for name, conn in connectors.items():
         try:
             cls = connector_class(conn.type)
         except KeyError:
-            raise ConfigError(
+            problems.append(ConfigError(
                 f"connectors.{name}.type",
                 f"unknown connector type {conn.type!r} (installed: {', '.join(known_types()) or 'none'})",
                 _nearest_line(lines, ("connectors", name, "type")),
                 source,
-            ) from None
+            ))
+            continue
         options_model = getattr(cls, "Options", None)
         if options_model is not None:
             try:
                 options_model(**conn.options)
             except ValidationError as err:
-                first = err.errors()[0]
-                loc = ("connectors", name, *(str(p) for p in first["loc"]))
-                raise ConfigError(".".join(loc), _message(first), _nearest_line(lines, loc), source) from None
-    for key, clin in cfg.clinicians.items():
-        for conn_name in clin.accounts:
-            if conn_name not in cfg.connectors:
+                problems += _validation_problems(err, ("connectors", name), lines, source)
+    for key, used in accounts.items():
+        for conn_name in used:
+            if conn_name not in names:
                 loc = ("clinicians", key, "accounts", conn_name)
-                raise ConfigError(
+                problems.append(ConfigError(
                     ".".join(loc),
-                    f"no connector named {conn_name!r} is configured (known: {', '.join(cfg.connectors) or 'none'})",
+                    f"no connector named {conn_name!r} is configured (known: {', '.join(sorted(names)) or 'none'})",
                     _nearest_line(lines, loc),
                     source,
-                )
+                ))
+    return problems
 
 
 def load_config(path: str | os.PathLike[str]) -> PracticeConfig:

@@ -16,6 +16,7 @@ engine only ever sees these.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -45,13 +46,32 @@ class ConfigError(SyncbridgeError):
 
     kind = "config"
 
-    def __init__(self, key: str, problem: str, line: int | None = None, source: str | None = None):
+    def __init__(
+        self, key: str, problem: str, line: int | None = None, source: str | None = None, *, more: Sequence[ConfigError] = ()
+    ):
         self.key = key
         self.problem = problem
         self.line = line
         self.source = source
+        #: the other problems found in the same file, so an admin can fix them all in one pass
+        self.more = tuple(more)
         where = f"{source}:{line}: " if source and line else (f"line {line}: " if line else "")
-        super().__init__(f"{where}{key}: {problem}")
+        self.text = f"{where}{key}: {problem}"
+        super().__init__("\n".join(p.text for p in self.problems))
+
+    @property
+    def problems(self) -> tuple[ConfigError, ...]:
+        """This problem and the others, in the order of the file."""
+        return (self, *self.more)
+
+    @classmethod
+    def of(cls, problems: Sequence[ConfigError]) -> ConfigError:
+        """One error for every problem found: in file order, one per key, the first leading."""
+        by_key: dict[str, ConfigError] = {}
+        for p in problems:
+            by_key.setdefault(p.key, p)
+        first, *rest = sorted(by_key.values(), key=lambda p: p.line if p.line is not None else 1 << 30)
+        return cls(first.key, first.problem, first.line, first.source, more=rest)
 
 
 class AuthError(SyncbridgeError):

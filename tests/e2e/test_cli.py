@@ -79,6 +79,11 @@ def test_every_command_has_help() -> None:
         ("practice:\n  timezone: Mars/Olympus\n", "practice.timezone: unknown time zone 'Mars/Olympus'"),
         ("store: {path: [unclosed\n", "not valid YAML"),
         ("connectors:\n  ehr:\n    type: epic-magic\n", "connectors.ehr.type: unknown connector type 'epic-magic'"),
+        (
+            "practice:\n  timezone: Mars/Olympus\nconnectors:\n  ehr:\n    type: epic-magic\n",
+            "refused, 2 problems:\n  {bad}:2: practice.timezone: unknown time zone 'Mars/Olympus'"
+            " (expected an IANA name such as America/New_York)\n  {bad}:5: connectors.ehr.type: unknown connector type",
+        ),
     ],
 )
 def test_bad_config_is_refused_and_store_untouched(practice: Path, tmp_path: Path, text: str, expect: str) -> None:
@@ -88,7 +93,7 @@ def test_bad_config_is_refused_and_store_untouched(practice: Path, tmp_path: Pat
     bad.write_text(text)
     done = sb("check", "--config", str(bad))
     assert done.returncode == 2
-    assert expect in done.stderr and str(bad) in done.stderr
+    assert expect.format(bad=bad) in done.stderr and str(bad) in done.stderr
     assert sb("run", "--config", str(bad)).returncode == 2
     assert digest(tmp_path / "store.db") == before
 

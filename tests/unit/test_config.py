@@ -58,6 +58,35 @@ def test_bad_config_names_key_and_line(text: str, key: str, line: int, words: st
     assert str(err).startswith(f"practice.yaml:{line}: {key}:")
 
 
+def test_every_mistake_is_reported_at_once() -> None:
+    """A config with several mistakes lists them all, in file order, so one pass fixes them.
+
+    The references (connector types, their options, clinicians' accounts) are checked even when
+    another section is invalid.
+    """
+    text = (
+        "practice:\n  timezone: Mars/Olympus\n"  # 2
+        "store:\n  path: x.db\n  cache_mb: 0\n"  # 5
+        "clinicians:\n  dr_x:\n    accounts:\n      cal: {}\n      nowhere: {}\n"  # 10
+        "connectors:\n"
+        "  cal:\n    type: tests.support.replica:ReplicaConnector\n    pth: /x\n"  # 12
+        "  ehr:\n    type: epic-magic\n"  # 16
+        "  odd:\n    role: mirror\n"  # 17
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "practice.yaml")
+    found = [(p.key, p.line) for p in info.value.problems]
+    assert found == [
+        ("practice.timezone", 2),
+        ("store.cache_mb", 5),
+        ("clinicians.dr_x.accounts.nowhere", 10),
+        ("connectors.cal.path", 12),
+        ("connectors.ehr.type", 16),
+        ("connectors.odd.type", 17),
+    ]
+    assert str(info.value).splitlines()[1] == "practice.yaml:5: store.cache_mb: Input should be greater than or equal to 1"
+
+
 def test_environment_overrides_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
     """SYNCBRIDGE_ variables override the file, nested with double underscores."""
     monkeypatch.setenv("SYNCBRIDGE_STORE__PATH", "/var/lib/syncbridge/x.db")
