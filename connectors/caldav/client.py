@@ -32,6 +32,7 @@ from syncbridge.errors import (
     RateLimited,
     SyncbridgeError,
     TransientError,
+    unreachable,
 )
 
 __all__ = ["APP_PASSWORD_HINT", "CalDAVClient", "Collection", "Resource", "raise_for_status", "translate"]
@@ -144,7 +145,7 @@ def translate(err: BaseException, what: str) -> SyncbridgeError:
         except SyncbridgeError as mapped:
             return mapped
     if isinstance(err, _TRANSPORT):
-        return TransientError(f"{what}: the server could not be reached ({type(err).__name__})")
+        return unreachable(what, err)
     if isinstance(err, dav_error.DAVError):
         return TransientError(f"{what}: unexpected answer ({type(err).__name__})")
     return TransientError(f"{what}: unexpected failure ({type(err).__name__})")

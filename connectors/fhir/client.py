@@ -27,6 +27,7 @@ from syncbridge.errors import (
     SyncbridgeError,
     TransientError,
     retry_after_seconds,
+    unreachable,
 )
 from syncbridge.limits import json_object
 
@@ -182,7 +183,7 @@ class FHIRClient:
         try:
             r = await self._http.post(token_url, data=form)
         except httpx.HTTPError as err:
-            raise TransientError(f"POST token: {type(err).__name__}") from err
+            raise unreachable("POST token", err) from err
         if r.status_code in (400, 401, 403):
             try:
                 detail = str(r.json().get("error_description") or r.json().get("error"))[:200]
@@ -205,7 +206,7 @@ class FHIRClient:
         try:
             r = await self._http.request(method, full, content=json.dumps(json_body) if json_body is not None else None, headers=hdrs)
         except httpx.HTTPError as err:
-            raise TransientError(f"{what}: {type(err).__name__}") from err
+            raise unreachable(what, err) from err
         if r.status_code == 401 and self._static is None and not renewed:
             self._access = None  # the token may have been revoked early: fetch a new one, once
             return await self._request(method, url, what, json_body=json_body, headers=headers, renewed=True)

@@ -28,7 +28,7 @@ from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
 from googleapiclient.http import BatchHttpRequest, HttpRequest
 
-from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError, retry_after_seconds
+from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError, retry_after_seconds, unreachable
 
 __all__ = ["BATCH_LIMIT", "CalendarClient", "Part", "batch_list", "batch_write", "raise_for_status", "translate"]
 
@@ -98,7 +98,7 @@ def translate(err: BaseException, what: str) -> Exception:
         hint = DELEGATION_HINT if "unauthorized_client" in str(err) else "run `syncbridge auth` again for this clinician, or check the key"
         return AuthError(f"{what}: Google refused to issue an access token ({detail[:120]})", action=hint)
     if isinstance(err, google.auth.exceptions.TransportError | httplib2.HttpLib2Error | socket.timeout | OSError):
-        return TransientError(f"{what}: network error ({type(err).__name__})")
+        return unreachable(what, err)
     return err if isinstance(err, Exception) else RuntimeError(str(err))
 
 

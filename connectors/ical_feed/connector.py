@@ -18,7 +18,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from syncbridge.connector import ApplyResult, Capabilities, Connector, Link, Observation, PullResult
-from syncbridge.errors import AuthError, ConfigError, MalformedRecord, PermanentError, RateLimited, TransientError, retry_after_seconds
+from syncbridge.errors import AuthError, ConfigError, MalformedRecord, PermanentError, RateLimited, TransientError, retry_after_seconds, unreachable
 from syncbridge.model import CANCELLED_STATES, Role, Snapshot, Status, iso, parse_iso, utcnow
 from syncbridge.secrets import SecretRef
 
@@ -62,7 +62,7 @@ class ICalFeedConnector(Connector):
         try:
             resp = await self._http.get(url, headers=headers)
         except httpx.HTTPError as err:
-            raise TransientError(f"feed of {clinician}: the EHR could not be reached ({type(err).__name__})") from err
+            raise unreachable(f"feed of {clinician}", err) from err
         if resp.status_code == 304:
             return None, etag
         if resp.status_code in (401, 403, 404):

@@ -23,7 +23,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from syncbridge.connector import Host
-from syncbridge.errors import AuthError, TransientError
+from syncbridge.errors import AuthError, TransientError, unreachable
 
 __all__ = ["AppTokens", "DelegatedTokens", "http_session"]
 
@@ -59,7 +59,7 @@ async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
     except requests.RequestException as err:
-        raise TransientError(f"token endpoint unreachable ({type(err).__name__})") from err
+        raise unreachable("token endpoint", err) from err
     except json.JSONDecodeError as err:  # a proxy's or an overloaded endpoint's non-JSON answer
         raise TransientError("the identity platform answered something that is not JSON") from err
     except ValueError as err:

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import httpx
 
-from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError, retry_after_seconds
+from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError, retry_after_seconds, unreachable
 from syncbridge.limits import json_object
 
 __all__ = ["MAX_BATCH", "BatchItem", "GraphClient", "TokenSource", "raise_for_status"]
@@ -147,7 +147,7 @@ class GraphClient:
                 try:
                     r = await self._http.request(method, full, json=json, headers=hdrs, params=params)
                 except httpx.HTTPError as err:
-                    raise TransientError(f"{what}: {type(err).__name__}") from err
+                    raise unreachable(what, err) from err
             if r.status_code == 401 and attempt == 0:
                 self.tokens.invalidate(clinician)
                 continue

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import httpx
 
-from syncbridge.errors import AuthError, ConflictError, MalformedRecord, PermanentError, RateLimited, TransientError, retry_after_seconds
+from syncbridge.errors import AuthError, ConflictError, MalformedRecord, PermanentError, RateLimited, TransientError, retry_after_seconds, unreachable
 from syncbridge.limits import json_object
 
 __all__ = ["API_CAP", "ZocdocClient", "instant_param", "raise_for_status"]
@@ -98,7 +98,7 @@ class ZocdocClient:
         try:
             r = await self._http.post(self.token_url, json=body)
         except httpx.HTTPError as err:
-            raise TransientError(f"POST token: {type(err).__name__}") from err
+            raise unreachable("POST token", err) from err
         if r.status_code in (400, 401, 403):
             try:
                 detail = str(r.json().get("error_description") or r.json().get("error"))[:200]
@@ -121,7 +121,7 @@ class ZocdocClient:
         try:
             r = await self._http.request(method, f"{self.base_url}{path}", params=params, json=json_body, headers=headers)
         except httpx.HTTPError as err:
-            raise TransientError(f"{what}: {type(err).__name__}") from err
+            raise unreachable(what, err) from err
         if r.status_code == 401 and not renewed:
             self._access = None  # revoked or expired early: fetch a new token, once
             return await self.request(method, path, what, params=params, json_body=json_body, renewed=True)

@@ -16,9 +16,12 @@ engine only ever sees these.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import socket
+import ssl
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
 
 __all__ = [
     "AuthError",
@@ -32,6 +35,7 @@ __all__ = [
     "TransientError",
     "error_kind",
     "retry_after_seconds",
+    "unreachable",
 ]
 
 
@@ -142,3 +146,55 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
     if when.tzinfo is None:
         return None
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def unreachable(what: str, err: BaseException) -> TransientError:
+    """A failed connection as one plain sentence, whichever HTTP library failed.
+
+    httpx, requests, niquests and httplib2 each wrap the operating system's error in their own
+    exception (often twice), so the class name alone ("ConnectError") tells an admin little. The
+    chain of causes is searched for the reason, and the request for its host; the path and
+    query are left out, as they can name a record.
+    """
+    host = next(filter(None, map(_host_of, _chain(err))), None)
+    where = f"{host} " if host else "the server "
+    reason = next(filter(None, map(_reason_of, _chain(err))), None) or f"did not complete the request ({type(err).__name__})"
+    return TransientError(f"{what}: {where}{reason}")
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _reason_of(err: BaseException) -> str | None:
+    text = str(err)
+    if isinstance(err, ConnectionRefusedError) or "Connection refused" in text:
+        return "refused the connection (is the service running, and the port right?)"
+    if isinstance(err, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
+        return "presented a TLS certificate this machine does not trust"
+    if isinstance(err, ssl.SSLError):
+        return "failed the TLS handshake"
+    if isinstance(err, socket.gaierror) or "Name or service not known" in text or "nodename nor servname" in text:
+        return "is not a host name this machine can resolve"
+    if isinstance(err, TimeoutError) or "timed out" in text.lower() or "Timeout" in type(err).__name__:
+        return "did not answer in time"
+    if isinstance(err, ConnectionResetError) or "Connection reset" in text:
+        return "dropped the connection"
+    return None
+
+
+def _host_of(err: BaseException) -> str | None:
+    try:
+        request = getattr(err, "request", None)  # httpx raises RuntimeError when there is none
+    except RuntimeError:
+        return None
+    url = getattr(request, "url", None)
+    if url is None:
+        return None
+    parts = urlsplit(str(url))
+    return parts.netloc.rpartition("@")[2] or None
