@@ -82,7 +82,7 @@ def _retry_dropped(call: Callable[[], _T]) -> _T:
         return call()
 
 
-def translate(err: BaseException, what: str) -> Exception:
+def translate(err: BaseException, what: str, url: str | None = None) -> Exception:
     """A foreign exception from the client stack as a syncbridge error (returned, for ``raise ... from``)."""
     if isinstance(err, HttpError) and err.resp is None:  # BatchError: the multipart answer could not be read
         return TransientError(f"{what}: unreadable batch answer")
@@ -98,7 +98,7 @@ def translate(err: BaseException, what: str) -> Exception:
         hint = DELEGATION_HINT if "unauthorized_client" in str(err) else "run `syncbridge auth` again for this clinician, or check the key"
         return AuthError(f"{what}: Google refused to issue an access token ({detail[:120]})", action=hint)
     if isinstance(err, google.auth.exceptions.TransportError | httplib2.HttpLib2Error | socket.timeout | OSError):
-        return unreachable(what, err)
+        return unreachable(what, err, url)
     return err if isinstance(err, Exception) else RuntimeError(str(err))
 
 
@@ -172,7 +172,7 @@ class CalendarClient:
             async with self.lock:
                 return await asyncio.to_thread(run)
         except Exception as err:
-            raise translate(err, what) from err
+            raise translate(err, what, self.api_root) from err
 
     async def _status(self, what: str, make: Callable[[Any], HttpRequest], *, etag: str | None = None, allow: tuple[int, ...]) -> Any:
         """Like ``_run`` but answers the HTTP status for the ``allow``-ed ones instead of raising."""

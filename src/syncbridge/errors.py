@@ -148,15 +148,16 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-def unreachable(what: str, err: BaseException) -> TransientError:
+def unreachable(what: str, err: BaseException, url: str | None = None) -> TransientError:
     """A failed connection as one plain sentence, whichever HTTP library failed.
 
     httpx, requests, niquests and httplib2 each wrap the operating system's error in their own
     exception (often twice), so the class name alone ("ConnectError") tells an admin little. The
     chain of causes is searched for the reason, and the request for its host; the path and
-    query are left out, as they can name a record.
+    query are left out, as they can name a record. ``url`` is the server's, for libraries whose
+    errors do not carry the request (httplib2).
     """
-    host = next(filter(None, map(_host_of, _chain(err))), None)
+    host = next(filter(None, map(_host_of, _chain(err))), None) or (_netloc(url) if url else None)
     where = f"{host} " if host else "the server "
     reason = next(filter(None, map(_reason_of, _chain(err))), None) or f"did not complete the request ({type(err).__name__})"
     return TransientError(f"{what}: {where}{reason}")
@@ -194,7 +195,9 @@ def _host_of(err: BaseException) -> str | None:
     except RuntimeError:
         return None
     url = getattr(request, "url", None)
-    if url is None:
-        return None
-    parts = urlsplit(str(url))
-    return parts.netloc.rpartition("@")[2] or None
+    return _netloc(str(url)) if url is not None else None
+
+
+def _netloc(url: str) -> str | None:
+    """Host and port, without the user info (a credential)."""
+    return urlsplit(url).netloc.rpartition("@")[2] or None

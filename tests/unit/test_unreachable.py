@@ -106,3 +106,12 @@ def test_other_failures_keep_their_kind() -> None:
     """An error that is not about reaching the server is not described as one."""
     err = unreachable("GET x", httpx.DecodingError("bad gzip"))
     assert str(err) == "GET x: the server did not complete the request (DecodingError)"
+
+
+def test_host_from_the_caller_when_the_error_has_none() -> None:
+    """httplib2 (under the Google client) raises the bare socket error: the caller's URL names the host."""
+    port = _closed_port()
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError) as info:
+        s.connect(("127.0.0.1", port))
+    err = unreachable("events.list", info.value, f"https://user:pw@127.0.0.1:{port}/calendar/v3/")
+    assert str(err).startswith(f"events.list: 127.0.0.1:{port} refused the connection")
