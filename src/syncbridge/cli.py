@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import sys
+import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from .config import PracticeConfig, load_config
 from .errors import ConfigError, MalformedRecord, SyncbridgeError
 from .model import CANCELLED_STATES, CancelKind, CancelledBy, iso
-from .store import Store
+from .store import Store, store_error
 
 __all__ = ["main"]
 
@@ -390,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MalformedRecord as err:
         print(f"syncbridge: {err}", file=sys.stderr)
         return 2
+    except sqlite3.DatabaseError as err:
+        print(f"syncbridge: {store_error(err)}", file=sys.stderr)
+        return 1
     except SyncbridgeError as err:
         print(f"syncbridge: {err}", file=sys.stderr)
         return 1

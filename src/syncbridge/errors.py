@@ -2,6 +2,7 @@
 
     SyncbridgeError
     +-- ConfigError          refuse to start; names the key, the problem and the line
+    +-- StoreError           the SQLite store cannot be used (damaged, locked, unwritable, disk full)
     +-- AuthError            an operator must act (re-consent, rotate a secret)
     +-- TransientError       retry with backoff and jitter, honouring ``retry_after``
     |   +-- RateLimited      the vendor throttled us (429, 403 rateLimitExceeded, 503)
@@ -31,6 +32,7 @@ __all__ = [
     "MalformedRecord",
     "PermanentError",
     "RateLimited",
+    "StoreError",
     "SyncbridgeError",
     "TransientError",
     "error_kind",
@@ -76,6 +78,12 @@ class ConfigError(SyncbridgeError):
             by_key.setdefault(p.key, p)
         first, *rest = sorted(by_key.values(), key=lambda p: p.line if p.line is not None else 1 << 30)
         return cls(first.key, first.problem, first.line, first.source, more=rest)
+
+
+class StoreError(SyncbridgeError):
+    """The store cannot be read or written; the message says what an operator can do about it."""
+
+    kind = "store"
 
 
 class AuthError(SyncbridgeError):

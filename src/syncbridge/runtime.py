@@ -44,6 +44,7 @@ class Daemon:
         self.config_path = Path(config_path) if config_path else None
         self.config = config
         self.store = Store(config.store.path, cache_mb=config.store.cache_mb)
+        self.store.check_integrity()
         self.connectors: dict[str, Connector] = build_connectors(config)
         self.engine = Engine(self.store, self.connectors, config)
         self.outbox = Outbox(self.engine)

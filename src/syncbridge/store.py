@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import sqlite_utils
 
 from .audit import VerifyResult, verify
+from .errors import StoreError
 from .connector import Link
 from .migrations import migrate
 from .model import CANCELLED_STATES, Appointment, Snapshot
@@ -27,7 +28,7 @@ from .model import CANCELLED_STATES, Appointment, Snapshot
 if TYPE_CHECKING:
     from .tx import Tx
 
-__all__ = ["OutboxItem", "Store", "WorkItem", "dumps", "loads", "row_link", "LINK_COLS"]
+__all__ = ["OutboxItem", "Store", "WorkItem", "dumps", "loads", "row_link", "store_error", "LINK_COLS"]
 
 _encoder = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
 _c_encode = getattr(json.encoder, "c_make_encoder", None)  # the C accelerator, absent on some builds
@@ -83,6 +84,30 @@ class WorkItem:
     closed_at: str | None
 
 
+_DAMAGED = (
+    "the file is damaged: restore the last backup (README, \"Back up\"), or move the file aside and start again: every "
+    "system is then read in full and the links rebuilt from the canonical id each copy carries"
+)
+#: (what SQLite says, what that means for the admin), first match wins
+_ADVICE = (
+    ("database is locked", "another process held its write lock too long; try again (a long `sqlite3` session or backup may be holding it)"),
+    ("unable to open", "the file cannot be opened: check that its directory exists and that this user may read and write both"),
+    ("readonly", "the file or its directory is read-only for this user: check the owner and mode (the store is created 0600)"),
+    ("disk is full", "the disk is full: free space and start again; what was committed is kept"),
+    ("disk i/o error", "the disk reported an error: check the system log and the disk, then restore the last backup if the file is damaged"),
+    ("malformed", _DAMAGED),
+    ("not a database", _DAMAGED),
+)
+
+
+def store_error(err: sqlite3.DatabaseError, path: str | os.PathLike[str] | None = None) -> StoreError:
+    """SQLite's error as what an admin needs: what failed and what to do."""
+    said = str(err)
+    advice = next((a for key, a in _ADVICE if key in said.lower()), "see the SQLite message")
+    where = f" {path}" if path else ""
+    return StoreError(f"the store{where} cannot be used ({said}): {advice}")
+
+
 def row_link(r: tuple[Any, ...]) -> Link:
     return Link(r[0], r[1], r[2], r[3], loads(r[4]) if r[4] else None, r[5], bool(r[6]))
 
@@ -98,21 +123,36 @@ class Store:
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         old = os.umask(0o077)  # the -wal and -shm files inherit it
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            self.db = sqlite_utils.Database(conn)
-            self.conn = conn
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            conn.execute(f"PRAGMA cache_size=-{int(cache_mb) * 1024}")  # in KiB when negative
-            conn.execute("PRAGMA wal_autocheckpoint=10000")
-            conn.execute("PRAGMA temp_store=MEMORY")
-            self.schema_version = migrate(conn)
+            self._open(cache_mb)
+        except sqlite3.DatabaseError as err:
+            raise store_error(err, self.path) from err
         finally:
             os.umask(old)
 
+    def _open(self, cache_mb: int) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self.db = sqlite_utils.Database(conn)
+        self.conn = conn
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(f"PRAGMA cache_size=-{int(cache_mb) * 1024}")  # in KiB when negative
+        conn.execute("PRAGMA wal_autocheckpoint=10000")
+        conn.execute("PRAGMA temp_store=MEMORY")
+        self.schema_version = migrate(conn)
+
     def close(self) -> None:
         self.conn.close()
+
+    def check_integrity(self) -> None:
+        """Refuse a damaged store before anything is synced from it (SQLite's ``quick_check``:
+        seconds for 100k appointments, once per daemon start)."""
+        try:
+            found = [r[0] for r in self.conn.execute("PRAGMA quick_check(5)")]
+        except sqlite3.DatabaseError as err:
+            raise store_error(err, self.path) from err
+        if found != ["ok"]:
+            raise store_error(sqlite3.DatabaseError(f"database disk image is malformed: {'; '.join(found)}"), self.path)
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:

@@ -141,6 +141,24 @@ def test_audit_verify_catches_tampering(practice: Path, tmp_path: Path) -> None:
     assert done.returncode == 1 and "entry 2 was altered" in done.stderr
 
 
+def test_damaged_store_is_refused_plainly(practice: Path, tmp_path: Path) -> None:
+    """A store damaged on disk gets a sentence saying so and what to do, not a traceback; the
+    daemon refuses to start on it and leaves the file as it found it."""
+    store = tmp_path / "store.db"
+    data = bytearray(store.read_bytes())
+    page = 4096
+    assert len(data) > 3 * page
+    data[page:] = b"\xa5" * (len(data) - page)  # every page but the schema's
+    store.write_bytes(bytes(data))
+    for args in (("status",), ("cancel", "sb-anything", "--by", "client"), ("run",)):
+        done = sb(*args, "--config", str(practice))
+        assert done.returncode == 1, args
+        assert "Traceback" not in done.stderr
+        assert f"the store {store} cannot be used" in done.stderr or "the store cannot be used" in done.stderr
+        assert "the file is damaged: restore the last backup" in done.stderr, done.stderr
+    assert store.read_bytes() == bytes(data)
+
+
 def test_bad_records_are_skipped_and_nothing_stored_is_lost(practice: Path, tmp_path: Path) -> None:
     """A 10 MB event and one ending before it starts are refused by name; the good ones and the store stay intact."""
     cfg = load_config(practice)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 from pathlib import Path
 
+import pytest
+
+from syncbridge.errors import StoreError
 from syncbridge.migrations import MIGRATIONS
-from syncbridge.store import Store
+from syncbridge.store import Store, store_error
 
 
 def _store_with_entries(path: Path, n: int = 5) -> Store:
@@ -87,3 +91,38 @@ def test_page_cache_follows_the_setting(tmp_path: Path) -> None:
     """`store.cache_mb` bounds SQLite's page cache, the daemon's largest memory holder after Python."""
     assert Store(tmp_path / "a.db").conn.execute("PRAGMA cache_size").fetchone()[0] == -16 * 1024
     assert Store(tmp_path / "b.db", cache_mb=64).conn.execute("PRAGMA cache_size").fetchone()[0] == -64 * 1024
+
+
+@pytest.mark.parametrize(
+    ("sqlite_says", "advice"),
+    [
+        ("database is locked", "held its write lock too long; try again"),
+        ("database or disk is full", "the disk is full: free space"),
+        ("attempt to write a readonly database", "read-only for this user"),
+        ("file is not a database", "the file is damaged: restore the last backup"),
+        ("unable to open database file", "check that its directory exists"),
+    ],
+)
+def test_store_errors_say_what_to_do(sqlite_says: str, advice: str) -> None:
+    """Each way SQLite can refuse the store comes with what an admin can do about it."""
+    err = store_error(sqlite3.OperationalError(sqlite_says), "/var/lib/syncbridge/syncbridge.db")
+    assert isinstance(err, StoreError)
+    assert str(err).startswith(f"the store /var/lib/syncbridge/syncbridge.db cannot be used ({sqlite_says}): ")
+    assert advice in str(err)
+
+
+def test_integrity_check_refuses_a_damaged_file(tmp_path: Path) -> None:
+    """The daemon's start-up check finds damage that no query has touched yet."""
+    path = tmp_path / "s.db"
+    store = Store(path)
+    with store.tx() as tx:
+        for i in range(300):
+            tx.audit.add("2027-01-01T00:00:00Z", "observed", "cal", f"sb-{i}", {"n": "x" * 200})
+    store.check_integrity()  # intact: no complaint
+    store.close()
+    data = bytearray(path.read_bytes())
+    data[-4096:] = b"\x00\x01" * 2048  # the last page, a leaf of the audit table
+    path.write_bytes(bytes(data))
+    damaged = Store(path)
+    with pytest.raises(StoreError, match="the file is damaged"):
+        damaged.check_integrity()
