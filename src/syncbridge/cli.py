@@ -165,8 +165,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
             return 0
         print(f"AUDIT BROKEN after {result.entries} good entries: {result.problem}", file=sys.stderr)
         return 1
-    for e in reversed(store.audit_entries(appointment_id=args.appointment, kind=args.kind, limit=args.limit)):
+    entries = store.audit_entries(appointment_id=args.appointment, kind=args.kind, limit=args.limit)
+    for e in reversed(entries):
         print(json.dumps(e, sort_keys=True))
+    if not entries:
+        which = " and ".join(w for w in (
+            f"appointment {args.appointment}" if args.appointment else "", f"kind {args.kind!r}" if args.kind else "",
+        ) if w)
+        kinds = store.audit_kinds()
+        known = f" (kinds in the log: {', '.join(kinds)})" if args.kind and kinds else ""
+        print(f"no audit entries{' for ' + which if which else ''}{known}", file=sys.stderr)
     return 0
 
 
@@ -192,8 +200,18 @@ def cmd_worklist(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unknown_connector(cfg: PracticeConfig, name: str) -> bool:
+    """True (after saying so) when ``name`` is not a configured connector."""
+    if name in cfg.connectors:
+        return False
+    print(f"no connector {name!r} (known: {', '.join(cfg.connectors)})", file=sys.stderr)
+    return True
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    if _unknown_connector(cfg, args.connector):
+        return 2
     store = _store(cfg)
     appt = store.appointment(args.appointment)
     if appt is None:
@@ -210,8 +228,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_resync(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    if args.connector not in cfg.connectors:
-        print(f"no connector {args.connector!r} (known: {', '.join(cfg.connectors)})", file=sys.stderr)
+    if _unknown_connector(cfg, args.connector):
         return 2
     store = _store(cfg)
     with store.tx() as tx:

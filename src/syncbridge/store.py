@@ -303,6 +303,10 @@ class Store:
         keys = ("seq", "at", "kind", "connector", "appointment_id", "detail")
         return [dict(zip(keys, (*r[:5], loads(r[5])), strict=True)) for r in self.conn.execute(sql, args)]
 
+    def audit_kinds(self) -> list[str]:
+        """The kinds of entry the log holds (read from the kind index alone)."""
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT kind FROM audit ORDER BY kind")]
+
     def verify_audit(self) -> VerifyResult:
         return verify(self.conn)
 

@@ -191,6 +191,19 @@ def test_worklist_and_resync(practice: Path) -> None:
     store = Store(load_config(practice).store.path)
     assert store.cursor("ehr") is None
     assert sb("resync", "nope", "--config", str(practice)).returncode == 2
+    appt = store.appointments()[0].id
+    refused = sb("retry", "nope", appt, "--config", str(practice))
+    assert refused.returncode == 2 and "no connector 'nope' (known: cal, ehr)" in refused.stderr
+    assert store.outbox_counts().get("nope") is None  # nothing queued for a system that does not exist
+
+
+def test_audit_filters_say_when_nothing_matches(practice: Path) -> None:
+    """A filter that matches nothing says so, and a kind that is not in the log lists those that are."""
+    done = sb("audit", "--kind", "obsreved", "--config", str(practice), check=True)
+    assert done.stdout == ""
+    assert "no audit entries for kind 'obsreved' (kinds in the log: " in done.stderr and "observed" in done.stderr
+    done = sb("audit", "--kind", "observed", "--config", str(practice), check=True)
+    assert done.stdout.count('"kind": "observed"') == 3 and done.stderr == ""
 
 
 def test_dry_run_shows_writes_and_writes_nothing(practice: Path, tmp_path: Path) -> None:
