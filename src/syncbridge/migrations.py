@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from .errors import StoreError
+
 __all__ = ["MIGRATIONS", "migrate"]
 
 MIGRATIONS: list[tuple[int, str]] = [
@@ -256,6 +258,13 @@ def migrate(conn: sqlite3.Connection) -> int:
                     conn.execute(statement)
             conn.execute("INSERT INTO schema_version VALUES (?, datetime('now'))", (version,))
             conn.execute("COMMIT")
+        except sqlite3.IntegrityError as err:
+            # the data breaks a rule the new schema enforces: rolled back whole, nothing is lost
+            conn.execute("ROLLBACK")
+            raise StoreError(
+                f"the upgrade of the store to schema {version} was refused and rolled back ({err}); the store is as it "
+                f"was, at schema {current}, and the previous syncbridge release still runs on it"
+            ) from err
         except BaseException:
             conn.execute("ROLLBACK")
             raise

@@ -10,6 +10,7 @@ import pytest
 
 from syncbridge.audit import GENESIS, entry_hash
 from syncbridge.connector import Link
+from syncbridge.errors import StoreError
 from syncbridge.migrations import MIGRATIONS
 from syncbridge.model import empty_snapshot
 from syncbridge.store import Store, dumps
@@ -105,7 +106,7 @@ def test_upgrade_refuses_to_drop_history_of_a_missing_appointment(tmp_path: Path
     conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
     conn.execute("INSERT INTO appointment_versions VALUES ('sb-orphan', 1, '{}', 'x', 'ehr')")
     conn.close()
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(StoreError, match=r"upgrade of the store to schema 4 was refused and rolled back \(NOT NULL.*at schema 3"):
         Store(tmp_path / "old.db")
     conn = sqlite3.connect(tmp_path / "old.db")
     assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 3
