@@ -24,6 +24,7 @@ from .config import PracticeConfig, load_config
 from .connector import Connector
 from .engine import Engine, ObserveReport
 from .errors import AuthError, ConfigError, RateLimited, SyncbridgeError, error_kind
+from .instance_lock import hold_instance_lock
 from .logging import configure
 from .host import DaemonHost, Vault
 from .metrics import Metrics
@@ -43,6 +44,7 @@ class Daemon:
     def __init__(self, config_path: str | os.PathLike[str] | None, config: PracticeConfig) -> None:
         self.config_path = Path(config_path) if config_path else None
         self.config = config
+        self._instance_lock = hold_instance_lock(Path(config.store.path))
         self.store = Store(config.store.path, cache_mb=config.store.cache_mb)
         self.store.check_integrity()
         self.connectors: dict[str, Connector] = build_connectors(config)
@@ -327,6 +329,7 @@ class Daemon:
         for c in self.connectors.values():
             await c.close()
         self.store.close()
+        os.close(self._instance_lock)
         log.info("stopped")
         return self.exit_code
 

@@ -166,3 +166,27 @@ def test_tells_systemd_ready_watchdog_and_stopping(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         listener.close()
+
+
+def test_second_daemon_on_the_same_store_is_refused(tmp_path: Path) -> None:
+    """Two daemons on one store could write a change twice: the second refuses to start and names
+    the first; once the first is gone (SIGKILLed, with no cleanup), a new one starts at once."""
+    seed(tmp_path, 3)
+    conf = config(tmp_path, free_port())
+    first = DaemonProcess(tmp_path, conf, env={"SB_STATUS_TOKEN": TOKEN})
+    try:
+        first.wait_for(lambda: synced(tmp_path, 3), 30)
+        second = tmp_path / "second.yaml"
+        second.write_text(yaml.safe_dump(conf | {"http": {"port": free_port()}}))
+        done = subprocess.run(
+            [sys.executable, "-m", "syncbridge.cli", "run", "--config", str(second)],
+            cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=30,
+        )
+        assert done.returncode == 1
+        assert f"another syncbridge daemon (pid {first.proc.pid}) is already running on the store {tmp_path / 'store.db'}" in done.stderr
+        assert first.proc.poll() is None and first.get("/healthz").status_code == 200
+    finally:
+        first.proc.kill()
+        first.proc.wait()
+    again = DaemonProcess(tmp_path, conf, env={"SB_STATUS_TOKEN": TOKEN})
+    assert again.stop() == 0
