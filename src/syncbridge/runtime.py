@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -231,19 +233,37 @@ class Daemon:
         for job in self.scheduler.get_jobs():
             job.remove()
         self.scheduler.add_job(
-            self.maintain, "interval", seconds=self.config.http.channel_check_interval, id="maintain", max_instances=1, coalesce=True,
-            next_run_time=_now(),
+            self._until_stopped(self.maintain), "interval", seconds=self.config.http.channel_check_interval, id="maintain",
+            max_instances=1, coalesce=True, next_run_time=_now(),
         )
+        poll = self._until_stopped(self.poll)
         for name, connector in self.connectors.items():
             interval = connector.config.poll_interval
             self.scheduler.add_job(
-                self.poll, "interval", seconds=interval, jitter=interval * 0.1, args=[name], id=f"poll:{name}",
+                poll, "interval", seconds=interval, jitter=interval * 0.1, args=[name], id=f"poll:{name}",
                 max_instances=1, coalesce=True, next_run_time=_now(),
             )
             self.scheduler.add_job(
-                self.poll, "interval", seconds=connector.config.full_sweep_interval, args=[name, True],
+                poll, "interval", seconds=connector.config.full_sweep_interval, args=[name, True],
                 id=f"sweep:{name}", max_instances=1, coalesce=True,
             )
+
+    def _until_stopped(self, job: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        """``job`` as the scheduler runs it: cancelled quietly when the daemon stops.
+
+        Stopping cancels the pulls in flight (a pull cut short is read again at the next start,
+        as after a crash); without this the scheduler logs each as a failed job, traceback and all.
+        """
+
+        @functools.wraps(job)
+        async def run(*args: Any) -> None:
+            try:
+                await job(*args)
+            except asyncio.CancelledError:
+                if not self.stopping.is_set():
+                    raise
+
+        return run
 
     async def _serve(self, server: uvicorn.Server) -> None:
         try:

@@ -125,6 +125,7 @@ def test_sigterm_mid_sync_finishes_writes_and_exits_cleanly(tmp_path: Path) -> N
     assert d.stop() == 0
     assert time.monotonic() - started < 15
     assert "stopped" in d.log.read_text()
+    assert "Traceback" not in d.log.read_text()  # the pulls cut short are not reported as failures
     store = Store(tmp_path / "store.db")
     assert store.verify_audit().ok
     store.close()
@@ -190,3 +191,17 @@ def test_second_daemon_on_the_same_store_is_refused(tmp_path: Path) -> None:
         first.proc.wait()
     again = DaemonProcess(tmp_path, conf, env={"SB_STATUS_TOKEN": TOKEN})
     assert again.stop() == 0
+
+
+def test_sigterm_during_a_slow_pull_stops_quietly(tmp_path: Path) -> None:
+    """A pull still waiting on a slow system when SIGTERM arrives is abandoned (it is read again at
+    the next start), not reported in the journal as a failed job with a traceback."""
+    seed(tmp_path, 2)
+    d = DaemonProcess(tmp_path, config(tmp_path, free_port(), latency=3.0), env={"SB_STATUS_TOKEN": TOKEN})
+    time.sleep(1.0)  # the first pulls have started and wait on the systems
+    started = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - started < 15
+    log = d.log.read_text()
+    assert "stopped" in log
+    assert "Traceback" not in log and "raised an exception" not in log, log[-2000:]
