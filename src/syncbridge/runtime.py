@@ -41,6 +41,9 @@ __all__ = ["Daemon"]
 
 log = structlog.get_logger("syncbridge.runtime")
 
+#: pulls that must fail in a row before a connector is shown as unhealthy
+FAILURES_BEFORE_UNHEALTHY = 3
+
 
 class Daemon:
     def __init__(self, config_path: str | os.PathLike[str] | None, config: PracticeConfig) -> None:
@@ -66,6 +69,8 @@ class Daemon:
         self.ready = asyncio.Event()
         self.exit_code = 0
         self.polls_done = 0
+        #: connector -> pulls failed in a row since its last good one
+        self.failing: dict[str, int] = {}
         self.metrics = Metrics()
         self.engine.listeners.append(self._observed)
         self.outbox.listeners.append(self._written)
@@ -202,11 +207,19 @@ class Daemon:
             self.metrics.errors.labels(name, error_kind(err)).inc()
             if isinstance(err, RateLimited):
                 self.metrics.throttled.labels(name).inc()
-            log.warning("pull_failed", connector=name, kind=error_kind(err))
+            failures = self.failing[name] = self.failing.get(name, 0) + 1
+            # the message names the call, the host and the reason, never record content
+            log.warning("pull_failed", connector=name, kind=error_kind(err), problem=str(err), in_a_row=failures)
+            if failures >= FAILURES_BEFORE_UNHEALTHY:
+                # one failure is the weather; several in a row is something a person should see
+                # (status, the status page, /readyz); the next good pull clears it
+                with self.store.tx() as tx:
+                    tx.set_health(name, False, f"the last {failures} pulls failed: {err}")
             return
         except Exception:
             log.exception("pull_unexpected", connector=name)
             return
+        self.failing.pop(name, None)
         self.polls_done += 1
         if report.changed_ids or report.held:
             log.info(

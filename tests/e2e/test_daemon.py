@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -205,3 +206,29 @@ def test_sigterm_during_a_slow_pull_stops_quietly(tmp_path: Path) -> None:
     log = d.log.read_text()
     assert "stopped" in log
     assert "Traceback" not in log and "raised an exception" not in log, log[-2000:]
+
+
+def test_a_system_failing_pull_after_pull_is_shown_unhealthy_until_it_recovers(tmp_path: Path) -> None:
+    """One failed pull is weather; three in a row mark the connector unhealthy with the reason
+    (status, /readyz, the journal), and the first good pull clears it."""
+    seed(tmp_path, 2)
+    conf = config(tmp_path, free_port())
+    conf["connectors"]["ehr"]["fail_rate"] = 2.0  # every call of the EHR answers 503
+    d = DaemonProcess(tmp_path, conf, env={"SB_STATUS_TOKEN": TOKEN})
+    try:
+        d.wait_for(lambda: d.get("/readyz").status_code == 503, 20)
+        unhealthy = d.get("/readyz").json()["unhealthy"]
+        assert list(unhealthy) == ["ehr"] and re.fullmatch(r"the last \d+ pulls failed: 503 injected", unhealthy["ehr"])
+        status = subprocess.run(
+            [sys.executable, "-m", "syncbridge.cli", "status", "--config", str(d.path)],
+            cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=30,
+        )
+        assert "UNHEALTHY: the last" in status.stdout and "pulls failed: 503 injected" in status.stdout
+        assert '"problem": "503 injected"' in d.log.read_text()
+        conf["connectors"]["ehr"]["fail_rate"] = 0.0  # the EHR is back
+        d.write(conf)
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for(lambda: d.get("/readyz").status_code == 200, 20)
+        d.wait_for(lambda: synced(tmp_path, 2), 20)
+    finally:
+        assert d.stop() == 0
