@@ -7,10 +7,13 @@ the entry-point registry, so the core never names a connector.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -307,7 +310,7 @@ def parse_config(text: str, source: str = "<config>") -> PracticeConfig:
     try:
         cfg = PracticeConfig(**data)
     except ValidationError as err:
-        problems += _validation_problems(err, (), lines, source)
+        problems += _validation_problems(err, PracticeConfig, (), lines, source)
     if cfg is not None:
         connectors, accounts = cfg.connectors, {k: list(c.accounts) for k, c in cfg.clinicians.items()}
         names = set(connectors)
@@ -321,12 +324,46 @@ def parse_config(text: str, source: str = "<config>") -> PracticeConfig:
     return cfg
 
 
-def _validation_problems(err: ValidationError, prefix: tuple[str, ...], lines: dict[tuple[str, ...], int], source: str) -> list[ConfigError]:
+def _validation_problems(
+    err: ValidationError, model: type[BaseModel], prefix: tuple[str, ...], lines: dict[tuple[str, ...], int], source: str,
+    also: Iterable[str] = (),
+) -> list[ConfigError]:
+    """Each error of validating ``model`` (found under ``prefix``); ``also``: keys allowed beside its own."""
     problems = []
     for e in err.errors():
-        loc = (*prefix, *(str(p) for p in e["loc"]))
-        problems.append(ConfigError(".".join(loc) or "<root>", _message(e), _nearest_line(lines, loc), source))
+        rel = tuple(str(p) for p in e["loc"])
+        loc = (*prefix, *rel)
+        message = _message(e)
+        if e["type"] == "extra_forbidden" and rel:
+            at = _model_at(model, rel[:-1])
+            known = [*also, *_keys_of(at)] if at is not None else []
+            close = difflib.get_close_matches(rel[-1], known, n=1, cutoff=0.7)
+            message = "not a known option here" + (f" (did you mean {close[0]!r}?)" if close else "")
+        problems.append(ConfigError(".".join(loc) or "<root>", message, _nearest_line(lines, loc), source))
     return problems
+
+
+def _keys_of(model: type[BaseModel]) -> list[str]:
+    """The keys a model takes in YAML (an alias where the field has one)."""
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _model_at(model: type[BaseModel], path: tuple[str, ...]) -> type[BaseModel] | None:
+    """The model whose keys are allowed at ``path`` below ``model``, stepping through mappings by key."""
+    current: Any = model
+    for part in path:
+        if get_origin(current) in (Union, UnionType):  # an optional section
+            current = next((a for a in get_args(current) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = next((f for name, f in current.model_fields.items() if (f.alias or name) == part), None)
+            current = field.annotation if field is not None else None
+        elif get_origin(current) is dict:
+            current = get_args(current)[1]
+        else:
+            return None
+    if get_origin(current) in (Union, UnionType):
+        current = next((a for a in get_args(current) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
 def _raw_references(data: dict[str, Any]) -> tuple[dict[str, ConnectorConfig], set[str], dict[str, list[str]]]:
@@ -373,7 +410,7 @@ def _reference_problems(
             try:
                 options_model(**conn.options)
             except ValidationError as err:
-                problems += _validation_problems(err, ("connectors", name), lines, source)
+                problems += _validation_problems(err, options_model, ("connectors", name), lines, source, also=_keys_of(ConnectorConfig))
     for key, used in accounts.items():
         for conn_name in used:
             if conn_name not in names:
