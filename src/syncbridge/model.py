@@ -7,11 +7,12 @@ is cheap and the merge is a pure function over plain data.
 
 from __future__ import annotations
 
+import difflib
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from .errors import MalformedRecord
 
@@ -134,7 +135,9 @@ def check_timezone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError) as err:
-        raise MalformedRecord(f"unknown time zone {name!r} (expected an IANA name such as America/New_York)") from err
+        close = difflib.get_close_matches(str(name), sorted(available_timezones()), n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]!r}?" if close else "expected an IANA name such as America/New_York"
+        raise MalformedRecord(f"unknown time zone {name!r} ({hint})") from err
 
 
 def new_canonical_id() -> str:

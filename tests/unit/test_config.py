@@ -37,6 +37,7 @@ def test_good_config_loads() -> None:
     ("text", "key", "line", "words"),
     [
         ("practice:\n  timezone: Mars/Olympus\n", "practice.timezone", 2, "unknown time zone 'Mars/Olympus'"),
+        ("practice:\n  timezone: Europe/Lodnon\n", "practice.timezone", 2, "unknown time zone 'Europe/Lodnon' (did you mean 'Europe/London'?)"),
         ("practice: [1, 2\n", "<yaml>", 2, "not valid YAML"),
         ("connectors:\n  ehr:\n    type: epic-magic\n", "connectors.ehr.type", 3, "unknown connector type 'epic-magic'"),
         ("http:\n  port: 99999\n", "http.port", 2, "less than or equal to 65535"),
