@@ -13,10 +13,12 @@ import sys
 import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from .config import PracticeConfig, load_config
 from .errors import ConfigError, MalformedRecord, SyncbridgeError
+from .instance_lock import daemon_pid
 from .model import CANCELLED_STATES, CancelKind, CancelledBy, iso
 from .store import Store, store_error
 
@@ -94,6 +96,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         work = sum(1 for w in open_work if w.connector == name)
         health = "ok" if st["healthy"] else f"UNHEALTHY: {st['note'] or ''}"
         rows.append((name, conn.type, health, st["last_good_pull"] or "never", age, pending, dead, work))
+    pid = daemon_pid(Path(cfg.store.path))
+    running = "not running: nothing is synced until it starts (`systemctl start syncbridge`)" if pid is None else (
+        f"running (pid {pid})" if pid > 0 else "running"
+    )
+    print(f"daemon: {running}")
     print(_table(rows, ("connector", "type", "health", "last good pull", "cursor age", "outbox", "dead", "worklist")))
     return 0
 
@@ -240,9 +247,7 @@ def cmd_resync(args: argparse.Namespace) -> int:
 
 def cmd_dry_run(args: argparse.Namespace) -> int:
     """Pull every system into a scratch copy of the store and list the writes that would follow."""
-    import sqlite3
     import tempfile
-    from pathlib import Path
 
     from .engine import Engine
     from .registry import build_connectors

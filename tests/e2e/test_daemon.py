@@ -187,11 +187,21 @@ def test_second_daemon_on_the_same_store_is_refused(tmp_path: Path) -> None:
         assert done.returncode == 1
         assert f"another syncbridge daemon (pid {first.proc.pid}) is already running on the store {tmp_path / 'store.db'}" in done.stderr
         assert first.proc.poll() is None and first.get("/healthz").status_code == 200
+        assert f"daemon: running (pid {first.proc.pid})" in status(first.path)
     finally:
         first.proc.kill()
         first.proc.wait()
+    assert "daemon: not running" in status(first.path)
     again = DaemonProcess(tmp_path, conf, env={"SB_STATUS_TOKEN": TOKEN})
     assert again.stop() == 0
+
+
+def status(config_path: Path) -> str:
+    """`syncbridge status` as an admin runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "syncbridge.cli", "status", "--config", str(config_path)],
+        cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
 
 
 def test_sigterm_during_a_slow_pull_stops_quietly(tmp_path: Path) -> None:
@@ -219,11 +229,8 @@ def test_a_system_failing_pull_after_pull_is_shown_unhealthy_until_it_recovers(t
         d.wait_for(lambda: d.get("/readyz").status_code == 503, 20)
         unhealthy = d.get("/readyz").json()["unhealthy"]
         assert list(unhealthy) == ["ehr"] and re.fullmatch(r"the last \d+ pulls failed: 503 injected", unhealthy["ehr"])
-        status = subprocess.run(
-            [sys.executable, "-m", "syncbridge.cli", "status", "--config", str(d.path)],
-            cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=30,
-        )
-        assert "UNHEALTHY: the last" in status.stdout and "pulls failed: 503 injected" in status.stdout
+        shown = status(d.path)
+        assert "UNHEALTHY: the last" in shown and "pulls failed: 503 injected" in shown
         assert '"problem": "503 injected"' in d.log.read_text()
         conf["connectors"]["ehr"]["fail_rate"] = 0.0  # the EHR is back
         d.write(conf)
