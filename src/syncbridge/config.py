@@ -352,8 +352,7 @@ def _model_at(model: type[BaseModel], path: tuple[str, ...]) -> type[BaseModel] 
     """The model whose keys are allowed at ``path`` below ``model``, stepping through mappings by key."""
     current: Any = model
     for part in path:
-        if get_origin(current) in (Union, UnionType):  # an optional section
-            current = next((a for a in get_args(current) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        current = _unoptional(current)
         if isinstance(current, type) and issubclass(current, BaseModel):
             field = next((f for name, f in current.model_fields.items() if (f.alias or name) == part), None)
             current = field.annotation if field is not None else None
@@ -361,9 +360,15 @@ def _model_at(model: type[BaseModel], path: tuple[str, ...]) -> type[BaseModel] 
             current = get_args(current)[1]
         else:
             return None
-    if get_origin(current) in (Union, UnionType):
-        current = next((a for a in get_args(current) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    current = _unoptional(current)
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unoptional(annotation: Any) -> Any:
+    """``Section | None`` as ``Section``; any other annotation as it is."""
+    if get_origin(annotation) in (Union, UnionType):
+        return next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return annotation
 
 
 def _raw_references(data: dict[str, Any]) -> tuple[dict[str, ConnectorConfig], set[str], dict[str, list[str]]]:
