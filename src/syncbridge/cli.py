@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PracticeConfig, load_config
-from .errors import ConfigError, MalformedRecord, SyncbridgeError
+from .errors import ConfigError, MalformedRecord, StoreError, SyncbridgeError
 from .instance_lock import daemon_pid
 from .model import CANCELLED_STATES, CancelKind, CancelledBy, iso
 from .store import Store, store_error
@@ -31,8 +31,16 @@ def _config(args: argparse.Namespace) -> PracticeConfig:
     return load_config(args.config)
 
 
-def _store(cfg: PracticeConfig) -> Store:
-    return Store(cfg.store.path, cache_mb=cfg.store.cache_mb)
+def _store(cfg: PracticeConfig, *, create: bool = False) -> Store:
+    """The configured store. Only the daemon (and `auth`, which may run before it) creates one: a
+    command pointed at the wrong path must not answer from a new, empty store."""
+    path = Path(cfg.store.path)
+    if not create and not path.exists():
+        raise StoreError(
+            f"there is no store at {path.resolve()}: the daemon creates it when it first starts; check store.path "
+            f"(a relative path is taken from the directory the command runs in)"
+        )
+    return Store(path, cache_mb=cfg.store.cache_mb)
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -312,7 +320,7 @@ def cmd_auth(args: argparse.Namespace) -> int:
             f"clinicians.{args.clinician}.accounts.{args.connector}",
             f"clinician {args.clinician!r} has no account in {args.connector}; add it to the config first",
         )
-    store = _store(cfg)
+    store = _store(cfg, create=True)
     vault = Vault(store, cfg.store.secret_key)
     vault._cipher()  # refuse before the person signs in, not after
     connector.host = DaemonHost(args.connector, store, vault, None, lambda _name: None)

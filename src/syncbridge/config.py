@@ -297,12 +297,15 @@ def parse_config(text: str, source: str = "<config>") -> PracticeConfig:
     not need one run per typo.
     """
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
         lines = _line_map(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError("<yaml>", f"not valid YAML: {problem}", mark.line + 1 if mark else None, source) from err
+    if data is None:
+        # most often a file read while an editor or a deploy tool was rewriting it
+        raise ConfigError("<file>", "the configuration is empty", None, source)
     if not isinstance(data, dict):
         raise ConfigError("<root>", "the top level must be a mapping of sections", 1, source)
     problems: list[ConfigError] = []

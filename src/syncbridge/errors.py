@@ -61,7 +61,7 @@ class ConfigError(SyncbridgeError):
         self.source = source
         #: the other problems found in the same file, so an admin can fix them all in one pass
         self.more = tuple(more)
-        where = f"{source}:{line}: " if source and line else (f"line {line}: " if line else "")
+        where = f"{source}:{line}: " if source and line else f"{source}: " if source else (f"line {line}: " if line else "")
         self.text = f"{where}{key}: {problem}"
         super().__init__("\n".join(p.text for p in self.problems))
 

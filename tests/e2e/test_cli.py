@@ -142,6 +142,21 @@ def test_audit_verify_catches_tampering(practice: Path, tmp_path: Path) -> None:
     assert done.returncode == 1 and "entry 2 was altered" in done.stderr
 
 
+def test_commands_never_answer_from_a_new_empty_store(practice: Path, tmp_path: Path) -> None:
+    """A config pointing at no store (a typo in store.path) is told so, not answered from an empty
+    store created on the spot ("no appointment ..." for a session that exists)."""
+    conf = yaml.safe_load(practice.read_text())
+    conf["store"]["path"] = str(tmp_path / "stroe.db")
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(yaml.safe_dump(conf))
+    appt = Store(tmp_path / "store.db").appointments()[0].id
+    for args in (("status",), ("status", appt), ("cancel", appt, "--by", "client"), ("audit",), ("worklist",)):
+        done = sb(*args, "--config", str(wrong))
+        assert done.returncode == 1, args
+        assert f"there is no store at {tmp_path / 'stroe.db'}: the daemon creates it when it first starts" in done.stderr
+    assert not (tmp_path / "stroe.db").exists()
+
+
 def test_damaged_store_is_refused_plainly(practice: Path, tmp_path: Path) -> None:
     """A store damaged on disk gets a sentence saying so and what to do, not a traceback; the
     daemon refuses to start on it and leaves the file as it found it."""

@@ -31,7 +31,11 @@ class DaemonProcess:
         self.wait_for(lambda: self.get("/healthz").status_code == 200, 20)
 
     def write(self, conf: dict[str, Any] | str) -> None:
-        self.path.write_text(conf if isinstance(conf, str) else yaml.safe_dump(conf))
+        """Replace the config in one step: a CLI command may be reading it at that moment (a file
+        truncated and then rewritten in place reads, for an instant, as empty)."""
+        staged = self.path.with_suffix(".yaml.new")
+        staged.write_text(conf if isinstance(conf, str) else yaml.safe_dump(conf))
+        os.replace(staged, self.path)
 
     def get(self, path: str, **kw: Any) -> httpx.Response:
         try:

@@ -99,6 +99,15 @@ def test_every_mistake_is_reported_at_once() -> None:
     assert str(info.value).splitlines()[1] == "practice.yaml:5: store.cache_mb: Input should be greater than or equal to 1"
 
 
+@pytest.mark.parametrize("text", ["", "\n", "  \n# only a comment\n"])
+def test_empty_config_is_refused(text: str) -> None:
+    """An empty file (often one read while it was being rewritten) is refused, not read as all
+    defaults: the defaults name a store of their own, which would answer as if nothing were booked."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "practice.yaml")
+    assert str(info.value) == "practice.yaml: <file>: the configuration is empty"
+
+
 def test_environment_overrides_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
     """SYNCBRIDGE_ variables override the file, nested with double underscores."""
     monkeypatch.setenv("SYNCBRIDGE_STORE__PATH", "/var/lib/syncbridge/x.db")
