@@ -9,8 +9,8 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import sqlite3
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path

@@ -26,6 +26,11 @@ def _lock_path(store_path: Path) -> Path:
     return store_path.with_name(store_path.name + ".lock")
 
 
+def _holder(fd: int) -> str:
+    """The pid the lock's holder wrote into the file ("" while it has not yet)."""
+    return os.pread(fd, 32, 0).decode(errors="replace").strip()
+
+
 def hold_instance_lock(store_path: Path) -> int:
     """Take the lock or refuse to start; returns the descriptor, kept open until the process exits."""
     path = _lock_path(store_path)
@@ -40,7 +45,7 @@ def hold_instance_lock(store_path: Path) -> int:
             if time.monotonic() < deadline:
                 time.sleep(0.05)
                 continue
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        holder = _holder(fd) or "unknown"
         os.close(fd)
         raise StoreError(
             f"another syncbridge daemon (pid {holder}) is already running on the store {store_path}: stop it first "
@@ -62,7 +67,7 @@ def daemon_pid(store_path: Path) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            text = _holder(fd)
             return int(text) if text.isdigit() else -1
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import sqlite_utils
 
 from .audit import VerifyResult, verify
-from .errors import StoreError
 from .connector import Link
+from .errors import StoreError
 from .migrations import migrate
 from .model import CANCELLED_STATES, Appointment, Snapshot
 
