@@ -8,10 +8,11 @@ or the head. ``syncbridge audit --verify`` walks the chain.
 from __future__ import annotations
 
 import hashlib
-import json
 import sqlite3
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from .bulk import appointment_keys, insert_rows
 
@@ -20,14 +21,9 @@ __all__ = ["GENESIS", "AuditWriter", "VerifyResult", "entry_hash", "verify"]
 GENESIS = "0" * 64
 
 
-_detail_encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
-_c_encode = getattr(json.encoder, "c_make_encoder", None)  # the C accelerator, absent on some builds
-_c_detail = _c_encode(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", True, False, True) if _c_encode else None
-
-
 def _encode_detail(detail: dict[str, Any]) -> str:
-    """Compact, key-sorted JSON for an entry's detail, through one C encoder built once."""
-    return "".join(_c_detail(detail, 0)) if _c_detail is not None else _detail_encoder.encode(detail)
+    """Compact, key-sorted JSON for an entry's detail; values JSON lacks are written as text."""
+    return orjson.dumps(detail, default=str, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def entry_hash(prev: str, seq: int, at: str, kind: str, connector: str | None, appointment_id: str | None, detail: str) -> str:
@@ -53,11 +49,8 @@ class AuditWriter:
         self.rows: list[tuple[Any, ...]] = []
 
     def add(self, at: str, kind: str, connector: str | None, appointment_id: str | None, detail: dict[str, Any]) -> None:
-        self.add_text(at, kind, connector, appointment_id, _encode_detail(detail))
-
-    def add_text(self, at: str, kind: str, connector: str | None, appointment_id: str | None, text: str) -> None:
-        """Append an entry whose detail is already encoded as compact, key-sorted JSON."""
         seq = self.seq + 1
+        text = _encode_detail(detail)
         digest = entry_hash(self.hash, seq, at, kind, connector, appointment_id, text)
         self.rows.append((seq, at, kind, connector, appointment_id, text, self.hash, digest, self.keys.get(appointment_id) if appointment_id else None))
         self.seq, self.hash = seq, digest
