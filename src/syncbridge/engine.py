@@ -118,7 +118,7 @@ class Engine:
             since = (pulled_at or now_dt).timestamp()
             lo, hi = result.window or ("", "\uffff")
             rows = self.store.conn.execute(
-                "SELECT l.external_id FROM links l JOIN appointments a ON a.id = l.appointment_id "
+                "SELECT l.external_id FROM links l JOIN appointments a ON a.key = l.appt "
                 "WHERE l.connector = ? AND l.gone = 0 AND l.external_id IS NOT NULL "
                 "AND (l.applied_ts IS NULL OR l.applied_ts < ?) AND a.start >= ? AND a.start < ?",
                 (name, since, lo, hi),
@@ -183,7 +183,7 @@ class Engine:
         live = {
             r[0]: r[1]
             for r in tx.conn.execute(
-                "SELECT l.external_id, a.status FROM links l JOIN appointments a ON a.id = l.appointment_id "
+                "SELECT l.external_id, a.status FROM links l JOIN appointments a ON a.key = l.appt "
                 "WHERE l.connector = ? AND l.gone = 0 AND l.external_id IS NOT NULL",
                 (connector.name,),
             )
@@ -226,7 +226,7 @@ class Engine:
                 tx.flush()
                 rows = tx.conn.execute(
                     "SELECT a.id, json_extract(a.snapshot, '$.client_key') FROM appointments a WHERE a.clinician = ? "
-                    "AND a.start = ? AND NOT EXISTS (SELECT 1 FROM links l WHERE l.appointment_id = a.id AND l.connector = ?)",
+                    "AND a.start = ? AND NOT EXISTS (SELECT 1 FROM links l WHERE l.appt = a.key AND l.connector = ?)",
                     (f["clinician"], f["start"], name),
                 ).fetchall()
                 for appt_id, client_key in rows:

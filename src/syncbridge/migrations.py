@@ -234,6 +234,35 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX outbox_due ON outbox (dead, due_at);
         """,
     ),
+    (
+        6,
+        """
+        -- links keyed by (appointment key, connector) in a table without rowids: a batch reads
+        -- every link of the appointments it touches, and an appointment's links now sit side by
+        -- side, next to those of appointments made around the same time, instead of one lookup
+        -- each in a separate index on the random text id. A link whose appointment is missing
+        -- fails NOT NULL here and the step rolls back whole, rather than being dropped
+        CREATE TABLE links_keyed (
+            appt INTEGER NOT NULL,
+            connector TEXT NOT NULL,
+            appointment_id TEXT NOT NULL,
+            external_id TEXT,
+            etag TEXT,
+            base TEXT,
+            applied_version INTEGER NOT NULL DEFAULT 0,
+            applied_at TEXT,
+            gone INTEGER NOT NULL DEFAULT 0,
+            applied_ts REAL,
+            PRIMARY KEY (appt, connector)
+        ) WITHOUT ROWID;
+        INSERT INTO links_keyed (appt, connector, appointment_id, external_id, etag, base, applied_version, applied_at, gone, applied_ts)
+            SELECT a.key, l.connector, l.appointment_id, l.external_id, l.etag, l.base, l.applied_version, l.applied_at, l.gone, l.applied_ts
+            FROM links l LEFT JOIN appointments a ON a.id = l.appointment_id;
+        DROP TABLE links;
+        ALTER TABLE links_keyed RENAME TO links;
+        CREATE UNIQUE INDEX links_external ON links (connector, external_id) WHERE external_id IS NOT NULL;
+        """,
+    ),
 ]
 
 

@@ -187,7 +187,7 @@ class Store:
 
     def link(self, connector: str, appointment_id: str) -> Link | None:
         r = self.conn.execute(
-            f"SELECT {LINK_COLS} FROM links WHERE connector = ? AND appointment_id = ?", (connector, appointment_id)
+            f"SELECT {LINK_COLS} FROM links WHERE appt = (SELECT key FROM appointments WHERE id = ?) AND connector = ?", (appointment_id, connector)
         ).fetchone()
         return row_link(r) if r else None
 
@@ -205,14 +205,14 @@ class Store:
         return [
             (row_link(r[:7]), r[7])
             for r in self.conn.execute(
-                f"SELECT {LINK_COLS}, applied_at FROM links WHERE appointment_id = ? ORDER BY connector", (appointment_id,)
+                f"SELECT {LINK_COLS}, applied_at FROM links WHERE appt = (SELECT key FROM appointments WHERE id = ?) ORDER BY connector", (appointment_id,)
             )
         ]
 
     def receipt(self, appointment: Appointment) -> tuple[int, int, float | None]:
         """(systems holding the current version, systems linked, seconds from the change to the last write)."""
         links = self.conn.execute(
-            "SELECT applied_version, gone, applied_ts FROM links WHERE appointment_id = ?", (appointment.id,)
+            "SELECT applied_version, gone, applied_ts FROM links WHERE appt = (SELECT key FROM appointments WHERE id = ?)", (appointment.id,)
         ).fetchall()
         current = [r for r in links if r[1] or r[0] >= appointment.version]
         changed = datetime.fromisoformat(appointment.updated_at.replace("Z", "+00:00")).timestamp()

@@ -30,14 +30,14 @@ _PUT_APPOINTMENT_CONFLICT = (
     "ON CONFLICT (key) DO UPDATE SET clinician = excluded.clinician, start = excluded.start, status = excluded.status, "
     "snapshot = excluded.snapshot, version = excluded.version, updated_at = excluded.updated_at, updated_via = excluded.updated_via"
 )
-_INSERT_LINK = "INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, applied_at, gone, applied_ts)"
+_INSERT_LINK = "INSERT INTO links (appt, connector, appointment_id, external_id, etag, base, applied_version, applied_at, gone, applied_ts)"
 _UPSERT_LINK = (
-    "ON CONFLICT (connector, appointment_id) DO UPDATE SET external_id = excluded.external_id, "
+    "ON CONFLICT (appt, connector) DO UPDATE SET external_id = excluded.external_id, "
     "etag = excluded.etag, base = excluded.base, applied_version = excluded.applied_version, "
     "applied_at = COALESCE(excluded.applied_at, links.applied_at), gone = excluded.gone, "
     "applied_ts = COALESCE(excluded.applied_ts, links.applied_ts)"
 )
-_UPDATE_LINK = "UPDATE links SET etag = ?, base = ?, applied_version = ?, gone = ? WHERE rowid = ?"
+_UPDATE_LINK = "UPDATE links SET etag = ?, base = ?, applied_version = ?, gone = ? WHERE appt = ? AND connector = ?"
 _INSERT_OUTBOX = "INSERT INTO outbox (connector, appt, appointment_id, target_version, due_at, enqueued_at)"
 #: the common case of _ENQUEUE, an item already pending and due: only the target moves, so the
 #: (dead, due_at) index is left alone; rows it does not cover are left unchanged (and not counted)
@@ -62,8 +62,9 @@ class Tx:
         self._next_key: int | None = None
         self.audit = AuditWriter(store.conn, self._keys)
         # appointment -> connector -> the link as stored: (connector, appointment, external id, etag,
-        # base as JSON text, applied version, gone, rowid or None), decoded into a Link on first
-        # use: links a batch never reads are never decoded.
+        # base as JSON text, applied version, gone, the appointment's key while the row is stored
+        # as read, else None), decoded into a Link on first use: links a batch never reads are
+        # never decoded.
         self._links: dict[str, dict[str, tuple[Any, ...]]] = {}
         self._decoded: dict[tuple[str, str], Link] = {}
         self._ext: dict[tuple[str, str], str] = {}  # (connector, external id) -> appointment
@@ -106,14 +107,17 @@ class Tx:
             for appt_id in chunk:
                 self._appts.setdefault(appt_id, None)
                 self._links.setdefault(appt_id, {})
+            keys = []
             for r in self.conn.execute(
                 f"SELECT id, snapshot, version, updated_at, updated_via, key FROM appointments WHERE id IN ({marks})", chunk
             ):
                 self._appts[r[0]] = Appointment(r[0], loads(r[1]), r[2], r[3], r[4])
                 self._keys[r[0]] = r[5]
-            for r in self.conn.execute(f"SELECT {LINK_COLS}, rowid FROM links WHERE appointment_id IN ({marks})", chunk):
+                keys.append(r[5])
+            if not keys:
+                continue
+            for r in self.conn.execute(f"SELECT {LINK_COLS}, appt FROM links WHERE appt IN ({','.join('?' * len(keys))})", keys):
                 self._links[r[1]][r[0]] = r
-                self._decoded.pop((r[0], r[1]), None)
                 if r[2]:
                     self._ext[(r[0], r[2])] = r[1]
 
@@ -149,7 +153,8 @@ class Tx:
             if r is None:
                 return None
             appt_id = r[0]
-            self._load([appt_id])
+            if appt_id not in self._links:  # what this transaction holds is newer than the file
+                self._load([appt_id])
         row = self.stored_links(appt_id).get(connector)
         return self._link_of(connector, row) if row is not None and row[2] == external_id else None
 
@@ -253,11 +258,11 @@ class Tx:
         if base_text is None and link.base is not None:
             base_text = dumps(link.base)
         gone = int(link.gone)
-        rowid = old[7] if old is not None else None
+        stored = old[7] if old is not None else None
         key = (connector, appt_id)
-        if rowid is not None and applied_at is None and old is not None and old[2] == ext and key not in self._link_rows:
+        if stored is not None and applied_at is None and old is not None and old[2] == ext and key not in self._link_rows:
             # the row exists and keeps its external id: rewrite only what an observation changes
-            self._link_updates.append((link.etag, base_text, link.applied_version, gone, rowid))
+            self._link_updates.append((link.etag, base_text, link.applied_version, gone, stored, connector))
         else:
             if ext and (old is None or old[2] != ext):
                 # an external id may move between appointments within a batch: cleared first
@@ -266,8 +271,8 @@ class Tx:
                 connector, appt_id, ext, link.etag, base_text, link.applied_version, applied_at, gone,
                 time.time() if applied_at else None,
             )
-            rowid = None
-        links[connector] = (connector, appt_id, ext, link.etag, base_text, link.applied_version, gone, rowid)
+            stored = None
+        links[connector] = (connector, appt_id, ext, link.etag, base_text, link.applied_version, gone, stored)
         self._decoded[key] = link
 
     def _key_of(self, appointment_id: str) -> int | None:
@@ -305,7 +310,11 @@ class Tx:
                 "UPDATE links SET external_id = NULL WHERE connector = ? AND external_id = ? AND appointment_id != ?", self._ext_moves
             )
         if self._link_rows:
-            insert_rows(self.conn, _INSERT_LINK, list(self._link_rows.values()), _UPSERT_LINK)
+            keys = self._keys
+            keys.update(appointment_keys(self.conn, [a for (_, a) in self._link_rows if a not in keys]))
+            # a link to an appointment that is not stored fails NOT NULL: a caller's mistake, not data
+            rows = [(keys.get(row[1]), *row) for row in self._link_rows.values()]
+            insert_rows(self.conn, _INSERT_LINK, rows, _UPSERT_LINK)
         if self._outbox:
             keys = self._keys
             keys.update(appointment_keys(self.conn, [a for (_, a) in self._outbox if a not in keys]))

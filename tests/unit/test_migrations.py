@@ -158,3 +158,59 @@ def test_upgraded_outbox_coalesces_and_completes_items(tmp_path: Path) -> None:
         ("ehr", "sb-a", 3, 0, None, 0),
         ("ehr", "sb-c", 1, 1, "HTTP 403", 1),
     ]
+
+
+def _version5_store(path: Path) -> None:
+    """A store as schema version 5 wrote it: links keyed on the text id, one gone, one not yet written."""
+    _version4_store(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    for version, sql in MIGRATIONS:
+        if version == 5:
+            for statement in sql.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_version VALUES (5, datetime('now'))")
+    conn.execute("INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, applied_at, gone, applied_ts) "
+                 "VALUES ('ehr','sb-a','E-7','3','{\"status\":\"booked\"}',2,'2027-01-02T00:00:00Z',0,1.5)")
+    conn.execute("INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, gone) VALUES ('cal','sb-c','e2','q',NULL,1,1)")
+    conn.execute("INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version) VALUES ('cal2','sb-b',NULL,NULL,NULL,0)")
+    conn.close()
+
+
+def test_upgrade_from_version_5_keeps_every_link(tmp_path: Path) -> None:
+    """Every link keeps its external id, etag, base, applied version and time, and gone flag; lookups both ways still work."""
+    _version5_store(tmp_path / "old.db")
+    store = Store(tmp_path / "old.db")
+    assert store.schema_version == MIGRATIONS[-1][0]
+    by_appt = {a: [(link.connector, link.external_id, link.etag, link.base, link.applied_version, link.gone, at) for link, at in store.links_for(a)]
+               for a in ("sb-a", "sb-b", "sb-c")}
+    assert by_appt == {
+        "sb-a": [("cal", "e1", "x", {}, 2, False, None), ("ehr", "E-7", "3", {"status": "booked"}, 2, False, "2027-01-02T00:00:00Z")],
+        "sb-b": [("cal2", None, None, None, 0, False, None)],
+        "sb-c": [("cal", "e2", "q", None, 1, True, None)],
+    }
+    found = store.link_by_external("ehr", "E-7")
+    assert found is not None and found.appointment_id == "sb-a"
+    assert store.receipt(store.appointment("sb-a"))[:2] == (2, 2)  # type: ignore[arg-type]
+    # a transaction reads the upgraded links and rewrites the right row
+    with store.tx() as tx:
+        tx.prefetch("cal", ["e1"], [])
+        link = tx.link_by_external("cal", "e1")
+        assert link is not None and link.appointment_id == "sb-a"
+        tx.put_link(link._replace(etag="y", base={"start": "x"}, applied_version=3))
+    after = store.link("cal", "sb-a")
+    assert after is not None and (after.etag, after.base, after.applied_version) == ("y", {"start": "x"}, 3)
+    assert store.link("cal", "sb-c") is not None and store.link("cal", "sb-c").gone  # type: ignore[union-attr]
+
+
+def test_upgrade_refuses_to_drop_a_link_of_a_missing_appointment(tmp_path: Path) -> None:
+    """A link whose appointment is missing stops the upgrade at schema 6 instead of being dropped."""
+    _version5_store(tmp_path / "old.db")
+    conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    conn.execute("INSERT INTO links (connector, appointment_id, external_id) VALUES ('cal','sb-orphan','e9')")
+    conn.close()
+    with pytest.raises(StoreError, match=r"upgrade of the store to schema 6 was refused and rolled back \(NOT NULL.*at schema 5"):
+        Store(tmp_path / "old.db")
+    conn = sqlite3.connect(tmp_path / "old.db")
+    assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 5
+    assert conn.execute("SELECT COUNT(*) FROM links").fetchone()[0] == 5
