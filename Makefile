@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-SRC    := $(shell find src connectors -name '*.py' -o -name '*.json' -o -name '*.md') pyproject.toml
+SRC    := $(shell find src connectors -name '*.py' -o -name '*.json' -o -name '*.md') pyproject.toml hatch_build.py
 
 .PHONY: demo test test-fast bench install clean
 
@@ -13,8 +13,9 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # Dependencies are (re)installed when pyproject.toml changes; the package itself whenever a source changes.
+# (the package itself is reinstalled, compiled, just below: not compiled twice)
 $(VENV)/.deps: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet ".[test]"
+	SYNCBRIDGE_PURE=1 $(BIN)/pip install --quiet ".[test]"
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(SRC)

@@ -350,9 +350,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser --------------------------------------------------------------------------------
 
 
+def _version() -> str:
+    """The installed version, and whether the engine's per-change modules were compiled at install."""
+    from importlib import import_module, metadata
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    engine_file = import_module("syncbridge.engine").__file__ or ""
+    how = "compiled" if engine_file.endswith(tuple(EXTENSION_SUFFIXES)) else "interpreted (README, \"Deploying on a server\", step 1)"
+    return f"syncbridge {metadata.version('syncbridge')}, engine {how}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="syncbridge", description="Cancel once, anywhere: keeps calendars, the EHR and directories in step.")
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"config file (default: {DEFAULT_CONFIG}, or $SYNCBRIDGE_CONFIG)")
+    p.add_argument("--version", action="version", version=_version(), help="the version, and whether the engine is compiled")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     common = argparse.ArgumentParser(add_help=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from syncbridge.config import parse_config
+from syncbridge.connector import Observation
 from syncbridge.engine import Engine
 from syncbridge.outbox import Outbox
 from syncbridge.registry import build_connectors
@@ -124,6 +126,18 @@ def test_copy_naming_another_appointment_is_matched_by_its_link(practice) -> Non
     assert [v for v, *_ in engine.store.history(linked.id)] == list(range(1, linked.version + 2))
 
 
+class _Crashing(Observation):
+    """An observation whose canonical id cannot be read: the engine stops there, as if killed."""
+
+    @property  # type: ignore[override]
+    def canonical_id(self) -> str | None:
+        raise RuntimeError("killed")
+
+    @canonical_id.setter
+    def canonical_id(self, value: str | None) -> None:
+        pass
+
+
 def test_a_large_pull_commits_in_slices_and_moves_the_cursor_last(practice, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A pull bigger than one transaction's share is committed slice by slice; a crash between
     slices keeps what was committed, leaves the cursor where it was, and the next pull finishes
@@ -133,23 +147,22 @@ def test_a_large_pull_commits_in_slices_and_moves_the_cursor_last(practice, monk
     cursor = engine.store.cursor("cal")
     for i, item in enumerate(cal.all_items()):
         asyncio.run(cal.move(item["ext_id"], START + timedelta(days=3, hours=i), START + timedelta(days=3, hours=i, minutes=50)))
-    commit = engine._commit
-    slices: list[int] = []
+    connector = engine.connectors["cal"]
+    pull = connector.pull
 
-    def crash_on_third(name, connector, result, observations, *rest):  # type: ignore[no-untyped-def]
-        slices.append(len(observations))
-        if len(slices) == 3:
-            raise RuntimeError("killed")
-        return commit(name, connector, result, observations, *rest)
+    async def crash_in_third_slice(cursor):  # type: ignore[no-untyped-def]
+        # the 13th observation (the third slice's first) fails as a crash would, while its slice is committed
+        result = await pull(cursor)
+        result.observations[12] = _Crashing(**{f.name: getattr(result.observations[12], f.name) for f in fields(Observation)})
+        return result
 
-    monkeypatch.setattr(engine, "_commit", crash_on_third)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr(connector, "pull", crash_in_third_slice)
+    with pytest.raises(RuntimeError, match="killed"):
         asyncio.run(engine.sync("cal"))
-    assert slices == [6, 6, 6]
     moved = [a for a in engine.store.appointments() if a.start >= START + timedelta(days=3)]
     assert len(moved) == 12  # the two slices committed before the crash
     assert engine.store.cursor("cal") == cursor
-    monkeypatch.setattr(engine, "_commit", commit)
+    monkeypatch.setattr(connector, "pull", pull)
     report = asyncio.run(engine.sync("cal"))
     assert report.updated == 8 and report.echoes == 12
     appts = engine.store.appointments()
