@@ -74,7 +74,7 @@ class Engine:
         caps = connector.capabilities
         shape = self._shapes.get(connector.name)
         if shape is None or shape.caps is not caps:
-            shape = self._shapes[connector.name] = _Shape.of(caps)
+            shape = self._shapes[connector.name] = _Shape(caps)
         return shape
 
     # --- pulling ------------------------------------------------------------------------
@@ -290,8 +290,8 @@ class Engine:
             base = dict(link.base or shape.project(snap)) if link else shape.project(snap)
             base["status"] = "cancelled"
         else:
-            get = obs.fields.get
-            base = {f: get(f) for f in shape.fields}
+            observed = obs.fields
+            base = {f: observed.get(f) for f in shape.fields}
             if base == shape.project(snap):
                 base_text = encoded[shape.key] = dumps(base)
         tx.put_link(Link(name, appt_id, obs.external_id, obs.etag, base, version, gone=obs.deleted), base_text=base_text)
@@ -374,33 +374,28 @@ class Engine:
                 tx.enqueue(name, appt_id, version, stamp)
 
 
-@dataclass(frozen=True, slots=True)
 class _Shape:
     """A connector's projection, precomputed: the engine projects every change for every connector."""
 
-    caps: Capabilities
-    fields: tuple[str, ...]
-    project: Callable[[Snapshot], Snapshot]
-    #: equal for connectors whose projections are the same function of the snapshot
-    key: Hashable
-
-    @classmethod
-    def of(cls, caps: Capabilities) -> _Shape:
-        fields = tuple(sorted(caps.fields))
+    def __init__(self, caps: Capabilities) -> None:
+        self.caps = caps
+        self.fields = tuple(sorted(caps.fields))
+        #: a projection of the connector's own, used as is; None for the plain one
+        self.own: Callable[[Snapshot], Snapshot] | None = None
+        self.status_map = dict(caps.status_map)
+        self.mapped = "status" in caps.fields and bool(self.status_map)
+        #: equal for connectors whose projections are the same function of the snapshot
+        self.key: Hashable = (self.fields, tuple(sorted(self.status_map.items())) if self.mapped else ())
         if type(caps).project is not Capabilities.project:
-            return cls(caps, fields, caps.project, id(caps))  # a projection of its own: used as is
-        status_map = dict(caps.status_map)
-        get_status = status_map.get if "status" in caps.fields and status_map else None
+            self.own, self.key = caps.project, id(caps)
 
-        def project(snap: Snapshot) -> Snapshot:
-            get = snap.get
-            out = {f: get(f) for f in fields}
-            if get_status is not None:
-                status = out["status"]
-                if isinstance(status, str):
-                    out["status"] = get_status(status, status)
-            return out
-
-        key = (fields, tuple(sorted(status_map.items())) if get_status is not None else ())
-        return cls(caps, fields, project, key)
+    def project(self, snap: Snapshot) -> Snapshot:
+        if self.own is not None:
+            return self.own(snap)
+        out = {f: snap.get(f) for f in self.fields}
+        if self.mapped:
+            status = out["status"]
+            if isinstance(status, str):
+                out["status"] = self.status_map.get(status, status)
+        return out
 

@@ -93,11 +93,11 @@ def merge(
     for group, members, name in _MIRROR_GROUPS if role == Role.MIRROR else _ALL_GROUPS:
         if not observed.keys() >= members:
             continue
-        ov = tuple(map(observed.__getitem__, group))
-        cv = tuple(map(c_proj.__getitem__, group))
+        ov = tuple([observed[f] for f in group])
+        cv = tuple([c_proj[f] for f in group])
         if ov == cv:
             continue
-        bv = tuple(map(base.get, group)) if base is not None else None
+        bv = tuple([base.get(f) for f in group]) if base is not None else None
         if bv is not None and ov == bv:
             continue  # unchanged on this side; canonical's change will be pushed
         if bv is not None and cv == bv:
