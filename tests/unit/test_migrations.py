@@ -23,18 +23,31 @@ def _snap(start: str, status: str = "booked") -> dict[str, object]:
     return snap
 
 
+def _apply(conn: sqlite3.Connection, version: int) -> None:
+    """Apply one schema step as the release that shipped it did."""
+    sql = dict(MIGRATIONS)[version]
+    for statement in sql.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute("INSERT INTO schema_version VALUES (?, datetime('now'))", (version,))
+
+
+def _step(path: Path, version: int, *rows: str) -> None:
+    """Take a store one schema step up, then add ``rows`` as that release wrote them."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    _apply(conn, version)
+    for sql in rows:
+        conn.execute(sql)
+    conn.close()
+
+
 def _version3_store(path: Path) -> None:
     """A store as schema version 3 wrote it: text-keyed history and audit, rows in that order."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL)")
-    for version, sql in MIGRATIONS:
-        if version > 3:
-            break
-        for statement in sql.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        conn.execute("INSERT INTO schema_version VALUES (?, datetime('now'))", (version,))
+    for version in (1, 2, 3):
+        _apply(conn, version)
     # three appointments, created in this order; the second moved once (two versions)
     appts = [("sb-c", "2027-01-04T14:00:00Z"), ("sb-a", "2027-01-04T15:00:00Z"), ("sb-b", "2027-01-04T16:00:00Z")]
     for appt_id, start in appts:
@@ -100,32 +113,14 @@ def test_upgraded_audit_still_verifies_and_is_found_by_appointment(upgraded: Sto
     assert "entry 2 was altered" in upgraded.verify_audit().problem
 
 
-def test_upgrade_refuses_to_drop_history_of_a_missing_appointment(tmp_path: Path) -> None:
-    """A history row whose appointment is missing stops the upgrade instead of being dropped."""
-    _version3_store(tmp_path / "old.db")
-    conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
-    conn.execute("INSERT INTO appointment_versions VALUES ('sb-orphan', 1, '{}', 'x', 'ehr')")
-    conn.close()
-    with pytest.raises(StoreError, match=r"upgrade of the store to schema 4 was refused and rolled back \(NOT NULL.*at schema 3"):
-        Store(tmp_path / "old.db")
-    conn = sqlite3.connect(tmp_path / "old.db")
-    assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 3
-    assert conn.execute("SELECT COUNT(*) FROM appointment_versions").fetchone()[0] == 5
-
-
 def _version4_store(path: Path) -> None:
     """A store as schema version 4 wrote it: outbox rows keyed on the text id, one dead, one retrying."""
     _version3_store(path)
-    conn = sqlite3.connect(path, isolation_level=None)
-    for version, sql in MIGRATIONS:
-        if version == 4:
-            for statement in sql.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute("INSERT INTO schema_version VALUES (4, datetime('now'))")
-    conn.execute("INSERT INTO outbox VALUES ('cal','sb-c',1,5.0,3,'HTTP 503',0,1.0)")
-    conn.execute("INSERT INTO outbox VALUES ('cal','sb-b',1,2.0,8,'HTTP 400: bad event',1,1.5)")
-    conn.close()
+    _step(
+        path, 4,
+        "INSERT INTO outbox VALUES ('cal','sb-c',1,5.0,3,'HTTP 503',0,1.0)",
+        "INSERT INTO outbox VALUES ('cal','sb-b',1,2.0,8,'HTTP 400: bad event',1,1.5)",
+    )
 
 
 def test_upgrade_from_version_4_keeps_every_outbox_item(tmp_path: Path) -> None:
@@ -163,18 +158,13 @@ def test_upgraded_outbox_coalesces_and_completes_items(tmp_path: Path) -> None:
 def _version5_store(path: Path) -> None:
     """A store as schema version 5 wrote it: links keyed on the text id, one gone, one not yet written."""
     _version4_store(path)
-    conn = sqlite3.connect(path, isolation_level=None)
-    for version, sql in MIGRATIONS:
-        if version == 5:
-            for statement in sql.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute("INSERT INTO schema_version VALUES (5, datetime('now'))")
-    conn.execute("INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, applied_at, gone, applied_ts) "
-                 "VALUES ('ehr','sb-a','E-7','3','{\"status\":\"booked\"}',2,'2027-01-02T00:00:00Z',0,1.5)")
-    conn.execute("INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, gone) VALUES ('cal','sb-c','e2','q',NULL,1,1)")
-    conn.execute("INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version) VALUES ('cal2','sb-b',NULL,NULL,NULL,0)")
-    conn.close()
+    _step(
+        path, 5,
+        "INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, applied_at, gone, applied_ts) "
+        "VALUES ('ehr','sb-a','E-7','3','{\"status\":\"booked\"}',2,'2027-01-02T00:00:00Z',0,1.5)",
+        "INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version, gone) VALUES ('cal','sb-c','e2','q',NULL,1,1)",
+        "INSERT INTO links (connector, appointment_id, external_id, etag, base, applied_version) VALUES ('cal2','sb-b',NULL,NULL,NULL,0)",
+    )
 
 
 def test_upgrade_from_version_5_keeps_every_link(tmp_path: Path) -> None:
@@ -203,14 +193,22 @@ def test_upgrade_from_version_5_keeps_every_link(tmp_path: Path) -> None:
     assert store.link("cal", "sb-c") is not None and store.link("cal", "sb-c").gone  # type: ignore[union-attr]
 
 
-def test_upgrade_refuses_to_drop_a_link_of_a_missing_appointment(tmp_path: Path) -> None:
-    """A link whose appointment is missing stops the upgrade at schema 6 instead of being dropped."""
-    _version5_store(tmp_path / "old.db")
+@pytest.mark.parametrize(
+    ("old_store", "orphan", "schema", "table", "rows"),
+    [
+        (_version3_store, "INSERT INTO appointment_versions VALUES ('sb-orphan', 1, '{}', 'x', 'ehr')", 4, "appointment_versions", 5),
+        (_version5_store, "INSERT INTO links (connector, appointment_id, external_id) VALUES ('cal','sb-orphan','e9')", 6, "links", 5),
+    ],
+    ids=["history", "link"],
+)
+def test_upgrade_refuses_to_drop_rows_of_a_missing_appointment(tmp_path: Path, old_store, orphan, schema, table, rows) -> None:  # type: ignore[no-untyped-def]
+    """A history row or link whose appointment is missing stops the upgrade instead of being dropped."""
+    old_store(tmp_path / "old.db")
     conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
-    conn.execute("INSERT INTO links (connector, appointment_id, external_id) VALUES ('cal','sb-orphan','e9')")
+    conn.execute(orphan)
     conn.close()
-    with pytest.raises(StoreError, match=r"upgrade of the store to schema 6 was refused and rolled back \(NOT NULL.*at schema 5"):
+    with pytest.raises(StoreError, match=rf"upgrade of the store to schema {schema} was refused and rolled back \(NOT NULL.*at schema {schema - 1}"):
         Store(tmp_path / "old.db")
     conn = sqlite3.connect(tmp_path / "old.db")
-    assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 5
-    assert conn.execute("SELECT COUNT(*) FROM links").fetchone()[0] == 5
+    assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == schema - 1
+    assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == rows
