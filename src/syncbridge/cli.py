@@ -350,20 +350,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser --------------------------------------------------------------------------------
 
 
-def _version() -> str:
-    """The installed version, and whether the engine's per-change modules were compiled at install."""
-    from importlib import import_module, metadata
-    from importlib.machinery import EXTENSION_SUFFIXES
+class _Version(argparse.Action):
+    """``--version``: the installed version, and whether the engine's per-change modules were
+    compiled at install; worked out only when asked for."""
 
-    engine_file = import_module("syncbridge.engine").__file__ or ""
-    how = "compiled" if engine_file.endswith(tuple(EXTENSION_SUFFIXES)) else "interpreted (README, \"Deploying on a server\", step 1)"
-    return f"syncbridge {metadata.version('syncbridge')}, engine {how}"
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:  # noqa: A002 (argparse's name)
+        super().__init__(option_strings, dest, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from importlib import import_module, metadata
+        from importlib.machinery import EXTENSION_SUFFIXES
+
+        engine_file = import_module("syncbridge.engine").__file__ or ""
+        how = "compiled" if engine_file.endswith(tuple(EXTENSION_SUFFIXES)) else "interpreted (README, \"Deploying on a server\", step 1)"
+        print(f"syncbridge {metadata.version('syncbridge')}, engine {how}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="syncbridge", description="Cancel once, anywhere: keeps calendars, the EHR and directories in step.")
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"config file (default: {DEFAULT_CONFIG}, or $SYNCBRIDGE_CONFIG)")
-    p.add_argument("--version", action="version", version=_version(), help="the version, and whether the engine is compiled")
+    p.add_argument("--version", action=_Version, help="the version, and whether the engine is compiled")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     common = argparse.ArgumentParser(add_help=False)

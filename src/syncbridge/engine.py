@@ -380,14 +380,12 @@ class _Shape:
     def __init__(self, caps: Capabilities) -> None:
         self.caps = caps
         self.fields = tuple(sorted(caps.fields))
-        #: a projection of the connector's own, used as is; None for the plain one
-        self.own: Callable[[Snapshot], Snapshot] | None = None
         self.status_map = dict(caps.status_map)
         self.mapped = "status" in caps.fields and bool(self.status_map)
+        #: a projection of the connector's own, used as is; None for the plain one
+        self.own: Callable[[Snapshot], Snapshot] | None = caps.project if type(caps).project is not Capabilities.project else None
         #: equal for connectors whose projections are the same function of the snapshot
-        self.key: Hashable = (self.fields, tuple(sorted(self.status_map.items())) if self.mapped else ())
-        if type(caps).project is not Capabilities.project:
-            self.own, self.key = caps.project, id(caps)
+        self.key: Hashable = id(caps) if self.own is not None else (self.fields, tuple(sorted(self.status_map.items())) if self.mapped else ())
 
     def project(self, snap: Snapshot) -> Snapshot:
         if self.own is not None:
@@ -398,4 +396,3 @@ class _Shape:
             if isinstance(status, str):
                 out["status"] = self.status_map.get(status, status)
         return out
-

@@ -284,6 +284,12 @@ class Tx:
                 key = self._keys[appointment_id] = row[0]
         return key
 
+    def _keys_for(self, appointment_ids: Iterable[str]) -> dict[str, int]:
+        """The transaction's id -> key map, with the stored ones among ``appointment_ids`` looked up in bulk."""
+        keys = self._keys
+        keys.update(appointment_keys(self.conn, [a for a in appointment_ids if a not in keys]))
+        return keys
+
     def _new_key(self) -> int:
         if self._next_key is None:
             self._next_key = self.conn.execute("SELECT COALESCE(MAX(key), 0) FROM appointments").fetchone()[0]
@@ -310,14 +316,12 @@ class Tx:
                 "UPDATE links SET external_id = NULL WHERE connector = ? AND external_id = ? AND appointment_id != ?", self._ext_moves
             )
         if self._link_rows:
-            keys = self._keys
-            keys.update(appointment_keys(self.conn, [a for (_, a) in self._link_rows if a not in keys]))
+            keys = self._keys_for(a for (_, a) in self._link_rows)
             # a link to an appointment that is not stored fails NOT NULL: a caller's mistake, not data
             rows = [(keys.get(row[1]), *row) for row in self._link_rows.values()]
             insert_rows(self.conn, _INSERT_LINK, rows, _UPSERT_LINK)
         if self._outbox:
-            keys = self._keys
-            keys.update(appointment_keys(self.conn, [a for (_, a) in self._outbox if a not in keys]))
+            keys = self._keys_for(a for (_, a) in self._outbox)
             # an item for an appointment that is not stored has nothing to converge to: not kept
             rows = [(c, keys[a], a, v, due, due) for (c, a), (v, due) in self._outbox.items() if a in keys]
             if insert_rows(self.conn, _INSERT_OUTBOX, rows, _ENQUEUE_PENDING) != len(rows):

@@ -277,3 +277,17 @@ def test_cancel_a_whole_series(tmp_path: Path) -> None:
     assert done.stdout.count(" cancelled ") == 4
     states = {a.id: a.fields["status"] for a in store.appointments()}
     assert states == {"sb-w0": "booked", "sb-w1": "cancelled", "sb-w2": "cancelled", "sb-w3": "cancelled", "sb-w4": "cancelled"}
+
+
+def test_version_says_whether_the_engine_is_compiled() -> None:
+    """`syncbridge --version` names the version and whether this install's engine was compiled."""
+    from importlib import metadata
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    import syncbridge.engine
+
+    done = sb("--version", check=True)
+    compiled = (syncbridge.engine.__file__ or "").endswith(tuple(EXTENSION_SUFFIXES))
+    assert done.stdout.startswith(f"syncbridge {metadata.version('syncbridge')}, engine ")
+    assert ("engine compiled" in done.stdout) == compiled
+    assert ("engine interpreted" in done.stdout) != compiled
