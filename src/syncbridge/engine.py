@@ -21,7 +21,7 @@ from .config import PracticeConfig
 from .connector import Capabilities, Connector, Link, Observation, PullResult
 from .errors import CursorExpired, MalformedRecord
 from .merge import merge
-from .model import CANCELLED_STATES, Billing, Role, Snapshot, canonical_id_for, iso, parse_iso, utcnow, validate_snapshot
+from .model import CANCELLED_STATES, Billing, Role, Snapshot, canonical_id_for, iso, new_tuple, parse_iso, utcnow, validate_snapshot
 from .policy.cancellation import CANCELLING_TAGS
 from .store import Store, dumps
 from .tx import Tx
@@ -131,7 +131,7 @@ class Engine:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            cancelling = [o for o in observations if o.deleted or o.fields.get("status") in CANCELLED_STATES or o.tags & CANCELLING_TAGS]
+            cancelling = [o for o in observations if o.deleted or o.fields.get("status") in CANCELLED_STATES or not o.tags.isdisjoint(CANCELLING_TAGS)]
             if len(cancelling) >= self.config.policy.mass_cancel_guard.min_count:
                 # too few cancellations to trip the guard need no transaction of their own
                 with self.store.tx() as tx:
@@ -284,7 +284,7 @@ class Engine:
             tx.audit.add(now, "conflict", name, appt_id, {"field": c.field, "winner": c.winner, "rule": c.rule})
         # the copy as observed becomes the base; when it shows the canonical record (the usual
         # case) its encoding is also what fan-out compares this connector's base with
-        encoded: dict[Hashable, str] = {}
+        encoded: dict[int, str] = {}
         base_text = None
         if obs.deleted:
             base = dict(link.base or shape.project(snap)) if link else shape.project(snap)
@@ -294,7 +294,7 @@ class Engine:
             base = {f: observed.get(f) for f in shape.fields}
             if base == shape.project(snap):
                 base_text = encoded[shape.key] = dumps(base)
-        tx.put_link(Link(name, appt_id, obs.external_id, obs.etag, base, version, gone=obs.deleted), base_text=base_text)
+        tx.put_link(new_tuple(Link, (name, appt_id, obs.external_id, obs.etag, base, version, obs.deleted)), base_text=base_text)
         self.fan_out(tx, appt_id, snap, version, now, encoded)
 
     # --- local changes (CLI, the runtime's policies) ---------------------------------------
@@ -337,7 +337,7 @@ class Engine:
             return clinician in connector.clinicians
         return connector.capabilities.role != Role.MIRROR
 
-    def fan_out(self, tx: Tx, appt_id: str, snap: Snapshot, version: int, now: str, encoded: dict[Hashable, str] | None = None) -> None:
+    def fan_out(self, tx: Tx, appt_id: str, snap: Snapshot, version: int, now: str, encoded: dict[int, str] | None = None) -> None:
         """Enqueue every connector whose copy differs from ``snap``; open or close read-only work.
 
         A copy differs when the encoded projection differs from the stored base text: bases are
@@ -374,6 +374,10 @@ class Engine:
                 tx.enqueue(name, appt_id, version, stamp)
 
 
+#: what makes two projections the same function -> the number standing for it (``_Shape.key``)
+_SHAPE_KEYS: dict[Hashable, int] = {}
+
+
 class _Shape:
     """A connector's projection, precomputed: the engine projects every change for every connector."""
 
@@ -384,8 +388,11 @@ class _Shape:
         self.mapped = "status" in caps.fields and bool(self.status_map)
         #: a projection of the connector's own, used as is; None for the plain one
         self.own: Callable[[Snapshot], Snapshot] | None = caps.project if type(caps).project is not Capabilities.project else None
-        #: equal for connectors whose projections are the same function of the snapshot
-        self.key: Hashable = id(caps) if self.own is not None else (self.fields, tuple(sorted(self.status_map.items())) if self.mapped else ())
+        #: equal for connectors whose projections are the same function of the snapshot: a small
+        #: number standing for what makes them equal, as it is hashed for every connector of every change
+        self.key: int = _SHAPE_KEYS.setdefault(
+            id(caps) if self.own is not None else (self.fields, tuple(sorted(self.status_map.items())) if self.mapped else ()), len(_SHAPE_KEYS)
+        )
 
     def project(self, snap: Snapshot) -> Snapshot:
         if self.own is not None:

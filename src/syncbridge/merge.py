@@ -117,7 +117,8 @@ def merge(
         new.update(status_change)
         changed.extend(k for k in status_change if status_change[k] != canonical.get(k))
 
-    if not changed or new == canonical:
+    # every field in ``changed`` differs from canonical, so ``new`` differs exactly when it is not empty
+    if not changed:
         return MergeOutcome("noop", conflicts=conflicts)
     return MergeOutcome("update", validate_snapshot(new), tuple(dict.fromkeys(changed)), conflicts)
 
@@ -138,7 +139,7 @@ def _status(
     bstat = base.get("status") if base is not None else None
     cstat = canonical["status"]
     explicit = obs.cancellation or {}
-    cancel_tagged = bool(obs.tags & CANCELLING_TAGS) and not obs.deleted
+    cancel_tagged = not obs.deleted and not obs.tags.isdisjoint(CANCELLING_TAGS)
     authoritative = role != Role.MIRROR
 
     if cstat in CANCELLED_STATES:

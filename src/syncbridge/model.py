@@ -33,6 +33,7 @@ __all__ = [
     "check_timezone",
     "iso",
     "new_canonical_id",
+    "new_tuple",
     "parse_iso",
     "utcnow",
     "validate_snapshot",
@@ -125,7 +126,7 @@ def iso(dt: datetime) -> str:
 
 
 def parse_iso(text: str) -> datetime:
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    dt = datetime.fromisoformat(text)  # reads a trailing Z since Python 3.11
     if dt.tzinfo is None:
         raise MalformedRecord(f"time {text!r} has no offset")
     return dt
@@ -171,6 +172,12 @@ def validate_snapshot(snap: Snapshot) -> Snapshot:
     if snap["status"] in CANCELLED_STATES and not snap.get("cancellation"):
         raise MalformedRecord("a cancelled appointment needs a cancellation record")
     return snap
+
+
+#: ``tuple.__new__``: builds a named tuple such as ``Appointment`` or ``Link`` from all its values, in
+#: field order, without the constructor named tuples get, which is interpreted Python; the engine
+#: builds thousands per batch. Defaults do not apply: every value must be given.
+new_tuple: Any = tuple.__new__
 
 
 class Appointment(NamedTuple):

@@ -23,7 +23,7 @@ from .audit import VerifyResult, verify
 from .connector import Link
 from .errors import StoreError
 from .migrations import migrate
-from .model import CANCELLED_STATES, Appointment, Snapshot
+from .model import CANCELLED_STATES, Appointment, Snapshot, new_tuple
 
 if TYPE_CHECKING:
     from .tx import Tx
@@ -95,7 +95,8 @@ def store_error(err: sqlite3.DatabaseError, path: str | os.PathLike[str] | None 
 
 
 def row_link(r: tuple[Any, ...]) -> Link:
-    return Link(r[0], r[1], r[2], r[3], loads(r[4]) if r[4] else None, r[5], bool(r[6]))
+    link: Link = new_tuple(Link, (r[0], r[1], r[2], r[3], loads(r[4]) if r[4] else None, r[5], bool(r[6])))
+    return link
 
 
 LINK_COLS = "connector, appointment_id, external_id, etag, base, applied_version, gone"
