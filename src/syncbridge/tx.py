@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .audit import AuditWriter
 from .bulk import appointment_keys, insert_rows
 from .connector import Link
-from .model import Appointment, Snapshot
+from .model import Appointment, Snapshot, new_tuple
 from .store import LINK_COLS, dumps, loads, row_link
 
 if TYPE_CHECKING:
@@ -37,7 +37,13 @@ _UPSERT_LINK = (
     "applied_at = COALESCE(excluded.applied_at, links.applied_at), gone = excluded.gone, "
     "applied_ts = COALESCE(excluded.applied_ts, links.applied_ts)"
 )
-_UPDATE_LINK = "UPDATE links SET etag = ?, base = ?, applied_version = ?, gone = ? WHERE appt = ? AND connector = ?"
+#: a stored link keeping its external id: only what an observation changes is rewritten (written as
+#: an upsert of the row as it now is, which takes many rows per statement; the row exists)
+_REWRITE_LINK = "INSERT INTO links (appt, connector, appointment_id, external_id, etag, base, applied_version, gone)"
+_REWRITE_LINK_CONFLICT = (
+    "ON CONFLICT (appt, connector) DO UPDATE SET etag = excluded.etag, base = excluded.base, "
+    "applied_version = excluded.applied_version, gone = excluded.gone"
+)
 _INSERT_OUTBOX = "INSERT INTO outbox (connector, appt, appointment_id, target_version, due_at, enqueued_at)"
 #: the common case of _ENQUEUE, an item already pending and due: only the target moves, so the
 #: (dead, due_at) index is left alone; rows it does not cover are left unchanged (and not counted)
@@ -81,38 +87,47 @@ class Tx:
     def prefetch(self, connector: str, external_ids: Iterable[str], canonical_ids: Iterable[str]) -> None:
         """Load, in a few queries, everything a batch from ``connector`` will read.
 
-        The appointments named by canonical id come first: their links usually include the
-        observed copies, so only external ids still unknown after that are looked up.
+        Copies already linked are found by external id first: that index has short keys and
+        yields the appointments' integer keys, by which appointments and links are read in key
+        order. Only canonical ids still unknown after that (copies not linked yet) are looked up
+        by id.
         """
-        self._load(sorted({c for c in canonical_ids if c not in self._links}))
         ext = [e for e in external_ids if (connector, e) not in self._ext]
-        appt_ids: set[str] = set()
+        keys: set[int] = set()
         for i in range(0, len(ext), 500):
             chunk = ext[i : i + 500]
             rows = self.conn.execute(
-                f"SELECT appointment_id FROM links WHERE connector = ? AND external_id IN ({','.join('?' * len(chunk))})",
-                (connector, *chunk),
+                f"SELECT appt FROM links WHERE connector = ? AND external_id IN ({','.join('?' * len(chunk))})", (connector, *chunk)
             ).fetchall()
-            appt_ids.update(r[0] for r in rows)
-        self._load(sorted(appt_ids - self._links.keys()))
+            keys.update(r[0] for r in rows)
+        if self._keys:  # appointments this transaction already knows are not read again
+            keys.difference_update(self._keys.values())
+        self._read("key", sorted(keys))
+        self._load(sorted({c for c in canonical_ids if c not in self._links}))
 
     def knows_external(self, connector: str, external_id: str) -> bool:
         """Whether a link of ``connector`` with this external id was loaded in this transaction."""
         return (connector, external_id) in self._ext
 
     def _load(self, appt_ids: list[str]) -> None:
-        for i in range(0, len(appt_ids), 500):
-            chunk = appt_ids[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            for appt_id in chunk:
-                self._appts.setdefault(appt_id, None)
-                self._links.setdefault(appt_id, {})
+        """Appointments by canonical id with their links; an id not stored is remembered as such."""
+        for appt_id in appt_ids:
+            self._appts.setdefault(appt_id, None)
+            self._links.setdefault(appt_id, {})
+        self._read("id", appt_ids)
+
+    def _read(self, column: str, values: list[Any]) -> None:
+        """Appointments whose ``column`` (id or key) is among ``values``, with all their links."""
+        for i in range(0, len(values), 500):
+            chunk = values[i : i + 500]
             keys = []
             for r in self.conn.execute(
-                f"SELECT id, snapshot, version, updated_at, updated_via, key FROM appointments WHERE id IN ({marks})", chunk
+                f"SELECT id, snapshot, version, updated_at, updated_via, key FROM appointments WHERE {column} IN ({','.join('?' * len(chunk))})",
+                chunk,
             ):
-                self._appts[r[0]] = Appointment(r[0], loads(r[1]), r[2], r[3], r[4])
+                self._appts[r[0]] = new_tuple(Appointment, (r[0], loads(r[1]), r[2], r[3], r[4]))
                 self._keys[r[0]] = r[5]
+                self._links.setdefault(r[0], {})
                 keys.append(r[5])
             if not keys:
                 continue
@@ -243,7 +258,7 @@ class Tx:
         self._versions.append((key, version, text, at, via))
         if snap.get("series_id"):
             self._series[snap["series_id"]] = (snap["series_id"], snap["clinician"], snap["timezone"], at)
-        self._appts[appointment_id] = Appointment(appointment_id, snap, version, at, via)
+        self._appts[appointment_id] = new_tuple(Appointment, (appointment_id, snap, version, at, via))
         self._links.setdefault(appointment_id, {})
 
     def put_link(self, link: Link, applied_at: str | None = None, base_text: str | None = None) -> None:
@@ -262,7 +277,7 @@ class Tx:
         key = (connector, appt_id)
         if stored is not None and applied_at is None and old is not None and old[2] == ext and key not in self._link_rows:
             # the row exists and keeps its external id: rewrite only what an observation changes
-            self._link_updates.append((link.etag, base_text, link.applied_version, gone, stored, connector))
+            self._link_updates.append((stored, connector, appt_id, ext, link.etag, base_text, link.applied_version, gone))
         else:
             if ext and (old is None or old[2] != ext):
                 # an external id may move between appointments within a batch: cleared first
@@ -310,7 +325,7 @@ class Tx:
         if self._series:
             insert_rows(self.conn, "INSERT INTO series (id, clinician, timezone, created_at)", list(self._series.values()), "ON CONFLICT (id) DO NOTHING")
         if self._link_updates:
-            self.conn.executemany(_UPDATE_LINK, self._link_updates)
+            insert_rows(self.conn, _REWRITE_LINK, self._link_updates, _REWRITE_LINK_CONFLICT)
         if self._ext_moves:
             self.conn.executemany(
                 "UPDATE links SET external_id = NULL WHERE connector = ? AND external_id = ? AND appointment_id != ?", self._ext_moves
