@@ -77,6 +77,10 @@ class Engine:
             shape = self._shapes[connector.name] = _Shape(caps)
         return shape
 
+    def _shapes_now(self) -> dict[str, _Shape]:
+        """Every connector's shape as its capabilities are now: looked up once per batch, not per change."""
+        return {name: self._shape(c) for name, c in self.connectors.items()}
+
     # --- pulling ------------------------------------------------------------------------
 
     async def sync(self, name: str, *, full: bool = False) -> ObserveReport:
@@ -165,11 +169,12 @@ class Engine:
                 canonical_id_for(name, o.external_id) for o in observations
                 if not o.canonical_id and not o.deleted and not tx.knows_external(name, o.external_id)
             ))
+            shapes = self._shapes_now()
             for obs in observations:
                 try:
                     if obs.problem:
                         raise MalformedRecord(obs.problem)
-                    self._observe_one(tx, connector, obs, now_dt, now, report)
+                    self._observe_one(tx, connector, shapes, obs, now_dt, now, report)
                 except MalformedRecord as err:
                     report.rejected += 1
                     tx.audit.add(now, "rejected", name, None, {"external_id": obs.external_id, "problem": str(err)})
@@ -234,9 +239,12 @@ class Engine:
                         return appt_id, None
         return None, None
 
-    def _observe_one(self, tx: Tx, connector: Connector, obs: Observation, now_dt: datetime, now: str, report: ObserveReport) -> None:
-        name, caps = connector.name, connector.capabilities
-        shape = self._shape(connector)
+    def _observe_one(
+        self, tx: Tx, connector: Connector, shapes: dict[str, _Shape], obs: Observation, now_dt: datetime, now: str, report: ObserveReport
+    ) -> None:
+        name = connector.name
+        shape = shapes[name]
+        caps = shape.caps
         appt_id, link = self._match(tx, connector, obs)
         if link is not None and link.external_id == obs.external_id and not obs.deleted and obs.etag and obs.etag == link.etag:
             report.echoes += 1
@@ -295,7 +303,7 @@ class Engine:
             if base == shape.project(snap):
                 base_text = encoded[shape.key] = dumps(base)
         tx.put_link(new_tuple(Link, (name, appt_id, obs.external_id, obs.etag, base, version, obs.deleted)), base_text=base_text)
-        self.fan_out(tx, appt_id, snap, version, now, encoded)
+        self.fan_out(tx, appt_id, snap, version, now, shapes, encoded)
 
     # --- local changes (CLI, the runtime's policies) ---------------------------------------
 
@@ -310,7 +318,7 @@ class Engine:
             self._billing_work(tx, appt_id, current.fields if current else None, snap, now, via)
             changed = [k for k in snap if current is None or current.fields.get(k) != snap[k]]
             tx.audit.add(now, kind, via, appt_id, {"version": version, "changed": changed, "status": snap["status"]})
-            self.fan_out(tx, appt_id, snap, version, now)
+            self.fan_out(tx, appt_id, snap, version, now, self._shapes_now())
         return version
 
     def _billing_work(self, tx: Tx, appt_id: str, old: Snapshot | None, new: Snapshot, now: str, via: str) -> None:
@@ -337,29 +345,30 @@ class Engine:
             return clinician in connector.clinicians
         return connector.capabilities.role != Role.MIRROR
 
-    def fan_out(self, tx: Tx, appt_id: str, snap: Snapshot, version: int, now: str, encoded: dict[int, str] | None = None) -> None:
+    def fan_out(
+        self, tx: Tx, appt_id: str, snap: Snapshot, version: int, now: str, shapes: dict[str, _Shape], encoded: dict[int, str] | None = None
+    ) -> None:
         """Enqueue every connector whose copy differs from ``snap``; open or close read-only work.
 
         A copy differs when the encoded projection differs from the stored base text: bases are
         stored in the same canonical encoding, so nothing stored needs decoding, and connectors
         sharing a projection (two calendars) share one encoding of it. ``encoded`` holds encodings
-        the caller already made, by ``_Shape.key``.
+        the caller already made, by ``_Shape.key``; ``shapes`` is ``_shapes_now()``.
         """
         links = tx.stored_links(appt_id)
         cancelled = snap["status"] in CANCELLED_STATES
         stamp = time.time()
         encoded = {} if encoded is None else encoded
-        for name, connector in self.connectors.items():
-            caps = connector.capabilities
+        for name, shape in shapes.items():
+            caps = shape.caps
             row = links.get(name)
             if row is None or row[6]:
-                needed = not cancelled and caps.accepts_new and self.serves(connector, snap["clinician"])
+                needed = not cancelled and caps.accepts_new and self.serves(self.connectors[name], snap["clinician"])
                 if row is not None and cancelled:
                     needed = False
             elif row[4] is None:
                 needed = True
             else:
-                shape = self._shape(connector)
                 text = encoded.get(shape.key)
                 if text is None:
                     text = encoded[shape.key] = dumps(shape.project(snap))
@@ -367,7 +376,7 @@ class Engine:
             if caps.read_only:
                 work_key = f"readonly:{name}:{appt_id}"
                 if needed:
-                    tx.open_work(work_key, "manual_update", connector.instruction(snap, caps.project(snap)), now, name, appt_id)
+                    tx.open_work(work_key, "manual_update", self.connectors[name].instruction(snap, caps.project(snap)), now, name, appt_id)
                 elif tx.close_work(work_key, now, "observed"):
                     tx.audit.add(now, "worklist_closed", name, appt_id, {"key": work_key})
             elif needed:
