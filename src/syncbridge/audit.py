@@ -14,11 +14,14 @@ from typing import Any
 
 import orjson
 
-from .bulk import appointment_keys, insert_rows
+from .bulk import appointment_keys, insert_flat
 
 __all__ = ["GENESIS", "AuditWriter", "VerifyResult", "entry_hash", "verify"]
 
 GENESIS = "0" * 64
+#: an entry's columns, in the order ``AuditWriter`` lays them out (the appointment's key is not hashed)
+_COLUMNS = ("seq", "at", "kind", "connector", "appointment_id", "detail", "prev_hash", "hash", "appt")
+_ID, _KEY = _COLUMNS.index("appointment_id"), _COLUMNS.index("appt")
 
 
 def _encode_detail(detail: dict[str, Any]) -> str:
@@ -46,24 +49,27 @@ class AuditWriter:
         row = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
         self.seq: int = row[0] if row else 0
         self.hash: str = row[1] if row else GENESIS
-        self.rows: list[tuple[Any, ...]] = []
+        #: entries to write, end to end, ``len(_COLUMNS)`` values each
+        self.rows: list[Any] = []
 
     def add(self, at: str, kind: str, connector: str | None, appointment_id: str | None, detail: dict[str, Any]) -> None:
         seq = self.seq + 1
         text = _encode_detail(detail)
         digest = entry_hash(self.hash, seq, at, kind, connector, appointment_id, text)
-        self.rows.append((seq, at, kind, connector, appointment_id, text, self.hash, digest, self.keys.get(appointment_id) if appointment_id else None))
+        self.rows += (seq, at, kind, connector, appointment_id, text, self.hash, digest, self.keys.get(appointment_id) if appointment_id else None)
         self.seq, self.hash = seq, digest
 
     def flush(self) -> None:
         if not self.rows:
             return
-        rows = self.rows
-        unkeyed = list({r[4] for r in rows if r[4] and r[8] is None})
+        rows, width = self.rows, len(_COLUMNS)
+        # entries about appointments the transaction never loaded get their keys here, in bulk
+        unkeyed = [i for i in range(0, len(rows), width) if rows[i + _ID] and rows[i + _KEY] is None]
         if unkeyed:
-            found = appointment_keys(self.conn, unkeyed)
-            rows = [r if r[4] is None or r[8] is not None else (*r[:8], found.get(r[4])) for r in rows]
-        insert_rows(self.conn, "INSERT INTO audit (seq, at, kind, connector, appointment_id, detail, prev_hash, hash, appt)", rows)
+            found = appointment_keys(self.conn, list({rows[i + _ID] for i in unkeyed}))
+            for i in unkeyed:
+                rows[i + _KEY] = found.get(rows[i + _ID])
+        insert_flat(self.conn, f"INSERT INTO audit ({', '.join(_COLUMNS)})", rows, width)
         self.conn.execute(
             "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
             (self.seq, self.hash),

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
-__all__ = ["ROWS_PER_INSERT", "appointment_keys", "insert_rows"]
+__all__ = ["ROWS_PER_INSERT", "appointment_keys", "insert_flat", "insert_rows"]
 
 #: the most rows in one statement: far below SQLite's limit of 32,766 bound values
 ROWS_PER_INSERT = 64
@@ -19,19 +19,29 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any
     ``executemany`` steps its statement once per row, and every step releases and retakes the
     GIL and SQLite's mutex: for the thousands of small rows a transaction writes, that is much
     of what a row costs. ``tail`` (an ``ON CONFLICT`` clause) applies to each row as usual.
-    Rows go in statements of 64, the rest in statements of 32, 16, ... 1 rows, so only seven
-    statement texts per table are ever prepared and cached.
     """
     if not rows:
         return 0
-    one = "(" + ",".join("?" * len(rows[0])) + ")"
+    return insert_flat(conn, head, list(chain.from_iterable(rows)), len(rows[0]), tail)
+
+
+def insert_flat(conn: sqlite3.Connection, head: str, values: list[Any], width: int, tail: str = "") -> int:
+    """:func:`insert_rows` for rows laid end to end in ``values``, ``width`` values each.
+
+    A buffer that is only ever written as a whole can be kept this way from the start, and then
+    no row is built as a tuple only to be taken apart again. Rows go in statements of 64, the
+    rest in statements of 32, 16, ... 1 rows, so only seven statement texts per table are ever
+    prepared and cached.
+    """
+    count_rows = len(values) // width
+    one = "(" + ",".join("?" * width) + ")"
     changed, lo, size = 0, 0, ROWS_PER_INSERT
-    while lo < len(rows):
-        count = (len(rows) - lo) // size
+    while lo < count_rows:
+        count = (count_rows - lo) // size
         if count:
             sql = f"{head} VALUES {','.join([one] * size)} {tail}"
-            hi = lo + count * size
-            changed += conn.executemany(sql, [list(chain.from_iterable(rows[i : i + size])) for i in range(lo, hi, size)]).rowcount
+            hi, step = lo + count * size, size * width
+            changed += conn.executemany(sql, [values[i : i + step] for i in range(lo * width, hi * width, step)]).rowcount
             lo = hi
         size //= 2
     return changed
