@@ -16,9 +16,11 @@ import orjson
 
 from .bulk import appointment_keys, insert_flat
 
-__all__ = ["GENESIS", "AuditWriter", "VerifyResult", "entry_hash", "verify"]
+__all__ = ["GENESIS", "ROUTINE_KIND", "AuditWriter", "VerifyResult", "entry_hash", "verify"]
 
 GENESIS = "0" * 64
+#: the kind of entry every merged change writes: most of the log, and left out of its kind index
+ROUTINE_KIND = "observed"
 #: an entry's columns, in the order ``AuditWriter`` lays them out (the appointment's key is not hashed)
 _COLUMNS = ("seq", "at", "kind", "connector", "appointment_id", "detail", "prev_hash", "hash", "appt")
 _ID, _KEY = _COLUMNS.index("appointment_id"), _COLUMNS.index("appt")

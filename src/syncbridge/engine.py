@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
+from .audit import ROUTINE_KIND
 from .config import PracticeConfig
 from .connector import Capabilities, Connector, Link, Observation, PullResult
 from .errors import CursorExpired, MalformedRecord
@@ -285,7 +286,7 @@ class Engine:
             tx.put_appointment(appt_id, snap, version, now, name)
             self._billing_work(tx, appt_id, appt.fields if appt else None, snap, now, name)
             report.changed_ids.append(appt_id)
-            tx.audit.add(now, "observed", name, appt_id, {"version": version, "changed": outcome.changed, "status": snap["status"]})
+            tx.audit.add(now, ROUTINE_KIND, name, appt_id, {"version": version, "changed": outcome.changed, "status": snap["status"]})
         assert appt_id is not None
         for c in outcome.conflicts:
             report.conflicts += 1

@@ -263,6 +263,17 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE UNIQUE INDEX links_external ON links (connector, external_id) WHERE external_id IS NOT NULL;
         """,
     ),
+    (
+        7,
+        """
+        -- the kind index leaves out the routine "observed" entries, most of the log: every merged
+        -- change wrote one into it, yet a search by kind is for the rarer kinds (the conflicts on
+        -- the status page). Observed entries are found by appointment, or read from the end of
+        -- the log, where they are most of what there is
+        DROP INDEX audit_kind;
+        CREATE INDEX audit_kind ON audit (kind) WHERE kind != 'observed';
+        """,
+    ),
 ]
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import sqlite_utils
 
-from .audit import VerifyResult, verify
+from .audit import ROUTINE_KIND, VerifyResult, verify
 from .connector import Link
 from .errors import StoreError
 from .migrations import migrate
@@ -281,7 +281,8 @@ class Store:
             conds.append("(appt = (SELECT key FROM appointments WHERE id = ?) OR (appt IS NULL AND appointment_id = ?))")
             args += [appointment_id, appointment_id]
         if kind:
-            conds.append("kind = ?")
+            # the kind index leaves out "observed" entries; the second term lets SQLite use it
+            conds.append("kind = ?" if kind == ROUTINE_KIND else f"kind = ? AND kind != '{ROUTINE_KIND}'")
             args.append(kind)
         if conds:
             sql += " WHERE " + " AND ".join(conds)
@@ -291,8 +292,11 @@ class Store:
         return [dict(zip(keys, (*r[:5], loads(r[5])), strict=True)) for r in self.conn.execute(sql, args)]
 
     def audit_kinds(self) -> list[str]:
-        """The kinds of entry the log holds (read from the kind index alone)."""
-        return [r[0] for r in self.conn.execute("SELECT DISTINCT kind FROM audit ORDER BY kind")]
+        """The kinds of entry the log holds: the kind index has all but the routine one."""
+        kinds = [r[0] for r in self.conn.execute(f"SELECT DISTINCT kind FROM audit WHERE kind != '{ROUTINE_KIND}'")]
+        if self.conn.execute("SELECT 1 FROM audit WHERE kind = ? LIMIT 1", (ROUTINE_KIND,)).fetchone():
+            kinds.append(ROUTINE_KIND)
+        return sorted(kinds)
 
     def verify_audit(self) -> VerifyResult:
         return verify(self.conn)

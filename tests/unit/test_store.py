@@ -87,6 +87,26 @@ def test_rewritten_chain_is_detected(tmp_path: Path) -> None:
     assert not result.ok and "entry 3 does not follow entry 2" in result.problem
 
 
+def test_search_by_kind_reads_the_index_and_finds_every_kind(tmp_path: Path) -> None:
+    """Conflicts (the status page) come from the kind index, newest first; the routine kind is still found."""
+    store = Store(tmp_path / "s.db")
+    with store.tx() as tx:
+        for i in range(300):
+            tx.audit.add(f"2026-11-23T10:00:{i % 60:02d}Z", "observed", "cal", f"sb-{i}", {"version": 1})
+            if i % 100 == 7:
+                tx.audit.add(f"2026-11-23T10:00:{i % 60:02d}Z", "conflict", "cal", f"sb-{i}", {"field": "time"})
+    statements: list[str] = []
+    store.conn.set_trace_callback(statements.append)
+    conflicts = store.audit_entries(kind="conflict", limit=20)
+    store.conn.set_trace_callback(None)
+    assert [e["appointment_id"] for e in conflicts] == ["sb-207", "sb-107", "sb-7"]
+    plan = " ".join(r[3] for r in store.conn.execute(f"EXPLAIN QUERY PLAN {statements[-1]}"))
+    assert "INDEX audit_kind" in plan, plan
+    assert [e["kind"] for e in store.audit_entries(kind="observed", limit=2)] == ["observed", "observed"]
+    assert store.audit_kinds() == ["conflict", "observed"]
+    store.close()
+
+
 def test_page_cache_follows_the_setting(tmp_path: Path) -> None:
     """`store.cache_mb` bounds SQLite's page cache, the daemon's largest memory holder after Python."""
     assert Store(tmp_path / "a.db").conn.execute("PRAGMA cache_size").fetchone()[0] == -16 * 1024
