@@ -20,6 +20,7 @@ import orjson
 import sqlite_utils
 
 from .audit import ROUTINE_KIND, VerifyResult, verify
+from .checkpoint import Checkpointer
 from .connector import Link
 from .errors import StoreError
 from .migrations import migrate
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 __all__ = ["OutboxItem", "Store", "WorkItem", "dumps", "loads", "row_link", "store_error", "LINK_COLS"]
 
 _SORTED = orjson.OPT_SORT_KEYS
+#: WAL pages (40 MB) at which a commit checkpoints by itself: the checkpoint thread normally leaves
+#: it little to copy, and it lets the WAL start over when that thread never catches up completely
+_BACKSTOP_PAGES = 10_000
 
 
 def dumps(obj: Any) -> str:
@@ -124,11 +128,15 @@ class Store:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute(f"PRAGMA cache_size=-{int(cache_mb) * 1024}")  # in KiB when negative
-        conn.execute("PRAGMA wal_autocheckpoint=10000")
+        # checkpoints run from their own thread after commits (checkpoint.py); the automatic one
+        # is a backstop
+        conn.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_PAGES}")
+        self._checkpointer = Checkpointer(self.path)
         conn.execute("PRAGMA temp_store=MEMORY")
         self.schema_version = migrate(conn)
 
     def close(self) -> None:
+        self._checkpointer.close()
         self.conn.close()
 
     def check_integrity(self) -> None:
@@ -155,6 +163,7 @@ class Store:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+        self._checkpointer.committed()
 
     # --- reads ---------------------------------------------------------------------------
 
