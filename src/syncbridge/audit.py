@@ -71,7 +71,7 @@ class AuditWriter:
             found = appointment_keys(self.conn, list({rows[i + _ID] for i in unkeyed}))
             for i in unkeyed:
                 rows[i + _KEY] = found.get(rows[i + _ID])
-        insert_flat(self.conn, f"INSERT INTO audit ({', '.join(_COLUMNS)})", rows, width)
+        insert_flat(self.conn, f"INSERT INTO audit ({', '.join(_COLUMNS)})", rows)
         self.conn.execute(
             "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
             (self.seq, self.hash),

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
-__all__ = ["ROWS_PER_INSERT", "appointment_keys", "insert_flat", "insert_rows"]
+__all__ = ["ROWS_PER_INSERT", "appointment_keys", "columns", "insert_flat", "insert_rows"]
 
 #: the most rows in one statement: far below SQLite's limit of 32,766 bound values
 ROWS_PER_INSERT = 64
@@ -22,17 +22,18 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any
     """
     if not rows:
         return 0
-    return insert_flat(conn, head, list(chain.from_iterable(rows)), len(rows[0]), tail)
+    return insert_flat(conn, head, list(chain.from_iterable(rows)), tail)
 
 
-def insert_flat(conn: sqlite3.Connection, head: str, values: list[Any], width: int, tail: str = "") -> int:
-    """:func:`insert_rows` for rows laid end to end in ``values``, ``width`` values each.
+def insert_flat(conn: sqlite3.Connection, head: str, values: list[Any], tail: str = "") -> int:
+    """:func:`insert_rows` for rows laid end to end in ``values``, one value per column ``head`` names.
 
     A buffer that is only ever written as a whole can be kept this way from the start, and then
     no row is built as a tuple only to be taken apart again. Rows go in statements of 64, the
     rest in statements of 32, 16, ... 1 rows, so only seven statement texts per table are ever
     prepared and cached.
     """
+    width = columns(head)
     count_rows = len(values) // width
     one = "(" + ",".join("?" * width) + ")"
     changed, lo, size = 0, 0, ROWS_PER_INSERT
@@ -45,6 +46,11 @@ def insert_flat(conn: sqlite3.Connection, head: str, values: list[Any], width: i
             lo = hi
         size //= 2
     return changed
+
+
+def columns(head: str) -> int:
+    """How many columns ``INSERT INTO table (a, b, ...)`` names: the width of each of its rows."""
+    return head[head.index("(") : head.rindex(")")].count(",") + 1
 
 
 def appointment_keys(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, int]:

@@ -12,7 +12,6 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,7 @@ from .checkpoint import Checkpointer
 from .connector import Link
 from .errors import StoreError
 from .migrations import migrate
-from .model import CANCELLED_STATES, Appointment, Snapshot, new_tuple
+from .model import CANCELLED_STATES, Appointment, Snapshot, new_tuple, parse_iso
 
 if TYPE_CHECKING:
     from .tx import Tx
@@ -225,7 +224,7 @@ class Store:
             "SELECT applied_version, gone, applied_ts FROM links WHERE appt = (SELECT key FROM appointments WHERE id = ?)", (appointment.id,)
         ).fetchall()
         current = [r for r in links if r[1] or r[0] >= appointment.version]
-        changed = datetime.fromisoformat(appointment.updated_at.replace("Z", "+00:00")).timestamp()
+        changed = parse_iso(appointment.updated_at).timestamp()
         stamps = [r[2] for r in current if r[2] is not None and r[2] >= changed - 1]
         return len(current), len(links), (max(stamps) - changed if stamps and len(current) == len(links) else None)
 

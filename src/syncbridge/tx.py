@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .audit import AuditWriter
-from .bulk import appointment_keys, insert_flat, insert_rows
+from .bulk import appointment_keys, columns, insert_flat, insert_rows
 from .connector import Link
 from .model import Appointment, Snapshot, new_tuple
 from .store import LINK_COLS, dumps, loads, row_link
@@ -75,9 +75,9 @@ class Tx:
         self._decoded: dict[tuple[str, str], Link] = {}
         self._ext: dict[tuple[str, str], str] = {}  # (connector, external id) -> appointment
         self._appt_rows: dict[str, tuple[Any, ...]] = {}
-        self._versions: list[Any] = []  # history rows end to end, five values each
+        self._versions: list[Any] = []  # history rows, end to end
         self._link_rows: dict[tuple[str, str], tuple[Any, ...]] = {}
-        self._link_updates: list[Any] = []  # link rewrites end to end, eight values each
+        self._link_updates: list[Any] = []  # link rewrites, end to end
         self._ext_moves: list[tuple[str, str, str]] = []
         self._outbox: dict[tuple[str, str], tuple[int, float]] = {}
         self._series: dict[str, tuple[str, str, str, str]] = {}
@@ -321,11 +321,11 @@ class Tx:
         if self._appt_rows:
             insert_rows(self.conn, _PUT_APPOINTMENT, list(self._appt_rows.values()), _PUT_APPOINTMENT_CONFLICT)
         if self._versions:
-            insert_flat(self.conn, "INSERT INTO appointment_history (appt, version, snapshot, at, via)", self._versions, 5)
+            insert_flat(self.conn, "INSERT INTO appointment_history (appt, version, snapshot, at, via)", self._versions)
         if self._series:
             insert_rows(self.conn, "INSERT INTO series (id, clinician, timezone, created_at)", list(self._series.values()), "ON CONFLICT (id) DO NOTHING")
         if self._link_updates:
-            insert_flat(self.conn, _REWRITE_LINK, self._link_updates, 8, _REWRITE_LINK_CONFLICT)
+            insert_flat(self.conn, _REWRITE_LINK, self._link_updates, _REWRITE_LINK_CONFLICT)
         if self._ext_moves:
             self.conn.executemany(
                 "UPDATE links SET external_id = NULL WHERE connector = ? AND external_id = ? AND appointment_id != ?", self._ext_moves
@@ -342,9 +342,9 @@ class Tx:
             for (c, a), (v, due) in self._outbox.items():
                 if a in keys:
                     values += (c, keys[a], a, v, due, due)
-            if insert_flat(self.conn, _INSERT_OUTBOX, values, 6, _ENQUEUE_PENDING) != len(values) // 6:
+            if insert_flat(self.conn, _INSERT_OUTBOX, values, _ENQUEUE_PENDING) != len(values) // columns(_INSERT_OUTBOX):
                 # some item was dead or retrying: the full rule again (it is idempotent) fixes those
-                insert_flat(self.conn, _INSERT_OUTBOX, values, 6, _ENQUEUE)
+                insert_flat(self.conn, _INSERT_OUTBOX, values, _ENQUEUE)
         self._appt_rows, self._versions, self._link_rows, self._outbox, self._series = {}, [], {}, {}, {}
         self._link_updates, self._ext_moves = [], []
         self.audit.flush()
