@@ -160,6 +160,11 @@ class ApplyResult:
     #: fields the system itself set while applying (an EHR's billing outcome); merged back into the
     #: canonical record as that system's change, under the usual rules
     reported: Snapshot = field(default_factory=dict)
+    #: what the write could not finish and a person must see to, one line each naming the external
+    #: resource (a charge that could not be made not-billable); the outbox keeps one worklist item
+    #: per (connector, appointment) open while this is non-empty and closes it when a later write
+    #: comes back with nothing left
+    attention: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

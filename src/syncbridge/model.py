@@ -90,6 +90,7 @@ class Billing(StrEnum):
     SUPPRESSED = "suppressed"  # cancelled: charges not billable, draft claims cancelled
     FEE_SELF_PAY = "fee_self_pay"  # suppressed, and a self-pay late-cancel/no-show fee exists
     NEEDS_VOID = "needs_void"  # a claim already went out; a person must void it
+    NEEDS_ATTENTION = "needs_attention"  # suppression could not be seen complete; a worklist item names what is live
     BILLED = "billed"  # the session happened and was claimed
 
 

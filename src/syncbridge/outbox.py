@@ -23,6 +23,7 @@ from .engine import Engine
 from .errors import AuthError, ConflictError, PermanentError, SyncbridgeError, TransientError, error_kind
 from .model import Appointment, Snapshot, iso
 from .store import OutboxItem
+from .tx import Tx
 
 __all__ = ["ApplyReport", "Outbox", "backoff_delay"]
 
@@ -183,7 +184,8 @@ class Outbox:
                 tx.put_link(Link(name, appt.id, result.external_id, etag, desired, appt.version, gone=result.gone), applied_at=now)
                 tx.outbox_done(name, appt.id, appt.version)
                 tx.audit.add(now, "applied", name, appt.id, {"version": appt.version, "status": appt.fields["status"], "disclosed": list(result.disclosed)}
-                    | ({"steps": list(result.steps)} if result.steps else {}))
+                    | ({"steps": list(result.steps)} if result.steps else {}) | ({"attention": list(result.attention)} if result.attention else {}))
+                self._attention(tx, name, appt.id, result.attention, now)
                 current = tx.appointment(appt.id)
                 if current is not None and current.version > appt.version and connector.capabilities.project(current.fields) != desired:
                     # the record moved on while we wrote, and its fan-out compared against the copy as
@@ -202,6 +204,18 @@ class Outbox:
         for item, appt, _, _, _ in landed:
             self._tell(name, "applied", clock - item.due_at if item.attempts == 0 else None)
             log.info("applied", connector=name, appointment=appt.id, version=appt.version)
+
+    @staticmethod
+    def _attention(tx: Tx, name: str, appt_id: str, lines: tuple[str, ...], now: str) -> None:
+        """What a write left for a person (a charge still billable): one worklist item per copy,
+        kept up to date while anything is left and closed by the first write that leaves nothing."""
+        key = f"attention:{name}:{appt_id}"
+        if lines:
+            text = f"syncbridge could not finish appointment {appt_id} in {name}: " + "; ".join(lines)
+            if tx.open_work(key, "needs_attention", text[:2000], now, name, appt_id):
+                tx.audit.add(now, "needs_attention", name, appt_id, {"items": list(lines)})
+        elif tx.close_work(key, now, "observed"):
+            tx.audit.add(now, "worklist_closed", name, appt_id, {"key": key})
 
     async def _failed(self, item: OutboxItem, link: Link | None, err: BaseException, report: ApplyReport) -> None:
         if isinstance(err, ConflictError):
