@@ -235,7 +235,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     import time
 
     with store.tx() as tx:
-        tx.enqueue(args.connector, appt.id, appt.version, time.time())
+        tx.outbox_now(args.connector, appt.id, appt.version, time.time())  # now, even if it was waiting out a backoff
         tx.close_work(f"dead:{args.connector}:{appt.id}", iso(datetime.now(UTC)), "cli")
     print(f"{appt.id} queued for {args.connector}")
     return 0

@@ -185,9 +185,14 @@ class Policy(_Strict):
 
 
 class OutboxConfig(_Strict):
+    #: failures that are not transient (recurring conflicts, errors not understood) before a write is
+    #: dead-lettered; a system that is unreachable or throttling is waited for however long it takes
     max_attempts: int = Field(8, ge=1)
     backoff_base: float = Field(1.0, gt=0)
-    backoff_max: float = Field(900.0, gt=0)
+    #: the longest wait between two attempts, so a write lands within this of its system's return
+    backoff_max: float = Field(300.0, gt=0)
+    #: seconds a connector's writes may keep failing transiently before a worklist item warns a person
+    outage_warning: float = Field(3600.0, gt=0)
     #: due writes read from the store at a time per connector (at least two calls' worth in flight)
     batch: int = Field(50, ge=1)
     #: writes in flight per connector; connectors keep their vendor's own limits (per mailbox...)

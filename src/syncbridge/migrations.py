@@ -274,6 +274,24 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX audit_kind ON audit (kind) WHERE kind != 'observed';
         """,
     ),
+    (
+        8,
+        """
+        -- a write to a system that is unreachable waits for it however long it takes: only the
+        -- failures that are not transient (conflicts that keep coming back, errors not understood)
+        -- count towards outbox.max_attempts, in strikes (attempts still sets the backoff)
+        ALTER TABLE outbox ADD COLUMN strikes INTEGER NOT NULL DEFAULT 0;
+        -- a connector whose writes keep failing transiently: since when, how many in a row, and
+        -- why. The status shows it and a worklist item warns once it lasts. The next write that
+        -- lands deletes the row (no semicolons in these comments: the steps are split on them)
+        CREATE TABLE outages (
+            connector TEXT PRIMARY KEY,
+            since REAL NOT NULL,
+            failures INTEGER NOT NULL,
+            last_error TEXT
+        )
+        """,
+    ),
 ]
 
 

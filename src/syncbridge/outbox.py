@@ -2,19 +2,22 @@
 
 Items are state-based: the worker renders the *current* canonical snapshot at apply time, so a
 retry is always safe and ten edits become one write. Errors follow DESIGN section 9: conflict
--> re-read and re-merge; transient -> exponential backoff with jitter, honouring Retry-After;
-auth -> connector marked unhealthy, slow retry; permanent -> dead letter plus a worklist item.
+-> re-read and re-merge; transient -> exponential backoff with jitter, honouring Retry-After, for
+as long as the system stays unreachable (an outage is shown in the status and, once it lasts, on
+the worklist; the writes wait and land when it returns); auth -> connector marked unhealthy, slow
+retry; permanent -> dead letter plus a worklist item. Only failures that are neither transient nor
+auth (recurring conflicts, errors not understood) count towards ``outbox.max_attempts``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import structlog
 
@@ -22,19 +25,13 @@ from .connector import ApplyResult, Link, Observation, PullResult, Write
 from .engine import Engine
 from .errors import AuthError, ConflictError, PermanentError, SyncbridgeError, TransientError, error_kind
 from .model import Appointment, Snapshot, iso
+from .retry import backoff_delay
 from .store import OutboxItem
 from .tx import Tx
 
 __all__ = ["ApplyReport", "Outbox", "backoff_delay"]
 
 log = structlog.get_logger("syncbridge.outbox")
-
-
-def backoff_delay(attempts: int, base: float, cap: float, retry_after: float | None = None, rng: random.Random | None = None) -> float:
-    """Full-jitter exponential backoff, never sooner than the vendor's Retry-After."""
-    r = rng or random
-    delay = min(cap, base * (2**attempts)) * r.uniform(0.5, 1.0)
-    return max(delay, retry_after or 0.0)
 
 
 @dataclass(slots=True)
@@ -168,6 +165,7 @@ class Outbox:
             return
         reported: list[tuple[str, ApplyResult, Snapshot]] = []
         with self.store.tx() as tx:
+            self._reachable(tx, name, now)
             tx.prefetch(name, (), [appt.id for _, appt, _, _, _ in landed])
             for _item, appt, link, desired, result in landed:
                 if tx.link(name, appt.id) != link:
@@ -222,10 +220,11 @@ class Outbox:
             report.conflicts += 1
             self._tell(item.connector, "conflict")
             await self._remerge(item, link)
-        elif isinstance(err, TransientError):
+        elif isinstance(err, TransientError):  # unreachable or throttled: wait for it, never give up
             self._tell(item.connector, error_kind(err))
             self._retry(item, err, err.retry_after, report)
-        elif isinstance(err, AuthError):
+            self._unreachable(item.connector, err)
+        elif isinstance(err, AuthError):  # a person must act; the write waits for them
             with self.store.tx() as tx:
                 tx.set_health(item.connector, False, f"authentication failed: {err}")
             self._retry(item, err, self.cfg.backoff_max, report)
@@ -235,9 +234,34 @@ class Outbox:
         elif isinstance(err, Exception):  # a bug or an untranslated library error: retry, then dead-letter
             log.error("apply_unexpected", connector=item.connector, appointment=item.appointment_id,
                       error=type(err).__name__, exc_info=err)
-            self._retry(item, err, None, report)
+            self._retry(item, err, None, report, strike=True)
         else:  # cancelled or interrupted mid-write: the item stays due for the next drain
             raise err
+
+    def _unreachable(self, name: str, err: TransientError) -> None:
+        """Count the failure towards the connector's outage; warn a person once it has lasted
+        ``outbox.outage_warning`` (the item is brought up to date while the outage goes on)."""
+        clock = time.time()
+        with self.store.tx() as tx:
+            outage = tx.outage_failed(name, clock, f"{error_kind(err)}: {err}"[:500])
+            if clock - outage.since < self.cfg.outage_warning:
+                return
+            since = iso(datetime.fromtimestamp(outage.since, UTC))
+            waiting = tx.outbox_waiting(name)
+            text = (f"{name} unreachable since {since}; {waiting} writes waiting; they will be applied when it returns "
+                    f"(last error: {outage.last_error})")
+            if tx.open_work(f"outage:{name}", "unreachable", text, iso(self.engine.clock()), name):
+                log.warning("outage_warning", connector=name, since=since, waiting=waiting)
+
+    @staticmethod
+    def _reachable(tx: Tx, name: str, now: str) -> None:
+        """A write landed: an outage of ``name`` is over and its warning closes by itself."""
+        outage = tx.outage_over(name)
+        if outage is None:
+            return
+        if tx.close_work(f"outage:{name}", now, "applied"):
+            tx.audit.add(now, "worklist_closed", name, None, {"key": f"outage:{name}"})
+        log.info("reachable_again", connector=name, failures=outage.failures, seconds=round(time.time() - outage.since, 1))
 
     def _tell(self, connector: str, outcome: str, seconds: float | None = None) -> None:
         for listener in self.listeners:
@@ -252,23 +276,22 @@ class Outbox:
                 raise ConflictError("create conflicted but the connector cannot say which copy exists")
             obs = await connector.read(external_id)
         except SyncbridgeError as err:
-            self._retry(item, err, None, ApplyReport())
+            self._retry(item, err, getattr(err, "retry_after", None), ApplyReport(), strike=not isinstance(err, (TransientError, AuthError)))
             return
         self.engine.observe(item.connector, PullResult([obs], cursor=None), advance=False)
         with self.store.tx() as tx:
-            tx.outbox_retry(item.connector, item.appointment_id, time.time(), "precondition failed; re-merged")
-            attempts = item.attempts + 1
-            if attempts >= self.cfg.max_attempts:
+            tx.outbox_retry(item.connector, item.appointment_id, time.time(), "precondition failed; re-merged", strike=True)
+            if item.strikes + 1 >= self.cfg.max_attempts:
                 tx.outbox_dead(item.connector, item.appointment_id, "precondition kept failing")
 
-    def _retry(self, item: OutboxItem, err: BaseException, retry_after: float | None, report: ApplyReport) -> None:
-        attempts = item.attempts + 1
-        if attempts >= self.cfg.max_attempts:
+    def _retry(self, item: OutboxItem, err: BaseException, retry_after: float | None, report: ApplyReport, *, strike: bool = False) -> None:
+        """Try again after the backoff; a ``strike`` (not transient) dead-letters at ``max_attempts``."""
+        if strike and item.strikes + 1 >= self.cfg.max_attempts:
             self._dead(item, err, report)
             return
         delay = backoff_delay(item.attempts, self.cfg.backoff_base, self.cfg.backoff_max, retry_after)
         with self.store.tx() as tx:
-            tx.outbox_retry(item.connector, item.appointment_id, time.time() + delay, f"{error_kind(err)}: {err}"[:500])
+            tx.outbox_retry(item.connector, item.appointment_id, time.time() + delay, f"{error_kind(err)}: {err}"[:500], strike=strike)
         report.retried += 1
         log.warning("apply_retry", connector=item.connector, appointment=item.appointment_id, kind=error_kind(err), delay=round(delay, 2))
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +25,12 @@ from .checkpoint import Checkpointer
 from .connector import Link
 from .errors import StoreError
 from .migrations import migrate
-from .model import CANCELLED_STATES, Appointment, Snapshot, new_tuple, parse_iso
+from .model import CANCELLED_STATES, Appointment, Snapshot, iso, new_tuple, parse_iso
 
 if TYPE_CHECKING:
     from .tx import Tx
 
-__all__ = ["OutboxItem", "Store", "WorkItem", "dumps", "loads", "row_link", "store_error", "LINK_COLS"]
+__all__ = ["OUTAGE_FAILURES", "Outage", "OutboxItem", "Store", "WorkItem", "for_how_long", "dumps", "loads", "row_link", "store_error", "LINK_COLS"]
 
 _SORTED = orjson.OPT_SORT_KEYS
 #: WAL pages (40 MB) at which a commit checkpoints by itself: the checkpoint thread normally leaves
@@ -45,6 +47,16 @@ def dumps(obj: Any) -> str:
     return orjson.dumps(obj, option=_SORTED).decode()
 
 
+def for_how_long(seconds: float) -> str:
+    """A duration as a person reads it in a status line: "40 s", "12 min", "2 h 5 min"."""
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
 def loads(text: str | bytes) -> Any:
     """Decode stored JSON; invalid text raises ``json.JSONDecodeError`` (orjson's is a subclass)."""
     return orjson.loads(text)
@@ -59,6 +71,23 @@ class OutboxItem:
     attempts: int
     last_error: str | None
     dead: bool
+    #: failures that were not transient (recurring conflicts, errors not understood): only these
+    #: count towards ``outbox.max_attempts``; an unreachable system is waited for however long
+    strikes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """A connector whose writes keep failing transiently (refused, timed out, 5xx, 429)."""
+
+    connector: str
+    since: float
+    failures: int
+    last_error: str | None
+
+
+#: transient write failures in a row before a connector shows unhealthy: one 429 is the weather
+OUTAGE_FAILURES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,16 +267,29 @@ class Store:
             (connector,),
         ).fetchone()
         keys = ("cursor", "updated_at", "last_good_pull", "last_full_sweep", "healthy", "note")
-        return dict(zip(keys, r, strict=True)) if r else dict.fromkeys(keys) | {"healthy": 1}
+        state = dict(zip(keys, r, strict=True)) if r else dict.fromkeys(keys) | {"healthy": 1}
+        outage = self.outage(connector)
+        if outage is not None and outage.failures >= OUTAGE_FAILURES:
+            # kept apart from the pull's health, which a good pull resets: a system that answers
+            # reads but refuses writes stays unhealthy until a write lands
+            since = datetime.fromtimestamp(outage.since, UTC)
+            note = f"writes failing since {iso(since)} (for {for_how_long(time.time() - outage.since)}): {outage.last_error or 'unreachable'}"
+            state["note"] = "; ".join(filter(None, (None if state["healthy"] else state["note"], note)))
+            state["healthy"] = 0
+        return state
+
+    def outage(self, connector: str) -> Outage | None:
+        r = self.conn.execute("SELECT connector, since, failures, last_error FROM outages WHERE connector = ?", (connector,)).fetchone()
+        return Outage(*r) if r else None
 
     def outbox_due(self, now: float, limit: int, connector: str | None = None) -> list[OutboxItem]:
         where, args = ("AND connector = ? ", (connector,)) if connector is not None else ("", ())
         rows = self.conn.execute(
-            "SELECT connector, appointment_id, target_version, due_at, attempts, last_error, dead FROM outbox "
+            "SELECT connector, appointment_id, target_version, due_at, attempts, last_error, dead, strikes FROM outbox "
             f"WHERE dead = 0 AND due_at <= ? {where}ORDER BY due_at LIMIT ?",
             (now, *args, limit),
         ).fetchall()
-        return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
+        return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7]) for r in rows]
 
     def outbox_due_connectors(self, now: float) -> list[str]:
         """Connectors with at least one write due now."""
@@ -266,9 +308,9 @@ class Store:
 
     def dead_letters(self) -> list[OutboxItem]:
         rows = self.conn.execute(
-            "SELECT connector, appointment_id, target_version, due_at, attempts, last_error, dead FROM outbox WHERE dead = 1"
+            "SELECT connector, appointment_id, target_version, due_at, attempts, last_error, dead, strikes FROM outbox WHERE dead = 1"
         ).fetchall()
-        return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], True) for r in rows]
+        return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], True, r[7]) for r in rows]
 
     def worklist(self, include_closed: bool = False) -> list[WorkItem]:
         where = "" if include_closed else " WHERE closed_at IS NULL"

@@ -16,7 +16,7 @@ from .audit import AuditWriter
 from .bulk import appointment_keys, columns, insert_flat, insert_rows
 from .connector import Link
 from .model import Appointment, Snapshot, new_tuple
-from .store import LINK_COLS, dumps, loads, row_link
+from .store import LINK_COLS, Outage, dumps, loads, row_link
 
 if TYPE_CHECKING:
     from .store import Store
@@ -49,13 +49,25 @@ _INSERT_OUTBOX = "INSERT INTO outbox (connector, appt, appointment_id, target_ve
 #: (dead, due_at) index is left alone; rows it does not cover are left unchanged (and not counted)
 _ENQUEUE_PENDING = (
     "ON CONFLICT (connector, appt) DO UPDATE SET "
-    "target_version = MAX(outbox.target_version, excluded.target_version), attempts = 0, last_error = NULL "
+    "target_version = MAX(outbox.target_version, excluded.target_version) "
     "WHERE outbox.dead = 0 AND outbox.due_at <= excluded.due_at"
 )
+#: the full rule: a pending item keeps its due time and its count of attempts, so a newer version
+#: of a write waiting out a backoff or a Retry-After waits with it (the system asked us to slow
+#: down, not to send something else sooner); a dead letter comes back to life, due now
 _ENQUEUE = (
     "ON CONFLICT (connector, appt) DO UPDATE SET "
-    "target_version = MAX(outbox.target_version, excluded.target_version), due_at = MIN(outbox.due_at, excluded.due_at), "
-    "attempts = 0, dead = 0, last_error = NULL"
+    "target_version = MAX(outbox.target_version, excluded.target_version), "
+    "due_at = CASE WHEN outbox.dead THEN excluded.due_at ELSE outbox.due_at END, "
+    "attempts = CASE WHEN outbox.dead THEN 0 ELSE outbox.attempts END, "
+    "strikes = CASE WHEN outbox.dead THEN 0 ELSE outbox.strikes END, "
+    "last_error = CASE WHEN outbox.dead THEN NULL ELSE outbox.last_error END, dead = 0"
+)
+#: a person asked for the write now (``syncbridge retry``): due at once, counts cleared
+_ENQUEUE_NOW = (
+    "ON CONFLICT (connector, appt) DO UPDATE SET "
+    "target_version = MAX(outbox.target_version, excluded.target_version), due_at = excluded.due_at, "
+    "attempts = 0, strikes = 0, dead = 0, last_error = NULL"
 )
 
 
@@ -195,16 +207,47 @@ class Tx:
     def outbox_done(self, connector: str, appointment_id: str, version: int) -> None:
         """Remove the item unless a newer version was enqueued meanwhile."""
         self.flush()
+        key = self._key_of(appointment_id)
+        if self.conn.execute("DELETE FROM outbox WHERE connector = ? AND appt = ? AND target_version <= ?", (connector, key, version)).rowcount:
+            return
+        # a newer version stays queued: this write landed, so the failures before it no longer count
         self.conn.execute(
-            "DELETE FROM outbox WHERE connector = ? AND appt = ? AND target_version <= ?", (connector, self._key_of(appointment_id), version)
+            "UPDATE outbox SET attempts = 0, strikes = 0, last_error = NULL WHERE connector = ? AND appt = ? AND attempts > 0", (connector, key)
         )
 
-    def outbox_retry(self, connector: str, appointment_id: str, due_at: float, error: str) -> None:
+    def outbox_retry(self, connector: str, appointment_id: str, due_at: float, error: str, *, strike: bool = False) -> None:
+        """Try again at ``due_at``; a ``strike`` (a failure that is not transient) counts towards dead-lettering."""
         self.flush()
         self.conn.execute(
-            "UPDATE outbox SET attempts = attempts + 1, due_at = ?, last_error = ? WHERE connector = ? AND appt = ?",
-            (due_at, error, connector, self._key_of(appointment_id)),
+            "UPDATE outbox SET attempts = attempts + 1, strikes = strikes + ?, due_at = ?, last_error = ? WHERE connector = ? AND appt = ?",
+            (int(strike), due_at, error, connector, self._key_of(appointment_id)),
         )
+
+    def outbox_now(self, connector: str, appointment_id: str, version: int, now: float) -> None:
+        """Queue a write due at once, whatever backoff or dead letter it was in (a person asked for it)."""
+        self.flush()
+        key = self._key_of(appointment_id)
+        if key is not None:
+            insert_rows(self.conn, _INSERT_OUTBOX, [(connector, key, appointment_id, version, now, now)], _ENQUEUE_NOW)
+
+    def outbox_waiting(self, connector: str) -> int:
+        """Writes queued for ``connector`` and not dead-lettered."""
+        self.flush()
+        return int(self.conn.execute("SELECT COUNT(*) FROM outbox WHERE connector = ? AND dead = 0", (connector,)).fetchone()[0])
+
+    def outage_failed(self, connector: str, at: float, error: str) -> Outage:
+        """One more transient write failure in a row for ``connector``; the outage as it now stands."""
+        row = self.conn.execute(
+            "INSERT INTO outages (connector, since, failures, last_error) VALUES (?,?,1,?) ON CONFLICT (connector) DO UPDATE "
+            "SET failures = outages.failures + 1, last_error = excluded.last_error RETURNING connector, since, failures, last_error",
+            (connector, at, error),
+        ).fetchall()[0]  # read to the end: the statement is finished before the commit
+        return Outage(*row)
+
+    def outage_over(self, connector: str) -> Outage | None:
+        """A write to ``connector`` landed: the outage it was in, if any, is over."""
+        rows = self.conn.execute("DELETE FROM outages WHERE connector = ? RETURNING connector, since, failures, last_error", (connector,)).fetchall()
+        return Outage(*rows[0]) if rows else None
 
     def outbox_dead(self, connector: str, appointment_id: str, error: str) -> None:
         self.flush()

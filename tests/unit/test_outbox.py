@@ -106,10 +106,10 @@ async def test_permanent_error_dead_letters_with_worklist(world: tuple[Engine, O
     assert len(work) == 1 and work[0].kind == "dead_letter" and f"syncbridge retry cal {appt}" in work[0].instruction
 
 
-async def test_repeated_transient_errors_end_in_dead_letter(world: tuple[Engine, Outbox]) -> None:
-    """A write failing max_attempts times stops retrying and is reported."""
+async def test_repeated_unexpected_errors_end_in_dead_letter(world: tuple[Engine, Outbox]) -> None:
+    """A write failing max_attempts times with an error nobody understands stops retrying and is reported."""
     engine, outbox = world
-    Scripted.script = [RateLimited("503")] * 3
+    Scripted.script = [RuntimeError("a bug in the connector")] * 3
     book(engine)
     for _ in range(3):
         engine.store.conn.execute("UPDATE outbox SET due_at = 0")

@@ -1,0 +1,50 @@
+"""When to try again: one backoff rule for writes (the outbox) and reads (the runtime's pulls).
+
+DESIGN section 9: a transient error is retried with exponential backoff and full jitter, never
+sooner than the vendor's Retry-After, and never later than the cap, for as long as it takes.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["Backoff", "backoff_delay"]
+
+#: past this many attempts the cap has long been reached; keeps 2**attempts a small number
+_MAX_EXPONENT = 32
+
+
+def backoff_delay(attempts: int, base: float, cap: float, retry_after: float | None = None, rng: random.Random | None = None) -> float:
+    """Full-jitter exponential backoff, never sooner than the vendor's Retry-After."""
+    r = rng or random
+    delay = min(cap, base * (2 ** min(attempts, _MAX_EXPONENT))) * r.uniform(0.5, 1.0)
+    return max(delay, retry_after or 0.0)
+
+
+@dataclass
+class Backoff:
+    """Per-key retry state (a connector's pulls): failures in a row and the earliest next try."""
+
+    base: float
+    cap: float
+    failures: dict[str, int] = field(default_factory=dict)
+    not_before: dict[str, float] = field(default_factory=dict)
+
+    def failed(self, key: str, retry_after: float | None = None, now: float | None = None) -> float:
+        """Record a retryable failure; the seconds to wait before the next try."""
+        attempts = self.failures.get(key, 0)
+        self.failures[key] = attempts + 1
+        delay = backoff_delay(attempts, self.base, self.cap, retry_after)
+        self.not_before[key] = (time.time() if now is None else now) + delay
+        return delay
+
+    def succeeded(self, key: str) -> None:
+        self.failures.pop(key, None)
+        self.not_before.pop(key, None)
+
+    def wait(self, key: str, now: float | None = None) -> float:
+        """Seconds until ``key`` may be tried again (0 when it may now)."""
+        until = self.not_before.get(key)
+        return 0.0 if until is None else max(0.0, until - (time.time() if now is None else now))
