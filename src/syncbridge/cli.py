@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import sqlite3
@@ -259,6 +260,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 
     from .engine import Engine
     from .registry import build_connectors
+    from .retry import Backoff, retrying
 
     cfg = _config(args)
     scratch = Path(tempfile.mkdtemp(prefix="syncbridge-dry-run-")) / "scratch.db"
@@ -269,11 +271,13 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     connectors = build_connectors(cfg)
     engine = Engine(store, connectors, cfg)
 
+    backoff = Backoff(cfg.outbox.backoff_base, cfg.outbox.backoff_max)
+
     async def pull_all() -> list[tuple[str, str]]:
         failures = []
         for name in connectors:
-            try:
-                await engine.sync(name)
+            try:  # a throttled or unreachable system is read again, as the daemon would, for up to a minute
+                await retrying(functools.partial(engine.sync, name), backoff, name, budget=60.0)
             except SyncbridgeError as err:
                 failures.append((name, str(err)))
         for c in connectors.values():

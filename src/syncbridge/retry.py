@@ -6,11 +6,18 @@ sooner than the vendor's Retry-After, and never later than the cap, for as long 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-__all__ = ["Backoff", "backoff_delay"]
+from .errors import TransientError
+
+__all__ = ["Backoff", "backoff_delay", "retrying"]
+
+T = TypeVar("T")
 
 #: past this many attempts the cap has long been reached; keeps 2**attempts a small number
 _MAX_EXPONENT = 32
@@ -32,11 +39,12 @@ class Backoff:
     failures: dict[str, int] = field(default_factory=dict)
     not_before: dict[str, float] = field(default_factory=dict)
 
-    def failed(self, key: str, retry_after: float | None = None, now: float | None = None) -> float:
-        """Record a retryable failure; the seconds to wait before the next try."""
+    def failed(self, key: str, retry_after: float | None = None, *, cap: float | None = None, now: float | None = None) -> float:
+        """Record a retryable failure; the seconds to wait before the next try. ``cap`` lowers the
+        usual cap (a pull is not put off past its next poll), never below Retry-After."""
         attempts = self.failures.get(key, 0)
         self.failures[key] = attempts + 1
-        delay = backoff_delay(attempts, self.base, self.cap, retry_after)
+        delay = backoff_delay(attempts, self.base, min(self.cap, cap) if cap is not None else self.cap, retry_after)
         self.not_before[key] = (time.time() if now is None else now) + delay
         return delay
 
@@ -48,3 +56,21 @@ class Backoff:
         """Seconds until ``key`` may be tried again (0 when it may now)."""
         until = self.not_before.get(key)
         return 0.0 if until is None else max(0.0, until - (time.time() if now is None else now))
+
+
+async def retrying(call: Callable[[], Awaitable[T]], backoff: Backoff, key: str, *, budget: float) -> T:
+    """``call()`` until it succeeds, waiting out each retryable failure (by ``backoff``) while the
+    waits fit in ``budget`` seconds; a command a person runs waits for a throttled read, not forever."""
+    spent = 0.0
+    while True:
+        try:
+            result = await call()
+        except TransientError as err:
+            delay = backoff.failed(key, err.retry_after)
+            if spent + delay > budget:
+                raise
+            spent += delay
+            await asyncio.sleep(delay)
+            continue
+        backoff.succeeded(key)
+        return result

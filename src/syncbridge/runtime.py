@@ -2,6 +2,10 @@
 
 SIGTERM and SIGINT stop polling, let in-flight writes finish, and exit cleanly; SIGHUP reloads
 the configuration, keeping the old one when the new one is refused.
+
+A read that fails retryably (unreachable, throttled) is read again after a backoff, never sooner
+than the vendor's Retry-After, whichever way it was asked for (the poll timer, a push, the sweep):
+one mechanism for every connector, here, in :meth:`Daemon.poll`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from .config import PracticeConfig, load_config
 from .connector import Connector
 from .engine import Engine, ObserveReport
-from .errors import AuthError, ConfigError, RateLimited, SyncbridgeError, error_kind
+from .errors import AuthError, ConfigError, RateLimited, SyncbridgeError, TransientError, error_kind
 from .instance_lock import hold_instance_lock
 from .logging import configure
 from .host import DaemonHost, Vault
@@ -34,6 +38,7 @@ from .model import iso, utcnow
 from .outbox import Outbox
 from .publisher import Publisher
 from .registry import build_connectors
+from .retry import Backoff
 from .sdnotify import notify, watchdog_interval
 from .store import Store
 
@@ -71,6 +76,11 @@ class Daemon:
         self.polls_done = 0
         #: connector -> pulls failed in a row since its last good one
         self.failing: dict[str, int] = {}
+        #: when each connector may be read again after a retryable failure (reads follow the writes' rules)
+        self.read_backoff = Backoff(config.outbox.backoff_base, config.outbox.backoff_max)
+        #: connector -> a pull is owed once its backoff ends (True: a full sweep)
+        self._owed: dict[str, bool] = {}
+        self._retries: dict[str, asyncio.Task[None]] = {}
         self.metrics = Metrics()
         self.engine.listeners.append(self._observed)
         self.outbox.listeners.append(self._written)
@@ -137,6 +147,9 @@ class Daemon:
                 pull = True
             else:
                 targets.extend(named)
+        if self.read_backoff.wait(name) > 0:  # the vendor asked us to wait: the notifications wait too
+            self._read_later(name)
+            return
         try:
             if targets:
                 report = await self.engine.refresh(name, targets)
@@ -144,8 +157,10 @@ class Daemon:
             if pull:
                 await self.poll(name)
         except SyncbridgeError as err:
-            log.warning("webhook_refresh_failed", connector=name, kind=error_kind(err))
-            self.woken.add(name)  # keep the notifications; the next hint or poll retries
+            # keep the notifications; read them again after the backoff (not at once, in a loop)
+            delay = self.read_backoff.failed(name, getattr(err, "retry_after", None))
+            log.warning("webhook_refresh_failed", connector=name, kind=error_kind(err), retry_in=round(delay, 2))
+            self._read_later(name)
             return
         if pending:
             with self.store.tx() as tx:
@@ -187,10 +202,38 @@ class Daemon:
                 pass
 
     async def poll(self, name: str, full: bool = False) -> None:
+        """Pull ``name`` now, or, while it is backing off, once the backoff ends."""
         if name not in self.connectors:
+            return
+        if self.read_backoff.wait(name) > 0:
+            self._owe(name, full)
             return
         async with self._pull_lock.setdefault(name, asyncio.Lock()):  # a push-triggered pull never races the poll
             await self._poll(name, full)
+
+    def _owe(self, name: str, full: bool) -> None:
+        self._owed[name] = self._owed.get(name, False) or full
+        self._read_later(name)
+
+    def _read_later(self, name: str) -> None:
+        """Make sure ``name`` is read again when its backoff ends (one waiting task per connector)."""
+        task = self._retries.get(name)
+        if task is None or task.done():
+            self._retries[name] = asyncio.get_running_loop().create_task(self._when_due(name))
+
+    async def _when_due(self, name: str) -> None:
+        while (wait := self.read_backoff.wait(name)) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=wait)
+            if self.stopping.is_set():
+                return
+        self._retries.pop(name, None)  # a failure from here on schedules the next read itself
+        if name not in self.connectors:
+            return
+        if self.store.inbox_pending(name):
+            await self.process_inbox(name)  # the notifications kept through the backoff (and a pull)
+        if name in self._owed:
+            await self.poll(name, self._owed.pop(name))
 
     async def _poll(self, name: str, full: bool) -> None:
         started = time.monotonic()
@@ -208,8 +251,13 @@ class Daemon:
             if isinstance(err, RateLimited):
                 self.metrics.throttled.labels(name).inc()
             failures = self.failing[name] = self.failing.get(name, 0) + 1
+            retry: dict[str, float] = {}
+            if isinstance(err, TransientError):  # read again after the backoff, not at the next poll
+                interval = self.connectors[name].config.poll_interval
+                retry["retry_in"] = round(self.read_backoff.failed(name, err.retry_after, cap=interval), 2)
+                self._owe(name, full)
             # the message names the call, the host and the reason, never record content
-            log.warning("pull_failed", connector=name, kind=error_kind(err), problem=str(err), in_a_row=failures)
+            log.warning("pull_failed", connector=name, kind=error_kind(err), problem=str(err), in_a_row=failures, **retry)
             if failures >= FAILURES_BEFORE_UNHEALTHY:
                 # one failure is the weather; several in a row is something a person should see
                 # (status, the status page, /readyz); the next good pull clears it
@@ -220,6 +268,7 @@ class Daemon:
             log.exception("pull_unexpected", connector=name)
             return
         self.failing.pop(name, None)
+        self.read_backoff.succeeded(name)
         self.polls_done += 1
         if report.changed_ids or report.held:
             log.info(
@@ -353,6 +402,7 @@ class Daemon:
         self.outbox.halt.set()
         self.poke.set()
         await worker  # the current drain finishes its in-flight writes
+        helpers += self._retries.values()
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
