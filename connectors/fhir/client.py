@@ -226,6 +226,21 @@ class FHIRClient:
             raise_for_status(r.status_code, what, retry_after=r.headers.get("retry-after"))
         return self._resource(r, what)
 
+    async def capabilities(self) -> dict[str, Any] | None:
+        """The server's CapabilityStatement (http.html#capabilities), or None where it serves none."""
+        r = await self._request("GET", "metadata", "GET metadata")
+        if r.status_code in (429, 503) or r.status_code >= 500:
+            raise_for_status(r.status_code, "GET metadata", retry_after=r.headers.get("retry-after"))
+        if r.status_code in (401, 403):
+            raise_for_status(r.status_code, "GET metadata")
+        if r.status_code >= 300:
+            return None
+        try:
+            statement = self._resource(r, "GET metadata")
+        except SyncbridgeError:
+            return None
+        return statement if statement.get("resourceType") == "CapabilityStatement" else None
+
     async def delete(self, rtype: str, rid: str) -> None:
         """DELETE (http.html#delete); a resource already gone is fine."""
         what = f"DELETE {rtype}"
@@ -263,12 +278,17 @@ class FHIRClient:
             raise_for_status(r.status_code, what, retry_after=r.headers.get("retry-after"))
         return self._resource(r, what)
 
-    async def update(self, resource: dict[str, Any], if_match: str | None) -> dict[str, Any]:
-        """PUT under ``If-Match: W/"versionId"`` (http.html#concurrency); 412 -> ConflictError."""
+    async def update(self, resource: dict[str, Any], if_match: str | None) -> dict[str, Any] | None:
+        """PUT under ``If-Match: W/"versionId"`` (http.html#concurrency); 412 -> ConflictError.
+
+        None when the resource is gone (404/410: deleted since it was read), as :meth:`read` says.
+        """
         rtype = resource["resourceType"]
         what = f"PUT {rtype}"
         headers = {"If-Match": if_match} if if_match else None
         r = await self._request("PUT", f"{rtype}/{quote(resource['id'])}", what, json_body=resource, headers=headers)
+        if r.status_code in (404, 410):
+            return None
         if r.status_code >= 300:
             raise_for_status(r.status_code, what, retry_after=r.headers.get("retry-after"))
         return self._resource(r, what)

@@ -6,10 +6,12 @@ re-read is not reported as a change and a held batch is re-read in full (the cur
 advances with the engine's commit). Writes are conditional: create with ``If-None-Exist`` on the
 canonical identifier, update with ``If-Match``; ``apply_many`` sends up to ``write_batch`` of them
 in one ``batch`` Bundle, each entry with its own outcome. A cancelled or no-show session also runs
-claim suppression (claims.py) in two requests, a ``batch`` read and a ``transaction`` write; its
-outcome is written on the Appointment as a billing-state extension in that same transaction and
+claim suppression (claims.py plans it, suppression.py reads, writes and verifies it); the billing
+state the EHR's answers show is written on the Appointment as a billing-state extension and
 reported back to the engine (``ApplyResult.reported``), which moves canonical ``billing`` forward
-as the record's own change.
+as the record's own change; what could not be seen done goes to the worklist
+(``ApplyResult.attention``). A re-booked session's self-pay fee is withdrawn the same way. A write
+answered 404/410 finds the copy gone, as a read does.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from syncbridge.limits import check_record_size
 from syncbridge.model import CANCELLED_STATES, Role, Snapshot, iso, parse_iso, utcnow
 from syncbridge.secrets import SecretRef
 
-from .claims import billing_reads, plan
-from .client import BundleTooLarge, FHIRClient, entry_etag, entry_id, entry_resource, entry_status
-from .mapping import read_appointment, render_appointment
+from .claims import Found, Plan, fee_search, plan, searchset, withdraw_fees
+from .client import BundleTooLarge, FHIRClient, entry_etag, entry_resource, entry_status
+from .mapping import EXT_BILLING, SETTLED, client_reference, extension, read_appointment, render_appointment
 from .subscription import AppointmentSubscription
+from .suppression import Discovery, TransactionRefused, one_by_one, read_billing, settle
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -69,8 +72,9 @@ class FHIROptions(BaseModel):
     scope: str = DEFAULT_SCOPE
     identifier_system: str = "urn:syncbridge:appointment"
     overlap_seconds: float = Field(60.0, ge=0)
-    #: self-pay fee code; defaults to policy.cancellation.fee_code
+    #: self-pay fee codes; default to policy.cancellation.fee_code and no_show_fee_code
     late_cancel_fee_code: str | None = None
+    no_show_fee_code: str | None = None
     page_size: int = Field(100, ge=1, le=1000)
     #: ask the EHR to notify changes (R4 rest-hook Subscription) when the daemon has http.public_url
     subscription: bool = True
@@ -127,6 +131,9 @@ class FHIRConnector(Connector):
         #: the last version of recent Appointments read, pulled or written: an update of a copy
         #: still at that version needs no GET (a newer one on the server fails its If-Match: 412)
         self._known: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        #: how this EHR's billing resources are found (``_revinclude`` only where seen honoured)
+        self.discovery = Discovery()
+        self._practitioners = frozenset(str(a["practitioner"]) for a in self.clinicians.values())
 
     def _remember(self, appt: dict[str, Any]) -> None:
         if appt.get("resourceType") == "Appointment" and appt.get("id") and appt.get("meta", {}).get("versionId"):
@@ -199,6 +206,7 @@ class FHIRConnector(Connector):
             tags=tags,
             modified_at=iso(parse_iso(modified)) if modified else None,
             cancellation=reported,
+            stamp=canonical_id is None,  # adopted: write the canonical identifier onto it
         )
 
     async def pull(self, cursor: str | None) -> PullResult:
@@ -243,8 +251,12 @@ class FHIRConnector(Connector):
     def _creates(self, link: Link | None) -> bool:
         return link is None or link.gone or link.external_id is None
 
-    def _render_kw(self, desired: Snapshot) -> dict[str, str]:
-        return {"practitioner": self._practitioner(desired["clinician"]), "identifier_system": self.options.identifier_system}
+    def _render_kw(self, desired: Snapshot) -> dict[str, Any]:
+        return {
+            "practitioner": self._practitioner(desired["clinician"]),
+            "identifier_system": self.options.identifier_system,
+            "practitioners": self._practitioners,
+        }
 
     def _create_entry(self, appointment_id: str, desired: Snapshot) -> dict[str, Any]:
         """A conditional create on the canonical identifier (http.html#ccreate): a retry never duplicates."""
@@ -266,16 +278,35 @@ class FHIRConnector(Connector):
             if current is None:
                 return ApplyResult(link.external_id, None, gone=True)
             saved, if_match = current, link.etag or _etag(current)
+            if extension(current, EXT_BILLING) in SETTLED:
+                return await self._rebooked(appointment_id, desired, current, if_match)
         body = render_appointment(saved, appointment_id, desired, **self._render_kw(desired))
         if body != _stripped(saved) or if_match != _etag(saved):
-            saved = await client.update(body | {"id": saved["id"]}, if_match)
+            updated = await client.update(body | {"id": saved["id"]}, if_match)
+            if updated is None:
+                return ApplyResult(str(saved["id"]), None, gone=True)
+            saved = updated
         self._remember(saved)
         return ApplyResult(saved["id"], _etag(saved), disclosed=DISCLOSED)
 
+    async def _rebooked(self, appointment_id: str, desired: Snapshot, current: dict[str, Any], if_match: str) -> ApplyResult:
+        """A session back on the books owes no fee: its self-pay fee is withdrawn in the transaction
+        that re-books the Appointment (written last), and the answers must show it."""
+        client = self.client()
+        fees = await client.rest_of(searchset((await client.bundle("batch", [{"request": {"method": "GET", "url": fee_search(appointment_id)}}]))[0], "fee search"))
+        withdrawal = Plan(billing=str(desired.get("billing")))
+        withdraw_fees(withdrawal, fees)
+        settled = await settle(
+            client, current, withdrawal, [], lambda res, _billing: render_appointment(res, appointment_id, desired, **self._render_kw(desired)), if_match
+        )
+        if settled.appointment is not None:
+            self._remember(settled.appointment)
+        return ApplyResult(str(current["id"]), settled.etag, disclosed=DISCLOSED, steps=tuple(settled.steps), attention=tuple(settled.attention))
+
     async def _apply_cancelled(self, appointment_id: str, desired: Snapshot, link: Link | None) -> ApplyResult:
-        """A cancelled or no-show session with claim suppression (claims.py): one ``batch`` Bundle reads
-        the Appointment and its billing resources, one ``transaction`` writes every change, the
-        billing outcome on the Appointment included."""
+        """A cancelled or no-show session with claim suppression (suppression.py): read the
+        Appointment and its billing resources, write every change with the Appointment last, and
+        report the billing state the answers show."""
         client = self.client()
         expected: str | None
         if self._creates(link):
@@ -285,42 +316,52 @@ class FHIRConnector(Connector):
         else:
             assert link is not None and link.external_id is not None
             external_id, expected = link.external_id, link.etag
-        read = [{"request": {"method": "GET", "url": f"Appointment/{quote(external_id)}"}}, *billing_reads(external_id, appointment_id)]
-        answers = await client.bundle("batch", read)
-        if entry_status(answers[0]) in (404, 410):
+        reading = await read_billing(client, self.discovery, self.name, external_id, appointment_id)
+        if reading is None:
             return ApplyResult(external_id, None, gone=True)
-        current = entry_resource(answers[0], "GET Appointment in a batch")
-        self._remember(current)
-        related, fees = [await client.rest_of(entry_resource(a, "search in a batch", searchset=True)) for a in answers[1:]]
-        suppression = plan(
+        self._remember(reading.current)
+        if_match = expected or _etag(reading.current)
+        suppression = self._plan(appointment_id, desired, reading.current, reading.found)
+        try:
+            settled = await settle(client, reading.current, suppression, reading.refused, self._renderer(appointment_id, desired), if_match)
+        except TransactionRefused:
+            # part of it may have landed (not every server rolls back): read again, send the rest one by one
+            reading = await read_billing(client, self.discovery, self.name, external_id, appointment_id)
+            if reading is None:
+                return ApplyResult(external_id, None, gone=True)
+            suppression = self._plan(appointment_id, desired, reading.current, reading.found)
+            settled = await one_by_one(client, reading.current, suppression, reading.refused, self._renderer(appointment_id, desired), if_match)
+        if settled.appointment is not None:
+            self._remember(settled.appointment)
+        log.info("claim_suppression", connector=self.name, appointment=appointment_id, billing=settled.billing, unresolved=len(settled.attention))
+        reported = {"billing": settled.billing} if settled.billing != desired.get("billing") else {}
+        return ApplyResult(
+            str(reading.current["id"]), settled.etag, disclosed=DISCLOSED, steps=tuple(settled.steps), reported=reported, attention=tuple(settled.attention)
+        )
+
+    def _renderer(self, appointment_id: str, desired: Snapshot) -> Any:
+        def render(resource: dict[str, Any], billing: str) -> dict[str, Any]:
+            return render_appointment(resource, appointment_id, desired | {"billing": billing}, **self._render_kw(desired))
+
+        return render
+
+    def _plan(self, appointment_id: str, desired: Snapshot, current: dict[str, Any], found: Found) -> Plan:
+        policy = self.practice.policy.cancellation
+        record = desired.get("cancellation") or {}
+        if record.get("kind") == "no_show":
+            code = self.options.no_show_fee_code or policy.no_show_fee_code
+        else:
+            code = self.options.late_cancel_fee_code or policy.fee_code
+        client = desired.get("client_key")
+        return plan(
             appointment=current,
             appointment_id=appointment_id,
-            related=related,
-            fees=fees,
+            found=found,
             cancellation=desired.get("cancellation"),
-            client_key=desired.get("client_key"),
-            fee_code=self.options.late_cancel_fee_code or self.practice.policy.cancellation.fee_code,
-            fee_amount=self.practice.policy.cancellation.fee_amount,
+            client_ref=client_reference(client) if client else None,
+            fee_code=code,
+            fee_amount=policy.fee_amount,
         )
-        billing = suppression.billing
-        body = render_appointment(current, appointment_id, desired | {"billing": billing}, **self._render_kw(desired))
-        if_match = expected or _etag(current)
-        writes = list(suppression.writes)
-        own = body != _stripped(current) or if_match != _etag(current)
-        if own:
-            writes.insert(0, {"resource": body | {"id": current["id"]}, "request": {"method": "PUT", "url": f"Appointment/{current['id']}", "ifMatch": if_match}})
-        etag, steps = _etag(current), list(suppression.steps)
-        if writes:
-            done = await client.bundle("transaction", writes)
-            if own:
-                etag = entry_etag(done[0])
-                if isinstance(done[0].get("resource"), dict):
-                    self._remember(done[0]["resource"])
-            if suppression.fee_create is not None:
-                steps.append(f"ChargeItem/{entry_id(done[suppression.fee_create + int(own)])} self-pay fee created")
-            log.info("claim_suppression", connector=self.name, appointment=appointment_id, billing=billing)
-        reported = {"billing": billing} if billing != desired.get("billing") else {}
-        return ApplyResult(str(current["id"]), etag, disclosed=DISCLOSED, steps=tuple(steps), reported=reported)
 
     # --- batched writes (an initial sync) -------------------------------------------------------
 
@@ -353,9 +394,13 @@ class FHIRConnector(Connector):
         owners: list[int] = []
         second: list[dict[str, Any]] = []
         pending: list[tuple[int, dict[str, Any]]] = []
+        rebooked: list[tuple[int, dict[str, Any], str]] = []
 
         def converge(i: int, saved: dict[str, Any], if_match: str) -> None:
             w = writes[i]
+            if extension(saved, EXT_BILLING) in SETTLED:
+                rebooked.append((i, saved, if_match))  # its fee is withdrawn on its own (_rebooked)
+                return
             body = render_appointment(saved, w.appointment_id, w.desired, **self._render_kw(w.desired))
             if body != _stripped(saved) or if_match != _etag(saved):
                 second.append({"resource": body | {"id": saved["id"]}, "request": {"method": "PUT", "url": f"Appointment/{saved['id']}", "ifMatch": if_match}})
@@ -401,6 +446,11 @@ class FHIRConnector(Connector):
                 continue
             self._remember(saved)
             converge(i, saved, _etag(saved) if creating or w.link is None or not w.link.etag else w.link.etag)
+        for i, saved, if_match in rebooked:
+            try:
+                out[i] = await self._rebooked(writes[i].appointment_id, writes[i].desired, saved, if_match)
+            except Exception as err:  # noqa: BLE001 - this write's own outcome
+                out[i] = err
         if second:
             try:
                 updated: list[dict[str, Any]] = await self.client().bundle("batch", second)
@@ -410,12 +460,20 @@ class FHIRConnector(Connector):
                 try:
                     if isinstance(answer.get("error"), BaseException):
                         raise answer["error"]
+                    if entry_status(answer) in (404, 410):  # deleted since it was read
+                        out[i] = ApplyResult(str(saved["id"]), None, gone=True)
+                        continue
                     out[i] = ApplyResult(str(saved["id"]), entry_etag(answer), disclosed=DISCLOSED)
                     if isinstance(answer.get("resource"), dict):
                         self._remember(answer["resource"])
                 except Exception as err:  # noqa: BLE001
                     out[i] = err
         return [r if r is not None else PermanentError("no outcome") for r in out]
+
+    async def check(self) -> str:
+        result = await self.pull(None)
+        await self.discovery.decide(self.client())
+        return f"{len(result.observations)} appointments visible; {self.discovery.describe}"
 
     def external_id_for(self, appointment_id: str) -> str | None:
         return None  # the EHR assigns ids; conditional create finds the copy by identifier instead

@@ -19,6 +19,16 @@ Search parameters kept (the reference each one follows is chosen to match R4's d
 ``practitioner`` (Appointment.participant), ``appointment`` (Encounter.appointment), ``context``
 (ChargeItem.context -> Encounter) and ``encounter`` (Claim.item.encounter).
 
+Optional features are off by default, as on the least capable R4 server a practice may run
+(each is a switch a test turns on): ``revinclude`` (search.html#revinclude: when off the
+parameter is ignored and left out of the ``self`` link, as R4 asks a server to report only the
+parameters it used), ``metadata`` (``GET [base]/metadata``, the CapabilityStatement: 404 when off),
+``subscriptions`` (the Subscription resource: 404 when off) and ``atomic_transactions`` (when
+off, a failed transaction keeps the changes made before the failing entry, as some servers do,
+although http.html#transaction asks for all or nothing). ``_id``, and comma-separated values for
+any parameter (search.html#combining: "or"), are core search and always on; ``_elements`` is
+accepted and ignored (search.html#elements lets a server return more than asked).
+
 Auth follows SMART Backend Services (https://hl7.org/fhir/smart-app-launch/backend-services.html):
 ``POST /auth/token`` with ``client_credentials`` and an RS384-signed JWT assertion (emulator_smart.py); a static
 bearer token configured at start is also accepted. There is no referential integrity check, as
@@ -107,6 +117,14 @@ class FHIREmulator:
     _includes: dict[str, list[str]] = field(default_factory=dict)
     #: most entries one batch or transaction Bundle may hold (emulator_bundles.py)
     max_bundle_entries: int = 200
+    #: optional R4 features (module docstring), off like the least capable server's
+    revinclude: bool = False
+    metadata: bool = False
+    subscriptions: bool = False
+    atomic_transactions: bool = False
+    #: (type, id) -> the status an update of that resource answers (a charge posted to an invoice
+    #: that the EHR will not change: 422), as a business rule of the EHR would
+    locked: dict[tuple[str, str], int] = field(default_factory=dict)
     #: resource types changed inside an open transaction, notified once it commits
     _held: list[str] | None = None
     #: (type, "system|value") -> ids: conditional creates stay cheap with tens of thousands of resources
@@ -127,6 +145,14 @@ class FHIREmulator:
                 self._save(dict(sub) | {"status": "error", "error": problem})
 
     # --- knobs --------------------------------------------------------------------------
+
+    def full(self) -> FHIREmulator:
+        """Every optional feature on (the richest server profile)."""
+        self.revinclude = self.metadata = self.subscriptions = self.atomic_transactions = True
+        return self
+
+    def supports(self, rtype: str) -> bool:
+        return rtype in RESOURCE_TYPES and (rtype != "Subscription" or self.subscriptions)
 
     def fail_next(self, status: int, n: int = 1, retry_after: float | None = None) -> None:
         """The next ``n`` FHIR requests answer ``status`` (429/503 throttling), with Retry-After."""
@@ -238,6 +264,10 @@ class FHIREmulator:
         if body.get("id") != rid:
             return issue(400, "invalid", "the resource id must match the URL (http.html#update)")
         current = self.store[rtype].get(rid)
+        if (rtype, rid) in self.locked:
+            return issue(self.locked[(rtype, rid)], "business-rule", f"{rtype}/{rid} may not be changed")
+        if if_match is not None and current is None and (rtype, rid) in self.deleted:
+            return issue(410, "deleted", f"{rtype}/{rid} was deleted")  # a version of it can no longer match
         if if_match is not None and (current is None or if_match != f'W/"{current["meta"]["versionId"]}"'):
             return issue(412, "conflict", f"{rtype}/{rid} changed since version {if_match}")
         saved = self._save(body)
@@ -265,13 +295,16 @@ class FHIREmulator:
         token = q.get("_page")
         if token is None:
             try:
-                found = self._filter(rtype, [(k, v) for k, v in params if k != "_revinclude"])
+                found = self._filter(rtype, [(k, v) for k, v in params if k not in ("_revinclude", "_elements")])
             except ValueError as err:
                 return issue(400, "not-supported", str(err))
             found.sort(key=lambda r: r["meta"]["lastUpdated"])
             token = uuid.uuid4().hex
             self._pages[token] = found
-            self._includes[token] = [v for k, v in params if k == "_revinclude"]
+            self._includes[token] = [v for k, v in params if k == "_revinclude"] if self.revinclude else []
+            if not self.revinclude:  # the self link says which parameters were used (search.html#conformance)
+                base, _, query = self_url.partition("?")
+                self_url = base + "?" + "&".join(p for p in query.split("&") if not p.startswith("_revinclude="))
         found = self._pages.get(token)  # type: ignore[assignment]
         if found is None:
             return issue(410, "expired", "the paging link has expired; search again")
@@ -307,6 +340,7 @@ class FHIREmulator:
         return Starlette(
             routes=[
                 Route("/auth/token", self._token, methods=["POST"]),
+                Route("/metadata", self._metadata, methods=["GET"]),
                 Route("/", self._bundle, methods=["POST"]),
                 Route("/{rtype}", self._type_level, methods=["GET", "POST"]),
                 Route("/{rtype}/{rid}", self._instance, methods=["GET", "PUT", "DELETE"]),
@@ -325,7 +359,7 @@ class FHIREmulator:
         )
         if not ok:
             return outcome(401, "login", "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})
-        if request.path_params.get("rtype", "") not in RESOURCE_TYPES and request.url.path != "/":
+        if not self.supports(request.path_params.get("rtype", "")) and request.url.path not in ("/", "/metadata"):
             return outcome(404, "not-supported", f"resource type {request.path_params['rtype']} is not supported")
         return None
 
@@ -367,6 +401,23 @@ class FHIREmulator:
         with self._lock:
             return respond(self.create(rtype, body, request.headers.get("if-none-exist")))
 
+    async def _metadata(self, request: Request) -> Response:
+        """http.html#capabilities: what this server does, only when ``metadata`` is on."""
+        if not self.metadata:
+            return outcome(404, "not-supported", "this server serves no CapabilityStatement")
+        revinclude = {"Encounter": ["ChargeItem:context", "Claim:encounter"]} if self.revinclude else {}
+        resources = [
+            {"type": t, "interaction": [{"code": c} for c in ("read", "update", "create", "search-type", "delete")]}
+            | ({"searchRevInclude": revinclude[t]} if t in revinclude else {})
+            for t in RESOURCE_TYPES if self.supports(t)
+        ]
+        body = {
+            "resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
+            "format": ["json"], "date": _now(),
+            "rest": [{"mode": "server", "resource": resources, "interaction": [{"code": "batch"}, {"code": "transaction"}]}],
+        }
+        return respond(Answer(200, body))
+
     async def _token(self, request: Request) -> Response:
         return await token_endpoint(self, request)
 
@@ -380,7 +431,7 @@ class FHIREmulator:
             return respond(process_bundle(self, body, minimal=minimal))
 
     def _filter(self, rtype: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        token = next((v for k, v in params if k == "identifier"), None)
+        token = next((v for k, v in params if k == "identifier" and "," not in v), None)
         if token is not None:
             out = [self.store[rtype][i] for i in self._ident.get((rtype, token), ()) if i in self.store[rtype]]
         else:
@@ -393,7 +444,9 @@ class FHIREmulator:
                 since = _instant(when)
                 out = [r for r in out if _instant(r["meta"]["lastUpdated"]) >= since]
             elif name in ("identifier", "patient", "practitioner", "appointment", "context", "encounter"):
-                out = [r for r in out if _matches(r, name, value)]
+                out = [r for r in out if any(_matches(r, name, v) for v in value.split(","))]
+            elif name == "_id":
+                out = [r for r in out if r["id"] in value.split(",")]
             elif name == "status":
                 out = [r for r in out if r.get("status") in value.split(",")]
             elif name not in ("_count", "_sort"):

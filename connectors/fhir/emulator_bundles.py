@@ -8,8 +8,9 @@ run in that order too) and the response Bundle (``batch-response`` / ``transacti
 holds one entry per request entry, *in request order*, each with ``response.status`` ("201
 Created"), ``location``, ``etag``, ``lastModified`` and, for a failed entry, ``outcome`` (an
 OperationOutcome). A batch answers 200 whatever its entries did ("Batch Processing Rules"). A
-transaction is all or nothing: when one entry fails, every change it made is rolled back and
-the answer is that entry's 4xx/5xx status with a single OperationOutcome instead of a Bundle;
+failed transaction answers that entry's 4xx/5xx status with a single OperationOutcome instead of
+a Bundle; with ``atomic_transactions`` on it is all or nothing (every change rolled back), and
+off (the default, as on servers that do not roll back) the entries processed before it stay;
 the same resource may not be written twice in it (400). ``Prefer: return=minimal`` leaves the
 resources out of write entries (http.html#ops). Subscriptions are notified only once a
 transaction has committed. A Bundle with more entries than ``max_bundle_entries`` is refused with
@@ -47,7 +48,7 @@ def _one(server: FHIREmulator, entry: Any) -> Answer:
     method, url, req = _request(entry)
     path, _, query = url.partition("?")
     parts = [p for p in path.strip("/").split("/") if p]
-    if not parts or parts[0] not in server.store:
+    if not parts or not server.supports(parts[0]):
         return issue(404 if parts else 400, "not-supported", f"entry.request.url {url!r} names no supported resource type")
     rtype = parts[0]
     if method == "GET" and len(parts) == 2:
@@ -109,9 +110,14 @@ def process_bundle(server: FHIREmulator, body: Any, *, minimal: bool = False) ->
             for i in order:
                 answer = _one(server, entries[i])
                 if answer.status >= 300:
-                    server.rollback()  # all or nothing
                     first = ((answer.body or {}).get("issue") or [{}])[0]
-                    text = f"entry {i} ({methods[i]} {_request(entries[i])[1]}) failed: {first.get('diagnostics', '')}; nothing was applied"
+                    if server.atomic_transactions:
+                        server.rollback()  # all or nothing
+                        kept = "nothing was applied"
+                    else:
+                        server.commit()  # what ran before the failing entry stays
+                        kept = "entries processed before it were applied"
+                    text = f"entry {i} ({methods[i]} {_request(entries[i])[1]}) failed: {first.get('diagnostics', '')}; {kept}"
                     return issue(answer.status, str(first.get("code", "processing")), text)
                 answers[i] = answer
         except Exception:

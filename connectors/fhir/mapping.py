@@ -11,6 +11,7 @@ because updates start from the resource as read.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from syncbridge.errors import MalformedRecord
@@ -18,10 +19,13 @@ from syncbridge.model import Billing, Snapshot, Status, check_timezone, iso, par
 from syncbridge.policy.cancellation import FHIR_REASON_SYSTEM, fhir_reason, find_tags
 
 __all__ = [
+    "CLIENT_SYSTEM",
     "EXT",
     "EXT_BILLING",
     "CPT_SYSTEM",
+    "SETTLED",
     "by_of_reason",
+    "client_reference",
     "extension",
     "read_appointment",
     "render_appointment",
@@ -35,6 +39,36 @@ EXT_SERIES = EXT + "series"
 EXT_CANCELLATION = EXT + "cancellation"
 EXT_BILLING = EXT + "billing-state"
 CPT_SYSTEM = "http://www.ama-assn.org/go/cpt"
+#: the identifier system of a client key that is not a FHIR id (a directory's patient key)
+CLIENT_SYSTEM = "urn:syncbridge:client"
+#: billing states of a session that did not happen; a live Appointment still carrying one was
+#: re-booked and has not been settled again (its fee must be withdrawn)
+SETTLED = frozenset({Billing.SUPPRESSED, Billing.FEE_SELF_PAY, Billing.NEEDS_VOID, Billing.NEEDS_ATTENTION})
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def client_reference(client_key: str) -> dict[str, Any]:
+    """The client as an R4 Reference: ``Patient/<key>`` when the key is a FHIR id (the EHR's own
+    Patient), else a logical reference by identifier (references.html#logical) to be matched at
+    intake, since syncbridge never creates a chart from a directory's booking."""
+    if _FHIR_ID.fullmatch(client_key):
+        return {"reference": f"Patient/{client_key}"}
+    return {"type": "Patient", "identifier": {"system": CLIENT_SYSTEM, "value": client_key}}
+
+
+def _client_key(participant: dict[str, Any]) -> str | None:
+    actor = participant.get("actor", {})
+    ref = str(actor.get("reference", ""))
+    if ref.startswith("Patient/"):
+        return ref.removeprefix("Patient/")
+    ident = actor.get("identifier") or {}
+    if actor.get("type") == "Patient" and ident.get("system") == CLIENT_SYSTEM and ident.get("value"):
+        return str(ident["value"])
+    return None
+
+
+def _is_client(participant: dict[str, Any]) -> bool:
+    return _client_key(participant) is not None
 
 _TO_CANONICAL = {
     "booked": Status.BOOKED,
@@ -120,7 +154,7 @@ def read_appointment(
         raise MalformedRecord(f"Appointment/{appt.get('id')} has no practitioner configured for syncbridge")
     zone = extension(appt, EXT_TIMEZONE) or default_zone
     check_timezone(zone)
-    patients = _actor_refs(appt, "Patient/")
+    patients = [k for p in appt.get("participant", []) if (k := _client_key(p))]
     location = next(
         (p["actor"].get("display") for p in appt.get("participant", []) if p.get("actor", {}).get("type") == "Location"), None
     )
@@ -141,9 +175,11 @@ def read_appointment(
         "series_id": extension(appt, EXT_SERIES),
         "billing": extension(appt, EXT_BILLING) or Billing.PENDING.value,
     }
-    if fields["status"] in (Status.CANCELLED, Status.NOSHOW, Status.ENTERED_IN_ERROR) and extension(appt, EXT_BILLING) is None:
-        # cancelled in the EHR but not yet settled by us: say nothing about billing, so the copy
-        # differs from the canonical record and claim suppression runs on it
+    cancelled = fields["status"] in (Status.CANCELLED, Status.NOSHOW, Status.ENTERED_IN_ERROR)
+    if (cancelled and extension(appt, EXT_BILLING) is None) or (not cancelled and extension(appt, EXT_BILLING) in SETTLED):
+        # cancelled in the EHR but not yet settled by us, or re-booked with a cancelled session's
+        # billing state still on it: say nothing about billing, so the copy differs from the
+        # canonical record and the write that settles it (suppression, or withdrawing a fee) runs
         del fields["billing"]
     reported: dict[str, Any] | None = None
     if fields["cancellation"]:
@@ -158,9 +194,20 @@ def read_appointment(
 
 
 def render_appointment(
-    existing: dict[str, Any] | None, appointment_id: str, desired: Snapshot, *, practitioner: str, identifier_system: str
+    existing: dict[str, Any] | None,
+    appointment_id: str,
+    desired: Snapshot,
+    *,
+    practitioner: str,
+    identifier_system: str,
+    practitioners: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """The Appointment that expresses ``desired``, starting from the resource as read (or a new one)."""
+    """The Appointment that expresses ``desired``, starting from the resource as read (or a new one).
+
+    ``practitioners`` are the references of every configured clinician: a participant naming one
+    of them other than ``practitioner`` is the session's former clinician and is replaced; any
+    other Practitioner (a co-therapist the EHR added) stays. Empty: every Practitioner is ours.
+    """
     appt: dict[str, Any] = json.loads(json.dumps(existing)) if existing else {"resourceType": "Appointment"}
     appt.pop("meta", None)
     idents = [i for i in appt.get("identifier", []) if i.get("system") != identifier_system]
@@ -168,19 +215,19 @@ def render_appointment(
     status = Status(desired["status"])
     appt["status"] = _TO_FHIR[status]
     appt["start"], appt["end"] = desired["start"], desired["end"]
-    others = [
-        p
-        for p in appt.get("participant", [])
-        if not p.get("actor", {}).get("reference", "").startswith(("Practitioner/", "Patient/")) and p.get("actor", {}).get("type") != "Location"
+    appt["participant"] = _participants(appt.get("participant", []), practitioner, desired, practitioners)
+    kept_types = [
+        {**st, "coding": [c for c in st.get("coding", []) if c.get("system") != CPT_SYSTEM]} for st in appt.get("serviceType", [])
     ]
-    parts = [{"actor": {"reference": practitioner}, "status": "accepted"}]
-    if desired.get("client_key"):
-        parts.append({"actor": {"reference": f"Patient/{desired['client_key']}"}, "status": "accepted"})
-    if desired.get("location"):
-        parts.append({"actor": {"type": "Location", "display": desired["location"]}, "status": "accepted"})
-    appt["participant"] = parts + others
+    kept_types = [st for st in kept_types if st["coding"] or st.get("text") or st.get("extension")]
     if desired.get("service_code"):
-        appt["serviceType"] = [{"coding": [{"system": CPT_SYSTEM, "code": desired["service_code"]}]}]
+        ours = {"system": CPT_SYSTEM, "code": desired["service_code"]}
+        if kept_types:  # the EHR's own codes and text for the service stay beside the CPT code
+            kept_types[0] = {**kept_types[0], "coding": [ours, *kept_types[0]["coding"]]}
+        else:
+            kept_types = [{"coding": [ours]}]
+    if kept_types:
+        appt["serviceType"] = kept_types
     else:
         appt.pop("serviceType", None)
     cancellation = desired.get("cancellation")
@@ -203,3 +250,33 @@ def render_appointment(
     billing = desired.get("billing")
     set_extension(appt, EXT_BILLING, "valueCode", billing if billing and billing != Billing.PENDING else None)
     return appt
+
+
+def _participants(existing: list[dict[str, Any]], practitioner: str, desired: Snapshot, practitioners: frozenset[str]) -> list[dict[str, Any]]:
+    """The participants with ours set: an entry the EHR already had for the same actor keeps every
+    element the EHR gave it (display, type, required, period, extensions); other entries stay."""
+
+    def first(match: Any) -> dict[str, Any] | None:
+        return next((p for p in existing if match(p)), None)
+
+    def ours(p: dict[str, Any]) -> bool:
+        actor = p.get("actor", {})
+        ref = str(actor.get("reference", ""))
+        clinician = ref in practitioners if practitioners else ref.startswith("Practitioner/")
+        return clinician or _is_client(p) or actor.get("type") == "Location"
+
+    out: list[dict[str, Any]] = []
+    had = first(lambda p: p.get("actor", {}).get("reference") == practitioner)
+    out.append(had or {"actor": {"reference": practitioner}, "status": "accepted"})
+    key = desired.get("client_key")
+    if key:
+        had = first(lambda p: _client_key(p) == key)
+        out.append(had or {"actor": client_reference(key), "status": "accepted"})
+    where = desired.get("location")
+    if where:
+        had = first(lambda p: p.get("actor", {}).get("type") == "Location")
+        if had is not None and had["actor"].get("display") == where:
+            out.append(had)
+        else:
+            out.append({"actor": {"type": "Location", "display": where}, "status": "accepted"})
+    return out + [p for p in existing if not ours(p)]

@@ -33,7 +33,7 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
     secret = workdir / "fhir-token"
     secret.write_text(token)
     secret.chmod(0o600)
-    server = running(FHIREmulator(static_token=token))
+    server = running(FHIREmulator(static_token=token, subscriptions=True))
     accounts = {}
     for key in clinicians:
         pid = practitioner_id(key)

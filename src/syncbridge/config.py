@@ -160,8 +160,10 @@ class CancellationPolicy(_Strict):
     clinical_waives_fee: bool = True
     #: who cancelled when a calendar event is simply deleted (no tag)
     default_cancelled_by: CancelledBy = CancelledBy.CLIENT
-    #: self-pay charge code the EHR connector uses for a late-cancel or no-show fee
+    #: self-pay charge code the EHR connector uses for a late-cancel fee
     fee_code: str = "LATE-CANCEL-FEE"
+    #: self-pay charge code for a no-show fee (a charge of its own, not the late-cancel one)
+    no_show_fee_code: str = "NO-SHOW-FEE"
     fee_amount: float = Field(0.0, ge=0)
 
 

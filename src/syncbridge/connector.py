@@ -110,6 +110,9 @@ class Observation:
     cancellation: dict[str, Any] | None = None
     #: set when the record could not be understood (too large, no start...); the engine skips it
     problem: str | None = None
+    #: the copy does not carry the canonical id yet (adopted from the system): write it back once
+    #: linked, so a lost store can be rebuilt from the copies
+    stamp: bool = False
 
 
 @dataclass(slots=True)

@@ -303,7 +303,11 @@ class Engine:
             base = {f: observed.get(f) for f in shape.fields}
             if base == shape.project(snap):
                 base_text = encoded[shape.key] = dumps(base)
-        tx.put_link(new_tuple(Link, (name, appt_id, obs.external_id, obs.etag, base, version, obs.deleted)), base_text=base_text)
+        agreed: Snapshot | None = base
+        if obs.stamp and not caps.read_only:
+            # the copy lacks the canonical id: no agreed base, so the fan-out writes it back once
+            agreed, base_text = None, None
+        tx.put_link(new_tuple(Link, (name, appt_id, obs.external_id, obs.etag, agreed, version, obs.deleted)), base_text=base_text)
         self.fan_out(tx, appt_id, snap, version, now, shapes, encoded)
 
     # --- local changes (CLI, the runtime's policies) ---------------------------------------

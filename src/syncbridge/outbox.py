@@ -24,7 +24,7 @@ import structlog
 from .connector import ApplyResult, Link, Observation, PullResult, Write
 from .engine import Engine
 from .errors import AuthError, ConflictError, PermanentError, SyncbridgeError, TransientError, error_kind
-from .model import Appointment, Snapshot, iso
+from .model import CANCELLED_STATES, Appointment, Snapshot, iso
 from .retry import backoff_delay
 from .store import OutboxItem
 from .tx import Tx
@@ -141,7 +141,8 @@ class Outbox:
                     continue
                 link = tx.link(name, item.appointment_id)
                 desired = connector.capabilities.project(appt.fields)
-                if link is not None and not link.gone and desired == link.base:
+                if link is not None and (desired == link.base and not link.gone or link.gone and appt.fields["status"] in CANCELLED_STATES):
+                    # converged already, or a cancelled session whose copy is gone (the fan-out's rule)
                     tx.outbox_done(name, item.appointment_id, appt.version)
                     report.skipped += 1
                     continue
@@ -164,6 +165,7 @@ class Outbox:
         if not landed:
             return
         reported: list[tuple[str, ApplyResult, Snapshot]] = []
+        vanished: list[Observation] = []
         with self.store.tx() as tx:
             self._reachable(tx, name, now)
             tx.prefetch(name, (), [appt.id for _, appt, _, _, _ in landed])
@@ -175,6 +177,13 @@ class Outbox:
                     tx.outbox_retry(name, appt.id, time.time(), "the copy changed while it was written; deciding again")
                     tx.audit.add(now, "applied", name, appt.id, {"version": appt.version, "status": appt.fields["status"],
                                  "disclosed": list(result.disclosed), "superseded": True})
+                    continue
+                if result.gone and link is not None and not link.gone and link.external_id:
+                    # the copy was deleted in the system since it was last read: that is what a read
+                    # answering 404 says, so it is merged as the system's deletion, never dead-lettered
+                    tx.outbox_done(name, appt.id, appt.version)
+                    tx.audit.add(now, "applied", name, appt.id, {"version": appt.version, "status": appt.fields["status"], "gone": True})
+                    vanished.append(Observation(external_id=link.external_id, canonical_id=appt.id, deleted=True))
                     continue
                 # with fields reported back, the etag is left unknown until they are merged: if we stop
                 # in between, the next pull reads the copy as a change instead of as our echo
@@ -192,6 +201,8 @@ class Outbox:
                     tx.enqueue(name, appt.id, current.version, time.time())
                 if result.reported:
                     reported.append((appt.id, result, desired))
+        if vanished:
+            self.engine.observe(name, PullResult(vanished, cursor=None), advance=False)
         for appt_id, result, desired in reported:
             # what the system decided while applying (say, a claim that already went out) flows back
             # through the merge; without an etag it is never mistaken for an echo of our write

@@ -90,9 +90,17 @@ class EHRStaff(Vendor):
             return str(r.json()["id"])
 
 
-@pytest.fixture
-def fhir_server() -> Iterator[Any]:
-    server = running(FHIREmulator(static_token=TOKEN))
+#: the least an R4 server offers (no _revinclude, no /metadata, no Subscription, a failed
+#: transaction not rolled back) and the richest; every FHIR test runs over both
+PROFILES = ("least", "full")
+
+
+@pytest.fixture(params=PROFILES)
+def fhir_server(request: pytest.FixtureRequest) -> Iterator[Any]:
+    emulator = FHIREmulator(static_token=TOKEN)
+    if request.param == "full":
+        emulator.full()
+    server = running(emulator)
     server.emulator.put({"resourceType": "Practitioner", "id": practitioner_id(CLINICIAN)})
     try:
         yield server

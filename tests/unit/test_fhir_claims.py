@@ -136,8 +136,8 @@ async def test_noshow_fee_is_self_pay_only(world: World) -> None:
     fee = fees[0]
     assert fee["identifier"] == [{"system": FEE_SYSTEM, "value": appt_id}]
     assert fee["status"] == "billable" and fee["subject"] == {"reference": f"Patient/{appt.fields['client_key']}"}
-    assert fee["code"]["coding"][0]["code"] == "LATE-CANCEL-FEE"
-    assert "account" not in fee and emu(world).all("Claim") == []
+    assert fee["code"]["coding"][0]["code"] == "NO-SHOW-FEE"  # its own code, not the late-cancel fee's
+    assert "account" not in fee and "context" not in fee and emu(world).all("Claim") == []
     assert emu(world).get("Appointment", world.external_id(appt_id))["status"] == "noshow"
     await world.sync()
     assert world.store.appointment(appt_id).fields["billing"] == "fee_self_pay"
@@ -266,14 +266,18 @@ async def test_session_deleted_in_calendar_is_never_billed(fhir_server: Any, mon
         store.close()
 
 
-async def test_cancellation_with_billing_costs_two_requests(world: World, fhir_server: Any) -> None:  # noqa: F811
-    """Cancelling a session with an Encounter, a charge and a draft claim takes one read and one write request."""
+async def test_cancellation_with_billing_costs_at_most_three_requests(world: World, fhir_server: Any) -> None:  # noqa: F811
+    """Cancelling a session with an Encounter, a charge and a draft claim, verification included:
+    two requests where the EHR honours _revinclude, three where it does not."""
     appt_id, _, ids = await booked_with_billing(world)
+    await world.connector.discovery.decide(world.connector.client())  # once per daemon, at start
     fhir_server.injector.reset_counts()
     world.cancel_here(appt_id)
     await world.drain()
-    assert fhir_server.injector.requests == 2
+    assert fhir_server.injector.requests == (2 if emu(world).revinclude else 3)
     assert emu(world).get("Claim", ids["claim"])["status"] == "cancelled"
+    assert emu(world).get("ChargeItem", ids["charge"])["status"] == "not-billable"
+    assert ("revinclude" in world.connector.discovery.describe) == emu(world).revinclude
 
 
 async def test_biller_edit_during_cancel_leaves_nothing_half_done(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -297,3 +301,116 @@ async def test_biller_edit_during_cancel_leaves_nothing_half_done(world: World, 
     assert e.get("Claim", ids["claim"])["priority"] == {"text": "normal"}  # the biller's edit survived
     assert e.get("Encounter", ids["encounter"])["meta"]["versionId"] == "2"  # written once, by the retry
     assert e.get("Appointment", ext)["status"] == "cancelled"
+
+
+# --- verified, never assumed -------------------------------------------------------------------
+
+
+def attention_items(world: World, appt_id: str) -> list[Any]:
+    return [w for w in world.store.worklist() if w.kind == "needs_attention" and w.appointment_id == appt_id]
+
+
+async def test_charge_that_cannot_be_changed_is_never_reported_suppressed(world: World) -> None:
+    """A charge the EHR refuses to change: the session is cancelled, the rest suppressed, billing says
+    needs_attention (never suppressed) and a worklist item names the charge that is still live."""
+    appt_id, ext, ids = await booked_with_billing(world)
+    emu(world).locked[("ChargeItem", ids["charge"])] = 422
+    world.cancel_here(appt_id)
+    await world.drain()
+    await world.sync()
+    e = emu(world)
+    assert e.get("Appointment", ext)["status"] == "cancelled"
+    assert e.get("Encounter", ids["encounter"])["status"] == "cancelled"
+    assert e.get("Claim", ids["claim"])["status"] == "cancelled"
+    assert e.get("ChargeItem", ids["charge"])["status"] == "billable"
+    assert world.store.appointment(appt_id).fields["billing"] == "needs_attention"
+    (item,) = attention_items(world, appt_id)
+    assert f"ChargeItem/{ids['charge']} is not not-billable" in item.instruction
+    assert [a for a in world.store.audit_entries(appointment_id=appt_id, kind="needs_attention")]
+    assert world.store.dead_letters() == []
+
+
+async def test_change_accepted_but_not_made_is_not_suppressed(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An EHR that answers 200 to the charge's update but keeps it billable: what the answer shows
+    counts, so billing is needs_attention and the charge is on the worklist."""
+    appt_id, _, ids = await booked_with_billing(world)
+    e = emu(world)
+    real = e.update
+
+    def stubborn(rtype: str, rid: str, body: dict[str, Any], if_match: str | None) -> Any:
+        if rtype == "ChargeItem":
+            body = body | {"status": "billable"}  # a billing rule of the EHR's keeps it billable
+        return real(rtype, rid, body, if_match)
+
+    monkeypatch.setattr(e, "update", stubborn)
+    world.cancel_here(appt_id)
+    await world.drain()
+    await world.sync()
+    assert world.store.appointment(appt_id).fields["billing"] == "needs_attention"
+    (item,) = attention_items(world, appt_id)
+    assert f"ChargeItem/{ids['charge']} is still billable" in item.instruction
+    assert e.get("Appointment", world.external_id(appt_id))["status"] == "cancelled"
+
+
+async def test_refused_search_is_needs_attention(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An EHR that refuses the Claim search: the claims could not be checked, so billing is not
+    reported suppressed and the worklist says which search was refused."""
+    appt_id, _, _ = await booked_with_billing(world)
+    e = emu(world)
+    real = e.search
+
+    def no_claim_search(rtype: str, params: list[tuple[str, str]], self_url: str) -> Any:
+        if rtype == "Claim":
+            from syncbridge_connectors.fhir.emulator_answers import issue
+
+            return issue(400, "not-supported", "search parameter encounter is not supported")
+        return real(rtype, params, self_url)
+
+    monkeypatch.setattr(e, "search", no_claim_search)
+    e.revinclude = False  # the claims come only from the plain search
+    world.connector.discovery.revinclude = None
+    world.cancel_here(appt_id)
+    await world.drain()
+    await world.sync()
+    assert world.store.appointment(appt_id).fields["billing"] == "needs_attention"
+    (item,) = attention_items(world, appt_id)
+    assert "refused the search for this session's Claims" in item.instruction
+
+
+async def test_rebooked_session_owes_no_fee(world: World) -> None:
+    """A late-cancelled session with a self-pay fee that the EHR books again: the fee is withdrawn."""
+    appt_id = world.book_here(next_weekday_at(11))
+    await world.drain()
+    appt = world.store.appointment(appt_id)
+    record = {"by": "client", "kind": "late_cancel", "fee": "charge", "clinical": False, "reason": None, "at": iso(datetime.now(UTC)), "via": "test"}
+    world.engine.change(appt_id, dict(appt.fields) | {"status": "cancelled", "cancellation": record}, via="test")
+    await world.drain()
+    await world.sync()
+    (fee,) = emu(world).all("ChargeItem")
+    assert fee["status"] == "billable" and world.store.appointment(appt_id).fields["billing"] == "fee_self_pay"
+    ext = world.external_id(appt_id)
+    await world.vendor._edit(ext, lambda a: (a.update(status="booked"), a.pop("cancelationReason", None)))  # staff re-book it
+    await world.sync()
+    assert world.store.appointment(appt_id).fields["status"] == "booked"
+    await world.drain()
+    await world.sync()
+    assert emu(world).get("ChargeItem", fee["id"])["status"] == "not-billable"
+    assert world.store.appointment(appt_id).fields["billing"] == "pending"
+    assert emu(world).get("Appointment", ext)["status"] == "booked"
+    (applied,) = [a for a in world.store.audit_entries(appointment_id=appt_id, kind="applied") if f"ChargeItem/{fee['id']} not-billable" in a["detail"].get("steps", [])]
+    assert applied
+
+
+async def test_write_to_deleted_appointment_closes_the_link(world: World) -> None:
+    """EHR staff delete an Appointment; a later move of that session finds it gone: the link is
+    closed and the session cancelled, never a dead letter."""
+    appt_id = world.book_here(next_weekday_at(9))
+    await world.drain()
+    ext = world.external_id(appt_id)
+    with emu(world)._lock:
+        emu(world).delete("Appointment", ext)
+    world.move_here(appt_id, next_weekday_at(13))
+    await world.drain()
+    assert world.store.dead_letters() == []
+    assert world.store.link(NAME, appt_id).gone
+    assert world.store.appointment(appt_id).fields["status"] == "cancelled"

@@ -46,7 +46,7 @@ class Recording(Host):
 
 @pytest.fixture
 def ehr() -> Iterator[Running]:
-    server = running(FHIREmulator(static_token=TOKEN))
+    server = running(FHIREmulator(static_token=TOKEN, subscriptions=True))
     server.emulator.put({"resourceType": "Practitioner", "id": "pr-1"})
     try:
         yield server
