@@ -163,6 +163,7 @@ class FHIRConnector(Connector):
         return [self.subscription.route()]
 
     async def maintain(self) -> None:
+        await self.discovery.decide(self.client())  # once, so no cancellation pays for it
         await self.subscription.maintain()
 
     async def close(self) -> None:

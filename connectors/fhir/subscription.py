@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from syncbridge.connector import WebhookRoute
-from syncbridge.errors import ConfigError, SyncbridgeError, error_kind
+from syncbridge.errors import ConfigError, PermanentError, SyncbridgeError, error_kind
 
 if TYPE_CHECKING:
     from .connector import FHIRConnector
@@ -39,6 +39,8 @@ class AppointmentSubscription:
         self.connector = connector
         self._memory: dict[str, Any] | None = None
         self._persisted = True
+        #: why the EHR cannot take a Subscription (it serves none): polling alone, not asked again
+        self.unavailable: str | None = None
 
     # --- state: id, token, end --------------------------------------------------------------
 
@@ -68,7 +70,7 @@ class AppointmentSubscription:
 
     async def maintain(self) -> None:
         base = self.connector.host.public_url
-        if base is None or not self.connector.options.subscription:
+        if base is None or not self.connector.options.subscription or self.unavailable:
             return
         endpoint = base.rstrip("/") + NOTIFY_PATH
         client = self.connector.client()
@@ -88,7 +90,19 @@ class AppointmentSubscription:
                 return
         token = secrets.token_urlsafe(32)
         end = now + timedelta(days=self.connector.options.subscription_days)
-        saved = await client.create({
+        try:
+            saved = await self._create(client, endpoint, token, end)
+        except PermanentError as err:  # no Subscription here (404/400/422): R4 makes it optional
+            self.unavailable = str(err)
+            log.warning("fhir_subscription_unavailable", connector=self.connector.name, error=str(err)[:200])
+            return
+        if saved.get("status") not in ("requested", "active"):
+            log.warning("fhir_subscription_refused", connector=self.connector.name, status=saved.get("status"))
+        self._save({"id": saved["id"], "token": token, "end": end.isoformat()})
+        log.info("fhir_subscription_made", connector=self.connector.name, subscription=saved["id"])
+
+    async def _create(self, client: Any, endpoint: str, token: str, end: datetime) -> dict[str, Any]:
+        return await client.create({
             "resourceType": "Subscription",
             "status": "requested",
             "reason": "syncbridge: keep the practice's calendars and directories in step with appointments",
@@ -96,10 +110,6 @@ class AppointmentSubscription:
             "end": end.isoformat(),
             "channel": {"type": "rest-hook", "endpoint": endpoint, "header": [f"{TOKEN_HEADER}: {token}"]},
         })
-        if saved.get("status") not in ("requested", "active"):
-            log.warning("fhir_subscription_refused", connector=self.connector.name, status=saved.get("status"))
-        self._save({"id": saved["id"], "token": token, "end": end.isoformat()})
-        log.info("fhir_subscription_made", connector=self.connector.name, subscription=saved["id"])
 
     async def stop(self) -> None:
         """Remove a subscription whose token would be lost with this process."""

@@ -223,3 +223,114 @@ async def test_emulator_follows_fhir_rest(fhir_server: Any) -> None:
         assert again.status_code == 200 and again.json()["id"] == created.json()["id"]
         stale = await http.put(f"/Patient/{created.json()['id']}", json=created.json(), headers={"If-Match": 'W/"0"'})
         assert stale.status_code == 412
+
+
+# --- the EHR's own data and identifiers ------------------------------------------------------------
+
+
+RICH_EXTRA = {
+    "comment": "parking validated at front desk",
+    "description": "follow-up",
+    "priority": 5,
+    "appointmentType": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0276", "code": "FOLLOWUP"}]},
+    "serviceCategory": [{"text": "Behavioral health"}],
+    "reasonCode": [{"text": "anxiety follow-up"}],
+    "extension": [{"url": "http://ehr.example/fhir/room-booking", "valueString": "RB-1182"}],
+}
+
+
+def _rich(ext_appt: dict[str, Any], client_key: str) -> dict[str, Any]:
+    """What an EHR adds to an Appointment: display names, a co-therapist, its own codes and identifiers."""
+    appt = {k: v for k, v in ext_appt.items() if k != "meta"} | RICH_EXTRA
+    appt["identifier"] = [*appt.get("identifier", []), {"system": "http://ehr.example/visit", "value": "V-77"}]
+    appt["participant"] = [
+        {"actor": {"reference": PRACTITIONER, "display": "Dr. Rivera"}, "status": "accepted", "required": "required",
+         "type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "PPRF"}]}]},
+        {"actor": {"reference": f"Patient/{client_key}", "display": "J. Doe"}, "status": "accepted"},
+        {"actor": {"reference": "Practitioner/co-therapist", "display": "Intern"}, "status": "tentative"},
+        {"actor": {"reference": "Location/room-2", "type": "Location", "display": "Room 2"}, "status": "accepted"},
+    ]
+    appt["serviceType"] = [{"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "90837"},
+                                       {"system": "http://ehr.example/service", "code": "PSY60"}], "text": "Psychotherapy 60"}]
+    return appt
+
+
+def _kept(before: dict[str, Any], after: dict[str, Any]) -> None:
+    for key, value in RICH_EXTRA.items():
+        if key == "extension":
+            assert value[0] in after["extension"]
+        else:
+            assert after[key] == value, key
+    assert {"system": "http://ehr.example/visit", "value": "V-77"} in after["identifier"]
+    by_actor = {p["actor"].get("reference"): p for p in after["participant"]}
+    for p in before["participant"]:
+        assert by_actor[p["actor"]["reference"]] == p  # display, type, required, status: all kept
+    (service,) = after["serviceType"]
+    assert service["text"] == "Psychotherapy 60" and {"system": "http://ehr.example/service", "code": "PSY60"} in service["coding"]
+
+
+async def test_rich_appointment_keeps_the_ehrs_elements_through_move_and_cancel(fhir_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Everything the EHR put on an Appointment that syncbridge does not own survives a move and a cancel."""
+    from tests.contract.suite import next_weekday_at, world_for
+
+    harness = fhir_harness(fhir_server, monkeypatch)
+    async with world_for(harness, tmp_path) as world:
+        start = next_weekday_at(10)
+        ext = await harness.vendor.book(start, start.replace(minute=50), "client-7")
+        await world.sync()
+        emulator = fhir_server.emulator
+        rich = _rich(emulator.get("Appointment", ext), "client-7")
+        emulator.put(rich)
+        await world.sync()
+        (appt_id,) = [a.id for a in world.store.appointments()]
+        world.move_here(appt_id, next_weekday_at(14))
+        await world.drain()
+        moved = emulator.get("Appointment", ext)
+        assert moved["start"] != rich["start"]
+        _kept(rich, moved)
+        await world.sync()
+        world.cancel_here(appt_id)
+        await world.drain()
+        cancelled = emulator.get("Appointment", ext)
+        assert cancelled["status"] == "cancelled"
+        _kept(rich, cancelled)
+
+
+async def test_adopted_appointment_gets_the_canonical_identifier(fhir_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """An Appointment booked in the EHR is stamped with syncbridge's identifier once adopted, so a
+    lost store can be rebuilt from the EHR; its own data is untouched."""
+    from tests.contract.suite import next_weekday_at, world_for
+
+    harness = fhir_harness(fhir_server, monkeypatch)
+    async with world_for(harness, tmp_path) as world:
+        start = next_weekday_at(11)
+        ext = await harness.vendor.book(start, start.replace(minute=50), "client-8")
+        await world.sync()
+        await world.drain()
+        (appt,) = world.store.appointments()
+        stamped = fhir_server.emulator.get("Appointment", ext)
+        assert {"system": "urn:syncbridge:appointment", "value": appt.id} in stamped["identifier"]
+        assert stamped["status"] == "booked" and [p["actor"] for p in stamped["participant"]][:2] == [
+            {"reference": PRACTITIONER}, {"reference": "Patient/client-8"}]
+        versions = stamped["meta"]["versionId"]
+        await world.sync()
+        await world.drain()
+        assert fhir_server.emulator.get("Appointment", ext)["meta"]["versionId"] == versions  # stamped once
+
+
+async def test_directory_client_is_a_valid_logical_reference(fhir_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """A client known only by a directory's key (``zocdoc:123``) becomes a logical Patient reference
+    by identifier, never an invalid ``Patient/zocdoc:123``; read back, it is the same client."""
+    from tests.contract.suite import next_weekday_at, world_for
+
+    harness = fhir_harness(fhir_server, monkeypatch)
+    async with world_for(harness, tmp_path) as world:
+        appt_id = world.book_here(next_weekday_at(12), client_key="zocdoc:P-123")
+        await world.drain()
+        ext = world.external_id(appt_id)
+        participants = fhir_server.emulator.get("Appointment", ext)["participant"]
+        refs = [p["actor"].get("reference", "") for p in participants]
+        assert not any(":" in r.partition("/")[2] for r in refs)
+        assert {"type": "Patient", "identifier": {"system": "urn:syncbridge:client", "value": "zocdoc:P-123"}} in [p["actor"] for p in participants]
+        obs = await world.connector.read(ext)
+        assert obs.fields["client_key"] == "zocdoc:P-123"

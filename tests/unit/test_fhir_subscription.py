@@ -139,3 +139,23 @@ async def test_no_subscription_without_a_public_url(ehr: Running, tmp_path: Path
     await connector.close()
     assert subscriptions(ehr) == []
 
+
+
+async def test_ehr_without_subscriptions_is_polled_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An EHR that serves no Subscription resource (R4 makes it optional): the connector asks once,
+    says so, and keeps polling; it does not ask again at every check."""
+    server = running(FHIREmulator(static_token=TOKEN))
+    server.emulator.put({"resourceType": "Practitioner", "id": "pr-1"})
+    try:
+        connector = connector_for(server, tmp_path, monkeypatch)
+        connector.host = Recording("https://sb.example.org/webhooks/ehr")
+        try:
+            await connector.maintain()
+            await connector.maintain()
+            assert connector.subscription.unavailable and "404" in connector.subscription.unavailable
+            assert server.emulator.log.count(("POST", "/Subscription")) == 1
+            assert (await connector.pull(None)).complete
+        finally:
+            await connector.close()
+    finally:
+        server.stop()
