@@ -36,10 +36,16 @@ $(CHROMIUM):
 	  echo "the browser test needs Debian's chromium: run 'sudo apt-get install chromium' (or set CHROMIUM=/path)"; exit 1; \
 	fi
 
-test: install $(CHROMIUM)
+# The third-party FHIR R4 server of the contract tests (Medplum's fhir-router, tests/fhir_server) comes from npm.
+FHIR_SERVER := tests/fhir_server/node_modules/.installed
+$(FHIR_SERVER): tests/fhir_server/package-lock.json tests/fhir_server/package.json
+	npm ci --prefix tests/fhir_server --no-audit --no-fund
+	touch $@
+
+test: install $(CHROMIUM) $(FHIR_SERVER)
 	CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install $(FHIR_SERVER)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
