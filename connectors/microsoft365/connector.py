@@ -7,6 +7,10 @@ window's ``calendarView`` with our hidden properties, started after a fresh delt
 change falls between the two. Writes are conditional (``If-Match`` on the event's etag) and
 creates carry a ``transactionId`` derived from the canonical id, so a retry never duplicates.
 Change notifications (push.py) name the events to re-read; polling stays the safety net.
+
+Each mailbox is read on its own (DESIGN section 9): one that fails (a revoked permission, a
+removed mailbox, throttling) keeps its deltaLink and is reported in ``failed_accounts`` while the
+others' changes are returned; a mailbox throttled with Retry-After is left alone until then.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from syncbridge.connector import ApplyResult, BusyInterval, CalendarConnector, Link, Observation, PullResult, Write, calendar_capabilities
-from syncbridge.errors import ConfigError, ConflictError, CursorExpired, MalformedRecord, PermanentError
+from syncbridge.errors import ConfigError, ConflictError, CursorExpired, MalformedRecord, PermanentError, SyncbridgeError
 from syncbridge.limits import check_record_size
 from syncbridge.model import Snapshot, iso
+from syncbridge.retry import Resting
 from syncbridge.policy.privacy import EventText, event_text
 from syncbridge.secrets import SecretRef
 
@@ -136,6 +141,8 @@ class Microsoft365Connector(CalendarConnector):
         self._client: GraphClient | None = None
         self._tokens: AppTokens | DelegatedTokens | None = None
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
+        #: mailboxes throttled with Retry-After, skipped until then
+        self.resting = Resting()
         self.push = Push(self)
         self.write_batch = self.options.write_batch
 
@@ -225,7 +232,9 @@ class Microsoft365Connector(CalendarConnector):
     # --- the contract ------------------------------------------------------------------------
 
     async def pull(self, cursor: str | None) -> PullResult:
-        """Delta rounds since ``cursor`` (JSON: clinician -> deltaLink and window); None lists the window."""
+        """Delta rounds since ``cursor`` (JSON: clinician -> deltaLink and window); None lists the window.
+
+        A mailbox whose deltaLink is null (it failed during the last listing) is listed now."""
         if self.push.pending:
             await self.push.maintain()
         if cursor is None:
@@ -238,16 +247,50 @@ class Microsoft365Connector(CalendarConnector):
             raise CursorExpired("the stored cursor does not match the configured mailboxes")
         if datetime.fromisoformat(state.get("window", ["1970-01-01T00:00:00+00:00"])[0]) < self._window()[0] - timedelta(days=1):
             raise CursorExpired("the delta window has rolled on; listing the new window")
+        window = (datetime.fromisoformat(state["window"][0]), datetime.fromisoformat(state["window"][1]))
         observations: list[Observation] = []
-        links: dict[str, str] = {}
+        links: dict[str, str | None] = dict(state["mailboxes"])
+        failed: dict[str, SyncbridgeError] = {}
+        listed: set[str] = set()
         for clinician, mailbox in self.mailboxes.items():
-            items, links[clinician] = await self.client.delta(clinician, mailbox, link=state["mailboxes"][clinician])
-            for item in items:
-                obs = await self._delta_item(clinician, mailbox, item)
-                if obs is not None:
-                    observations.append(obs)
-        log.debug("pulled", connector=self.name, full=False, observations=len(observations))
-        return PullResult(observations, json.dumps(state | {"mailboxes": links}, sort_keys=True))
+            try:
+                self._may_read(clinician)
+                if links[clinician] is None:
+                    found, links[clinician] = await self._list(clinician, mailbox, window)
+                    listed.add(clinician)
+                else:
+                    items, links[clinician] = await self.client.delta(clinician, mailbox, link=links[clinician])
+                    found = [obs for item in items if (obs := await self._delta_item(clinician, mailbox, item)) is not None]
+            except CursorExpired:
+                raise
+            except SyncbridgeError as err:  # this mailbox's own outcome: its deltaLink stays as it was
+                failed[clinician] = self._failed(clinician, mailbox, err)
+                continue
+            observations += found
+        self._all_failed(failed)
+        log.debug("pulled", connector=self.name, full=False, observations=len(observations), failed=sorted(failed))
+        return PullResult(
+            observations, json.dumps(state | {"mailboxes": links}, sort_keys=True), failed_accounts=failed,
+            listed_accounts=frozenset(listed), window=(iso(window[0]), iso(window[1])) if listed else None,
+        )
+
+    def _may_read(self, clinician: str) -> None:
+        """Raise the error a mailbox is resting from (Retry-After not yet over)."""
+        resting = self.resting.check(clinician)
+        if resting is not None:
+            raise resting
+
+    def _failed(self, clinician: str, mailbox: str, err: SyncbridgeError) -> SyncbridgeError:
+        """The failed read of one mailbox, named in the message (the status shows it) and rested."""
+        if not str(err).startswith(f"mailbox {mailbox}"):
+            err.args = (f"mailbox {mailbox}: {err}",)
+        log.warning("mailbox_unread", connector=self.name, clinician=clinician, problem=str(err))
+        return self.resting.note(clinician, err)
+
+    def _all_failed(self, failed: dict[str, SyncbridgeError]) -> None:
+        """When no mailbox could be read, the pull as a whole failed: the runtime retries and reports it."""
+        if failed and len(failed) == len(self.mailboxes):
+            raise next(iter(failed.values()))
 
     async def _delta_item(self, clinician: str, mailbox: str, item: dict[str, Any]) -> Observation | None:
         event_id = str(item.get("id"))
@@ -264,20 +307,32 @@ class Microsoft365Connector(CalendarConnector):
             return seen.observation
         return await self._fetch(clinician, mailbox, event_id)
 
+    async def _list(self, clinician: str, mailbox: str, window: tuple[datetime, datetime]) -> tuple[list[Observation], str]:
+        """Every session in one mailbox's window, and the deltaLink to go on from."""
+        # the delta round first: whatever changes while the listing runs is reported again after it
+        _, link = await self.client.delta(clinician, mailbox, window=window)
+        events = await self.client.calendar_view(clinician, mailbox, window, expand=[EXT_ID, EXT_FIELDS])
+        return [obs for event in events if (obs := self._observe(clinician, event)) is not None], link
+
     async def _full(self) -> PullResult:
+        """The window listed in every mailbox; one that fails is left out of the listing's scope."""
         window = self._window()
         observations: list[Observation] = []
-        links: dict[str, str] = {}
+        links: dict[str, str | None] = {}
+        failed: dict[str, SyncbridgeError] = {}
         for clinician, mailbox in self.mailboxes.items():
-            # the delta round first: whatever changes while the listing runs is reported again after it
-            _, links[clinician] = await self.client.delta(clinician, mailbox, window=window)
-            for event in await self.client.calendar_view(clinician, mailbox, window, expand=[EXT_ID, EXT_FIELDS]):
-                obs = self._observe(clinician, event)
-                if obs is not None:
-                    observations.append(obs)
+            try:
+                self._may_read(clinician)
+                found, links[clinician] = await self._list(clinician, mailbox, window)
+            except SyncbridgeError as err:
+                links[clinician] = None  # listed by the next pull
+                failed[clinician] = self._failed(clinician, mailbox, err)
+                continue
+            observations += found
+        self._all_failed(failed)
         cursor = json.dumps({"mailboxes": links, "window": [w.isoformat() for w in window]}, sort_keys=True)
-        log.debug("pulled", connector=self.name, full=True, observations=len(observations))
-        return PullResult(observations, cursor, complete=True, window=(iso(window[0]), iso(window[1])))
+        log.debug("pulled", connector=self.name, full=True, observations=len(observations), failed=sorted(failed))
+        return PullResult(observations, cursor, complete=True, window=(iso(window[0]), iso(window[1])), failed_accounts=failed)
 
     async def read(self, external_id: str) -> Observation:
         clinician, mailbox, event_id = self._split(external_id)

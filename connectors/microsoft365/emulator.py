@@ -77,6 +77,7 @@ class GraphEmulator:
     latency: float = 0.0
     default_page_size: int = 100
     _failures: list[tuple[int, float | None]] = field(default_factory=list)
+    _mailbox_faults: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # upn -> (status, Retry-After)
     _states: dict[str, tuple[str, str, str, int]] = field(default_factory=dict)  # deltatoken -> (upn, start, end, seq)
     _pages: dict[str, tuple[list[dict[str, Any]], str]] = field(default_factory=dict)  # skiptoken -> (rest, closing link)
     _inflight: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -118,6 +119,17 @@ class GraphEmulator:
         """The next ``n`` Graph requests answer ``status`` (429 or 503) with ``Retry-After``."""
         with self._lock:
             self._failures.extend([(status, retry_after)] * n)
+
+    def fail_mailbox(self, upn: str, status: int | None, retry_after: float | None = None) -> None:
+        """Every request for one mailbox answers ``status`` until called again with None: 403 is a
+        mailbox an application access policy leaves out ("Access to OData is disabled",
+        learn.microsoft.com/graph/auth-limit-mailbox-access), 404 one that was removed, 429 one
+        throttled on its own (MailboxConcurrency, learn.microsoft.com/graph/throttling-limits)."""
+        with self._lock:
+            if status is None:
+                self._mailbox_faults.pop(upn.lower(), None)
+            else:
+                self._mailbox_faults[upn.lower()] = (status, retry_after)
 
     def expire_sync_state(self) -> None:
         """Forget every delta state token, as Exchange does after a while (next use: 410)."""
@@ -228,6 +240,9 @@ class GraphEmulator:
                     return self.error(404, "ErrorInvalidUser", f"The requested user '{request.path_params['user']}' is invalid.")
                 if not grant.app_only and grant.user != upn:
                     return self.error(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
+                fault = self._mailbox_faults.get(upn)
+                if fault is not None:
+                    return self._mailbox_fault(*fault)
                 box = self.users[upn]
             key = box.upn if box else ""
             with self._lock:
@@ -244,6 +259,16 @@ class GraphEmulator:
                     self._inflight[key] -= 1
 
         return endpoint
+
+    def _mailbox_fault(self, status: int, retry_after: float | None) -> Response:
+        headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
+        if status == 403:
+            return self.error(403, "ErrorAccessDenied", "Access to OData is disabled.")
+        if status == 404:
+            return self.error(404, "ErrorInvalidUser", "The requested user is invalid.")
+        if status == 429:
+            return self.error(429, "ApplicationThrottled", "Application is over its MailboxConcurrency limit.", headers)
+        return self.error(status, "ServiceNotAvailable", "The service is temporarily unavailable. Please retry later.", headers)
 
     async def _json(self, request: Request) -> dict[str, Any] | Response:
         try:

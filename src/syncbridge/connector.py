@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel
 
+from .errors import SyncbridgeError
 from .model import CANCELLED_STATES, Role, Snapshot, Status
 
 if TYPE_CHECKING:
@@ -130,6 +131,13 @@ class PullResult:
     #: a complete listing that only covers sessions starting in [start, end) (UTC snapshot strings):
     #: linked sessions outside it are not missing, just out of view
     window: tuple[str, str] | None = None
+    #: accounts (clinician keys: a mailbox, a calendar) whose read failed while the others' went on
+    #: (DESIGN section 9): their part of ``cursor`` is left as it was, a complete listing does not
+    #: cover their sessions, and the runtime shows them in the connector's health and retries them
+    failed_accounts: dict[str, SyncbridgeError] = field(default_factory=dict)
+    #: accounts listed in full in an incremental batch (say, one that failed during the last full
+    #: listing): as with ``complete``, but only for them, their linked sessions missing are gone
+    listed_accounts: frozenset[str] = frozenset()
 
 
 class Link(NamedTuple):

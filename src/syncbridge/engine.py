@@ -20,7 +20,7 @@ import structlog
 from .audit import ROUTINE_KIND
 from .config import PracticeConfig
 from .connector import Capabilities, Connector, Link, Observation, PullResult
-from .errors import CursorExpired, MalformedRecord
+from .errors import CursorExpired, MalformedRecord, SyncbridgeError, error_kind
 from .merge import merge
 from .model import CANCELLED_STATES, Billing, Role, Snapshot, canonical_id_for, iso, new_tuple, parse_iso, utcnow, validate_snapshot
 from .policy.cancellation import CANCELLING_TAGS
@@ -43,12 +43,15 @@ class ObserveReport:
     conflicts: int = 0
     held: bool = False
     changed_ids: list[str] = field(default_factory=list)
+    #: accounts whose read failed while the others' went on (``PullResult.failed_accounts``)
+    failed_accounts: dict[str, SyncbridgeError] = field(default_factory=dict)
 
     def add(self, other: ObserveReport) -> None:
         for name in ("seen", "created", "updated", "echoes", "ignored", "rejected", "conflicts"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.held = self.held or other.held
         self.changed_ids.extend(other.changed_ids)
+        self.failed_accounts.update(other.failed_accounts)
 
 
 class Engine:
@@ -116,20 +119,23 @@ class Engine:
         now_dt = self.clock()
         now = iso(now_dt)
         observations = list(result.observations)
-        if result.complete:
+        if result.complete or result.listed_accounts:
             # Linked copies missing from a full listing are gone, except those we wrote after the
             # listing began: the listing could not have seen them.
             seen = {o.external_id for o in observations}
             since = (pulled_at or now_dt).timestamp()
             lo, hi = result.window or ("", "\uffff")
+            # the sessions of an account that could not be read are not missing, just unread
+            scope, accounts = (" NOT IN", sorted(result.failed_accounts)) if result.complete else (" IN", sorted(result.listed_accounts))
             rows = self.store.conn.execute(
                 "SELECT l.external_id FROM links l JOIN appointments a ON a.key = l.appt "
                 "WHERE l.connector = ? AND l.gone = 0 AND l.external_id IS NOT NULL "
-                "AND (l.applied_ts IS NULL OR l.applied_ts < ?) AND a.start >= ? AND a.start < ?",
-                (name, since, lo, hi),
+                "AND (l.applied_ts IS NULL OR l.applied_ts < ?) AND a.start >= ? AND a.start < ?"
+                + (f" AND a.clinician{scope} ({','.join('?' * len(accounts))})" if accounts else ""),
+                (name, since, lo, hi, *accounts),
             )
             observations += [Observation(external_id=ext, deleted=True) for (ext,) in rows if ext not in seen]
-        report = ObserveReport(seen=len(observations))
+        report = ObserveReport(seen=len(observations), failed_accounts=dict(result.failed_accounts))
         # A batch allocates tens of thousands of short-lived containers and no reference cycles;
         # left on, the cyclic collector would walk them (and the long-lived heap) dozens of times
         # per batch for nothing. Collection resumes, and catches up, when the batch is committed.
@@ -182,6 +188,9 @@ class Engine:
                     log.warning("record_rejected", connector=name, external_id=obs.external_id, problem=str(err))
             if advance:
                 tx.set_cursor(name, result.cursor, now, full=result.complete)
+                if result.failed_accounts:  # the others were read; health names the ones that were not
+                    tx.set_health(name, False, "could not read " + "; ".join(
+                        f"{account} ({error_kind(err)}: {err})" for account, err in sorted(result.failed_accounts.items())))
 
     def _guard(self, tx: Tx, connector: Connector, cancelling: list[Observation], now: str) -> bool:
         """Mass-disappearance guard: hold a batch whose ``cancelling`` observations would cancel too much at once."""

@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .errors import TransientError
+from .errors import SyncbridgeError, TransientError
 
-__all__ = ["Backoff", "backoff_delay", "retrying"]
+__all__ = ["Backoff", "Resting", "backoff_delay", "retrying"]
 
 T = TypeVar("T")
 
@@ -74,3 +74,31 @@ async def retrying(call: Callable[[], Awaitable[T]], backoff: Backoff, key: str,
             continue
         backoff.succeeded(key)
         return result
+
+
+class Resting:
+    """Accounts (a mailbox, a calendar) a vendor asked to leave alone for a while (Retry-After).
+
+    A connector skips a resting account, reporting the error that sent it resting, so one
+    throttled account is honoured without holding up the others' reads.
+    """
+
+    def __init__(self) -> None:
+        self._until: dict[str, tuple[float, SyncbridgeError]] = {}
+
+    def check(self, account: str) -> SyncbridgeError | None:
+        """The error ``account`` is still resting from, or None when it may be read."""
+        entry = self._until.get(account)
+        if entry is None:
+            return None
+        if time.time() >= entry[0]:
+            del self._until[account]
+            return None
+        return entry[1]
+
+    def note(self, account: str, err: SyncbridgeError) -> SyncbridgeError:
+        """Remember a failed read of ``account``: it rests for the Retry-After it was given, if any."""
+        retry_after = err.retry_after if isinstance(err, TransientError) else None
+        if retry_after:
+            self._until[account] = (time.time() + retry_after, err)
+        return err

@@ -78,6 +78,9 @@ class Daemon:
         self.failing: dict[str, int] = {}
         #: when each connector may be read again after a retryable failure (reads follow the writes' rules)
         self.read_backoff = Backoff(config.outbox.backoff_base, config.outbox.backoff_max)
+        #: when to read a connector again for accounts that failed retryably while the others were
+        #: read; the connector is not held back meanwhile (its other accounts are fine)
+        self.account_backoff = Backoff(config.outbox.backoff_base, config.outbox.backoff_max)
         #: connector -> a pull is owed once its backoff ends (True: a full sweep)
         self._owed: dict[str, bool] = {}
         self._retries: dict[str, asyncio.Task[None]] = {}
@@ -222,7 +225,7 @@ class Daemon:
             self._retries[name] = asyncio.get_running_loop().create_task(self._when_due(name))
 
     async def _when_due(self, name: str) -> None:
-        while (wait := self.read_backoff.wait(name)) > 0:
+        while (wait := max(self.read_backoff.wait(name), self.account_backoff.wait(name))) > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=wait)
             if self.stopping.is_set():
@@ -269,6 +272,7 @@ class Daemon:
             return
         self.failing.pop(name, None)
         self.read_backoff.succeeded(name)
+        self._accounts_failed(name, report)
         self.polls_done += 1
         if report.changed_ids or report.held:
             log.info(
@@ -276,6 +280,18 @@ class Daemon:
                 echoes=report.echoes, held=report.held, seconds=round(time.monotonic() - started, 3),
             )
         self.poke.set()
+
+    def _accounts_failed(self, name: str, report: ObserveReport) -> None:
+        """Read again, after the backoff and their Retry-After, for accounts that failed retryably
+        (the engine put every failed account in the connector's health)."""
+        retryable = [e for e in report.failed_accounts.values() if isinstance(e, TransientError)]
+        if not retryable:
+            self.account_backoff.succeeded(name)
+            return
+        wait = max((e.retry_after or 0.0 for e in retryable), default=0.0) or None
+        delay = self.account_backoff.failed(name, wait, cap=self.connectors[name].config.poll_interval)
+        log.warning("accounts_unread", connector=name, accounts=sorted(report.failed_accounts), retry_in=round(delay, 2))
+        self._owe(name, False)
 
     async def outbox_loop(self) -> None:
         while not self.stopping.is_set():
