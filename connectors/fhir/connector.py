@@ -34,7 +34,7 @@ from syncbridge.model import CANCELLED_STATES, Role, Snapshot, iso, parse_iso, u
 from syncbridge.secrets import SecretRef
 
 from .claims import Found, Plan, fee_search, plan, searchset, withdraw_fees
-from .client import BundleTooLarge, FHIRClient, entry_etag, entry_resource, entry_status
+from .client import BundleTooLarge, FHIRClient, entry_etag, entry_resource, entry_status, search_url
 from .mapping import EXT_BILLING, SETTLED, client_reference, extension, read_appointment, render_appointment
 from .subscription import AppointmentSubscription
 from .suppression import Discovery, TransactionRefused, one_by_one, read_billing, settle
@@ -80,6 +80,9 @@ class FHIROptions(BaseModel):
     subscription: bool = True
     #: days a subscription lasts before it is renewed (renewed a day before its end)
     subscription_days: int = Field(7, ge=2, le=365)
+    #: seconds between checks that the Appointments of live sessions still exist (a search never
+    #: shows a deleted resource); 0 leaves deletions to the daily full sweep
+    deletion_check_interval: float = Field(180.0, ge=0)
 
     @model_validator(mode="after")
     def _auth_complete(self) -> FHIROptions:
@@ -92,6 +95,8 @@ class FHIROptions(BaseModel):
 
 #: how many recently seen Appointments are kept to spare a GET before an update (~2 kB each)
 KNOWN_APPOINTMENTS = 2000
+#: Appointment ids per ``_id`` search of a presence check (the URL stays well under 8 kB)
+PRESENCE_CHUNK = 50
 #: what a written Appointment tells the EHR beyond a calendar's share (recorded in the audit)
 DISCLOSED = ("client_key", "service_code", "cancellation")
 
@@ -134,6 +139,7 @@ class FHIRConnector(Connector):
         #: how this EHR's billing resources are found (``_revinclude`` only where seen honoured)
         self.discovery = Discovery()
         self._practitioners = frozenset(str(a["practitioner"]) for a in self.clinicians.values())
+        self.presence_interval = self.options.deletion_check_interval or None
 
     def _remember(self, appt: dict[str, Any]) -> None:
         if appt.get("resourceType") == "Appointment" and appt.get("id") and appt.get("meta", {}).get("versionId"):
@@ -470,6 +476,30 @@ class FHIRConnector(Connector):
                 except Exception as err:  # noqa: BLE001
                     out[i] = err
         return [r if r is not None else PermanentError("no outcome") for r in out]
+
+    async def missing(self, external_ids: Sequence[str]) -> set[str]:
+        """Which linked Appointments are gone: ``Appointment?_id=a,b,...`` searches (``_id`` is core
+        search on every R4 server), :data:`PRESENCE_CHUNK` ids each, several to a ``batch`` Bundle;
+        ``_elements=id`` asks for ids only where the server honours it."""
+        client = self.client()
+        ids = list(dict.fromkeys(external_ids))
+        chunks = [ids[k : k + PRESENCE_CHUNK] for k in range(0, len(ids), PRESENCE_CHUNK)]
+        present: set[str] = set()
+        per_bundle = max(1, self.write_batch // 2)
+        for k in range(0, len(chunks), per_bundle):
+            group = chunks[k : k + per_bundle]
+            entries = [
+                {"request": {"method": "GET", "url": search_url("Appointment", {"_id": ",".join(c), "_elements": "id", "_count": str(len(c))})}}
+                for c in group
+            ]
+            for chunk, answer in zip(group, await client.bundle("batch", entries), strict=True):
+                found = {str(e.get("resource", {}).get("id")) for e in entry_resource(answer, "presence search in a batch", searchset=True).get("entry", [])}
+                if not found <= set(chunk):
+                    log.warning("fhir_id_search_ignored", connector=self.name)  # deletions are left to the full sweep
+                    self.presence_interval = None
+                    return set()
+                present |= found
+        return set(ids) - present
 
     async def check(self) -> str:
         result = await self.pull(None)

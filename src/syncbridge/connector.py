@@ -331,6 +331,18 @@ class Connector(abc.ABC):
 
     #: most writes one :meth:`apply_many` call takes; above 1 when the vendor has a batch request
     write_batch: int = 1
+    #: seconds between presence checks (:meth:`missing`), for systems whose incremental reads never
+    #: show a deletion; None where pulls already report them
+    presence_interval: float | None = None
+
+    async def missing(self, external_ids: Sequence[str]) -> set[str]:
+        """Which of these linked copies no longer exist in the system (deleted by a person there).
+
+        The engine asks, at most every :attr:`presence_interval` seconds, about the copies of live
+        sessions from yesterday on, and merges the answer as deletions (the mass-cancellation
+        guard applies). Raise rather than guess: a copy not positively seen gone is not missing.
+        """
+        return set()
 
     async def apply_many(self, writes: Sequence[Write]) -> list[ApplyResult | BaseException]:
         """Apply several writes; one result or raised error per write, in order.

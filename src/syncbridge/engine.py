@@ -12,7 +12,7 @@ import gc
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -72,6 +72,8 @@ class Engine:
         #: called with (connector, report) after each committed batch; the runtime hooks metrics here
         self.listeners: list[Callable[[str, ObserveReport], None]] = []
         self._shapes: dict[str, _Shape] = {}
+        #: when each connector's copies were last checked for deletions (monotonic seconds)
+        self._presence_at: dict[str, float] = {}
 
     def _shape(self, connector: Connector) -> _Shape:
         """The connector's projection and field order, built once per capabilities object."""
@@ -104,8 +106,31 @@ class Engine:
             report = self.observe(name, result, pulled_at=pulled_at)
             total.add(report)
             if report.held or not result.more:
-                return total
+                break
             cursor = result.cursor
+        if not total.held and not result.complete:  # a complete listing already found what is gone
+            total.add(await self.presence(name))
+        return total
+
+    async def presence(self, name: str) -> ObserveReport:
+        """Copies deleted in a system whose incremental reads never show a deletion (a FHIR search):
+        asked about at most every ``presence_interval`` seconds, merged as that system's deletions."""
+        connector = self.connectors[name]
+        every = connector.presence_interval
+        now = time.monotonic()
+        if not every or now - self._presence_at.get(name, now - every) < every:
+            return ObserveReport()
+        self._presence_at[name] = now
+        linked = self.store.linked_live(name, iso(self.clock() - timedelta(days=1)))
+        try:
+            gone = await connector.missing(linked) if linked else set()
+        except SyncbridgeError as err:  # the pull itself went well; the next check asks again
+            log.warning("presence_check_failed", connector=name, kind=error_kind(err), problem=str(err))
+            return ObserveReport()
+        if not gone:
+            return ObserveReport()
+        log.info("copies_deleted", connector=name, count=len(gone))
+        return self.observe(name, PullResult([Observation(external_id=e, deleted=True) for e in sorted(gone)], cursor=None), advance=False)
 
     async def refresh(self, name: str, external_ids: list[str]) -> ObserveReport:
         """Re-read the records a notification named and observe them; the cursor stays where it is."""

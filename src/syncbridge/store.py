@@ -323,6 +323,16 @@ class Store:
             )
         ]
 
+    def linked_live(self, connector: str, since: str) -> list[str]:
+        """External ids of ``connector``'s copies of live sessions starting at or after ``since``:
+        what a presence check asks the system about (Connector.missing)."""
+        rows = self.conn.execute(
+            "SELECT l.external_id FROM links l JOIN appointments a ON a.key = l.appt WHERE l.connector = ? AND l.gone = 0 "
+            "AND l.external_id IS NOT NULL AND a.start >= ? AND a.status NOT IN ('cancelled', 'noshow', 'entered_in_error')",
+            (connector, since),
+        )
+        return [r[0] for r in rows]
+
     def audit_entries(self, *, appointment_id: str | None = None, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         sql, args = "SELECT seq, at, kind, connector, appointment_id, detail FROM audit", list[Any]()
         conds = []

@@ -322,9 +322,6 @@ async def test_stale_write_is_a_conflict_and_a_gone_record_is_deleted(
 
 # --- claim suppression (DESIGN section 6) on a server that ignores _revinclude ---------------------
 
-PENDING_REVINCLUDE = pytest.mark.xfail(strict=False, reason="claim discovery without _revinclude pending")
-
-
 def encounter(patient: str, appointment_id: str) -> dict[str, Any]:
     return {
         "resourceType": "Encounter",
@@ -402,7 +399,6 @@ async def test_cancel_cancels_the_appointment_and_its_open_encounter(
     assert world.store.dead_letters() == []
 
 
-@PENDING_REVINCLUDE
 async def test_cancel_makes_the_charge_not_billable(billing_world: World, fhir_server: FHIRServer, practitioner: str) -> None:
     """The cancelled session's billable ChargeItem becomes not-billable."""
     world = billing_world
@@ -410,7 +406,6 @@ async def test_cancel_makes_the_charge_not_billable(billing_world: World, fhir_s
     assert (await read(fhir_server, f"ChargeItem/{ids['charge']}"))["status"] == "not-billable"
 
 
-@PENDING_REVINCLUDE
 async def test_cancel_cancels_the_draft_claim(billing_world: World, fhir_server: FHIRServer, practitioner: str) -> None:
     """The cancelled session's draft Claim is cancelled, and billing reads suppressed."""
     world = billing_world
@@ -419,7 +414,6 @@ async def test_cancel_cancels_the_draft_claim(billing_world: World, fhir_server:
     assert world.store.appointment(ids["appointment_id"]).fields["billing"] == "suppressed"
 
 
-@PENDING_REVINCLUDE
 async def test_active_claim_is_left_alone_and_needs_void(billing_world: World, fhir_server: FHIRServer, practitioner: str) -> None:
     """A claim already sent to the payer is untouched; billing shows needs_void and a worklist item asks to void it."""
     world = billing_world
@@ -428,3 +422,81 @@ async def test_active_claim_is_left_alone_and_needs_void(billing_world: World, f
     assert after["status"] == "active" and after["meta"]["versionId"] == ids["claim"]["meta"]["versionId"]
     assert world.store.appointment(ids["appointment_id"]).fields["billing"] == "needs_void"
     assert [w.appointment_id for w in world.store.worklist() if w.kind == "void_claim"] == [ids["appointment_id"]]
+
+
+async def _cancel_with(world: World, appt_id: str, kind: str, status: str) -> None:
+    from syncbridge.model import iso
+
+    record = {"by": "client", "kind": kind, "fee": "charge", "clinical": False, "reason": None, "at": iso(datetime.now(UTC)), "via": "test"}
+    world.engine.change(appt_id, dict(world.store.appointment(appt_id).fields) | {"status": status, "cancellation": record}, via="test")
+    await world.drain()
+    await world.sync()
+
+
+async def _fees(server: FHIRServer, appt_id: str) -> list[dict[str, Any]]:
+    async with server.http() as http:
+        r = await http.get("/ChargeItem", params={"identifier": f"urn:syncbridge:fee|{appt_id}"})
+        r.raise_for_status()
+        return [e["resource"] for e in r.json().get("entry", [])]
+
+
+@pytest.mark.parametrize(("kind", "status", "code"), [("late_cancel", "cancelled", "LATE-CANCEL-FEE"), ("no_show", "noshow", "NO-SHOW-FEE")])
+async def test_fee_is_one_self_pay_charge_off_the_claim(
+    billing_world: World, fhir_server: FHIRServer, practitioner: str, kind: str, status: str, code: str
+) -> None:
+    """A charged late cancel or no-show: the insurance charge is not-billable, the draft claim cancelled,
+    and one self-pay fee with its own code exists, attached to no Encounter a claim builder reads."""
+    world = billing_world
+    appt_id = world.book_here(next_weekday_at(15))
+    await world.drain()
+    ext = world.external_id(appt_id)
+    patient = await ensure_patient(fhir_server, world.store.appointment(appt_id).fields["client_key"])
+    enc = await create(fhir_server, encounter(patient, ext))
+    item = await create(fhir_server, charge_item(patient, enc["id"]))
+    claim = await create(fhir_server, claim_for(patient, practitioner, enc["id"], "draft"))
+    await _cancel_with(world, appt_id, kind, status)
+    assert (await read(fhir_server, f"Appointment/{ext}"))["status"] == status
+    assert (await read(fhir_server, f"ChargeItem/{item['id']}"))["status"] == "not-billable"
+    assert (await read(fhir_server, f"Claim/{claim['id']}"))["status"] == "cancelled"
+    (fee,) = await _fees(fhir_server, appt_id)
+    assert fee["status"] == "billable" and fee["code"]["coding"][0]["code"] == code
+    assert "context" not in fee and "account" not in fee
+    assert world.store.appointment(appt_id).fields["billing"] == "fee_self_pay"
+    await world.drain()
+    assert len(await _fees(fhir_server, appt_id)) == 1  # applied again, still one
+
+
+async def test_rebooked_session_has_its_fee_withdrawn(billing_world: World, fhir_server: FHIRServer) -> None:
+    """Staff book a late-cancelled session again in the EHR: its self-pay fee is no longer billable."""
+    world = billing_world
+    appt_id = world.book_here(next_weekday_at(16))
+    await world.drain()
+    await _cancel_with(world, appt_id, "late_cancel", "cancelled")
+    (fee,) = await _fees(fhir_server, appt_id)
+    assert fee["status"] == "billable"
+    ext = world.external_id(appt_id)
+    await world.vendor._edit(ext, lambda a: (a.update(status="booked"), a.pop("cancelationReason", None)))
+    await world.sync()
+    await world.drain()
+    await world.sync()
+    assert (await read(fhir_server, f"ChargeItem/{fee['id']}"))["status"] == "not-billable"
+    assert world.store.appointment(appt_id).fields["status"] == "booked"
+    assert world.store.appointment(appt_id).fields["billing"] == "pending"
+
+
+async def test_ehr_side_delete_is_found_and_closes_the_link(billing_world: World, fhir_server: FHIRServer) -> None:
+    """Staff delete an Appointment: the presence check finds it gone and the session is cancelled;
+    nothing is dead-lettered."""
+    world = billing_world
+    keep = world.book_here(next_weekday_at(8))
+    gone = world.book_here(next_weekday_at(12))
+    await world.drain()
+    await world.sync()
+    async with fhir_server.http() as http:
+        assert (await http.delete(f"/Appointment/{world.external_id(gone)}")).status_code == 200
+    world.engine._presence_at.clear()
+    await world.sync()
+    assert world.store.appointment(gone).fields["status"] == "cancelled"
+    assert world.store.appointment(keep).fields["status"] == "booked"
+    await world.drain()
+    assert world.store.dead_letters() == []

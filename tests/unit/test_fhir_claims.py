@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
@@ -29,7 +30,7 @@ from syncbridge.store import Store
 from syncbridge_connectors.fhir.claims import FEE_SYSTEM
 from syncbridge_connectors.fhir.emulator import FHIREmulator, running
 from tests.contract.suite import CLINICIAN, ZONE, World, next_weekday_at
-from tests.contract.test_fhir import PRACTITIONER, fhir_harness, fhir_server  # noqa: F401
+from tests.contract.test_fhir import PRACTITIONER, TOKEN, fhir_harness, fhir_server  # noqa: F401
 
 NAME = "ehr"
 
@@ -414,3 +415,48 @@ async def test_write_to_deleted_appointment_closes_the_link(world: World) -> Non
     assert world.store.dead_letters() == []
     assert world.store.link(NAME, appt_id).gone
     assert world.store.appointment(appt_id).fields["status"] == "cancelled"
+
+
+async def test_ehr_side_delete_reaches_the_calendar(fhir_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # noqa: F811
+    """Staff delete an Appointment in the EHR (no search ever shows it again): the next presence
+    check finds it gone and the session leaves the clinician's calendar. With the defaults (a pull a
+    minute, a check every 3 minutes) that is within 4 minutes."""
+    from tests.support.replica import ReplicaVendor
+
+    harness = fhir_harness(fhir_server, monkeypatch)
+    cfg = parse_config(yaml.safe_dump({
+        "practice": {"timezone": ZONE},
+        "store": {"path": str(tmp_path / "practice.db")},
+        "clinicians": {CLINICIAN: {"accounts": {NAME: harness.account, "cal": {}}}},
+        "connectors": {NAME: harness.connector_config, "cal": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "cal.db")}},
+    }))
+    assert cfg.connectors[NAME].poll_interval + build_connectors(cfg)[NAME].presence_interval <= 240
+    store = Store(cfg.store.path)
+    connectors = build_connectors(cfg)
+    engine = Engine(store, connectors, cfg)
+    world = World(store, engine, Outbox(engine), connectors[NAME], harness.vendor)
+    try:
+        keep = world.book_here(next_weekday_at(9))
+        gone = world.book_here(next_weekday_at(11))
+        await world.drain()
+        await engine.sync(NAME)  # a full listing: it sees for itself what is there
+        await engine.sync(NAME)  # the first presence check: both there
+        cal = ReplicaVendor(str(tmp_path / "cal.db"))
+        assert len(await cal.live()) == 2
+        async with httpx.AsyncClient(base_url=fhir_server.base_url, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            assert (await http.delete(f"/Appointment/{world.external_id(gone)}")).status_code == 204
+        await engine.sync(NAME)
+        assert store.appointment(gone).fields["status"] == "booked"  # not checked again yet
+        engine._presence_at[NAME] -= connectors[NAME].presence_interval  # three minutes later
+        fhir_server.injector.reset_counts()
+        await engine.sync(NAME)
+        assert fhir_server.injector.requests == 2  # the incremental pull and one presence batch
+        assert store.appointment(gone).fields["status"] == "cancelled"
+        assert store.appointment(keep).fields["status"] == "booked"
+        await world.drain()
+        assert [e["external_id"] for e in await cal.live()] == [store.link("cal", keep).external_id]
+        assert store.dead_letters() == []
+    finally:
+        for c in connectors.values():
+            await c.close()
+        store.close()
