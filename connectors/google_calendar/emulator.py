@@ -74,6 +74,7 @@ class GoogleCalendarEmulator:
     channels: dict[str, Channel] = field(default_factory=dict)
     log: list[tuple[str, str]] = field(default_factory=list)
     _failures: list[tuple[int, str, float | None]] = field(default_factory=list)
+    _calendar_faults: dict[str, tuple[int, str, float | None]] = field(default_factory=dict)  # id -> (status, reason, Retry-After)
     _pages: dict[str, tuple[list[dict[str, Any]], str | None]] = field(default_factory=dict)
     _etags: itertools.count = field(default_factory=lambda: itertools.count(int(time.time() * 1000) * 1000))
     _lock: threading.RLock = field(default_factory=threading.RLock)
@@ -104,6 +105,15 @@ class GoogleCalendarEmulator:
     def fail_next(self, status: int, n: int = 1, *, reason: str = "rateLimitExceeded", retry_after: float | None = None) -> None:
         """The next ``n`` API requests answer ``status`` (403 with ``reason``, or 429)."""
         self._failures.extend([(status, reason, retry_after)] * n)
+
+    def fail_calendar(self, calendar: str, status: int | None, reason: str = "forbidden", retry_after: float | None = None) -> None:
+        """Every request for one calendar answers ``status`` until called again with None: 403
+        ``forbidden`` (its owner no longer shares it), 404 ``notFound`` (deleted), 403
+        ``rateLimitExceeded`` or 429 (that user's quota, developers.google.com/calendar/api/guides/quota)."""
+        if status is None:
+            self._calendar_faults.pop(calendar, None)
+        else:
+            self._calendar_faults[calendar] = (status, reason, retry_after)
 
     def expire_sync_tokens(self, calendar: str | None = None) -> None:
         """Invalidate every sync token issued so far (Google does this on ACL changes or token age)."""
@@ -205,6 +215,12 @@ class GoogleCalendarEmulator:
         cal = self.calendars.get(grant.principal if calendar_id == "primary" else calendar_id)
         if cal is None or cal.owner != grant.principal:
             raise ApiError(404, "notFound", "Not Found")
+        fault = self._calendar_faults.get(cal.id)
+        if fault is not None:
+            status, reason, retry_after = fault
+            extra = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+            message = {"forbidden": "Forbidden", "notFound": "Not Found"}.get(reason, "Rate Limit Exceeded")
+            raise ApiError(status, reason, message, headers=extra)
         return cal
 
     def _route(self, method: str, rest: list[str], q: dict[str, list[str]], headers: dict[str, str], body: bytes, grant: Grant) -> Answer:

@@ -30,7 +30,7 @@ from syncbridge.connector import ApplyResult, BusyInterval, CalendarConnector, L
 from syncbridge.errors import ConfigError, ConflictError, CursorExpired, MalformedRecord, PermanentError, SyncbridgeError
 from syncbridge.limits import check_record_size
 from syncbridge.model import Snapshot, iso
-from syncbridge.retry import Resting
+from syncbridge.retry import Resting, unless_all_failed
 from syncbridge.policy.privacy import EventText, event_text
 from syncbridge.secrets import SecretRef
 
@@ -264,13 +264,12 @@ class Microsoft365Connector(CalendarConnector):
             except CursorExpired:
                 raise
             except SyncbridgeError as err:  # this mailbox's own outcome: its deltaLink stays as it was
-                failed[clinician] = self._failed(clinician, mailbox, err)
+                failed[clinician] = self._unread(clinician, mailbox, err)
                 continue
             observations += found
-        self._all_failed(failed)
         log.debug("pulled", connector=self.name, full=False, observations=len(observations), failed=sorted(failed))
         return PullResult(
-            observations, json.dumps(state | {"mailboxes": links}, sort_keys=True), failed_accounts=failed,
+            observations, json.dumps(state | {"mailboxes": links}, sort_keys=True), failed_accounts=unless_all_failed(failed, len(self.mailboxes)),
             listed_accounts=frozenset(listed), window=(iso(window[0]), iso(window[1])) if listed else None,
         )
 
@@ -280,17 +279,11 @@ class Microsoft365Connector(CalendarConnector):
         if resting is not None:
             raise resting
 
-    def _failed(self, clinician: str, mailbox: str, err: SyncbridgeError) -> SyncbridgeError:
-        """The failed read of one mailbox, named in the message (the status shows it) and rested."""
-        if not str(err).startswith(f"mailbox {mailbox}"):
-            err.args = (f"mailbox {mailbox}: {err}",)
+    def _unread(self, clinician: str, mailbox: str, err: SyncbridgeError) -> SyncbridgeError:
+        """One mailbox's failed read, naming the mailbox (the status shows it), rested if throttled."""
+        err = self.resting.note(clinician, err, f"mailbox {mailbox}")
         log.warning("mailbox_unread", connector=self.name, clinician=clinician, problem=str(err))
-        return self.resting.note(clinician, err)
-
-    def _all_failed(self, failed: dict[str, SyncbridgeError]) -> None:
-        """When no mailbox could be read, the pull as a whole failed: the runtime retries and reports it."""
-        if failed and len(failed) == len(self.mailboxes):
-            raise next(iter(failed.values()))
+        return err
 
     async def _delta_item(self, clinician: str, mailbox: str, item: dict[str, Any]) -> Observation | None:
         event_id = str(item.get("id"))
@@ -326,13 +319,13 @@ class Microsoft365Connector(CalendarConnector):
                 found, links[clinician] = await self._list(clinician, mailbox, window)
             except SyncbridgeError as err:
                 links[clinician] = None  # listed by the next pull
-                failed[clinician] = self._failed(clinician, mailbox, err)
+                failed[clinician] = self._unread(clinician, mailbox, err)
                 continue
             observations += found
-        self._all_failed(failed)
         cursor = json.dumps({"mailboxes": links, "window": [w.isoformat() for w in window]}, sort_keys=True)
         log.debug("pulled", connector=self.name, full=True, observations=len(observations), failed=sorted(failed))
-        return PullResult(observations, cursor, complete=True, window=(iso(window[0]), iso(window[1])), failed_accounts=failed)
+        return PullResult(observations, cursor, complete=True, window=(iso(window[0]), iso(window[1])),
+                          failed_accounts=unless_all_failed(failed, len(self.mailboxes)))
 
     async def read(self, external_id: str) -> Observation:
         clinician, mailbox, event_id = self._split(external_id)

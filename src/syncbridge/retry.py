@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from .errors import SyncbridgeError, TransientError
 
-__all__ = ["Backoff", "Resting", "backoff_delay", "retrying"]
+__all__ = ["Backoff", "Resting", "backoff_delay", "retrying", "unless_all_failed"]
 
 T = TypeVar("T")
 
@@ -96,9 +96,20 @@ class Resting:
             return None
         return entry[1]
 
-    def note(self, account: str, err: SyncbridgeError) -> SyncbridgeError:
-        """Remember a failed read of ``account``: it rests for the Retry-After it was given, if any."""
+    def note(self, account: str, err: SyncbridgeError, where: str | None = None) -> SyncbridgeError:
+        """Remember a failed read of ``account``: it rests for the Retry-After it was given, if any.
+        ``where`` (a mailbox, a calendar) is put in front of the message, so the status names it."""
+        if where and not str(err).startswith(where):
+            err.args = (f"{where}: {err}",)
         retry_after = err.retry_after if isinstance(err, TransientError) else None
         if retry_after:
             self._until[account] = (time.time() + retry_after, err)
         return err
+
+
+def unless_all_failed(failed: dict[str, SyncbridgeError], accounts: int) -> dict[str, SyncbridgeError]:
+    """``failed`` for ``PullResult.failed_accounts``; when no account could be read at all, the
+    pull as a whole failed: its first error is raised, for the runtime to retry and report."""
+    if failed and len(failed) >= accounts:
+        raise next(iter(failed.values()))
+    return failed

@@ -1,6 +1,6 @@
-"""One account's trouble stays its own (DESIGN section 9): with one of three Outlook mailboxes
-failing, the other two clinicians' changes still arrive in the same pull, and the status names
-the mailbox that could not be read."""
+"""One account's trouble stays its own (DESIGN section 9): with one of three clinicians' mailboxes
+or calendars failing, the other two clinicians' changes still arrive in the same pull, and the
+status names the account that could not be read."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -23,26 +24,59 @@ from syncbridge.outbox import Outbox
 from syncbridge.registry import build_connectors
 from syncbridge.runtime import Daemon
 from syncbridge.store import Store
-from syncbridge_connectors.microsoft365.emulator import RunningGraph
 from tests.contract.suite import ZONE, next_weekday_at
+from tests.contract.test_google_calendar import sa_key_file
 from tests.contract.test_microsoft365 import CLIENT_ID, SECRET, SECRET_ENV, m365_config
-from tests.support.emulators import microsoft365
+from tests.support.emulators import google_calendar, microsoft365
 
-MAILBOXES = {"dr_a": "dr.avery@lakeside.example", "dr_b": "dr.brooks@lakeside.example", "dr_c": "dr.chen@lakeside.example"}
-
-
-@pytest.fixture
-def graph(tmp_path: Path) -> Iterator[RunningGraph]:
-    with microsoft365(tmp_path / "graph-tls", CLIENT_ID, SECRET, *MAILBOXES.values()) as server:
-        yield server
+#: clinician -> the address of their mailbox or calendar
+ACCOUNTS = {"dr_a": "dr.avery@lakeside.example", "dr_b": "dr.brooks@lakeside.example", "dr_c": "dr.chen@lakeside.example"}
 
 
-def _config(graph: RunningGraph, tmp_path: Path) -> dict[str, object]:
+@dataclass
+class System:
+    """One calendar system with three clinicians' accounts, and what a test does to it."""
+
+    connector: dict[str, Any]
+    account_key: str  # the key of a clinician's account settings ("mailbox", "email")
+    #: delete the event with this external id, as the clinician would in the system's own app
+    delete: Callable[[str], None]
+    #: make one clinician's account answer ``status`` (None: answer normally again)
+    fail: Callable[[str, int | None, float | None], None]
+
+
+@pytest.fixture(params=["microsoft365", "google_calendar"])
+def system(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[System]:
+    if request.param == "microsoft365":
+        monkeypatch.setenv(SECRET_ENV, SECRET)
+        with microsoft365(tmp_path / "graph-tls", CLIENT_ID, SECRET, *ACCOUNTS.values()) as graph:
+            def delete(ext: str) -> None:
+                clinician, _, event_id = ext.partition("/")
+                graph.emulator.user_delete(ACCOUNTS[clinician], event_id)
+
+            yield System(m365_config(graph, poll_interval=300), "mailbox", delete,
+                         lambda c, status, wait: graph.emulator.fail_mailbox(ACCOUNTS[c], status, retry_after=wait))
+    else:
+        with google_calendar(*ACCOUNTS.values(), zone=ZONE) as google:
+            def delete(ext: str) -> None:
+                calendar, _, event_id = ext.rpartition("/")
+                google.emulator.user_delete(calendar, event_id)
+
+            def fail(clinician: str, status: int | None, wait: float | None) -> None:
+                reason = {403: "forbidden", 404: "notFound"}.get(status or 0, "rateLimitExceeded")
+                google.emulator.fail_calendar(ACCOUNTS[clinician], status, reason, retry_after=wait)
+
+            config = {"type": "google_calendar", "service_account_key": {"file": str(sa_key_file(google, tmp_path))},
+                      "api_root": google.api_root, "poll_interval": 300}
+            yield System(config, "email", delete, fail)
+
+
+def _config(system: System, tmp_path: Path) -> dict[str, object]:
     return {
         "practice": {"timezone": ZONE},
         "store": {"path": str(tmp_path / "s.db")},
-        "clinicians": {c: {"accounts": {"outlook": {"mailbox": m}}} for c, m in MAILBOXES.items()},
-        "connectors": {"outlook": m365_config(graph, poll_interval=300)},
+        "clinicians": {c: {"accounts": {"cal": {system.account_key: a}}} for c, a in ACCOUNTS.items()},
+        "connectors": {"cal": system.connector},
         "outbox": {"backoff_base": 0.05, "backoff_max": 0.5},
         "http": {"enabled": False},
     }
@@ -53,7 +87,7 @@ class Practice:
     store: Store
     engine: Engine
     outbox: Outbox
-    graph: RunningGraph
+    system: System
     sessions: dict[str, str]  # clinician -> the appointment booked for them
 
     def book(self, clinician: str, start: datetime) -> str:
@@ -63,11 +97,10 @@ class Practice:
         self.engine.change(appt, snap, via="ehr")
         return appt
 
-    def delete_in_outlook(self, appt: str) -> None:
-        link = self.store.link("outlook", appt)
+    def delete_in_calendar(self, appt: str) -> None:
+        link = self.store.link("cal", appt)
         assert link is not None and link.external_id
-        clinician, _, event_id = link.external_id.partition("/")
-        self.graph.emulator.user_delete(MAILBOXES[clinician], event_id)
+        self.system.delete(link.external_id)
 
     def cancelled(self, appt: str) -> bool:
         record = self.store.appointment(appt)
@@ -75,82 +108,80 @@ class Practice:
 
 
 @contextlib.asynccontextmanager
-async def practice(graph: RunningGraph, tmp_path: Path) -> AsyncIterator[Practice]:
-    os.environ[SECRET_ENV] = SECRET
-    cfg = parse_config(yaml.safe_dump(_config(graph, tmp_path)))
+async def practice(system: System, tmp_path: Path) -> AsyncIterator[Practice]:
+    cfg = parse_config(yaml.safe_dump(_config(system, tmp_path)))
     store = Store(cfg.store.path)
     connectors = build_connectors(cfg)
     engine = Engine(store, connectors, cfg)
-    p = Practice(store, engine, Outbox(engine), graph, {})
+    p = Practice(store, engine, Outbox(engine), system, {})
     try:
-        p.sessions = {c: p.book(c, next_weekday_at(9 + i)) for i, c in enumerate(MAILBOXES)}
+        p.sessions = {c: p.book(c, next_weekday_at(9 + i)) for i, c in enumerate(ACCOUNTS)}
         await p.outbox.drain()
-        await engine.sync("outlook", full=True)
+        await engine.sync("cal", full=True)
         yield p
     finally:
         for c in connectors.values():
             await c.close()
         store.close()
-        os.environ.pop(SECRET_ENV, None)
 
 
 @pytest.mark.parametrize("status", [403, 404])
-async def test_one_mailbox_refused_the_others_are_read(graph: RunningGraph, tmp_path: Path, status: int) -> None:
-    """Dr Brooks's mailbox answers 403 (an access policy now leaves it out) or 404 (removed): the
-    cancellations made in Dr Avery's and Dr Chen's Outlook arrive in the same pull, the status
-    names Dr Brooks's mailbox, and hers arrives once the mailbox answers again."""
-    async with practice(graph, tmp_path) as p:
-        graph.emulator.fail_mailbox(MAILBOXES["dr_b"], status)
+async def test_one_mailbox_refused_the_others_are_read(system: System, tmp_path: Path, status: int) -> None:
+    """Dr Brooks's mailbox or calendar answers 403 (access withdrawn) or 404 (removed): the
+    cancellations made in Dr Avery's and Dr Chen's calendars arrive in the same pull, the status
+    names Dr Brooks's account, and hers arrives once it answers again."""
+    async with practice(system, tmp_path) as p:
+        system.fail("dr_b", status, None)
         for appt in p.sessions.values():
-            p.delete_in_outlook(appt)
-        await p.engine.sync("outlook")
+            p.delete_in_calendar(appt)
+        await p.engine.sync("cal")
         assert p.cancelled(p.sessions["dr_a"]) and p.cancelled(p.sessions["dr_c"])
         assert not p.cancelled(p.sessions["dr_b"])
-        state = p.store.connector_state("outlook")
-        assert not state["healthy"] and MAILBOXES["dr_b"] in state["note"] and "dr_b" in state["note"]
-        assert MAILBOXES["dr_a"] not in state["note"]
+        state = p.store.connector_state("cal")
+        assert not state["healthy"] and ACCOUNTS["dr_b"] in state["note"] and "dr_b" in state["note"]
+        assert ACCOUNTS["dr_a"] not in state["note"]
 
-        graph.emulator.fail_mailbox(MAILBOXES["dr_b"], None)
-        await p.engine.sync("outlook")
+        system.fail("dr_b", None, None)
+        await p.engine.sync("cal")
         assert p.cancelled(p.sessions["dr_b"])
-        assert p.store.connector_state("outlook")["healthy"]
+        assert p.store.connector_state("cal")["healthy"]
 
 
-async def test_a_full_listing_missing_a_mailbox_cancels_none_of_its_sessions(graph: RunningGraph, tmp_path: Path) -> None:
-    """The daily sweep while one mailbox answers 403: its sessions are unread, not gone; once it
+async def test_a_full_listing_missing_an_account_cancels_none_of_its_sessions(system: System, tmp_path: Path) -> None:
+    """The daily sweep while one account answers 403: its sessions are unread, not gone; once it
     answers, it is listed and a session deleted there meanwhile is cancelled."""
-    async with practice(graph, tmp_path) as p:
+    async with practice(system, tmp_path) as p:
         second = p.book("dr_b", next_weekday_at(15))
         await p.outbox.drain()
-        graph.emulator.fail_mailbox(MAILBOXES["dr_b"], 403)
-        p.delete_in_outlook(p.sessions["dr_b"])
-        await p.engine.sync("outlook", full=True)
+        system.fail("dr_b", 403, None)
+        p.delete_in_calendar(p.sessions["dr_b"])
+        await p.engine.sync("cal", full=True)
         assert not p.cancelled(p.sessions["dr_b"]) and not p.cancelled(second)
-        assert not p.store.connector_state("outlook")["healthy"]
+        assert not p.store.connector_state("cal")["healthy"]
 
-        graph.emulator.fail_mailbox(MAILBOXES["dr_b"], None)
-        await p.engine.sync("outlook")
+        system.fail("dr_b", None, None)
+        await p.engine.sync("cal")
         assert p.cancelled(p.sessions["dr_b"]) and not p.cancelled(second)
-        assert p.store.connector_state("outlook")["healthy"]
+        assert p.store.connector_state("cal")["healthy"]
 
 
-async def test_a_throttled_mailbox_is_read_again_after_its_retry_after(graph: RunningGraph, tmp_path: Path) -> None:
-    """Dr Brooks's mailbox answers 429 with Retry-After 1: the daemon applies the other two
-    cancellations at once and reads her mailbox again after a second, not at the next poll."""
-    async with practice(graph, tmp_path) as p:
-        graph.emulator.fail_mailbox(MAILBOXES["dr_b"], 429, retry_after=1)
+async def test_a_throttled_account_is_read_again_after_its_retry_after(system: System, tmp_path: Path) -> None:
+    """Dr Brooks's account answers 429 with Retry-After 1: the daemon applies the other two
+    cancellations at once and reads her account again after a second, not at the next poll."""
+    async with practice(system, tmp_path) as p:
+        system.fail("dr_b", 429, 1)
         for appt in p.sessions.values():
-            p.delete_in_outlook(appt)
-        daemon = Daemon(None, parse_config(yaml.safe_dump(_config(graph, tmp_path))))  # the same store
+            p.delete_in_calendar(appt)
+        daemon = Daemon(None, parse_config(yaml.safe_dump(_config(system, tmp_path))))  # the same store
         try:
             started = time.monotonic()
-            await daemon.poll("outlook")
+            await daemon.poll("cal")
             assert p.cancelled(p.sessions["dr_a"]) and p.cancelled(p.sessions["dr_c"])
             assert not p.cancelled(p.sessions["dr_b"])
-            graph.emulator.fail_mailbox(MAILBOXES["dr_b"], None)
+            system.fail("dr_b", None, None)
             deadline = time.monotonic() + 10
             while not p.cancelled(p.sessions["dr_b"]):
-                assert time.monotonic() < deadline, "the throttled mailbox was not read again"
+                assert time.monotonic() < deadline, "the throttled account was not read again"
                 await asyncio.sleep(0.05)
             assert 1.0 <= time.monotonic() - started < 5
         finally:
