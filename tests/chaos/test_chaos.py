@@ -139,6 +139,11 @@ def _chaos(
         linked(a, n) for a in ids for n in sandboxes if n in holds_all and sandboxes[n].look and _serves(cfg, n, a, watch)
     ), 240)
 
+    # billing staff bill every session in the EHR: an Encounter, a charge and a claim (some already sent)
+    ehr = next((n for n, r in roles.items() if r == Role.RECORD and sandboxes[n].connector_config.get("type") == "fhir"), None)
+    if ehr is not None:
+        _seed_billing(sandboxes[ehr], {a: ext for a in ids if (ext := linked(a, ehr))})
+
     for s in sandboxes.values():
         if s.injector is not None:
             s.injector.configure(latency=0.005, error_rate=ERROR_RATE)
@@ -266,7 +271,7 @@ def _chaos(
             if appt in cancelled and not record.cancelled:
                 out.append(f"lost cancellation of {appt}")
             in_record = [lk.connector for lk, _ in watch.links_for(appt) if roles.get(lk.connector) == Role.RECORD and lk.external_id]
-            if record.cancelled and in_record and record.fields.get("billing") not in (Billing.SUPPRESSED, Billing.FEE_SELF_PAY):
+            if record.cancelled and in_record and record.fields.get("billing") not in (Billing.SUPPRESSED, Billing.FEE_SELF_PAY, Billing.NEEDS_VOID):
                 # (a session cancelled before it ever reached the EHR has nothing there to bill)
                 out.append(f"{appt} cancelled but billing {record.fields.get('billing')} in {in_record}")
             for name, sandbox in sandboxes.items():
@@ -278,6 +283,8 @@ def _chaos(
                     out.append(f"{appt} cancelled but live in {name}")
                 if not record.cancelled and (seen.state != "live" or seen.start != record.start):
                     out.append(f"{appt} in {name}: {seen.state} at {seen.start}, record says {record.start}")
+        if ehr is not None:
+            out += _billing_problems(sandboxes[ehr], watch, ehr)
         for name, sandbox in sandboxes.items():
             if sandbox.live_ids is None:
                 continue
@@ -298,6 +305,9 @@ def _chaos(
         found = problems()
     assert watch.dead_letters() == [], watch.dead_letters()
     assert not found, "\n".join(found[:20]) + _history(watch, found)
+    from collections import Counter
+
+    print("billing as reported, each checked against the EHR:", dict(Counter(a.fields["billing"] for a in watch.appointments())))
     assert daemon.stop() == 0
     watch.close()
     verify = subprocess.run(
@@ -332,3 +342,74 @@ def _history(store: Store, found: list[str]) -> str:
         if len(out) > 120:
             break
     return "\n".join(out)
+
+
+def _fhir(sandbox: Any) -> httpx.Client:
+    conf = sandbox.connector_config
+    token = Path(conf["token"]["file"]).read_text().strip()
+    return httpx.Client(base_url=conf["base_url"], headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+
+def _seed_billing(sandbox: Any, appointments: dict[str, str]) -> None:
+    """An Encounter, a billable ChargeItem and a Claim for every session, as billing staff make them;
+    every seventh claim already sent to the payer (active)."""
+    with _fhir(sandbox) as http:
+        items = list(appointments.items())
+        for k in range(0, len(items), 50):
+            chunk = items[k : k + 50]
+            encounters = [{"resource": {"resourceType": "Encounter", "status": "planned", "appointment": [{"reference": f"Appointment/{ext}"}]},
+                           "request": {"method": "POST", "url": "Encounter"}} for _, ext in chunk]
+            made = http.post("/", json={"resourceType": "Bundle", "type": "batch", "entry": encounters}).raise_for_status().json()["entry"]
+            billing = []
+            for n, answer in enumerate(made):
+                ref = {"reference": f"Encounter/{answer['resource']['id']}"}
+                status = "active" if (k + n) % 7 == 0 else "draft"
+                billing += [
+                    {"resource": {"resourceType": "ChargeItem", "status": "billable", "context": ref, "code": {"text": "90834"}},
+                     "request": {"method": "POST", "url": "ChargeItem"}},
+                    {"resource": {"resourceType": "Claim", "status": status, "use": "claim", "item": [{"sequence": 1, "encounter": [ref]}]},
+                     "request": {"method": "POST", "url": "Claim"}},
+                ]
+            http.post("/", json={"resourceType": "Bundle", "type": "batch", "entry": billing}).raise_for_status()
+
+
+def _all(http: httpx.Client, rtype: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    url: str | None = f"/{rtype}?_count=500"
+    while url:
+        bundle = http.get(url).raise_for_status().json()
+        out += [e["resource"] for e in bundle.get("entry", [])]
+        url = next((link["url"] for link in bundle.get("link", []) if link["relation"] == "next"), None)
+    return out
+
+
+def _billing_problems(sandbox: Any, store: Store, ehr: str) -> list[str]:
+    """Billing as the EHR shows it against what syncbridge reports: a session reported suppressed
+    must have no live charge or draft claim, and a session that is live owes no self-pay fee."""
+    out: list[str] = []
+    with _fhir(sandbox) as http:
+        encounters = _all(http, "Encounter")
+        charges = _all(http, "ChargeItem")
+        claims = _all(http, "Claim")
+    by_appt: dict[str, set[str]] = {}
+    for e in encounters:
+        for a in e.get("appointment", []):
+            by_appt.setdefault(a["reference"].removeprefix("Appointment/"), set()).add(f"Encounter/{e['id']}")
+    fees = {i["value"]: c for c in charges for i in c.get("identifier", []) if i.get("system") == "urn:syncbridge:fee"}
+    for appt in store.appointments():
+        link = store.link(ehr, appt.id)
+        encs = by_appt.get(link.external_id, set()) if link is not None and link.external_id else set()
+        billing = appt.fields.get("billing")
+        if billing in (Billing.SUPPRESSED, Billing.FEE_SELF_PAY, Billing.NEEDS_VOID):
+            for c in charges:
+                if c.get("context", {}).get("reference") in encs and c.get("status") in ("planned", "billable"):
+                    out.append(f"{appt.id} reported {billing} but ChargeItem/{c['id']} is {c['status']}")
+            for c in claims:
+                named = {e["reference"] for it in c.get("item", []) for e in it.get("encounter", [])}
+                if named & encs and c.get("status") == "draft":
+                    out.append(f"{appt.id} reported {billing} but Claim/{c['id']} is draft")
+                if named & encs and c.get("status") == "active" and billing != Billing.NEEDS_VOID:
+                    out.append(f"{appt.id} reported {billing} but Claim/{c['id']} went to the payer (needs_void expected)")
+        if not appt.cancelled and (fee := fees.get(appt.id)) is not None and fee.get("status") == "billable":
+            out.append(f"{appt.id} is live but its self-pay fee ChargeItem/{fee['id']} is billable")
+    return out
