@@ -97,6 +97,8 @@ class FHIROptions(BaseModel):
 KNOWN_APPOINTMENTS = 2000
 #: Appointment ids per ``_id`` search of a presence check (the URL stays well under 8 kB)
 PRESENCE_CHUNK = 50
+#: ``_id`` searches per ``batch`` Bundle: 500 Appointments, under 1 MB even where ``_elements`` is ignored
+PRESENCE_SEARCHES = 10
 #: what a written Appointment tells the EHR beyond a calendar's share (recorded in the audit)
 DISCLOSED = ("client_key", "service_code", "cancellation")
 
@@ -485,7 +487,7 @@ class FHIRConnector(Connector):
         ids = list(dict.fromkeys(external_ids))
         chunks = [ids[k : k + PRESENCE_CHUNK] for k in range(0, len(ids), PRESENCE_CHUNK)]
         present: set[str] = set()
-        per_bundle = max(1, self.write_batch // 2)
+        per_bundle = PRESENCE_SEARCHES
         for k in range(0, len(chunks), per_bundle):
             group = chunks[k : k + per_bundle]
             entries = [
