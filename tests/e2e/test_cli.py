@@ -291,3 +291,34 @@ def test_version_says_whether_the_engine_is_compiled() -> None:
     assert done.stdout.startswith(f"syncbridge {metadata.version('syncbridge')}, engine ")
     assert ("engine compiled" in done.stdout) == compiled
     assert ("engine interpreted" in done.stdout) != compiled
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_check_says_how_billing_is_found_in_the_ehr(tmp_path: Path, full: bool) -> None:
+    """`syncbridge check` tells the admin how this EHR's charges and claims will be found: plain
+    searches where the server shows no _revinclude, one search where its CapabilityStatement lists it."""
+    from syncbridge_connectors.fhir.emulator import FHIREmulator, running
+
+    emulator = FHIREmulator(static_token="check-token")
+    if full:
+        emulator.full()
+    server = running(emulator)
+    try:
+        emulator.put({"resourceType": "Practitioner", "id": "pr-1"})
+        (tmp_path / "token").write_text("check-token")
+        conf = {
+            "store": {"path": str(tmp_path / "store.db")},
+            "http": {"enabled": False},
+            "clinicians": {"dr_lee": {"accounts": {"ehr": {"practitioner": "Practitioner/pr-1"}}}},
+            "connectors": {"ehr": {"type": "fhir", "base_url": server.base_url, "auth": "static", "token": {"file": str(tmp_path / "token")}}},
+        }
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(conf))
+        done = sb("check", "--config", str(path), check=True)
+        if full:
+            assert "billing discovery: one search with _revinclude" in done.stdout
+        else:
+            assert "billing discovery: plain searches (Encounter, then ChargeItem and Claim)" in done.stdout
+            assert "serves no CapabilityStatement" in done.stdout
+    finally:
+        server.stop()
