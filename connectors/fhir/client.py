@@ -254,7 +254,11 @@ class FHIRClient:
             yield resource
 
     async def _pages(self, first: str, what: str) -> AsyncIterator[dict[str, Any]]:
+        """Every page of a search. A server that says (``total``) there are more matches than it sent
+        but gives no ``next`` link is asked on with ``_offset`` (search.html#count leaves paging to
+        the server; some page only that way) rather than taken as finished; an empty page ends it."""
         url: str | None = first
+        matched = 0
         while url:
             r = await self._request("GET", url, what)
             if r.status_code >= 300:
@@ -263,10 +267,17 @@ class FHIRClient:
                 bundle = r.json()
             except ValueError as err:
                 raise TransientError(f"{what}: the answer is not JSON") from err
+            page = 0
             for entry in bundle.get("entry", []):
                 if "resource" in entry:
+                    page += entry.get("search", {}).get("mode", "match") == "match"
                     yield entry["resource"]
+            matched += page
             url = next((link["url"] for link in bundle.get("link", []) if link.get("relation") == "next"), None)
+            total = bundle.get("total")
+            if url is None and isinstance(total, int) and total > matched and page:  # an empty page ends it (a stale total)
+                base = "&".join(p for p in first.split("&") if not p.startswith("_offset="))
+                url = f"{base}&_offset={matched}"
 
     async def create(self, resource: dict[str, Any], if_none_exist: str | None = None) -> dict[str, Any]:
         """POST, conditional when ``if_none_exist`` is given (http.html#ccreate): a retry makes no duplicate."""

@@ -33,7 +33,7 @@ from syncbridge.limits import check_record_size
 from syncbridge.model import CANCELLED_STATES, Role, Snapshot, iso, parse_iso, utcnow
 from syncbridge.secrets import SecretRef
 
-from .claims import Found, Plan, fee_search, plan, searchset, withdraw_fees
+from .claims import FEE_SYSTEM, Found, Plan, plan, withdraw_fees
 from .client import BundleTooLarge, FHIRClient, entry_etag, entry_resource, entry_status, search_url
 from .mapping import EXT_BILLING, SETTLED, client_reference, extension, read_appointment, render_appointment
 from .subscription import AppointmentSubscription
@@ -302,7 +302,7 @@ class FHIRConnector(Connector):
         """A session back on the books owes no fee: its self-pay fee is withdrawn in the transaction
         that re-books the Appointment (written last), and the answers must show it."""
         client = self.client()
-        fees = await client.rest_of(searchset((await client.bundle("batch", [{"request": {"method": "GET", "url": fee_search(appointment_id)}}]))[0], "fee search"))
+        fees = [r async for r in client.search("ChargeItem", {"identifier": f"{FEE_SYSTEM}|{appointment_id}"})]
         withdrawal = Plan(billing=str(desired.get("billing")))
         withdraw_fees(withdrawal, fees)
         settled = await settle(

@@ -160,8 +160,7 @@ async def settle(
     except _REFUSED as err:
         raise TransactionRefused(str(err)) from err
     attention = list(refused) + unverified(planned, done[: len(planned.writes)])
-    if planned.fee_create is not None and 200 <= entry_status(done[planned.fee_create]) < 300:
-        steps.append(f"ChargeItem/{entry_id(done[planned.fee_create])} self-pay fee created")
+    steps += _fee_made(planned, done)
     written: dict[str, Any] | None = None
     etag = _etag(current)
     if own:
@@ -175,6 +174,14 @@ async def settle(
             written, etag = saved, _etag(saved)
         billing = Billing.NEEDS_ATTENTION.value
     return Settled(written, etag, billing, steps, attention)
+
+
+def _fee_made(planned: Plan, answers: list[dict[str, Any]]) -> list[str]:
+    """The audit line for the fee the answers show created (its id is known only now)."""
+    i = planned.fee_create
+    if i is None or i >= len(answers) or not 200 <= entry_status(answers[i]) < 300:
+        return []
+    return [f"ChargeItem/{entry_id(answers[i])} self-pay fee created"]
 
 
 class TransactionRefused(PermanentError):
@@ -197,8 +204,7 @@ async def one_by_one(
     if planned.writes:
         answers = await client.bundle("batch", planned.writes)
         attention += unverified(planned, answers)
-        if planned.fee_create is not None and 200 <= entry_status(answers[planned.fee_create]) < 300:
-            steps.append(f"ChargeItem/{entry_id(answers[planned.fee_create])} self-pay fee created")
+        steps += _fee_made(planned, answers)
     billing = Billing.NEEDS_ATTENTION.value if attention else planned.billing
     saved = await client.update(render(current, billing) | {"id": current["id"]}, if_match)
     if saved is None:

@@ -31,9 +31,9 @@ pytestmark = pytest.mark.slow
 
 SECRET_ENV = "SYNCBRIDGE_TEST_THIRD_PARTY_FHIR_TOKEN"
 LIVE = ("booked", "arrived", "checked-in")
-#: the server answers every search in one page and never sends a ``next`` link (README): the
-#: connector's page must hold every appointment on the shared server, or a pull would stop short
-PAGE_SIZE = 1000
+#: the server pages only by ``_offset`` (no ``next`` links, README): a small page proves the
+#: connector reads on past the first one
+PAGE_SIZE = 3
 
 
 class EHRStaff(Vendor):
@@ -371,19 +371,25 @@ async def billing_world(
         yield w
 
 
-async def cancelled_with_billing(world: World, server: FHIRServer, practitioner: str, claim_status: str = "draft") -> dict[str, Any]:
-    """A session mirrored to the EHR, billed there as check-in and billing staff would, then cancelled in the record."""
-    appt_id = world.book_here(next_weekday_at(10))
+async def billed_session(world: World, server: FHIRServer, practitioner: str, hour: int = 10, claim_status: str = "draft") -> dict[str, Any]:
+    """A session mirrored to the EHR and billed there as check-in and billing staff would."""
+    appt_id = world.book_here(next_weekday_at(hour))
     await world.drain()
     ext = world.external_id(appt_id)
     patient = await ensure_patient(server, world.store.appointment(appt_id).fields["client_key"])
     enc = await create(server, encounter(patient, ext))
     item = await create(server, charge_item(patient, enc["id"]))
     claim = await create(server, claim_for(patient, practitioner, enc["id"], claim_status))
-    world.cancel_here(appt_id)
+    return {"appointment_id": appt_id, "appointment": ext, "encounter": enc["id"], "charge": item["id"], "claim": claim}
+
+
+async def cancelled_with_billing(world: World, server: FHIRServer, practitioner: str, claim_status: str = "draft") -> dict[str, Any]:
+    """A billed session, then cancelled in the record."""
+    ids = await billed_session(world, server, practitioner, claim_status=claim_status)
+    world.cancel_here(ids["appointment_id"])
     await world.drain()
     await world.sync()
-    return {"appointment_id": appt_id, "appointment": ext, "encounter": enc["id"], "charge": item["id"], "claim": claim}
+    return ids
 
 
 async def test_cancel_cancels_the_appointment_and_its_open_encounter(
@@ -447,17 +453,12 @@ async def test_fee_is_one_self_pay_charge_off_the_claim(
     """A charged late cancel or no-show: the insurance charge is not-billable, the draft claim cancelled,
     and one self-pay fee with its own code exists, attached to no Encounter a claim builder reads."""
     world = billing_world
-    appt_id = world.book_here(next_weekday_at(15))
-    await world.drain()
-    ext = world.external_id(appt_id)
-    patient = await ensure_patient(fhir_server, world.store.appointment(appt_id).fields["client_key"])
-    enc = await create(fhir_server, encounter(patient, ext))
-    item = await create(fhir_server, charge_item(patient, enc["id"]))
-    claim = await create(fhir_server, claim_for(patient, practitioner, enc["id"], "draft"))
+    ids = await billed_session(world, fhir_server, practitioner, hour=15)
+    appt_id = ids["appointment_id"]
     await _cancel_with(world, appt_id, kind, status)
-    assert (await read(fhir_server, f"Appointment/{ext}"))["status"] == status
-    assert (await read(fhir_server, f"ChargeItem/{item['id']}"))["status"] == "not-billable"
-    assert (await read(fhir_server, f"Claim/{claim['id']}"))["status"] == "cancelled"
+    assert (await read(fhir_server, f"Appointment/{ids['appointment']}"))["status"] == status
+    assert (await read(fhir_server, f"ChargeItem/{ids['charge']}"))["status"] == "not-billable"
+    assert (await read(fhir_server, f"Claim/{ids['claim']['id']}"))["status"] == "cancelled"
     (fee,) = await _fees(fhir_server, appt_id)
     assert fee["status"] == "billable" and fee["code"]["coding"][0]["code"] == code
     assert "context" not in fee and "account" not in fee

@@ -123,13 +123,18 @@ async def test_reapplying_a_cancel_changes_nothing(world: World) -> None:
     assert {t: emu(world).all(t) for t in before} == before
 
 
+def charge_fee(world: World, appt_id: str, kind: str, status: str) -> None:
+    """The session ends as ``kind`` with the practice charging its fee."""
+    record = {"by": "client", "kind": kind, "fee": "charge", "clinical": False, "reason": None, "at": iso(datetime.now(UTC)), "via": "test"}
+    world.engine.change(appt_id, dict(world.store.appointment(appt_id).fields) | {"status": status, "cancellation": record}, via="test")
+
+
 async def test_noshow_fee_is_self_pay_only(world: World) -> None:
     """A charged no-show yields exactly one self-pay fee for the client and no insurance claim."""
     appt_id = world.book_here(next_weekday_at(11))
     await world.drain()
     appt = world.store.appointment(appt_id)
-    record = {"by": "client", "kind": "no_show", "fee": "charge", "clinical": False, "reason": None, "at": iso(datetime.now(UTC)), "via": "test"}
-    world.engine.change(appt_id, dict(appt.fields) | {"status": "noshow", "cancellation": record}, via="test")
+    charge_fee(world, appt_id, "no_show", "noshow")
     await world.drain()
     await world.drain()
     fees = emu(world).all("ChargeItem")
@@ -382,9 +387,7 @@ async def test_rebooked_session_owes_no_fee(world: World) -> None:
     """A late-cancelled session with a self-pay fee that the EHR books again: the fee is withdrawn."""
     appt_id = world.book_here(next_weekday_at(11))
     await world.drain()
-    appt = world.store.appointment(appt_id)
-    record = {"by": "client", "kind": "late_cancel", "fee": "charge", "clinical": False, "reason": None, "at": iso(datetime.now(UTC)), "via": "test"}
-    world.engine.change(appt_id, dict(appt.fields) | {"status": "cancelled", "cancellation": record}, via="test")
+    charge_fee(world, appt_id, "late_cancel", "cancelled")
     await world.drain()
     await world.sync()
     (fee,) = emu(world).all("ChargeItem")
