@@ -28,7 +28,10 @@ from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
 from googleapiclient.http import BatchHttpRequest, HttpRequest
 
-from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError, retry_after_seconds, unreachable
+from syncbridge.errors import (
+    BATCH_REFUSED, AuthError, BatchRefused, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError, retry_after_seconds,
+    unreachable,
+)
 
 __all__ = ["BATCH_LIMIT", "CalendarClient", "Part", "batch_list", "batch_write", "raise_for_status", "translate"]
 
@@ -100,6 +103,14 @@ def translate(err: BaseException, what: str, url: str | None = None) -> Exceptio
     if isinstance(err, google.auth.exceptions.TransportError | httplib2.HttpLib2Error | socket.timeout | OSError):
         return unreachable(what, err, url)
     return err if isinstance(err, Exception) else RuntimeError(str(err))
+
+
+def batch_failed(err: BaseException, what: str) -> Exception:
+    """A batch request that failed as a whole: refused by the endpoint (each call is then made on
+    its own), or any other failure, translated as a single call's would be."""
+    if isinstance(err, HttpError) and err.resp is not None and err.resp.status in BATCH_REFUSED:
+        return BatchRefused(f"{what}: the batch endpoint refused the request ({err.resp.status}); each call is sent on its own")
+    return translate(err, what)
 
 
 class _Unbound(httplib2.Http):
@@ -271,7 +282,7 @@ async def batch_list(parts: list[tuple[CalendarClient, str, dict[str, Any]]]) ->
                     await held.enter_async_context(client.lock)
                 await asyncio.to_thread(run, offset, chunk)
         except Exception as err:
-            raise translate(err, "batch") from err
+            raise batch_failed(err, "events.list (batch)") from err
     return [results[i] for i in range(len(parts))]
 
 
@@ -353,5 +364,5 @@ async def batch_write(parts: Sequence[Part]) -> list[dict[str, Any] | int | None
     try:
         await asyncio.to_thread(run)
     except Exception as err:
-        return [translate(err, "batch") for _ in parts]
+        return [batch_failed(err, "batch") for _ in parts]
     return [results.get(i, TransientError("batch: no answer for this part")) for i in range(len(parts))]

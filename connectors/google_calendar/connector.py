@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from syncbridge.connector import (
     ApplyResult, BusyInterval, CalendarConnector, Link, Observation, PullResult, WebhookRoute, Write, calendar_capabilities,
 )
-from syncbridge.errors import AuthError, ConfigError, CursorExpired, MalformedRecord, PermanentError, SyncbridgeError
+from syncbridge.errors import AuthError, BatchRefused, ConfigError, CursorExpired, MalformedRecord, PermanentError, SyncbridgeError
 from syncbridge.limits import check_record_size
 from syncbridge.model import Snapshot, iso
 from syncbridge.policy.privacy import event_text
@@ -246,10 +246,14 @@ class GoogleCalendarConnector(CalendarConnector):
         if len(plan) < 2:
             return [None] * len(plan)
         try:
-            return await batch_list([(client, cal, params) for _, cal, client, params in plan])
+            firsts = await batch_list([(client, cal, params) for _, cal, client, params in plan])
         except SyncbridgeError as err:  # each calendar is read on its own instead, with its own outcome
             log.warning("batch_list_failed", connector=self.name, kind=err.kind, problem=str(err))
+            if isinstance(err, BatchRefused):
+                self.host.degraded(f"its batch endpoint refused a request, so each calendar is read on its own ({err})")
             return [None] * len(plan)
+        self.host.degraded(None)
+        return firsts
 
     def _unread(self, clinician: str, calendar: str, err: SyncbridgeError) -> SyncbridgeError:
         """One calendar's failed read, naming the calendar (the status shows it), rested if throttled."""

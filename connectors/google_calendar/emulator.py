@@ -75,6 +75,8 @@ class GoogleCalendarEmulator:
     log: list[tuple[str, str]] = field(default_factory=list)
     _failures: list[tuple[int, str, float | None]] = field(default_factory=list)
     _calendar_faults: dict[str, tuple[int, str, float | None]] = field(default_factory=dict)  # id -> (status, reason, Retry-After)
+    #: the status every batch request answers as a whole (an egress proxy that does not pass the path)
+    batch_refusal: int | None = None
     _pages: dict[str, tuple[list[dict[str, Any]], str | None]] = field(default_factory=dict)
     _etags: itertools.count = field(default_factory=lambda: itertools.count(int(time.time() * 1000) * 1000))
     _lock: threading.RLock = field(default_factory=threading.RLock)
@@ -188,6 +190,8 @@ class GoogleCalendarEmulator:
                 status, target = self.auth.authorize({k: v[0] for k, v in q.items()})
                 return Answer(status, target)
             if path == "/batch/calendar/v3" and method == "POST":
+                if self.batch_refusal is not None:
+                    raise ApiError(self.batch_refusal, "notFound", "Not Found")
                 return run_batch(self.handle, headers, body, injector=self.injector, rng=self._rng, log=self.log)
             if segments[:2] != ["calendar", "v3"]:
                 raise ApiError(404, "notFound", "Not Found")

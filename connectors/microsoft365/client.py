@@ -23,7 +23,10 @@ from urllib.parse import quote
 
 import httpx
 
-from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError, retry_after_seconds, unreachable
+from syncbridge.errors import (
+    BATCH_REFUSED, AuthError, BatchRefused, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError, retry_after_seconds,
+    unreachable,
+)
 from syncbridge.limits import json_object
 
 __all__ = ["MAX_BATCH", "BatchItem", "GraphClient", "TokenSource", "raise_for_status"]
@@ -179,6 +182,8 @@ class GraphClient:
         what = "POST $batch"
         try:
             r = await self.request("POST", "$batch", what, clinician=clinician, json=payload, slots=per_mailbox)
+            if r.status_code in BATCH_REFUSED:  # the batch itself, not a request inside it
+                raise BatchRefused(f"{what}: refused ({r.status_code} {_code(r)}); each request is sent on its own")
             if r.status_code >= 300:
                 raise_for_status(r, what)
             answers = _body(r, what).get("responses")

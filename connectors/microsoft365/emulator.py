@@ -78,6 +78,8 @@ class GraphEmulator:
     default_page_size: int = 100
     _failures: list[tuple[int, float | None]] = field(default_factory=list)
     _mailbox_faults: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # upn -> (status, Retry-After)
+    #: the status every ``$batch`` request answers as a whole (an egress proxy that does not pass it)
+    batch_refusal: int | None = None
     _states: dict[str, tuple[str, str, str, int]] = field(default_factory=dict)  # deltatoken -> (upn, start, end, seq)
     _pages: dict[str, tuple[list[dict[str, Any]], str]] = field(default_factory=dict)  # skiptoken -> (rest, closing link)
     _inflight: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -438,6 +440,10 @@ class GraphEmulator:
 
     async def _batch(self, request: Request) -> Response:
         from .emulator_batch import run_batch
+
+        if self.batch_refusal is not None:
+            self.record(request)
+            return self.error(self.batch_refusal, "BadRequest", "Invalid request.")
 
         return await run_batch(self, request)
 

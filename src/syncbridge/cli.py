@@ -104,6 +104,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         pending, dead = counts.get(name, (0, 0))
         work = sum(1 for w in open_work if w.connector == name)
         health = "ok" if st["healthy"] else f"UNHEALTHY: {st['note'] or ''}"
+        if st["degraded"]:
+            health = f"DEGRADED: {st['degraded']}" if st["healthy"] else f"{health}; degraded: {st['degraded']}"
         rows.append((name, conn.type, health, st["last_good_pull"] or "never", age, pending, dead, work))
     pid = daemon_pid(Path(cfg.store.path))
     running = "not running: nothing is synced until it starts (`systemctl start syncbridge`)" if pid is None else (

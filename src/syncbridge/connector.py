@@ -216,6 +216,7 @@ class Host:
         self._vault: dict[str, str] = {}
         self.pull_requests = 0
         self.accepted: list[tuple[dict[str, str], bytes]] = []
+        self.degraded_note: str | None = None
 
     def pull_soon(self) -> None:
         """Ask for an incremental pull right away (debounced); a push hint calls this."""
@@ -229,6 +230,11 @@ class Host:
     def vault_get(self, key: str) -> str | None:
         """A secret the connector stored (a refresh token), decrypted; None if absent."""
         return self._vault.get(key)
+
+    def degraded(self, note: str | None) -> None:
+        """Say the connector works, but not as it should (its batch endpoint refused: each call goes
+        on its own); None when it is back to normal. The status shows it beside the health."""
+        self.degraded_note = note
 
     def vault_put(self, key: str, value: str) -> None:
         """Store a secret encrypted at rest (the daemon uses ``store.secret_key``)."""

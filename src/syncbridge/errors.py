@@ -8,6 +8,7 @@
     |   +-- RateLimited      the vendor throttled us (429, 403 rateLimitExceeded, 503)
     +-- ConflictError        a precondition failed (412/409): re-read, re-merge, retry
     +-- CursorExpired        the incremental cursor is no longer valid: full resync
+    +-- BatchRefused         the vendor's batch endpoint refused the whole request: send the parts one by one
     +-- PermanentError       dead-letter this one item, raise a worklist item, go on
         +-- MalformedRecord  one external record cannot be understood
 
@@ -25,7 +26,9 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 __all__ = [
+    "BATCH_REFUSED",
     "AuthError",
+    "BatchRefused",
     "ConfigError",
     "ConflictError",
     "CursorExpired",
@@ -120,6 +123,18 @@ class CursorExpired(SyncbridgeError):
     """The sync token, delta link or watermark is no longer accepted."""
 
     kind = "cursor_expired"
+
+
+class BatchRefused(SyncbridgeError):
+    """A batch request was refused as a whole (an egress proxy's path allow-list, the endpoint turned
+    off): none of its parts was tried, so each is sent on its own instead (DESIGN section 9)."""
+
+    kind = "batch_refused"
+
+
+#: statuses of a whole batch request (not of a part) that mean the batch endpoint itself is refused
+#: here: 400 (Graph ``$batch`` behind a proxy), 404 (no such path), 405, 501
+BATCH_REFUSED = frozenset({400, 404, 405, 501})
 
 
 class PermanentError(SyncbridgeError):

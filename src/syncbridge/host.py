@@ -91,6 +91,11 @@ class DaemonHost(Host):
     def vault_get(self, key: str) -> str | None:
         return self.vault.get(self.name, key)
 
+    def degraded(self, note: str | None) -> None:
+        super().degraded(note)
+        with self.store.tx() as tx:  # the outbox may have changed it meanwhile: always written
+            tx.set_degraded(self.name, note)
+
     def vault_put(self, key: str, value: str) -> None:
         self.vault.put(self.name, key, value)
 

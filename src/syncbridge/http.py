@@ -57,9 +57,12 @@ def build_app(daemon: Daemon) -> Starlette:
         return PlainTextResponse("ok")
 
     async def readyz(request: Request) -> Response:
-        unhealthy = {n: daemon.store.connector_state(n)["note"] for n in daemon.connectors if not daemon.store.connector_state(n)["healthy"]}
+        states = {n: daemon.store.connector_state(n) for n in daemon.connectors}
+        unhealthy = {n: st["note"] for n, st in states.items() if not st["healthy"]}
         ready = daemon.ready.is_set()
-        body = {"ready": ready and not unhealthy, "started": ready, "unhealthy": unhealthy}
+        # degraded connectors still sync (more slowly): shown, but not a reason to be taken out of service
+        degraded = {n: st["degraded"] for n, st in states.items() if st["degraded"]}
+        body = {"ready": ready and not unhealthy, "started": ready, "unhealthy": unhealthy, "degraded": degraded}
         return JSONResponse(body, 200 if body["ready"] else 503)
 
     async def metrics(request: Request) -> Response:

@@ -292,6 +292,14 @@ MIGRATIONS: list[tuple[int, str]] = [
         )
         """,
     ),
+    (
+        9,
+        """
+        -- a connector working, but not as it should (its batch endpoint refused, so each call goes
+        -- on its own): shown in the status beside its health, cleared when a batch succeeds again
+        ALTER TABLE cursors ADD COLUMN degraded TEXT
+        """,
+    ),
 ]
 
 

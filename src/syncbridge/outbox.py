@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 
 import structlog
 
+from .batching import BatchFallback
 from .connector import ApplyResult, Link, Observation, PullResult, Write
 from .engine import Engine
 from .errors import AuthError, ConflictError, PermanentError, SyncbridgeError, TransientError, error_kind
@@ -64,6 +65,8 @@ class Outbox:
         self.halt = asyncio.Event()
         #: called with (connector, outcome, seconds from enqueue to applied or None) after each attempt
         self.listeners: list[Callable[[str, str, float | None], None]] = []
+        #: a refused vendor batch falls back to single writes (and the connector shows degraded)
+        self.batches = BatchFallback(self.store, self.cfg.backoff_max)
 
     async def drain(self) -> ApplyReport:
         """Apply every due item, including items that fall due through re-merges meanwhile."""
@@ -149,10 +152,7 @@ class Outbox:
                 todo.append((item, appt, link, desired))
         if not todo or connector is None:
             return
-        try:
-            results = await connector.apply_many([Write(appt.id, desired, link) for _, appt, link, desired in todo])
-        except Exception as err:  # the batch as a whole failed (no answer at all): each write shares the error
-            results = [err] * len(todo)
+        results = await self.batches.apply(connector, [Write(appt.id, desired, link) for _, appt, link, desired in todo])
         if len(results) != len(todo):
             log.error("apply_many_mismatch", connector=name, sent=len(todo), answered=len(results))
             results = [TransientError("the connector answered a batch with the wrong number of results")] * len(todo)

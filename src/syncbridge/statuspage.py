@@ -41,6 +41,8 @@ def render_status(daemon: Daemon) -> str:
     for name, c in daemon.connectors.items():
         st = store.connector_state(name)
         health = '<span class="ok">healthy</span>' if st["healthy"] else f'<span class="bad">unhealthy</span> {_e(st["note"])}'
+        if st["degraded"]:
+            health += f' <span class="bad">degraded</span> {_e(st["degraded"])}'
         pending, dead = counts.get(name, (0, 0))
         conn_rows.append([_e(name), _e(c.config.type), _e(c.capabilities.role.value), health, _e(st["last_good_pull"] or "never"), _e(pending or 0), _e(dead or 0)])
 

@@ -263,10 +263,10 @@ class Store:
 
     def connector_state(self, connector: str) -> dict[str, Any]:
         r = self.conn.execute(
-            "SELECT cursor, updated_at, last_good_pull, last_full_sweep, healthy, note FROM cursors WHERE connector = ?",
+            "SELECT cursor, updated_at, last_good_pull, last_full_sweep, healthy, note, degraded FROM cursors WHERE connector = ?",
             (connector,),
         ).fetchone()
-        keys = ("cursor", "updated_at", "last_good_pull", "last_full_sweep", "healthy", "note")
+        keys = ("cursor", "updated_at", "last_good_pull", "last_full_sweep", "healthy", "note", "degraded")
         state = dict(zip(keys, r, strict=True)) if r else dict.fromkeys(keys) | {"healthy": 1}
         outage = self.outage(connector)
         if outage is not None and outage.failures >= OUTAGE_FAILURES:

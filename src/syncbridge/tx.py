@@ -204,6 +204,15 @@ class Tx:
             (connector, int(healthy), note),
         )
 
+    def set_degraded(self, connector: str, note: str | None) -> bool:
+        """Mark the connector degraded (None: no longer); True if that changed anything."""
+        cur = self.conn.execute(
+            "INSERT INTO cursors (connector, degraded) VALUES (?,?) "
+            "ON CONFLICT (connector) DO UPDATE SET degraded = excluded.degraded WHERE cursors.degraded IS NOT excluded.degraded",
+            (connector, note),
+        )
+        return cur.rowcount > 0
+
     def outbox_done(self, connector: str, appointment_id: str, version: int) -> None:
         """Remove the item unless a newer version was enqueued meanwhile."""
         self.flush()

@@ -43,6 +43,8 @@ class System:
     delete: Callable[[str], None]
     #: make one clinician's account answer ``status`` (None: answer normally again)
     fail: Callable[[str, int | None, float | None], None]
+    #: make every batch request answer ``status`` as a whole (None: take them again)
+    refuse_batches: Callable[[int | None], None]
 
 
 @pytest.fixture(params=["microsoft365", "google_calendar"])
@@ -55,7 +57,8 @@ def system(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
                 graph.emulator.user_delete(ACCOUNTS[clinician], event_id)
 
             yield System(m365_config(graph, poll_interval=300), "mailbox", delete,
-                         lambda c, status, wait: graph.emulator.fail_mailbox(ACCOUNTS[c], status, retry_after=wait))
+                         lambda c, status, wait: graph.emulator.fail_mailbox(ACCOUNTS[c], status, retry_after=wait),
+                         lambda status: setattr(graph.emulator, "batch_refusal", status))
     else:
         with google_calendar(*ACCOUNTS.values(), zone=ZONE) as google:
             def delete(ext: str) -> None:
@@ -68,7 +71,7 @@ def system(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
 
             config = {"type": "google_calendar", "service_account_key": {"file": str(sa_key_file(google, tmp_path))},
                       "api_root": google.api_root, "poll_interval": 300}
-            yield System(config, "email", delete, fail)
+            yield System(config, "email", delete, fail, lambda status: setattr(google.emulator, "batch_refusal", status))
 
 
 def _config(system: System, tmp_path: Path) -> dict[str, object]:
