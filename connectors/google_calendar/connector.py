@@ -26,14 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from syncbridge.connector import (
     ApplyResult, BusyInterval, CalendarConnector, Link, Observation, PullResult, WebhookRoute, Write, calendar_capabilities,
 )
-from syncbridge.errors import AuthError, BatchRefused, ConfigError, CursorExpired, MalformedRecord, PermanentError, SyncbridgeError
+from syncbridge.errors import AuthError, ConfigError, MalformedRecord, PermanentError
 from syncbridge.limits import check_record_size
 from syncbridge.model import Snapshot, iso
 from syncbridge.policy.privacy import event_text
-from syncbridge.retry import Resting, unless_all_failed
+from syncbridge.retry import Resting
 from syncbridge.secrets import SecretRef
 
-from .client import CalendarClient, batch_list
+from . import reads
+from .client import CalendarClient
 from .credentials import SCOPE, oauth_credentials, service_account_credentials, vault_key
 from .mapping import BUSY_FIELDS, canonical_id_of, event_id_for, read_event, render, without_nulls
 from .push import ROUTE, ChannelKeeper
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 __all__ = ["GoogleCalendarConnector", "GoogleOptions"]
 
 log = structlog.get_logger("syncbridge.google")
-FAR_FUTURE = "9999-12-31T23:59:59Z"
 
 
 class GoogleOptions(BaseModel):
@@ -180,86 +180,8 @@ class GoogleCalendarConnector(CalendarConnector):
 
     async def pull(self, cursor: str | None) -> PullResult:
         """Changes since ``cursor`` (JSON: calendar id -> sync token); None lists every event from
-        ``history_days`` ago on (a complete listing over that window).
-
-        Each calendar is read on its own (DESIGN section 9): one that fails keeps its sync token
-        and is reported in ``failed_accounts``; one without a token (it failed during the last
-        listing) is listed in full."""
-        calendars = await self.calendars()
-        state: dict[str, Any] | None = None
-        if cursor is not None:
-            try:
-                state = json.loads(cursor)
-            except ValueError:
-                state = None
-            if not isinstance(state, dict) or set(state) != set(calendars.values()) or not all(v is None or isinstance(v, str) for v in state.values()):
-                raise CursorExpired("the stored cursor does not match the configured calendars")
-        full = state is None
-        since = datetime.now(UTC) - timedelta(days=self.options.history_days)
-        observations: list[Observation] = []
-        tokens: dict[str, str | None] = {cal: None if state is None else state[cal] for cal in calendars.values()}
-        failed: dict[str, SyncbridgeError] = {}
-        plan = []
-        for clinician, calendar in calendars.items():
-            try:
-                if (resting := self.resting.check(clinician)) is not None:
-                    raise resting
-                token = tokens[calendar]
-                params: dict[str, Any] = {"timeMin": iso(since)} if token is None else {"syncToken": token}
-                plan.append((clinician, calendar, self.client(clinician), params | {"maxResults": self.options.page_size}))
-            except SyncbridgeError as err:
-                failed[clinician] = self._unread(clinician, calendar, err)
-        listed: set[str] = set()
-        for (clinician, calendar, client, params), first in zip(plan, await self._first_pages(plan), strict=True):
-            try:
-                if isinstance(first, Exception):
-                    raise first
-                found, token = [], None
-                async for items, last in client.pages(calendar, first, **params):
-                    found += [o for o in (self.to_observation(e, clinician, calendar) for e in items) if o is not None]
-                    token = last
-                if token is None:
-                    raise PermanentError(f"events.list for {clinician} ended without a nextSyncToken")
-            except CursorExpired:
-                raise
-            except SyncbridgeError as err:  # this calendar's own outcome: its sync token stays as it was
-                failed[clinician] = self._unread(clinician, calendar, err)
-                continue
-            observations += found
-            if "timeMin" in params:
-                listed.add(clinician)
-            tokens[calendar] = token
-        problems = sum(1 for o in observations if o.problem)
-        log.debug("pulled", connector=self.name, full=full, observations=len(observations), problems=problems, failed=sorted(failed))
-        return PullResult(
-            observations,
-            json.dumps(tokens, sort_keys=True),
-            complete=full and not problems,
-            window=(iso(since), FAR_FUTURE) if listed else None,
-            failed_accounts=unless_all_failed(failed, len(calendars)),
-            listed_accounts=frozenset() if full or problems else frozenset(listed),
-        )
-
-    async def _first_pages(self, plan: list[tuple[str, str, CalendarClient, dict[str, Any]]]) -> list[Any]:
-        """Several calendars' first pages in one batch request (most polls end there); None for a
-        calendar whose first page it reads itself (one calendar, or a batch that failed as a whole)."""
-        if len(plan) < 2:
-            return [None] * len(plan)
-        try:
-            firsts = await batch_list([(client, cal, params) for _, cal, client, params in plan])
-        except SyncbridgeError as err:  # each calendar is read on its own instead, with its own outcome
-            log.warning("batch_list_failed", connector=self.name, kind=err.kind, problem=str(err))
-            if isinstance(err, BatchRefused):
-                self.host.degraded(f"its batch endpoint refused a request, so each calendar is read on its own ({err})")
-            return [None] * len(plan)
-        self.host.degraded(None)
-        return firsts
-
-    def _unread(self, clinician: str, calendar: str, err: SyncbridgeError) -> SyncbridgeError:
-        """One calendar's failed read, naming the calendar (the status shows it), rested if throttled."""
-        err = self.resting.note(clinician, err, f"calendar {calendar}")
-        log.warning("calendar_unread", connector=self.name, clinician=clinician, problem=str(err))
-        return err
+        ``history_days`` ago on. Each calendar is read on its own (reads.py)."""
+        return await reads.pull(self, cursor)
 
     async def read(self, external_id: str) -> Observation:
         """The event as it is now; deleted when gone. A bare event id is looked for in every calendar."""

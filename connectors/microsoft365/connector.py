@@ -27,16 +27,17 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from syncbridge.connector import ApplyResult, BusyInterval, CalendarConnector, Link, Observation, PullResult, Write, calendar_capabilities
-from syncbridge.errors import ConfigError, ConflictError, CursorExpired, MalformedRecord, PermanentError, SyncbridgeError
+from syncbridge.errors import ConfigError, ConflictError, MalformedRecord, PermanentError
 from syncbridge.limits import check_record_size
-from syncbridge.model import Snapshot, iso
-from syncbridge.retry import Resting, unless_all_failed
+from syncbridge.model import Snapshot
 from syncbridge.policy.privacy import EventText, event_text
+from syncbridge.retry import Resting
 from syncbridge.secrets import SecretRef
 
+from . import reads
 from .auth import AppTokens, DelegatedTokens
 from .client import GraphClient
-from .mapping import EXT_FIELDS, EXT_ID, as_written, busy_interval, is_ours, read_event, render, transaction_id_for, with_properties
+from .mapping import EXT_FIELDS, EXT_ID, as_written, busy_interval, read_event, render, transaction_id_for, with_properties
 from .push import Push
 
 if TYPE_CHECKING:
@@ -232,100 +233,9 @@ class Microsoft365Connector(CalendarConnector):
     # --- the contract ------------------------------------------------------------------------
 
     async def pull(self, cursor: str | None) -> PullResult:
-        """Delta rounds since ``cursor`` (JSON: clinician -> deltaLink and window); None lists the window.
-
-        A mailbox whose deltaLink is null (it failed during the last listing) is listed now."""
-        if self.push.pending:
-            await self.push.maintain()
-        if cursor is None:
-            return await self._full()
-        try:
-            state = json.loads(cursor)
-        except ValueError:
-            state = None
-        if not isinstance(state, dict) or set(state.get("mailboxes", {})) != set(self.mailboxes):
-            raise CursorExpired("the stored cursor does not match the configured mailboxes")
-        if datetime.fromisoformat(state.get("window", ["1970-01-01T00:00:00+00:00"])[0]) < self._window()[0] - timedelta(days=1):
-            raise CursorExpired("the delta window has rolled on; listing the new window")
-        window = (datetime.fromisoformat(state["window"][0]), datetime.fromisoformat(state["window"][1]))
-        observations: list[Observation] = []
-        links: dict[str, str | None] = dict(state["mailboxes"])
-        failed: dict[str, SyncbridgeError] = {}
-        listed: set[str] = set()
-        for clinician, mailbox in self.mailboxes.items():
-            try:
-                self._may_read(clinician)
-                if links[clinician] is None:
-                    found, links[clinician] = await self._list(clinician, mailbox, window)
-                    listed.add(clinician)
-                else:
-                    items, links[clinician] = await self.client.delta(clinician, mailbox, link=links[clinician])
-                    found = [obs for item in items if (obs := await self._delta_item(clinician, mailbox, item)) is not None]
-            except CursorExpired:
-                raise
-            except SyncbridgeError as err:  # this mailbox's own outcome: its deltaLink stays as it was
-                failed[clinician] = self._unread(clinician, mailbox, err)
-                continue
-            observations += found
-        log.debug("pulled", connector=self.name, full=False, observations=len(observations), failed=sorted(failed))
-        return PullResult(
-            observations, json.dumps(state | {"mailboxes": links}, sort_keys=True), failed_accounts=unless_all_failed(failed, len(self.mailboxes)),
-            listed_accounts=frozenset(listed), window=(iso(window[0]), iso(window[1])) if listed else None,
-        )
-
-    def _may_read(self, clinician: str) -> None:
-        """Raise the error a mailbox is resting from (Retry-After not yet over)."""
-        resting = self.resting.check(clinician)
-        if resting is not None:
-            raise resting
-
-    def _unread(self, clinician: str, mailbox: str, err: SyncbridgeError) -> SyncbridgeError:
-        """One mailbox's failed read, naming the mailbox (the status shows it), rested if throttled."""
-        err = self.resting.note(clinician, err, f"mailbox {mailbox}")
-        log.warning("mailbox_unread", connector=self.name, clinician=clinician, problem=str(err))
-        return err
-
-    async def _delta_item(self, clinician: str, mailbox: str, item: dict[str, Any]) -> Observation | None:
-        event_id = str(item.get("id"))
-        ext = f"{clinician}/{event_id}"
-        seen = self._seen.get(ext)
-        if "@removed" in item:
-            # deleted, or changed outside the window (event-delta): only a read tells which
-            if seen is not None and seen.observation.deleted:
-                return seen.observation
-            return await self._fetch(clinician, mailbox, event_id)
-        if not is_ours(item):
-            return None  # the clinician's own event: busy time only
-        if seen is not None and seen.etag == item.get("@odata.etag") and not seen.observation.deleted:
-            return seen.observation
-        return await self._fetch(clinician, mailbox, event_id)
-
-    async def _list(self, clinician: str, mailbox: str, window: tuple[datetime, datetime]) -> tuple[list[Observation], str]:
-        """Every session in one mailbox's window, and the deltaLink to go on from."""
-        # the delta round first: whatever changes while the listing runs is reported again after it
-        _, link = await self.client.delta(clinician, mailbox, window=window)
-        events = await self.client.calendar_view(clinician, mailbox, window, expand=[EXT_ID, EXT_FIELDS])
-        return [obs for event in events if (obs := self._observe(clinician, event)) is not None], link
-
-    async def _full(self) -> PullResult:
-        """The window listed in every mailbox; one that fails is left out of the listing's scope."""
-        window = self._window()
-        observations: list[Observation] = []
-        links: dict[str, str | None] = {}
-        failed: dict[str, SyncbridgeError] = {}
-        for clinician, mailbox in self.mailboxes.items():
-            try:
-                self._may_read(clinician)
-                found, links[clinician] = await self._list(clinician, mailbox, window)
-            except SyncbridgeError as err:
-                links[clinician] = None  # listed by the next pull
-                failed[clinician] = self._unread(clinician, mailbox, err)
-                continue
-            observations += found
-        cursor = json.dumps({"mailboxes": links, "window": [w.isoformat() for w in window]}, sort_keys=True)
-        log.debug("pulled", connector=self.name, full=True, observations=len(observations), failed=sorted(failed))
-        return PullResult(observations, cursor, complete=True, window=(iso(window[0]), iso(window[1])),
-                          failed_accounts=unless_all_failed(failed, len(self.mailboxes)))
+        """Delta rounds since ``cursor`` (JSON: clinician -> deltaLink and window); None lists the
+        window. Each mailbox is read on its own (reads.py)."""
+        return await reads.pull(self, cursor)
 
     async def read(self, external_id: str) -> Observation:
         clinician, mailbox, event_id = self._split(external_id)

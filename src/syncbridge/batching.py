@@ -67,5 +67,7 @@ class BatchFallback:
             self._marked.discard(name)
         else:
             self._marked.add(name)
-        if changed:
-            log.warning("batch_refused", connector=name) if note else log.info("batch_accepted_again", connector=name)
+        if changed and note:
+            log.warning("batch_refused", connector=name)
+        elif changed:
+            log.info("batch_accepted_again", connector=name)
