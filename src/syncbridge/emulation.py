@@ -3,7 +3,8 @@
 Emulators are used by the tests, the benchmarks and ``syncbridge demo``; each binds 127.0.0.1 on
 a free port behind an :class:`Injector`, which counts requests and can add latency and the
 failures vendors produce (429 and 503 with Retry-After, 500, and an answer lost after the
-request took effect), so chaos tests and benchmarks treat every system alike. A real server
+request took effect), and can take the whole system down (:meth:`Injector.outage`: the port closes,
+connections are refused, the data is kept), so chaos tests and benchmarks treat every system alike. A real server
 (Radicale) gets the same treatment through :func:`reverse_proxy`.
 """
 
@@ -42,6 +43,16 @@ class Injector:
         self.failures: Counter[str] = Counter()
         self.by_method: Counter[str] = Counter()
         self._rng = random.Random(seed)
+        #: closes (True) or reopens (False) the listening port; set by :func:`serve_in_thread`
+        self.switch: Any = None
+        self.down = False
+
+    def outage(self, down: bool) -> None:
+        """Stop answering at all, as a stopped process does (connection refused), or come back with
+        everything the system held."""
+        if down != self.down and self.switch is not None:
+            self.switch(down)
+            self.down = down
 
     def configure(self, *, latency: float = 0.0, error_rate: float = 0.0) -> None:
         self.latency, self.error_rate = latency, error_rate
@@ -139,6 +150,21 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int | None = None, 
     accepts connections. ``uvicorn_options`` pass TLS settings (``ssl_certfile``...) through."""
     port = port or free_port(host)
     injector = Injector(app)
+    server, thread = _start(injector, host, port, uvicorn_options)
+    scheme = "https" if uvicorn_options.get("ssl_certfile") else "http"
+    running = RunningServer(f"{scheme}://{host}:{port}", server, thread, injector)
+
+    def switch(down: bool) -> None:
+        if down:
+            running.stop()
+        else:
+            running.server, running.thread = _start(injector, host, port, uvicorn_options)
+
+    injector.switch = switch
+    return running
+
+
+def _start(injector: Injector, host: str, port: int, uvicorn_options: dict[str, Any]) -> tuple[uvicorn.Server, threading.Thread]:
     server = uvicorn.Server(
         uvicorn.Config(injector, host=host, port=port, log_config=None, lifespan="off", access_log=False, **uvicorn_options)
     )
@@ -153,5 +179,4 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int | None = None, 
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError(f"emulator on {host}:{port} did not start")
         time.sleep(0.02)
-    scheme = "https" if uvicorn_options.get("ssl_certfile") else "http"
-    return RunningServer(f"{scheme}://{host}:{port}", server, thread, injector)
+    return server, thread

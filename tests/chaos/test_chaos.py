@@ -1,12 +1,14 @@
-"""Chaos: every system failing on a fifth of its calls, the daemon killed every few seconds.
+"""Chaos: every system failing on a fifth of its calls and down for a while, the daemon killed every few seconds.
 
 All installed sandboxes run behind their injectors (429 and 503 with Retry-After, 500, answers
-lost after the change took effect, on ``ERROR_RATE`` of requests), while people make ``EDITS``
-changes: moving sessions in any system that can, cancelling them in any system, cancelling from
-the command line, and conflicting edits to one session in two systems at once. The daemon is
-SIGKILLed and restarted every few seconds throughout. After quiescence every system must agree
-with the canonical record, with no duplicate event, no lost cancellation, no claim for a
-cancelled session, no dead letter, and an audit chain that verifies.
+lost after the change took effect, on ``ERROR_RATE`` of requests), and each whole system in turn
+is stopped (connections refused) for ``OUTAGE`` seconds and comes back with its data, while people
+make ``EDITS`` changes: moving sessions in any system that can, cancelling them in any system,
+cancelling from the command line, and conflicting edits to one session in two systems at once.
+The daemon runs with the shipped outbox and mass-cancellation guard settings and is SIGKILLed and
+restarted every few seconds throughout. After quiescence every system must agree with the
+canonical record, with no duplicate event, no lost cancellation, no claim for a cancelled
+session, no dead letter, and an audit chain that verifies.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ pytestmark = pytest.mark.slow
 EDITS = int(os.environ.get("SYNCBRIDGE_CHAOS_EDITS", "500"))
 ERROR_RATE = 0.2
 KILL_EVERY = (2.0, 5.0)  # seconds between SIGKILLs
+OUTAGE = (6.0, 12.0)  # seconds a whole system is down, each in turn
 NY = ZoneInfo("America/New_York")
 CLINICIANS = {"dr_rivera": "Dr. Rivera", "dr_chen": "Dr. Chen", "dr_okafor": "Dr. Okafor"}
 PER_CLINICIAN = max(20, EDITS // 8)  # about a fifth of the edits cancel: enough sessions stay live
@@ -84,8 +87,6 @@ def test_chaos(tmp_path: Path) -> None:
 def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
     port = free_port()
     conf = sandbox_config(tmp, sandboxes, CLINICIANS, port, poll_interval=1.0)
-    conf["outbox"] = {"max_attempts": 30, "backoff_base": 0.2, "backoff_max": 3.0}
-    conf["policy"] = {"mass_cancel_guard": {"min_count": 10_000}}  # the guard is tested elsewhere
     conf["logging"] = {"level": "info", "json": True}
     for c in conf["connectors"].values():
         c["full_sweep_interval"] = 20
@@ -162,6 +163,31 @@ def _chaos(
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
 
+    # --- each whole system goes down in turn and comes back (a maintenance window, a crash) ------
+    down: set[str] = set()
+    outages: list[tuple[str, float]] = []
+    edits_done = threading.Event()
+    systems = [n for n, s in sandboxes.items() if s.injector is not None]
+    outage_rng = random.Random(rng.random())
+
+    def outager() -> None:
+        for turn in range(10 * len(systems)):
+            name = systems[turn % len(systems)]
+            if edits_done.is_set() and {n for n, _ in outages} >= set(systems):
+                return
+            length = outage_rng.uniform(*OUTAGE)
+            injector = sandboxes[name].injector
+            down.add(name)
+            injector.outage(True)
+            time.sleep(length)
+            injector.outage(False)
+            down.discard(name)
+            outages.append((name, length))
+            time.sleep(outage_rng.uniform(1.0, 3.0))
+
+    outage_thread = threading.Thread(target=outager, daemon=True)
+    outage_thread.start()
+
     # --- people edit everywhere ------------------------------------------------------------
     person = Person(rng)
     cancelled: set[str] = set()
@@ -177,18 +203,23 @@ def _chaos(
         book = sandboxes[name].book
         assert book is not None
         start = today + timedelta(days=rng.randint(1, 20), hours=rng.randint(0, 7), minutes=30)
-        ext = await book(rng.choice(list(CLINICIANS)), start, start + timedelta(minutes=50))
+        if name in down:
+            return  # the directory is down for its clients too
+        try:
+            ext = await book(rng.choice(list(CLINICIANS)), start, start + timedelta(minutes=50))
+        except httpx.TransportError:
+            return  # it went down as the client clicked: no booking
         bookings.append((name, ext))
 
     async def client_cancels() -> None:
-        open_ = [b for b in bookings if b not in client_cancelled]
+        open_ = [b for b in bookings if b not in client_cancelled and b[0] not in down]
         if not open_:
             return
         name, ext = rng.choice(open_)
         delete = sandboxes[name].delete_event
         assert delete is not None
-        await delete(ext)
-        client_cancelled.add((name, ext))
+        if await person.attempt("client cancel", lambda: delete(ext)):
+            client_cancelled.add((name, ext))
 
     async def move(appt: str, name: str) -> None:
         ext = linked(appt, name)
@@ -239,6 +270,8 @@ def _chaos(
 
     started = time.monotonic()
     asyncio.run(edits())
+    edits_done.set()
+    outage_thread.join()
     stop_killing.set()
     thread.join()
     for s in sandboxes.values():
@@ -247,9 +280,11 @@ def _chaos(
     daemon = current[0]
     print(f"\n{EDITS} edits in {time.monotonic() - started:.0f}s with {kills[0]} kills: {person.done}, "
           f"{len(cancelled)} cancelled ({len(cli_cancels)} from the CLI), {len(bookings)} directory bookings "
-          f"({len(client_cancelled)} cancelled there); injected: "
+          f"({len(client_cancelled)} cancelled there); outages: "
+          + ", ".join(f"{n} {s:.0f}s" for n, s in outages) + "; injected: "
           + ", ".join(f"{n}={dict(s.injector.failures)}" for n, s in sandboxes.items() if s.injector))
     assert kills[0] >= 3
+    assert {n for n, _ in outages} == set(systems)
 
     # --- quiescence: every system agrees with the canonical record ----------------------------
     def problems() -> list[str]:
