@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
@@ -101,6 +102,7 @@ class ZocdocConnector(Connector):
         accepts_new=False,
         push=True,
         publishes_availability=True,
+        reads_availability=True,
         status_map={Status.ARRIVED: Status.BOOKED, Status.FULFILLED: Status.BOOKED, Status.ENTERED_IN_ERROR: Status.CANCELLED},
     )
     Options = ZocdocOptions
@@ -317,18 +319,22 @@ class ZocdocConnector(Connector):
         else:
             log.info("zocdoc_webhook_url", connector=self.name, url=self.host.public_url.rstrip("/") + WEBHOOK_PATH)
 
-    async def publish(self, clinician: str, day: date, slots: Sequence[Slot]) -> None:
-        """Replace the clinician's Zocdoc slots for ``day`` with exactly ``slots`` (one PUT)."""
+    def _slot_account(self, clinician: str) -> tuple[str, str, str]:
+        """(provider id, location id, IANA zone) the clinician's slots are published with."""
         account = self.clinicians.get(clinician)
         if not account:
             raise PermanentError(f"clinician {clinician} has no account in connector {self.name}")
         location = account.get("location_id")
         if not isinstance(location, str) or not location:
             raise PermanentError(f"clinicians.{clinician}.accounts.{self.name}.location_id is needed to publish slots")
-        zone = str(account.get("time_zone") or self.practice.clinician_zone(clinician))
-        reasons = account.get("visit_reason_ids")
+        return str(account["provider_id"]), location, str(account.get("time_zone") or self.practice.clinician_zone(clinician))
+
+    async def publish(self, clinician: str, day: date, slots: Sequence[Slot]) -> None:
+        """Replace the clinician's Zocdoc slots for ``day`` with exactly ``slots`` (one PUT)."""
+        provider, location, zone = self._slot_account(clinician)
+        reasons = self.clinicians[clinician].get("visit_reason_ids")
         bodies, skipped = timeslot_bodies(
-            slots, day, zone=zone, provider_id=str(account["provider_id"]), location_id=location,
+            slots, day, zone=zone, provider_id=provider, location_id=location,
             visit_reason_ids=[str(r) for r in reasons] if isinstance(reasons, list) else None,
         )
         if len(bodies) > 1500:
@@ -336,12 +342,28 @@ class ZocdocConnector(Connector):
         if skipped:
             log.warning("slots_not_expressible", connector=self.name, clinician=clinician, day=day.isoformat(), skipped=len(skipped),
                         why="repeated wall-clock hour at the end of daylight saving time")
-        answer = await self.client().put_timeslots(str(account["provider_id"]), day, bodies)
+        answer = await self.client().put_timeslots(provider, day, bodies)
         missing = (answer.get("errors") or {}).get("not_found_location_ids") or []
         if missing:
             raise PermanentError(f"Zocdoc does not know location {', '.join(map(str, missing))} "
                                  f"(clinicians.{clinician}.accounts.{self.name}.location_id)")
         log.info("slots_published", connector=self.name, clinician=clinician, day=day.isoformat(), slots=len(bodies))
+
+    async def published(self, clinician: str, day: date) -> list[Slot]:
+        """The slots Zocdoc offers for ``day`` now (``GET .../calendar/timeslots``): Zocdoc removes a
+        booked slot by itself and does not put it back on cancel, so this is compared, not assumed.
+        A wall time repeated by the autumn clock change reads as its first occurrence, as Zocdoc's does."""
+        provider, _, zone = self._slot_account(clinician)
+        minutes = self.options.session_minutes
+        out: list[Slot] = []
+        for item in await self.client().timeslots(provider, day):
+            try:
+                start = datetime.fromisoformat(str(item["start_time"])).replace(tzinfo=ZoneInfo(str(item.get("time_zone") or zone)))
+            except (KeyError, ValueError, ZoneInfoNotFoundError):
+                log.warning("timeslot_unreadable", connector=self.name, clinician=clinician, day=day.isoformat())
+                continue
+            out.append(Slot(start, start + timedelta(minutes=minutes)))
+        return out
 
     @classmethod
     def sandbox(cls, workdir: Path, clinicians: list[str]) -> Sandbox | None:

@@ -23,7 +23,8 @@ project's specs as ``specs/zocdoc/openapi.yml``) for the operations the connecto
   locations come back in ``errors.not_found_location_ids``; 403 for a provider the credential
   cannot access. "The timeslots are stored in an eventually consistent data store": a GET shows a
   PUT only after ``consistency_delay`` seconds. A repeated wall time (autumn clock change) is read
-  as its first occurrence, as java.time does.
+  as its first occurrence, as java.time does. A booked slot is withdrawn by the directory; a
+  cancellation does not offer it again (emulator_slots.py says why).
 - ``POST /v1/webhook/mock-request``: signs and sends a mock ``appointment_updated`` event.
 
 Webhooks follow https://api-docs.zocdoc.com/guides/webhooks (``specs/zocdoc/webhooks.md``):
@@ -45,6 +46,7 @@ import base64
 import binascii
 import itertools
 import json
+import random
 import threading
 import time
 import uuid
@@ -114,6 +116,10 @@ class ZocdocEmulator:
     consistency_delay: float = 0.3
     expose_reason_type: bool = True
     notify_api_changes: bool = False
+    #: share of timeslot PUTs that fail (chaos tests): half answer 500 before taking effect, half
+    #: take effect and answer 504 (an answer lost on the way back)
+    timeslot_put_failures: float = 0.0
+    seed: int | None = None
     providers: dict[str, Provider] = field(default_factory=dict)
     appointments: dict[str, dict[str, Any]] = field(default_factory=dict)
     log: list[tuple[str, str]] = field(default_factory=list)
@@ -124,6 +130,12 @@ class ZocdocEmulator:
     _last_stamp: datetime = field(default_factory=lambda: datetime(2000, 1, 1, tzinfo=UTC))
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _lock: threading.RLock = field(default_factory=threading.RLock)
+    _rng: random.Random = field(default_factory=random.Random)
+    #: timeslot PUTs failed by ``timeslot_put_failures``: "500" (not applied) and "lost" (applied)
+    put_failures: dict[str, int] = field(default_factory=lambda: {"500": 0, "lost": 0})
+
+    def __post_init__(self) -> None:
+        self._rng.seed(self.seed)
 
     @property
     def audience(self) -> str:
@@ -151,9 +163,11 @@ class ZocdocEmulator:
         self, provider_id: str, location_id: str, start: datetime, *, visit_reason_id: str = "pc_therapy-50",
         visit_type: str = "in_person", status: str = "confirmed", developer_patient_id: str | None = None,
     ) -> str:
-        """A patient books in the Zocdoc marketplace; returns the appointment id."""
+        """A patient books in the Zocdoc marketplace; returns the appointment id. The slot at that
+        time is withdrawn from the provider's published timeslots (emulator_slots.py)."""
         with self._lock:
             provider = self.providers[provider_id]
+            self.slots.withdraw(provider_id, start)
             stamp = self._stamp()
             appt_id = str(uuid.uuid4())
             self.appointments[appt_id] = {
@@ -171,7 +185,9 @@ class ZocdocEmulator:
         self._notify(appt_id, "cancelled", [{"attribute_path": "appointment.status"}])
 
     def patient_reschedule(self, appt_id: str, start: datetime) -> None:
+        """The patient moves to ``start``: that slot is withdrawn; the old one is not offered again."""
         with self._lock:
+            self.slots.withdraw(self.appointments[appt_id]["provider_id"], start)
             self._set(appt_id, start=start.astimezone(UTC), status="rescheduled")
         self._notify(appt_id, "updated", [{"attribute_path": "appointment.start_time"}])
 
@@ -414,6 +430,12 @@ class ZocdocEmulator:
         body = await self._json_body(request)
         if isinstance(body, Response):
             return body
+        fault = None
+        if self.timeslot_put_failures and self._rng.random() < self.timeslot_put_failures:
+            fault = self._rng.choice(("500", "lost"))
+            self.put_failures[fault] += 1
+            if fault == "500":
+                return error(500, "try again later")
         slots = body.get("timeslots")
         if not isinstance(slots, list) or len(slots) > 1500:
             return error(400, "timeslots must be an array of at most 1500 items", "timeslots")
@@ -431,6 +453,8 @@ class ZocdocEmulator:
                                                     "excluded_visit_reason_ids", "patient_type")}
                           | {"timeslot_id": f"slot:{next(self._ids)}", "created_utc": _z(datetime.now(UTC))})
         self.slots.replace(provider_id, day, stored, self.consistency_delay)
+        if fault == "lost":
+            return error(504, "upstream answer lost")
         return JSONResponse({"errors": {"not_found_location_ids": sorted(set(missing))}} if missing else {})
 
     def _get_slots(self, request: Request, provider_id: str, day: date) -> Response:

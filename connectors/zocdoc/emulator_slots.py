@@ -5,6 +5,12 @@ possibility that a fetch might not include recently created slots if you fetch t
 immediately after inserting them" (Zocdoc OpenAPI v1.176, ``PUT
 /v1/providers/{provider_id}/calendar/timeslots``). Here a replacement becomes visible
 ``delay`` seconds after it was accepted; until then reads show the previous set.
+
+A timeslot is "a bookable appointment start time for a particular provider"
+(``CalendarIntegrationTimeslotWeb``): once a patient books it, it is bookable no more, so the
+directory withdraws it (:meth:`TimeslotStore.withdraw`, from the sets shown and any still
+settling). Nothing in the API or the webhook guide says a cancellation offers a slot again, so
+the emulator does not: only the integration's next PUT does (the least a vendor may do).
 """
 
 from __future__ import annotations
@@ -38,6 +44,19 @@ class TimeslotStore:
         with self._lock:
             self._settle()
             return list(self._visible.get((provider_id, day.isoformat()), []))
+
+    def withdraw(self, provider_id: str, start: datetime) -> int:
+        """A patient booked at ``start`` (aware): that slot is no longer offered; returns how many went."""
+        gone = 0
+        with self._lock:
+            self._settle()
+            for key, slots in [*self._visible.items(), *((p[1], p[2]) for p in self._pending)]:
+                if key[0] != provider_id:
+                    continue
+                keep = [s for s in slots if datetime.fromisoformat(s["start_time"]).replace(tzinfo=ZoneInfo(s["time_zone"])) != start]
+                gone += len(slots) - len(keep)
+                slots[:] = keep
+        return gone
 
     def settled(self) -> bool:
         with self._lock:

@@ -118,6 +118,9 @@ class AvailabilityConfig(AvailabilityRules):
     interval: float = Field(300.0, gt=0)
     #: seconds between busy-time reads from calendars that report it
     busy_refresh_interval: float = Field(300.0, gt=0)
+    #: seconds between looks at every published date in every directory (and at start): what a
+    #: directory shows is compared with what it should show and rewritten where it differs
+    sweep_interval: float = Field(86400.0, gt=0)
 
 
 class ClinicianConfig(_Strict):

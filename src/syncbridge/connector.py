@@ -65,6 +65,9 @@ class Capabilities:
     status_map: Mapping[str, str] = field(default_factory=dict)
     #: offers clients bookable slots (a directory): the runtime computes them and calls ``publish``
     publishes_availability: bool = False
+    #: the slots a directory shows can be read back (``published``), so a date whose directory
+    #: side may have changed (a booking there) is compared instead of rewritten blind
+    reads_availability: bool = False
 
     def project(self, snap: Snapshot) -> Snapshot:
         """The canonical snapshot as this connector can hold it; equal projections need no write."""
@@ -395,7 +398,15 @@ class Connector(abc.ABC):
 
     async def publish(self, clinician: str, day: date, slots: Sequence[Slot]) -> None:
         """Offer exactly these slots for ``day`` (clinician's local date); only for
-        ``capabilities.publishes_availability``. Called only when the day's slot set changed."""
+        ``capabilities.publishes_availability``. Called when the day's slot set changed, or when
+        the directory was seen to show something else. Raise as :meth:`apply` does: transient
+        errors are retried with backoff, permanent ones dead-letter the date with a worklist item."""
+        raise NotImplementedError
+
+    async def published(self, clinician: str, day: date) -> list[Slot]:
+        """The slots the directory offers now for ``day``, as its clients see them (only for
+        ``capabilities.reads_availability``). Compared by start time: a directory that keeps no
+        end time may give each slot its usual length."""
         raise NotImplementedError
 
     async def authorize(self, clinician: str) -> str:

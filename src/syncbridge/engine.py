@@ -45,6 +45,9 @@ class ObserveReport:
     changed_ids: list[str] = field(default_factory=list)
     #: accounts whose read failed while the others' went on (``PullResult.failed_accounts``)
     failed_accounts: dict[str, SyncbridgeError] = field(default_factory=dict)
+    #: (clinician, start) of sessions booked, moved or cancelled in a directory (before and after):
+    #: the directory may have changed its own slots on those dates (``publishes_availability``)
+    touched: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, other: ObserveReport) -> None:
         for name in ("seen", "created", "updated", "echoes", "ignored", "rejected", "conflicts"):
@@ -52,6 +55,7 @@ class ObserveReport:
         self.held = self.held or other.held
         self.changed_ids.extend(other.changed_ids)
         self.failed_accounts.update(other.failed_accounts)
+        self.touched.extend(other.touched)
 
 
 class Engine:
@@ -284,6 +288,10 @@ class Engine:
         if link is not None and link.external_id == obs.external_id and not obs.deleted and obs.etag and obs.etag == link.etag:
             report.echoes += 1
             return
+        if caps.publishes_availability:  # even a booking seen only once it was cancelled changed the directory's slots
+            for seen in (obs.fields, link.base if link else None):
+                if seen and seen.get("clinician") and seen.get("start"):
+                    report.touched.append((seen["clinician"], seen["start"]))
         if obs.deleted and (link is not None and link.gone or link is None and obs.canonical_id is None):
             report.ignored += 1
             return

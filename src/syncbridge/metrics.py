@@ -25,6 +25,18 @@ class Metrics:
             "syncbridge_propagation_seconds", "From a change being committed to it being written to another system",
             ["connector"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300), registry=r,
         )
+        self.slot_requests = Counter(
+            "syncbridge_slot_requests_total", "Directory slot reads (get) and writes (put) by outcome", ["connector", "request", "outcome"],
+            registry=r,
+        )
+        self.slot_latency = Histogram(
+            "syncbridge_slot_republish_seconds",
+            "From a date's wanted slots changing (or a look being asked for) to the directory showing them",
+            ["connector"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300), registry=r,
+        )
+        self.slots_waiting = Gauge(
+            "syncbridge_slot_dates_waiting", "Directory dates waiting for a write or a look", ["connector"], registry=r,
+        )
 
     def refresh(self, store: Store, connectors: list[str]) -> None:
         """Gauges are read from the store when scraped, so they are right after a restart too."""
@@ -34,3 +46,5 @@ class Metrics:
             self.outbox.labels(name).set(pending or 0)
             self.dead.labels(name).set(dead or 0)
         self.worklist.set(len(store.worklist()))
+        for name, (_, waiting, _) in store.slot_counts().items():
+            self.slots_waiting.labels(name).set(waiting)

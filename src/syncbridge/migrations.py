@@ -300,6 +300,40 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE cursors ADD COLUMN degraded TEXT
         """,
     ),
+    (
+        10,
+        """
+        -- published slots become a desired state per directory, clinician and local date, written
+        -- like every other write (backoff, Retry-After, dead letters) and compared with what the
+        -- directory shows whenever that may differ (verify). It replaces the digest of what was
+        -- last sent, which never noticed a directory removing a booked slot by itself
+        DROP TABLE published_slots;
+        CREATE TABLE slot_states (
+            connector TEXT NOT NULL,
+            clinician TEXT NOT NULL,
+            day TEXT NOT NULL,
+            -- the desired slots (JSON) and their digest, with the account settings they are sent with
+            slots TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            -- the digest the directory last accepted or was seen to show (NULL: not known)
+            written TEXT,
+            written_at TEXT,
+            -- 1: the directory's own state may differ from ours, read it before deciding
+            verify INTEGER NOT NULL DEFAULT 1,
+            -- bumped by every change of the row's wants, so a write answered later settles only what it sent
+            seq INTEGER NOT NULL DEFAULT 0,
+            -- when work is due (NULL: settled), and since when it has been waiting
+            due_at REAL,
+            since REAL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            strikes INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            dead INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (connector, clinician, day)
+        );
+        CREATE INDEX slot_states_due ON slot_states (due_at) WHERE due_at IS NOT NULL AND dead = 0
+        """,
+    ),
 ]
 
 

@@ -40,6 +40,7 @@ from .publisher import Publisher
 from .registry import build_connectors
 from .retry import Backoff
 from .sdnotify import notify, watchdog_interval
+from .slot_writer import SlotWriter
 from .store import Store
 
 __all__ = ["Daemon"]
@@ -48,6 +49,9 @@ log = structlog.get_logger("syncbridge.runtime")
 
 #: pulls that must fail in a row before a connector is shown as unhealthy
 FAILURES_BEFORE_UNHEALTHY = 3
+#: seconds between whole-practice availability plans asked for by landed writes (a plan of 30
+#: clinicians takes a few hundred milliseconds; an initial sync lands thousands of writes)
+REPLAN_ALL_EVERY = 5.0
 
 
 class Daemon:
@@ -61,11 +65,14 @@ class Daemon:
         self.engine = Engine(self.store, self.connectors, config)
         self.outbox = Outbox(self.engine)
         self.publisher = Publisher(self.store, self.connectors, config)
+        self.slots = SlotWriter(self.store, self.connectors, config, self.outbox)
         self.vault = Vault(self.store, config.store.secret_key)
         #: connectors a push hint or webhook asked to pull; drained by ``wake_loop``
         self.woken: set[str] = set()
         self.wake_event = asyncio.Event()
         self.availability_due = asyncio.Event()
+        #: a write landed: plan the whole practice again (at most every ``REPLAN_ALL_EVERY`` seconds)
+        self.replan_all = False
         self._pull_lock: dict[str, asyncio.Lock] = {}
         self._attach_hosts()
         self.scheduler = AsyncIOScheduler()
@@ -87,22 +94,29 @@ class Daemon:
         self.metrics = Metrics()
         self.engine.listeners.append(self._observed)
         self.outbox.listeners.append(self._written)
+        self.slots.listeners.append(self._slot_request)
         self.http: _QuietServer | None = None
 
     def _observed(self, name: str, report: ObserveReport) -> None:
         self.metrics.pulls.labels(name, "held" if report.held else "ok").inc()
         self.metrics.observed.labels(name).inc(report.created + report.updated)
-        if report.changed_ids:
+        if self.publisher.note(name, report):
             self.availability_due.set()
 
     def _written(self, name: str, outcome: str, seconds: float | None) -> None:
         self.metrics.writes.labels(name, outcome).inc()
-        if outcome == "applied":
+        if outcome == "applied":  # a change made elsewhere (the CLI) reaches us as its writes land
+            self.replan_all = True
             self.availability_due.set()
         if outcome == "throttled":
             self.metrics.throttled.labels(name).inc()
         if seconds is not None:
             self.metrics.propagation.labels(name).observe(seconds)
+
+    def _slot_request(self, name: str, request: str, outcome: str, seconds: float | None) -> None:
+        self.metrics.slot_requests.labels(name, request, outcome).inc()
+        if seconds is not None:
+            self.metrics.slot_latency.labels(name).observe(seconds)
 
     def _attach_hosts(self) -> None:
         base = self.config.http.public_url if self.config.http.enabled else None
@@ -185,22 +199,50 @@ class Daemon:
                 log.exception("maintain_unexpected", connector=name)
 
     async def availability_loop(self) -> None:
-        """Publish changed slot sets soon after any change, and every ``availability.interval``."""
+        """Keep every directory date converged to its wanted slots (publisher.py, slot_writer.py).
+
+        A change replans the clinicians it touches within a fraction of a second; the whole
+        practice is planned at start, after each busy-time read and every ``availability.interval``;
+        every date is looked at in its directory at start and every ``availability.sweep_interval``.
+        """
+        planned_all = swept = time.monotonic()
         while not self.stopping.is_set():
+            cfg = self.config.availability
             self.availability_due.clear()  # a change during this run triggers the next one
             if self.publisher.active():
                 try:
                     now = time.time()
-                    if self.publisher.busy_read_at is None or now - self.publisher.busy_read_at >= self.config.availability.busy_refresh_interval:
+                    if self.publisher.busy_read_at is None or now - self.publisher.busy_read_at >= cfg.busy_refresh_interval:
                         await self.publisher.refresh_busy()
-                    report = await self.publisher.publish()
-                    if report.published:
-                        log.info("availability_published", days=report.published, failed=report.failed)
+                    since = time.monotonic() - planned_all
+                    if since >= cfg.interval or self.replan_all and since >= REPLAN_ALL_EVERY:
+                        self.replan_all = False
+                        self.publisher.note_everything()
+                    if time.monotonic() - swept >= cfg.sweep_interval:
+                        self.publisher.note_everything(look=True)
+                        swept = time.monotonic()
+                    if self.publisher.pending():
+                        everything = self.publisher.everything
+                        plan = self.publisher.plan()
+                        if everything:
+                            planned_all = time.monotonic()
+                        if plan.due:
+                            log.info("availability_planned", clinicians=plan.clinicians, due=plan.due)
+                    report = await self.slots.drain()
+                    if report.written or report.dead:
+                        log.info("availability_published", days=report.written, read=report.read, unchanged=report.unchanged,
+                                 retried=report.retried, dead=report.dead)
                 except Exception:
                     log.exception("availability_unexpected")
+            due = self.slots.next_due()
+            wait = min(cfg.interval - (time.monotonic() - planned_all), cfg.sweep_interval - (time.monotonic() - swept))
+            if due is not None:
+                wait = min(wait, due - time.time())
+            if self.replan_all:
+                wait = min(wait, REPLAN_ALL_EVERY - (time.monotonic() - planned_all))
             try:
-                await asyncio.wait_for(self.availability_due.wait(), timeout=self.config.availability.interval)
-                await asyncio.sleep(1.0)  # a cancellation's fan-out settles before slots are computed
+                await asyncio.wait_for(self.availability_due.wait(), timeout=max(wait, 0.05))
+                await asyncio.sleep(0.05)  # the rest of a burst of merged changes joins this plan
             except TimeoutError:
                 pass
 
@@ -378,6 +420,9 @@ class Daemon:
         self.engine.connectors = self.connectors
         self.engine.config = new
         self.publisher.connectors, self.publisher.config = self.connectors, new
+        self.slots.connectors, self.slots.config = self.connectors, new
+        self.publisher.note_everything(look=True)  # a location or a rule may have changed: look at every date
+        self.availability_due.set()
         self._attach_hosts()
         self.schedule()
         interval = watchdog_interval()

@@ -73,6 +73,7 @@ def render_status(daemon: Daemon) -> str:
         if len(cancel_rows) >= 20:
             break
 
+    slot_rows = _slot_rows(daemon)
     work_rows = [[_e(w.id), _e(w.kind), _e(w.connector), _e(w.opened_at), _e(w.instruction)] for w in store.worklist()]
     dead_rows = [[_e(d.connector), _e(d.appointment_id), _e(d.attempts), _e(d.last_error)] for d in store.dead_letters()]
     conflict_rows = [
@@ -84,7 +85,24 @@ def render_status(daemon: Daemon) -> str:
 <h1>syncbridge &middot; {_e(cfg.practice.name)}</h1><p class="muted">as of {_e(now.strftime("%Y-%m-%d %H:%M:%S UTC"))}</p>
 <h2>Connectors</h2>{_table(["name", "type", "role", "health", "last good pull", "writes waiting", "dead letters"], conn_rows, "no connectors configured")}
 <h2>Recent cancellations</h2>{_table(["session", "clinician", "what", "fee", "came through", "billing", "where applied"], cancel_rows, "no cancellations yet")}
+<h2>Directory availability</h2>{_table(["directory", "dates as wanted", "waiting", "since", "dead", "last error"], slot_rows, "none")}
 <h2>Worklist</h2>{_table(["id", "kind", "system", "opened", "what to do"], work_rows, "nothing to do")}
 <h2>Dead letters</h2>{_table(["system", "appointment", "attempts", "last error"], dead_rows, "none")}
 <h2>Conflicts</h2>{_table(["when", "system", "appointment", "field", "kept"], conflict_rows, "none")}
 </body></html>"""
+
+
+def _slot_rows(daemon: Daemon) -> list[list[str]]:
+    """Per directory: the dates kept, those waiting for a write or a look (and since when), dead letters."""
+    rows = []
+    for name, c in daemon.connectors.items():
+        if not c.capabilities.publishes_availability:
+            continue
+        states = daemon.store.slot_states(name)
+        waiting = [s for s in states if s.due_at is not None and not s.dead]
+        dead = [s for s in states if s.dead]
+        oldest = min((s.since for s in waiting if s.since), default=None)
+        since = datetime.fromtimestamp(oldest, UTC).strftime("%H:%M:%S") if oldest else ""
+        error = next((s.last_error for s in [*dead, *waiting] if s.last_error), None)
+        rows.append([_e(name), _e(len(states) - len(waiting) - len(dead)), _e(len(waiting)), _e(since), _e(len(dead)), _e(error)])
+    return rows

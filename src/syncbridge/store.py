@@ -30,7 +30,7 @@ from .model import CANCELLED_STATES, Appointment, Snapshot, iso, new_tuple, pars
 if TYPE_CHECKING:
     from .tx import Tx
 
-__all__ = ["OUTAGE_FAILURES", "Outage", "OutboxItem", "Store", "WorkItem", "for_how_long", "dumps", "loads", "row_link", "store_error", "LINK_COLS"]
+__all__ = ["OUTAGE_FAILURES", "Outage", "OutboxItem", "SlotState", "Store", "WorkItem", "for_how_long", "dumps", "loads", "row_link", "store_error", "LINK_COLS"]
 
 _SORTED = orjson.OPT_SORT_KEYS
 #: WAL pages (40 MB) at which a commit checkpoints by itself: the checkpoint thread normally leaves
@@ -74,6 +74,28 @@ class OutboxItem:
     #: failures that were not transient (recurring conflicts, errors not understood): only these
     #: count towards ``outbox.max_attempts``; an unreachable system is waited for however long
     strikes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SlotState:
+    """One directory date's published slots: what we want shown, and how its write stands."""
+
+    connector: str
+    clinician: str
+    day: str
+    slots: str  # JSON, as :func:`syncbridge.publisher.encode_slots` wrote it
+    digest: str
+    written: str | None
+    verify: bool
+    seq: int
+    due_at: float | None
+    since: float | None
+    attempts: int
+    dead: bool
+    last_error: str | None
+
+
+_SLOT_COLS = "connector, clinician, day, slots, digest, written, verify, seq, due_at, since, attempts, dead, last_error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +407,52 @@ class Store:
             )
         ]
 
-    def published_digests(self, connector: str, clinician: str) -> dict[str, str]:
-        rows = self.conn.execute("SELECT day, digest FROM published_slots WHERE connector = ? AND clinician = ?", (connector, clinician))
-        return {r[0]: r[1] for r in rows}
+    def live_sessions(self, clinician: str, start: str, end: str) -> list[Appointment]:
+        """The clinician's live sessions starting in [start, end), with their ids (overlap checks)."""
+        return [
+            Appointment(r[0], loads(r[1]), r[2], r[3], r[4])
+            for r in self.conn.execute(
+                "SELECT id, snapshot, version, updated_at, updated_via FROM appointments WHERE clinician = ? AND start >= ? AND start < ? "
+                f"AND status NOT IN ({','.join('?' * len(CANCELLED_STATES))}) ORDER BY start",
+                (clinician, start, end, *sorted(CANCELLED_STATES)),
+            )
+        ]
+
+    # --- published slots (slot_states) ------------------------------------------------------
+
+    def slot_due(self, now: float, limit: int = 200) -> list[SlotState]:
+        """Dates whose directory needs a write or a look, due by ``now``: writes first (a slot to
+        withdraw is a double booking waiting to happen), then looks, each oldest first."""
+        rows = self.conn.execute(
+            f"SELECT {_SLOT_COLS} FROM slot_states WHERE due_at IS NOT NULL AND dead = 0 AND due_at <= ? "
+            "ORDER BY written IS NOT NULL AND written = digest, due_at LIMIT ?", (now, limit)
+        ).fetchall()
+        return [SlotState(*r[:6], bool(r[6]), *r[7:11], bool(r[11]), r[12]) for r in rows]
+
+    def slot_next_due(self) -> float | None:
+        return self.conn.execute("SELECT MIN(due_at) FROM slot_states WHERE due_at IS NOT NULL AND dead = 0").fetchone()[0]
+
+    def slot_states(self, connector: str | None = None) -> list[SlotState]:
+        where, args = (" WHERE connector = ?", (connector,)) if connector else ("", ())
+        rows = self.conn.execute(f"SELECT {_SLOT_COLS} FROM slot_states{where} ORDER BY connector, clinician, day", args).fetchall()
+        return [SlotState(*r[:6], bool(r[6]), *r[7:11], bool(r[11]), r[12]) for r in rows]
+
+    def slot_due_by_connector(self) -> dict[str, float]:
+        """connector -> the earliest due time of its dates waiting for a write or a look."""
+        return dict(self.conn.execute(
+            "SELECT connector, MIN(due_at) FROM slot_states WHERE due_at IS NOT NULL AND dead = 0 GROUP BY connector"
+        ).fetchall())
+
+    def slot_dead_days(self, connector: str, clinician: str) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT day FROM slot_states WHERE connector = ? AND clinician = ? AND dead = 1 ORDER BY day", (connector, clinician)
+        )]
+
+    def slot_counts(self) -> dict[str, tuple[int, int, int]]:
+        """connector -> (dates planned, dates waiting for a write or a look, dates dead-lettered)."""
+        return {
+            r[0]: (r[1], r[2] or 0, r[3] or 0)
+            for r in self.conn.execute(
+                "SELECT connector, COUNT(*), SUM(due_at IS NOT NULL AND dead = 0), SUM(dead) FROM slot_states GROUP BY connector"
+            )
+        }

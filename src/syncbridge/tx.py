@@ -70,6 +70,22 @@ _ENQUEUE_NOW = (
     "attempts = 0, strikes = 0, dead = 0, last_error = NULL"
 )
 
+#: desired slots of a date (see Tx.plan_slots): changed slots or a look asked for make it due; a
+#: row waiting out a backoff keeps its due time and a dead one is revived
+_PLAN_SLOTS = (
+    "INSERT INTO slot_states (connector, clinician, day, slots, digest, verify, seq, due_at, since) VALUES (?,?,?,?,?,?,1,?,?) "
+    "ON CONFLICT (connector, clinician, day) DO UPDATE SET slots = excluded.slots, digest = excluded.digest, "
+    "verify = MAX(slot_states.verify, excluded.verify), seq = slot_states.seq + 1, "
+    "due_at = CASE WHEN slot_states.dead OR slot_states.due_at IS NULL THEN excluded.due_at ELSE slot_states.due_at END, "
+    "since = COALESCE(slot_states.since, excluded.since), attempts = CASE WHEN slot_states.dead THEN 0 ELSE slot_states.attempts END, "
+    "strikes = CASE WHEN slot_states.dead THEN 0 ELSE slot_states.strikes END, dead = 0 "
+    "WHERE slot_states.digest != excluded.digest OR excluded.verify > slot_states.verify OR (slot_states.dead AND excluded.verify)"
+)
+_VERIFY_SLOTS = (
+    "UPDATE slot_states SET verify = 1, seq = seq + 1, dead = 0, due_at = CASE WHEN dead OR due_at IS NULL THEN ? ELSE due_at END, "
+    "since = COALESCE(since, ?) WHERE connector = ? AND clinician = ? AND day = ? AND (verify = 0 OR dead = 1)"
+)
+
 
 class Tx:
     def __init__(self, store: Store) -> None:
@@ -275,6 +291,11 @@ class Tx:
         )
         return cur.rowcount > 0
 
+    def open_work_keys(self, prefix: str) -> list[str]:
+        """Keys of the open worklist items whose key starts with ``prefix``."""
+        rows = self.conn.execute("SELECT key FROM worklist WHERE closed_at IS NULL AND substr(key, 1, ?) = ?", (len(prefix), prefix))
+        return [r[0] for r in rows]
+
     def close_work(self, key: str, at: str, by: str) -> bool:
         cur = self.conn.execute("UPDATE worklist SET closed_at = ?, closed_by = ? WHERE key = ? AND closed_at IS NULL", (at, by, key))
         return cur.rowcount > 0
@@ -296,6 +317,56 @@ class Tx:
 
     def inbox_done(self, ids: Iterable[int], at: str) -> None:
         self.conn.executemany("UPDATE webhook_inbox SET processed_at = ? WHERE id = ?", [(at, i) for i in ids])
+
+    # --- published slots (slot_states) --------------------------------------------------------
+
+    def plan_slots(self, rows: Iterable[tuple[str, str, str, str, str, int]], now: float) -> int:
+        """Desired slots per (connector, clinician, day, slots, digest, verify); returns the dates that
+        became due. A date is due when its slots changed or its directory must be looked at; one
+        waiting out a backoff keeps its due time, a dead one comes back, due now."""
+        before = self.conn.total_changes
+        self.conn.executemany(_PLAN_SLOTS, [(*r, now, now) for r in rows])
+        return self.conn.total_changes - before
+
+    def slot_verify(self, keys: Iterable[tuple[str, str, str]], now: float) -> None:
+        """The directory's own state of these dates may differ from ours (a booking there, a restart):
+        look before deciding. Dates not planned yet are looked at when they are."""
+        self.conn.executemany(_VERIFY_SLOTS, [(now, now, *k) for k in keys])
+
+    def slot_settled(self, connector: str, clinician: str, day: str, seq: int, digest: str, at: str) -> None:
+        """The directory shows ``digest`` (written or seen); done unless the wants changed meanwhile."""
+        self.conn.execute(
+            "UPDATE slot_states SET written = ?, written_at = ?, attempts = 0, strikes = 0, last_error = NULL, "
+            "verify = CASE WHEN seq = ? THEN 0 ELSE verify END, due_at = CASE WHEN seq = ? THEN NULL ELSE due_at END, "
+            "since = CASE WHEN seq = ? THEN NULL ELSE since END WHERE connector = ? AND clinician = ? AND day = ?",
+            (digest, at, seq, seq, seq, connector, clinician, day),
+        )
+
+    def slot_retry(self, connector: str, clinician: str, day: str, due_at: float, error: str, *, strike: bool = False) -> int:
+        """Try again at ``due_at``, looking first (a write that failed may have landed); the strikes so far."""
+        row = self.conn.execute(
+            "UPDATE slot_states SET attempts = attempts + 1, strikes = strikes + ?, verify = 1, due_at = ?, last_error = ? "
+            "WHERE connector = ? AND clinician = ? AND day = ? RETURNING strikes",
+            (int(strike), due_at, error, connector, clinician, day),
+        ).fetchall()
+        return int(row[0][0]) if row else 0
+
+    def slot_dead(self, connector: str, clinician: str, day: str, error: str) -> None:
+        self.conn.execute(
+            "UPDATE slot_states SET dead = 1, attempts = attempts + 1, last_error = ? WHERE connector = ? AND clinician = ? AND day = ?",
+            (error, connector, clinician, day),
+        )
+
+    def slot_forget(self, connector: str, clinician: str | None = None, *, before: str | None = None, keep: Iterable[str] = ()) -> None:
+        """Drop dates no longer planned: past days, days beyond the horizon (all but ``keep``), a clinician gone."""
+        if clinician is None:
+            self.conn.execute("DELETE FROM slot_states WHERE connector = ?", (connector,))
+            return
+        kept = list(keep)
+        self.conn.execute(
+            f"DELETE FROM slot_states WHERE connector = ? AND clinician = ? AND (day < ? OR day NOT IN ({','.join('?' * len(kept))}))",
+            (connector, clinician, before or "", *kept),
+        )
 
     # --- buffered writes ---------------------------------------------------------------------
 

@@ -1,30 +1,43 @@
-"""Publishing availability: only the dates whose slots changed are sent, and a failure is retried."""
+"""Publishing availability: a wanted slot set per date, written by the rules of every other write.
+
+Only dates whose slots changed are written; a failure is retried with backoff (never sooner than
+Retry-After) however long the directory stays unreachable, never dead-lettered; a permanent
+refusal dead-letters that date alone with a worklist item; a write whose answer was lost is
+looked at before the date is trusted again.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from syncbridge.config import parse_config
 from syncbridge.connector import ApplyResult, BusyInterval, Capabilities, Connector, Link, Observation, PullResult, Slot
 from syncbridge.engine import Engine
-from syncbridge.errors import RateLimited
+from syncbridge.errors import PermanentError, RateLimited, TransientError
 from syncbridge.model import Role, Snapshot, empty_snapshot, iso, new_canonical_id
+from syncbridge.outbox import Outbox
 from syncbridge.publisher import Publisher
+from syncbridge.slot_writer import SlotWriter
 from syncbridge.store import Store
 
 NOW = datetime(2026, 11, 23, 14, 0, tzinfo=UTC)  # a Monday
 
 
 class Directory(Connector):
-    """Records what a directory would be sent; fails on demand."""
+    """A directory holding slot sets per (clinician, date); fails on demand, can lose answers."""
 
-    capabilities = Capabilities(role=Role.CHANNEL, fields=frozenset(), accepts_new=False, publishes_availability=True)
-    calls: list[tuple[str, date, int]] = []
-    fail_next = 0
+    capabilities = Capabilities(role=Role.CHANNEL, fields=frozenset(), accepts_new=False, publishes_availability=True,
+                                reads_availability=True)
+    shown: dict[tuple[str, date], list[datetime]] = {}
+    calls: list[tuple[str, str, date, int]] = []
+    #: errors the next requests raise, in order; an error with ``landed`` set takes effect first
+    script: list[BaseException] = []
 
     async def pull(self, cursor: str | None) -> PullResult:
         return PullResult([], None, complete=True)
@@ -35,11 +48,22 @@ class Directory(Connector):
     async def apply(self, appointment_id: str, desired: Snapshot, link: Link | None) -> ApplyResult:
         raise AssertionError("a directory holds only its own bookings")
 
+    def _fail(self, landed: Any = None) -> None:
+        if Directory.script:
+            err = Directory.script.pop(0)
+            if getattr(err, "landed", False) and landed is not None:
+                landed()
+            raise err
+
     async def publish(self, clinician: str, day: date, slots: Sequence[Slot]) -> None:
-        if Directory.fail_next:
-            Directory.fail_next -= 1
-            raise RateLimited("slow down", retry_after=1)
-        Directory.calls.append((clinician, day, len(slots)))
+        Directory.calls.append(("put", clinician, day, len(slots)))
+        self._fail(lambda: Directory.shown.__setitem__((clinician, day), [s.start for s in slots]))
+        Directory.shown[(clinician, day)] = [s.start for s in slots]
+
+    async def published(self, clinician: str, day: date) -> list[Slot]:
+        Directory.calls.append(("get", clinician, day, 0))
+        self._fail()
+        return [Slot(s, s + timedelta(minutes=50)) for s in Directory.shown.get((clinician, day), [])]
 
 
 class Calendar(Directory):
@@ -53,9 +77,23 @@ class Calendar(Directory):
 CLINICIANS = 30
 
 
+class World:
+    def __init__(self, engine: Engine, publisher: Publisher, writer: SlotWriter) -> None:
+        self.engine, self.publisher, self.writer, self.store = engine, publisher, writer, engine.store
+
+    async def converge(self) -> None:
+        """What the daemon's availability loop does after a change: plan, then write what is due now."""
+        self.publisher.plan()
+        while self.store.slot_due(time.time(), 1) and self.writer.backoff.wait("directory") == 0:
+            await self.writer.drain()
+
+    def puts(self) -> list[tuple[str, date]]:
+        return [(c, d) for kind, c, d, _ in Directory.calls if kind == "put"]
+
+
 @pytest.fixture
-def practice(tmp_path: Path):  # type: ignore[no-untyped-def]
-    Directory.calls, Directory.fail_next, Calendar.busy_spans = [], 0, []
+def world(tmp_path: Path):  # type: ignore[no-untyped-def]
+    Directory.calls, Directory.script, Directory.shown, Calendar.busy_spans = [], [], {}, []
     clinicians = "".join(
         f"  c{i}:\n    accounts:\n      directory: {{provider_id: p{i}, location_id: l1}}\n      calendar: {{calendar: c{i}}}\n"
         for i in range(CLINICIANS)
@@ -66,13 +104,15 @@ def practice(tmp_path: Path):  # type: ignore[no-untyped-def]
         f"  directory: {{type: '{__name__}:Directory'}}\n"
         f"  calendar: {{type: '{__name__}:Calendar'}}\n"
         "availability:\n  horizon_days: 21\n  minimum_notice_hours: 0\n"
+        "outbox: {backoff_base: 0.05, backoff_max: 0.4, max_attempts: 3}\n"
     )
     store = Store(cfg.store.path)
     from syncbridge.registry import build_connectors
 
     connectors = build_connectors(cfg)
     engine = Engine(store, connectors, cfg, clock=lambda: NOW)
-    yield engine, Publisher(store, connectors, cfg, clock=lambda: NOW)
+    writer = SlotWriter(store, connectors, cfg, Outbox(engine))
+    yield World(engine, Publisher(store, connectors, cfg, clock=lambda: NOW), writer)
     store.close()
 
 
@@ -86,39 +126,135 @@ def book(engine: Engine, clinician: str, start: datetime) -> str:
     return appt
 
 
-async def test_one_cancellation_republishes_one_date(practice) -> None:  # type: ignore[no-untyped-def]
-    engine, publisher = practice
-    tuesday_10 = datetime(2026, 12, 1, 15, 0, tzinfo=UTC)  # 10:00 in New York
-    appt = book(engine, "c7", tuesday_10)
-    first = await publisher.publish()
-    assert first.published == CLINICIANS * 21 == len(Directory.calls)
-    Directory.calls.clear()
-    assert (await publisher.publish()).published == 0  # nothing changed, nothing sent
-
+def cancel(engine: Engine, appt: str) -> None:
     cancellation = {"by": "client", "kind": "cancel", "fee": "none", "clinical": False, "reason": None, "at": iso(NOW), "via": "calendar"}
     snap = engine.store.appointment(appt).fields | {"status": "cancelled", "cancellation": cancellation}
     engine.change(appt, snap, via="calendar")
-    again = await publisher.publish()
-    assert again.published == 1
-    assert Directory.calls == [("c7", date(2026, 12, 1), 29)]  # the whole day is open again (09:00..16:00 every 15 min)
 
 
-async def test_busy_time_from_a_calendar_closes_slots(practice) -> None:  # type: ignore[no-untyped-def]
-    engine, publisher = practice
-    await publisher.publish()
+def changed(world: World, *appts: str) -> None:
+    """What the runtime hands the planner after a merged batch."""
+    from syncbridge.engine import ObserveReport
+
+    world.publisher.note("calendar", ObserveReport(changed_ids=list(appts)))
+
+
+async def settle(world: World, seconds: float = 5.0) -> None:
+    """Drain until nothing is due (waiting out backoffs), as the daemon's loop does."""
+    import asyncio
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await world.writer.drain()
+        due = world.writer.next_due()
+        if due is None:
+            return
+        await asyncio.sleep(max(0.0, min(due - time.time(), 0.5)))
+    raise AssertionError("dates still due")
+
+
+TUESDAY_10 = datetime(2026, 12, 1, 15, 0, tzinfo=UTC)  # 10:00 in New York
+
+
+async def test_one_cancellation_republishes_one_date(world: World) -> None:
+    """After the start-up look at every date, a cancellation costs one PUT, for its date; nothing changed, nothing sent."""
+    appt = book(world.engine, "c7", TUESDAY_10)
+    await world.converge()
+    # the directory showed nothing: every working day written once, weekends (no slots) only read
+    assert len(world.puts()) == CLINICIANS * 15 and {d.weekday() for _, d in world.puts()} == {0, 1, 2, 3, 4}
+    Directory.calls.clear()
+    await world.converge()
+    assert Directory.calls == []
+
+    cancel(world.engine, appt)
+    changed(world, appt)
+    await world.converge()
+    assert Directory.calls == [("put", "c7", date(2026, 12, 1), 29)]  # the whole day is open again (09:00..16:00 every 15 min)
+
+
+async def test_restart_looks_before_writing(world: World) -> None:
+    """A restarted daemon reads every date back and writes only those that differ from what the directory shows."""
+    await world.converge()
+    wrong = ("c3", date(2026, 12, 2))
+    Directory.shown[wrong] = Directory.shown[wrong][1:]  # someone edited the directory while we were down
+    Directory.calls.clear()
+    fresh = Publisher(world.store, world.publisher.connectors, world.publisher.config, clock=lambda: NOW)
+    world.publisher = fresh
+    await world.converge()
+    assert sum(1 for k, *_ in Directory.calls if k == "get") == CLINICIANS * 21
+    assert world.puts() == [wrong]
+
+
+async def test_busy_time_from_a_calendar_closes_slots(world: World) -> None:
+    await world.converge()
     Directory.calls.clear()
     Calendar.busy_spans = [BusyInterval("c3", datetime(2026, 12, 2, 14, 0, tzinfo=UTC), datetime(2026, 12, 2, 16, 0, tzinfo=UTC))]
-    await publisher.refresh_busy()
-    await publisher.publish()
-    assert [(c, d) for c, d, _ in Directory.calls] == [("c3", date(2026, 12, 2))]
-    assert Directory.calls[0][2] < 29
+    await world.publisher.refresh_busy()
+    await world.converge()
+    assert world.puts() == [("c3", date(2026, 12, 2))]
+    assert Directory.calls[0][3] < 29
 
 
-async def test_a_failed_publish_is_tried_again(practice) -> None:  # type: ignore[no-untyped-def]
-    engine, publisher = practice
-    Directory.fail_next = 5
-    report = await publisher.publish()
-    assert report.failed == 5 and report.published == CLINICIANS * 21 - 5
-    Directory.calls.clear()
-    retry = await publisher.publish()
-    assert retry.published == 5 and retry.failed == 0
+async def test_unreachable_directory_is_waited_for_never_dead_lettered(world: World) -> None:
+    """Twenty transient failures in a row (more than max_attempts) end in the write landing, not in a dead letter."""
+    world.publisher.plan()
+    Directory.script = [TransientError("503") for _ in range(20)]
+    started = time.monotonic()
+    while Directory.script and time.monotonic() - started < 30:
+        await settle(world, 30)
+    await settle(world)
+    assert world.store.slot_counts()["directory"][1:] == (0, 0)  # nothing waiting, nothing dead
+    assert len(Directory.shown) == CLINICIANS * 15  # every working day landed
+    assert not [w for w in world.store.worklist() if w.kind == "dead_letter"]
+
+
+async def test_retry_after_is_honoured_and_one_date_probes(world: World) -> None:
+    """A 429 with Retry-After holds every date back that long; then one date probes before the rest go."""
+    world.publisher.plan()
+    Directory.script = [RateLimited("slow down", retry_after=1.0)]
+    await world.writer.drain()
+    sent = len(Directory.calls)
+    assert sent <= 8  # the calls already in flight when the 429 came; no new ones
+    await world.writer.drain()
+    assert len(Directory.calls) == sent  # still inside Retry-After
+    assert world.writer.next_due() >= time.time() + 0.8
+    time.sleep(1.0)
+    Directory.script = [RateLimited("still slow", retry_after=0.2)]
+    await world.writer.drain()
+    assert len(Directory.calls) == sent + 1  # the probe alone, refused again
+    await settle(world)
+    assert world.store.slot_counts()["directory"][1] == 0
+
+
+async def test_refused_date_is_dead_lettered_alone_with_a_worklist_item(world: World) -> None:
+    """A permanent refusal dead-letters that date alone (a worklist item names clinician and date); a reload retries it."""
+    world.publisher.plan()
+    Directory.script = [PermanentError("unknown location l1")]
+    await settle(world)
+    [dead] = [s for s in world.store.slot_states() if s.dead]
+    [item] = [w for w in world.store.worklist() if w.kind == "dead_letter"]
+    assert dead.clinician in item.instruction and dead.day in item.instruction and "unknown location" in item.instruction
+    assert len(Directory.shown) == CLINICIANS * 15 - 1
+    world.publisher.note_everything(look=True)  # what a reload does
+    await world.converge()
+    await settle(world)
+    assert len(Directory.shown) == CLINICIANS * 15
+    assert [w for w in world.store.worklist() if w.kind == "dead_letter"] == []
+
+
+async def test_lost_answer_is_looked_at_when_the_slots_return(world: World) -> None:
+    """A PUT that landed but whose answer was lost, followed by the slots returning to what was written
+    before: the date is read back and rewritten, not assumed unchanged."""
+    await world.converge()
+    appt = book(world.engine, "c1", TUESDAY_10)
+    changed(world, appt)
+    err = TransientError("504 upstream answer lost")
+    err.landed = True  # type: ignore[attr-defined]
+    Directory.script = [err]
+    await world.converge()  # the booking's PUT took effect, its answer was lost
+    assert TUESDAY_10 not in Directory.shown[("c1", date(2026, 12, 1))]
+    cancel(world.engine, appt)  # the wanted slots are those last known written again
+    changed(world, appt)
+    world.publisher.plan()
+    await settle(world)
+    assert TUESDAY_10 in Directory.shown[("c1", date(2026, 12, 1))]

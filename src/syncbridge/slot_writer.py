@@ -1,0 +1,208 @@
+"""Converging each directory date to its wanted slots, by the rules of every other write.
+
+A due date (``slot_states``, planned by :mod:`syncbridge.publisher`) whose directory may show
+something other than what we last wrote (``verify``), while its wanted slots are those last
+written, is looked at first: one read, and a write only when they differ. Any other due date is
+written: one request replacing the date's slots. Errors follow DESIGN section 9 as in the
+outbox: a transient error (unreachable, 5xx, 429) is retried with backoff for as long as it
+takes, never sooner than Retry-After, and counts towards the connector's outage; the date is
+looked at again before it is rewritten, since a write that timed out may have landed. An auth
+error marks the connector unhealthy; a permanent one dead-letters the date with a worklist item
+naming the clinician's dates; errors not understood count strikes towards ``outbox.max_attempts``.
+
+A directory's timeslot endpoint is one resource, so the backoff is the connector's (as for its
+reads), not each date's: while it fails, one date probes after each backoff; when it answers,
+every waiting date goes at once. A directory failing now and then converges within seconds, and
+one that is down costs one request per backoff, however many dates wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date
+from zoneinfo import ZoneInfo
+
+import structlog
+
+from .config import PracticeConfig
+from .connector import Connector, Slot
+from .errors import AuthError, PermanentError, TransientError, error_kind
+from .model import iso, utcnow
+from .outbox import Outbox
+from .publisher import decode_slots
+from .retry import Backoff, backoff_delay
+from .store import SlotState, Store
+
+__all__ = ["SlotReport", "SlotWriter", "same_slots"]
+
+log = structlog.get_logger("syncbridge.slots")
+
+#: dates taken from the store per drain: a practice of 30 clinicians plans 630, all looked at after a
+#: start; a booking meanwhile is planned between two drains, its write going ahead of the looks
+_BATCH = 100
+
+
+def same_slots(shown: Sequence[Slot], wanted: Sequence[Slot]) -> bool:
+    """Whether a directory shows exactly the wanted slots, compared by start instant."""
+    return sorted({s.start.astimezone(UTC) for s in shown}) == sorted({s.start.astimezone(UTC) for s in wanted})
+
+
+@dataclass(slots=True)
+class SlotReport:
+    #: dates read back, and of those the ones found as wanted (no write needed)
+    read: int = 0
+    unchanged: int = 0
+    written: int = 0
+    retried: int = 0
+    dead: int = 0
+
+
+class SlotWriter:
+    def __init__(
+        self, store: Store, connectors: dict[str, Connector], config: PracticeConfig, outbox: Outbox | None = None,
+    ) -> None:
+        self.store = store
+        self.connectors = connectors
+        self.config = config
+        #: the outbox whose outage bookkeeping (status, the worklist warning) slot writes share
+        self.outbox = outbox
+        self.backoff = Backoff(config.outbox.backoff_base, config.outbox.backoff_max)
+        #: called with (connector, request "get" or "put", outcome, seconds the date waited or None)
+        self.listeners: list[Callable[[str, str, str, float | None], None]] = []
+
+    def next_due(self) -> float | None:
+        """When the next date may be tried (a connector backing off holds its dates back)."""
+        now = time.time()
+        due = self.store.slot_due_by_connector()
+        return min((max(at, now + self.backoff.wait(name, now)) for name, at in due.items()), default=None)
+
+    async def drain(self) -> SlotReport:
+        """One pass over the dates due now, each connector on its own."""
+        report = SlotReport()
+        by: dict[str, list[SlotState]] = defaultdict(list)
+        for row in self.store.slot_due(time.time(), _BATCH):
+            by[row.connector].append(row)
+        await asyncio.gather(*(self._feed(name, rows, report) for name, rows in by.items()))
+        return report
+
+    async def _feed(self, name: str, rows: list[SlotState], report: SlotReport) -> None:
+        connector = self.connectors.get(name)
+        if connector is None or not connector.capabilities.publishes_availability:
+            with self.store.tx() as tx:
+                tx.slot_forget(name)
+            return
+        if self.backoff.wait(name) > 0:
+            return
+        if self.backoff.failures.get(name):  # it failed last time: one date probes before the others go
+            await self._converge(connector, rows[0], report)
+            rows = rows[1:]
+        calls = asyncio.Semaphore(self.config.outbox.concurrency)
+
+        async def one(row: SlotState) -> None:
+            async with calls:
+                if self.backoff.wait(name) <= 0:  # a failure meanwhile holds back the rest
+                    await self._converge(connector, row, report)
+
+        await asyncio.gather(*(one(r) for r in rows))
+
+    async def _converge(self, connector: Connector, row: SlotState, report: SlotReport) -> None:
+        name = connector.name
+        wanted = decode_slots(row.slots, ZoneInfo(self.config.clinician_zone(row.clinician)))
+        day = date.fromisoformat(row.day)
+        request = "get"
+        try:
+            if row.verify and connector.capabilities.reads_availability and row.written in (None, row.digest):
+                shown = await connector.published(row.clinician, day)
+                report.read += 1
+                if same_slots(shown, wanted):
+                    report.unchanged += 1
+                    self._settled(connector, row, "get", "unchanged")
+                    return
+                self._tell(name, "get", "differs", None)
+                if row.written is not None:  # not a first look: the directory changed its slots by itself
+                    log.info("slots_differ", connector=name, clinician=row.clinician, day=row.day, shown=len(shown), wanted=len(wanted))
+            request = "put"
+            await connector.publish(row.clinician, day, wanted)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 (sorted by kind in _failed)
+            self._failed(name, row, request, err, report)
+            return
+        report.written += 1
+        self._settled(connector, row, "put", "published")
+
+    def _settled(self, connector: Connector, row: SlotState, request: str, outcome: str) -> None:
+        name = connector.name
+        self.backoff.succeeded(name)
+        now = iso(utcnow())
+        with self.store.tx() as tx:
+            tx.slot_settled(name, row.clinician, row.day, row.seq, row.digest, now)
+            Outbox._reachable(tx, name, now)
+            if not self.store.slot_dead_days(name, row.clinician) and tx.close_work(_work_key(name, row.clinician), now, "applied"):
+                tx.audit.add(now, "worklist_closed", name, None, {"key": _work_key(name, row.clinician)})
+            if request == "put":
+                tx.audit.add(now, "availability_published", name, None, {"clinician": row.clinician, "day": row.day,
+                                                                         "slots": len(json.loads(row.slots))})
+        self._tell(name, request, outcome, time.time() - row.since if row.since else None)
+
+    def _failed(self, name: str, row: SlotState, request: str, err: BaseException, report: SlotReport) -> None:
+        now = time.time()
+        message = f"{error_kind(err) if isinstance(err, Exception) else 'error'}: {err}"[:500]
+        cfg = self.config.outbox
+        if isinstance(err, TransientError):  # unreachable or throttled: wait for it, never give up
+            delay = self.backoff.failed(name, err.retry_after)
+            with self.store.tx() as tx:
+                tx.slot_retry(name, row.clinician, row.day, now + delay, message)
+            if self.outbox is not None:
+                self.outbox._unreachable(name, err)
+            report.retried += 1
+            self._tell(name, request, error_kind(err), None)
+            log.warning("slots_retry", connector=name, clinician=row.clinician, day=row.day, kind=error_kind(err), delay=round(delay, 2))
+        elif isinstance(err, AuthError):  # a person must act; the dates wait for them
+            self.backoff.failed(name, cfg.backoff_max)
+            with self.store.tx() as tx:
+                tx.set_health(name, False, f"authentication failed: {err}")
+                tx.slot_retry(name, row.clinician, row.day, now + cfg.backoff_max, message)
+            report.retried += 1
+            self._tell(name, request, "auth", None)
+        elif isinstance(err, PermanentError):
+            self._dead(name, row, message, report)
+        else:  # a conflict, a bug or an untranslated library error: retry, then dead-letter
+            log.error("slots_unexpected", connector=name, clinician=row.clinician, day=row.day, error=type(err).__name__, exc_info=err)
+            with self.store.tx() as tx:
+                strikes = tx.slot_retry(name, row.clinician, row.day, now + backoff_delay(row.attempts, cfg.backoff_base, cfg.backoff_max),
+                                        message, strike=True)
+            if strikes >= cfg.max_attempts:
+                self._dead(name, row, message, report)
+            else:
+                report.retried += 1
+                self._tell(name, request, "strike", None)
+
+    def _dead(self, name: str, row: SlotState, message: str, report: SlotReport) -> None:
+        at = iso(utcnow())
+        with self.store.tx() as tx:
+            tx.slot_dead(name, row.clinician, row.day, message)
+            days = self.store.slot_dead_days(name, row.clinician)
+            tx.open_work(
+                _work_key(name, row.clinician), "dead_letter",
+                f"syncbridge could not publish the free slots of {row.clinician} in {name} for {', '.join(days)} ({message}). "
+                f"Fix the cause, then reload the daemon (systemctl reload syncbridge): every date is then looked at and written again.",
+                at, name,
+            )
+            tx.audit.add(at, "dead_letter", name, None, {"clinician": row.clinician, "day": row.day, "error": message[:120]})
+        report.dead += 1
+        self._tell(name, "put", "dead", None)
+        log.error("slots_dead_letter", connector=name, clinician=row.clinician, day=row.day, problem=message)
+
+    def _tell(self, name: str, request: str, outcome: str, seconds: float | None) -> None:
+        for listener in self.listeners:
+            listener(name, request, outcome, seconds)
+
+
+def _work_key(connector: str, clinician: str) -> str:
+    return f"slots:{connector}:{clinician}"
