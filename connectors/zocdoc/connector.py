@@ -28,7 +28,7 @@ from syncbridge.secrets import SecretRef
 
 from .client import API_CAP, MAX_PAGE, ZocdocClient, instant_param
 from .mapping import LIVE_STATUSES, etag_of, local_start, provider_of, read_record, timeslot_bodies
-from .webhooks import WEBHOOK_PATH, appointment_ids, decode_key, webhook_route
+from .webhooks import WEBHOOK_PATH, SeenDeliveries, appointment_ids, decode_key, webhook_route
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -112,6 +112,8 @@ class ZocdocConnector(Connector):
         self._client: ZocdocClient | None = None
         self._key: bytes | None = None
         self._told = False
+        #: deliveries accepted lately: a replay within the timestamp tolerance is acknowledged, not stored
+        self._seen = SeenDeliveries(self.options.webhook_tolerance_seconds)
         #: provider id -> clinician key
         self.clinician_of: dict[str, str] = {}
         for key, account in self.clinicians.items():
@@ -302,7 +304,8 @@ class ZocdocConnector(Connector):
     def webhook_routes(self) -> list[WebhookRoute]:
         if self.options.webhook_secret is None:
             return []
-        return [webhook_route(lambda: self.host, self._signing_key, tolerance=self.options.webhook_tolerance_seconds, connector=self.name)]
+        return [webhook_route(lambda: self.host, self._signing_key, tolerance=self.options.webhook_tolerance_seconds, connector=self.name,
+                              seen=self._seen)]
 
     def webhook_targets(self, headers: Mapping[str, str], body: bytes) -> list[str] | None:
         return appointment_ids(body)

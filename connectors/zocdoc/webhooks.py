@@ -6,6 +6,10 @@ the project's ``specs/zocdoc/webhooks.md``): the signature is HMAC-SHA256 over t
 version-prefixed signatures (``v1:<b64>;v2:<b64>``), any of which may match; the default
 timestamp tolerance is five minutes and the receiver must verify. A webhook is only a hint: the
 appointment it names is re-read with ``GET /v1/appointments/{appointment_id}``.
+
+Zocdoc's events carry no id, and each delivery attempt is signed afresh (a new timestamp), so a
+request repeating an accepted one's timestamp and body exactly is a replay: it is acknowledged
+(200, so a sender that lost our first answer stops) and has no effect (:class:`SeenDeliveries`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +34,7 @@ from syncbridge.limits import MAX_WEBHOOK_BYTES
 
 __all__ = [
     "SIGNATURE_HEADER",
+    "SeenDeliveries",
     "TIMESTAMP_HEADER",
     "WEBHOOK_PATH",
     "WebhookRefused",
@@ -58,6 +64,37 @@ class WebhookRefused(Exception):
         self.status = status
         self.problem = problem
         super().__init__(problem)
+
+
+class SeenDeliveries:
+    """Deliveries accepted within the timestamp tolerance, by a digest of what their signature covers.
+
+    A delivery older than the tolerance is refused by its timestamp anyway, so entries are kept
+    only that long, and at most ``cap`` of them (over ``cap`` deliveries within the tolerance the
+    oldest are forgotten first: a replay of one of those costs one re-read of an appointment, the
+    same as a restart forgetting them all).
+    """
+
+    def __init__(self, tolerance: float, cap: int = 10_000) -> None:
+        self.tolerance = tolerance
+        self.cap = cap
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def first_time(self, timestamp: str, body: bytes, now: float | None = None) -> bool:
+        """Record the delivery; False when the same one was accepted before (a replay)."""
+        now = time.time() if now is None else now
+        while self._seen and next(iter(self._seen.values())) < now - 2 * self.tolerance:
+            self._seen.popitem(last=False)
+        key = hashlib.sha256(timestamp.encode() + b"." + body).digest()
+        if key in self._seen:
+            return False
+        self._seen[key] = now
+        while len(self._seen) > self.cap:
+            self._seen.popitem(last=False)
+        return True
 
 
 def decode_key(secret: str) -> bytes:
@@ -126,8 +163,11 @@ def appointment_ids(body: bytes) -> list[str] | None:
         return None
 
 
-def webhook_route(host: Callable[[], Host], key: Callable[[], bytes], *, tolerance: float, connector: str) -> WebhookRoute:
-    """The POST route: verify, persist through the host, answer 200 at once."""
+def webhook_route(
+    host: Callable[[], Host], key: Callable[[], bytes], *, tolerance: float, connector: str, seen: SeenDeliveries | None = None,
+) -> WebhookRoute:
+    """The POST route: verify, persist through the host, answer 200 at once; a replay of an accepted
+    delivery (``seen``) is answered 200 and changes nothing."""
 
     async def handler(request: Request) -> Response:
         body = await request.body()
@@ -144,6 +184,9 @@ def webhook_route(host: Callable[[], Host], key: Callable[[], bytes], *, toleran
         except WebhookRefused as err:
             log.warning("webhook_refused", connector=connector, status=err.status, problem=err.problem)
             return JSONResponse({"error": err.problem}, err.status)
+        if seen is not None and not seen.first_time(request.headers[TIMESTAMP_HEADER], body):
+            log.info("webhook_replayed", connector=connector)
+            return JSONResponse({"accepted": True, "duplicate": True}, 200)
         kept = {k: v for k, v in request.headers.items() if k.lower() in KEPT_HEADERS}
         host().accept_webhook(kept, body)
         return JSONResponse({"accepted": True}, 200)

@@ -196,3 +196,28 @@ def test_no_secret_means_no_webhook_route(connector: Any) -> None:
     """Without a signing secret the connector offers no route at all (polling still runs)."""
     connector.options = connector.options.model_copy(update={"webhook_secret": None})
     assert connector.webhook_routes() == []
+
+
+async def test_replayed_delivery_is_acknowledged_without_effect(connector: Any, receiver: str) -> None:
+    """The same signed delivery sent again within the tolerance is answered 200 and stored once; a fresh attempt is stored."""
+    headers = _signed(EVENT)
+    first = httpx.post(receiver, content=EVENT, headers=headers)
+    replay = httpx.post(receiver, content=EVENT, headers=headers)
+    assert first.status_code == replay.status_code == 200 and replay.json()["duplicate"] is True
+    assert len(connector.host.accepted) == 1 and connector.host.pull_requests == 1
+    later = httpx.post(receiver, content=EVENT, headers=_signed(EVENT, at=int(time.time()) + 1))  # Zocdoc's retry: signed afresh
+    assert later.status_code == 200 and "duplicate" not in later.json()
+    assert len(connector.host.accepted) == 2
+
+
+def test_replay_memory_is_bounded() -> None:
+    """Deliveries are remembered only while their timestamp could still be accepted, and never more than the cap."""
+    from syncbridge_connectors.zocdoc.webhooks import SeenDeliveries
+
+    seen = SeenDeliveries(tolerance=300, cap=100)
+    for i in range(500):
+        assert seen.first_time(str(1_000_000 + i), b"{}", now=1_000_000.0 + i)
+    assert len(seen) == 100
+    assert not seen.first_time("1000499", b"{}", now=1_000_500.0)
+    assert seen.first_time("1000499", b"{}", now=1_001_200.0)  # past twice the tolerance: forgotten, and refused by its timestamp anyway
+    assert len(seen) == 1
