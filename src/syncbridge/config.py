@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 from types import UnionType
-from typing import Any, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -217,7 +217,7 @@ class HttpConfig(_Strict):
 
 
 class LoggingConfig(_Strict):
-    level: str = "info"
+    level: Literal["debug", "info", "warning", "error"] = "info"
     json_logs: bool = Field(True, alias="json")
 
 
@@ -267,6 +267,38 @@ class PracticeConfig(BaseSettings):
 # --- loading -------------------------------------------------------------------------------
 
 
+#: a configuration is a page of settings; anything near this is not one (and parsing it would be slow)
+MAX_CONFIG_BYTES = 256 * 1024
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML that a configuration may not use (a key given twice, an alias)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as a configuration needs it: a key given twice is refused naming both lines (the last
+    would otherwise silently win: a second ``password:``), and aliases are refused, so a few
+    hundred bytes cannot expand into gigabytes (an alias bomb) and every value is where it is read."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _Refused(None, None, "aliases (*name) are not allowed in a configuration: write the value out", mark)
+        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if isinstance(key, str) and key in first:
+                raise _Refused(
+                    None, None, f"key {key!r} is given twice (first at line {first[key]}); keep one", key_node.start_mark
+                )
+            if isinstance(key, str):
+                first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+
+
 def _line_map(text: str) -> dict[tuple[str, ...], int]:
     """Path of keys -> 1-based line, so a validation error can point at the YAML."""
     lines: dict[tuple[str, ...], int] = {}
@@ -282,7 +314,7 @@ def _line_map(text: str) -> dict[tuple[str, ...], int]:
                 lines[(*path, str(i))] = item.start_mark.line + 1
                 walk(item, (*path, str(i)))
 
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    root = yaml.compose(text, Loader=_StrictLoader)
     if root is not None:
         walk(root, ())
     return lines
@@ -307,12 +339,13 @@ def parse_config(text: str, source: str = "<config>") -> PracticeConfig:
     not need one run per typo.
     """
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader, stricter
         lines = _line_map(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError("<yaml>", f"not valid YAML: {problem}", mark.line + 1 if mark else None, source) from err
+        said = problem if isinstance(err, _Refused) else f"not valid YAML: {problem}"
+        raise ConfigError("<yaml>", said, mark.line + 1 if mark else None, source) from err
     if data is None:
         # most often a file read while an editor or a deploy tool was rewriting it
         raise ConfigError("<file>", "the configuration is empty", None, source)
@@ -445,7 +478,18 @@ def _reference_problems(
 def load_config(path: str | os.PathLike[str]) -> PracticeConfig:
     p = Path(path)
     try:
-        text = p.read_text()
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
         raise ConfigError("<file>", f"cannot read {p}: {err.strerror}") from err
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError("<file>", f"the file is over {MAX_CONFIG_BYTES // 1024} KiB: not a syncbridge configuration (is it the right file?)", None, str(p))
+    if b"\0" in raw:
+        line = raw[: raw.index(b"\0")].count(b"\n") + 1
+        raise ConfigError("<file>", "the file is binary (it holds a NUL byte), not YAML text: is it the right file?", line, str(p))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError("<file>", f"the file is not UTF-8 text (byte 0x{raw[err.start]:02x}); save it as UTF-8", line, str(p)) from err
     return parse_config(text, str(p))
