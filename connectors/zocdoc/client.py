@@ -165,6 +165,10 @@ class ZocdocClient:
         """``POST /v1/appointments/cancel`` (CancelAppointmentRequestBody). The free-text reason stays home."""
         return await self._post("POST", "/v1/appointments/cancel", {"appointment_id": appointment_id, "cancellation_reason_type": reason_type})
 
+    async def confirm(self, appointment_id: str) -> dict[str, Any]:
+        """``POST /v1/appointments/confirm`` (ConfirmAppointmentRequestBody): a ``pending_booking`` becomes ``confirmed``."""
+        return await self._post("POST", "/v1/appointments/confirm", {"appointment_id": appointment_id})
+
     async def update_status(self, appointment_id: str, status: str) -> dict[str, Any]:
         """``PUT /v1/appointments/update-status`` with ``arrived`` or ``no_show``."""
         return await self._post("PUT", "/v1/appointments/update-status", {"appointment_id": appointment_id, "appointment_status": status})

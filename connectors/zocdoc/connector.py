@@ -83,6 +83,10 @@ class ZocdocOptions(BaseModel):
     #: length of a session booked in Zocdoc (Zocdoc holds no end time; the visit reason sets it)
     session_minutes: int = Field(50, gt=0, le=600)
     visit_reasons: dict[str, VisitReason] = Field(default_factory=dict)
+    #: bookings of providers with manual confirmation arrive ``pending_booking``: true confirms each
+    #: through the API once the record system holds the session; false leaves it to the practice
+    #: (a worklist item asks for it)
+    confirm_bookings: bool = True
     #: a full listing covers appointments starting at most this many days ago
     past_days: int = Field(14, ge=0, le=365)
     overlap_seconds: float = Field(120.0, ge=0)
@@ -103,6 +107,7 @@ class ZocdocConnector(Connector):
         push=True,
         publishes_availability=True,
         reads_availability=True,
+        confirms_bookings=True,
         status_map={Status.ARRIVED: Status.BOOKED, Status.FULFILLED: Status.BOOKED, Status.ENTERED_IN_ERROR: Status.CANCELLED},
     )
     Options = ZocdocOptions
@@ -112,6 +117,7 @@ class ZocdocConnector(Connector):
         self._client: ZocdocClient | None = None
         self._key: bytes | None = None
         self._told = False
+        self.confirm_by_hand = not self.options.confirm_bookings
         #: deliveries accepted lately: a replay within the timestamp tolerance is acknowledged, not stored
         self._seen = SeenDeliveries(self.options.webhook_tolerance_seconds)
         #: provider id -> clinician key
@@ -160,7 +166,7 @@ class ZocdocConnector(Connector):
         modified = _modified(data)
         modified_at = iso(modified) if modified else None
         return Observation(external_id=ext, etag=etag, fields=rec.fields, deleted=rec.failed, tags=rec.tags,
-                           modified_at=modified_at, cancellation=rec.cancellation)
+                           modified_at=modified_at, cancellation=rec.cancellation, pending=data.get("appointment_status") == "pending_booking")
 
     async def _window(self, params: dict[str, str]) -> tuple[list[dict[str, Any]], bool]:
         """One query paged to its end; True when it stopped at the API's 1,000-result cap."""
@@ -292,6 +298,11 @@ class ZocdocConnector(Connector):
 
     def external_id_for(self, appointment_id: str) -> str | None:
         return None
+
+    async def confirm(self, external_id: str) -> None:
+        """``POST /v1/appointments/confirm``; a 409 because it is confirmed already is success."""
+        await self._conflict_aware(self.client().confirm(external_id), want_status="confirmed", ext=external_id)
+        log.info("booking_confirmed", connector=self.name, appointment=external_id)
 
     # --- push and availability --------------------------------------------------------------
 

@@ -18,6 +18,10 @@ project's specs as ``specs/zocdoc/openapi.yml``) for the operations the connecto
   value, so an arrival is recorded without changing the status.
 - ``POST /v1/appointments/reschedule``: from pending_booking, confirmed, pending_reschedule or
   rescheduled (else 409); the appointment becomes ``rescheduled``.
+- ``POST /v1/appointments/confirm`` (confirmAppointment): "confirm an appointment in pending
+  booking status", else 409. A provider added with ``confirmation="manual"``
+  (``AppointmentConfirmationType``) gets its bookings as ``pending_booking``; "auto" ones (the
+  default) as ``confirmed``.
 - ``PUT``/``GET /v1/providers/{provider_id}/calendar/timeslots``: the whole slot set of one date
   is replaced; slots are local wall times plus an IANA zone whose date must equal ``date``; unknown
   locations come back in ``errors.not_found_location_ids``; 403 for a provider the credential
@@ -102,6 +106,8 @@ class Provider:
     location_ids: set[str]
     zone: str
     practice_id: str = "pt_practice"
+    #: ``AppointmentConfirmationType``: "manual" providers' bookings arrive ``pending_booking``
+    confirmation: str = "auto"
 
 
 @dataclass
@@ -143,8 +149,14 @@ class ZocdocEmulator:
 
     # --- knobs: the practice's Zocdoc account and its patients -------------------------------
 
-    def add_provider(self, provider_id: str, location_id: str, zone: str = "America/New_York") -> None:
-        self.providers[provider_id] = Provider(provider_id, {location_id}, zone)
+    def add_provider(self, provider_id: str, location_id: str, zone: str = "America/New_York", *, confirmation: str = "auto") -> None:
+        self.providers[provider_id] = Provider(provider_id, {location_id}, zone, confirmation=confirmation)
+
+    def practice_confirm(self, appt_id: str) -> None:
+        """Someone at the practice confirms a pending booking in Zocdoc's provider tools."""
+        with self._lock:
+            self._set(appt_id, status="confirmed")
+        self._notify(appt_id, "updated", [{"attribute_path": "appointment.status"}])
 
     def fail_next(self, status: int, n: int = 1, retry_after: float | None = None) -> None:
         """The next ``n`` API requests answer ``status`` (429 throttling, 5xx), with Retry-After."""
@@ -161,13 +173,14 @@ class ZocdocEmulator:
 
     def book(
         self, provider_id: str, location_id: str, start: datetime, *, visit_reason_id: str = "pc_therapy-50",
-        visit_type: str = "in_person", status: str = "confirmed", developer_patient_id: str | None = None,
+        visit_type: str = "in_person", status: str | None = None, developer_patient_id: str | None = None,
     ) -> str:
         """A patient books in the Zocdoc marketplace; returns the appointment id. The slot at that
         time is withdrawn from the provider's published timeslots (emulator_slots.py)."""
         with self._lock:
             provider = self.providers[provider_id]
             self.slots.withdraw(provider_id, start)
+            status = status or ("pending_booking" if provider.confirmation == "manual" else "confirmed")
             stamp = self._stamp()
             appt_id = str(uuid.uuid4())
             self.appointments[appt_id] = {
@@ -225,6 +238,7 @@ class ZocdocEmulator:
             Route("/oauth/token", self._token, methods=["POST"]),
             Route("/v1/appointments", self._list, methods=["GET"]),
             Route("/v1/appointments/cancel", self._cancel, methods=["POST"]),
+            Route("/v1/appointments/confirm", self._confirm, methods=["POST"]),
             Route("/v1/appointments/reschedule", self._reschedule, methods=["POST"]),
             Route("/v1/appointments/update-status", self._update_status, methods=["PUT"]),
             Route("/v1/appointments/{appointment_id}", self._get, methods=["GET"]),
@@ -273,7 +287,7 @@ class ZocdocEmulator:
         """``AppointmentStatusResponseData``."""
         out: dict[str, Any] = {
             "appointment_id": a["id"], "appointment_status": a["status"], "developer_patient_id": a["developer_patient_id"],
-            "is_provider_resource": False, "confirmation_type": "auto",
+            "is_provider_resource": False, "confirmation_type": self.providers[a["provider_id"]].confirmation,
             "start_time": a["start"].astimezone(ZoneInfo(a["zone"])).isoformat(timespec="seconds"),
             "created_time_utc": _z(a["created"]), "last_modified_time_utc": _z(a["modified"]),
             "provider_location_id": f"{a['provider_id']}|{a['location_id']}", "practice_id": self.providers[a["provider_id"]].practice_id,
@@ -371,6 +385,17 @@ class ZocdocEmulator:
                 return error(409, f"An appointment in status {a['status']} cannot be cancelled")
             self._set(a["id"], status="cancelled", cancellation_reason_type=reason_type, cancellation_reason=body.get("cancellation_reason"))
         return self._done(a, "cancelled", [{"attribute_path": "appointment.status"}])
+
+    async def _confirm(self, request: Request) -> Response:
+        got = await self._appointment_body(request)
+        if isinstance(got, Response):
+            return got
+        _, a = got
+        with self._lock:
+            if a["status"] != "pending_booking":
+                return error(409, f"An appointment in status {a['status']} cannot be confirmed")
+            self._set(a["id"], status="confirmed")
+        return self._done(a, "updated", [{"attribute_path": "appointment.status"}])
 
     async def _update_status(self, request: Request) -> Response:
         got = await self._appointment_body(request)

@@ -68,6 +68,9 @@ class Capabilities:
     #: the slots a directory shows can be read back (``published``), so a date whose directory
     #: side may have changed (a booking there) is compared instead of rewritten blind
     reads_availability: bool = False
+    #: bookings may arrive unconfirmed (``Observation.pending``): confirmed with ``confirm`` once the
+    #: record system holds the session, or left to a person (``Connector.confirm_by_hand``)
+    confirms_bookings: bool = False
 
     def project(self, snap: Snapshot) -> Snapshot:
         """The canonical snapshot as this connector can hold it; equal projections need no write."""
@@ -117,6 +120,9 @@ class Observation:
     #: the copy does not carry the canonical id yet (adopted from the system): write it back once
     #: linked, so a lost store can be rebuilt from the copies
     stamp: bool = False
+    #: a booking the channel holds unconfirmed until the practice confirms it (Zocdoc
+    #: ``pending_booking``); only for ``capabilities.confirms_bookings``
+    pending: bool = False
 
 
 @dataclass(slots=True)
@@ -407,6 +413,15 @@ class Connector(abc.ABC):
         """The slots the directory offers now for ``day``, as its clients see them (only for
         ``capabilities.reads_availability``). Compared by start time: a directory that keeps no
         end time may give each slot its usual length."""
+        raise NotImplementedError
+
+    #: the practice confirms pending bookings itself: a worklist item asks for it once the record
+    #: system holds the session, instead of ``confirm``
+    confirm_by_hand: bool = False
+
+    async def confirm(self, external_id: str) -> None:
+        """Confirm a pending booking (``capabilities.confirms_bookings``); one already confirmed is success.
+        Called once the record system holds the session, so the client is told only of a recorded one."""
         raise NotImplementedError
 
     async def authorize(self, clinician: str) -> str:

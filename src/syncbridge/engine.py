@@ -350,6 +350,8 @@ class Engine:
             # the copy lacks the canonical id: no agreed base, so the fan-out writes it back once
             agreed, base_text = None, None
         tx.put_link(new_tuple(Link, (name, appt_id, obs.external_id, obs.etag, agreed, version, obs.deleted)), base_text=base_text)
+        if caps.confirms_bookings:
+            tx.set_pending(name, appt_id, obs.external_id, obs.pending and not obs.deleted and snap["status"] not in CANCELLED_STATES, now)
         self.fan_out(tx, appt_id, snap, version, now, shapes, encoded)
 
     # --- local changes (CLI, the runtime's policies) ---------------------------------------

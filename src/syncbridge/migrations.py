@@ -334,6 +334,22 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX slot_states_due ON slot_states (due_at) WHERE due_at IS NOT NULL AND dead = 0
         """,
     ),
+    (
+        11,
+        """
+        -- bookings a channel holds unconfirmed (Zocdoc pending_booking), until it shows them
+        -- confirmed: syncbridge confirms each once the record system holds the session (or a
+        -- worklist item asks the practice to), and the status page lists them meanwhile
+        CREATE TABLE pending_bookings (
+            connector TEXT NOT NULL,
+            appointment_id TEXT NOT NULL,
+            external_id TEXT NOT NULL,
+            since TEXT NOT NULL,
+            last_error TEXT,
+            PRIMARY KEY (connector, appointment_id)
+        )
+        """,
+    ),
 ]
 
 

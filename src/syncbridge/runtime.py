@@ -27,6 +27,7 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from .config import PracticeConfig, load_config
+from .confirmations import Confirmer
 from .connector import Connector
 from .engine import Engine, ObserveReport
 from .errors import AuthError, ConfigError, RateLimited, SyncbridgeError, TransientError, error_kind
@@ -66,6 +67,7 @@ class Daemon:
         self.outbox = Outbox(self.engine)
         self.publisher = Publisher(self.store, self.connectors, config)
         self.slots = SlotWriter(self.store, self.connectors, config, self.outbox)
+        self.confirmer = Confirmer(self.engine)
         self.vault = Vault(self.store, config.store.secret_key)
         #: connectors a push hint or webhook asked to pull; drained by ``wake_loop``
         self.woken: set[str] = set()
@@ -339,6 +341,8 @@ class Daemon:
         while not self.stopping.is_set():
             try:
                 await self.outbox.drain()
+                if not self.outbox.halt.is_set():
+                    await self.confirmer.run()  # pending directory bookings the record system now holds
             except Exception:
                 log.exception("outbox_unexpected")
             next_due = self.store.outbox_next_due()

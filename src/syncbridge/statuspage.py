@@ -74,6 +74,7 @@ def render_status(daemon: Daemon) -> str:
             break
 
     slot_rows = _slot_rows(daemon)
+    pending_rows = _pending_rows(daemon)
     work_rows = [[_e(w.id), _e(w.kind), _e(w.connector), _e(w.opened_at), _e(w.instruction)] for w in store.worklist()]
     dead_rows = [[_e(d.connector), _e(d.appointment_id), _e(d.attempts), _e(d.last_error)] for d in store.dead_letters()]
     conflict_rows = [
@@ -86,6 +87,7 @@ def render_status(daemon: Daemon) -> str:
 <h2>Connectors</h2>{_table(["name", "type", "role", "health", "last good pull", "writes waiting", "dead letters"], conn_rows, "no connectors configured")}
 <h2>Recent cancellations</h2>{_table(["session", "clinician", "what", "fee", "came through", "billing", "where applied"], cancel_rows, "no cancellations yet")}
 <h2>Directory availability</h2>{_table(["directory", "dates as wanted", "waiting", "since", "dead", "last error"], slot_rows, "none")}
+<h2>Bookings awaiting confirmation</h2>{_table(["booked", "session", "clinician", "through", "confirmed by", "last error"], pending_rows, "none")}
 <h2>Worklist</h2>{_table(["id", "kind", "system", "opened", "what to do"], work_rows, "nothing to do")}
 <h2>Dead letters</h2>{_table(["system", "appointment", "attempts", "last error"], dead_rows, "none")}
 <h2>Conflicts</h2>{_table(["when", "system", "appointment", "field", "kept"], conflict_rows, "none")}
@@ -105,4 +107,19 @@ def _slot_rows(daemon: Daemon) -> list[list[str]]:
         since = datetime.fromtimestamp(oldest, UTC).strftime("%H:%M:%S") if oldest else ""
         error = next((s.last_error for s in [*dead, *waiting] if s.last_error), None)
         rows.append([_e(name), _e(len(states) - len(waiting) - len(dead)), _e(len(waiting)), _e(since), _e(len(dead)), _e(error)])
+    return rows
+
+
+def _pending_rows(daemon: Daemon) -> list[list[str]]:
+    """Directory bookings still pending confirmation (Zocdoc ``pending_booking``)."""
+    rows = []
+    for p in daemon.store.pending_bookings():
+        appt = daemon.store.appointment(p.appointment_id)
+        connector = daemon.connectors.get(p.connector)
+        if appt is None:
+            continue
+        who = daemon.config.clinicians.get(appt.fields["clinician"])
+        by = "the practice, in " + p.connector if connector is not None and connector.confirm_by_hand else "syncbridge, once recorded"
+        rows.append([_e(p.since), _e(appt.local_start.strftime("%a %d %b %H:%M")), _e(who.display_name if who and who.display_name
+                     else appt.fields["clinician"]), _e(p.connector), _e(by), _e(p.last_error)])
     return rows

@@ -30,7 +30,7 @@ from .model import CANCELLED_STATES, Appointment, Snapshot, iso, new_tuple, pars
 if TYPE_CHECKING:
     from .tx import Tx
 
-__all__ = ["OUTAGE_FAILURES", "Outage", "OutboxItem", "SlotState", "Store", "WorkItem", "for_how_long", "dumps", "loads", "row_link", "store_error", "LINK_COLS"]
+__all__ = ["OUTAGE_FAILURES", "Outage", "OutboxItem", "PendingBooking", "SlotState", "Store", "WorkItem", "for_how_long", "dumps", "loads", "row_link", "store_error", "LINK_COLS"]
 
 _SORTED = orjson.OPT_SORT_KEYS
 #: WAL pages (40 MB) at which a commit checkpoints by itself: the checkpoint thread normally leaves
@@ -92,6 +92,17 @@ class SlotState:
     since: float | None
     attempts: int
     dead: bool
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingBooking:
+    """A booking a channel holds unconfirmed (Zocdoc ``pending_booking``)."""
+
+    connector: str
+    appointment_id: str
+    external_id: str
+    since: str
     last_error: str | None
 
 
@@ -447,6 +458,11 @@ class Store:
         return [r[0] for r in self.conn.execute(
             "SELECT day FROM slot_states WHERE connector = ? AND clinician = ? AND dead = 1 ORDER BY day", (connector, clinician)
         )]
+
+    def pending_bookings(self) -> list[PendingBooking]:
+        """Bookings channels hold unconfirmed, oldest first."""
+        rows = self.conn.execute("SELECT connector, appointment_id, external_id, since, last_error FROM pending_bookings ORDER BY since")
+        return [PendingBooking(*r) for r in rows]
 
     def slot_counts(self) -> dict[str, tuple[int, int, int]]:
         """connector -> (dates planned, dates waiting for a write or a look, dates dead-lettered)."""

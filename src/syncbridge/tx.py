@@ -318,6 +318,20 @@ class Tx:
     def inbox_done(self, ids: Iterable[int], at: str) -> None:
         self.conn.executemany("UPDATE webhook_inbox SET processed_at = ? WHERE id = ?", [(at, i) for i in ids])
 
+    def set_pending(self, connector: str, appointment_id: str, external_id: str, pending: bool, at: str) -> None:
+        """Whether the channel holds this booking unconfirmed; ``since`` is kept from the first sight."""
+        if pending:
+            self.conn.execute(
+                "INSERT INTO pending_bookings (connector, appointment_id, external_id, since) VALUES (?,?,?,?) "
+                "ON CONFLICT (connector, appointment_id) DO UPDATE SET external_id = excluded.external_id",
+                (connector, appointment_id, external_id, at),
+            )
+        else:
+            self.conn.execute("DELETE FROM pending_bookings WHERE connector = ? AND appointment_id = ?", (connector, appointment_id))
+
+    def pending_failed(self, connector: str, appointment_id: str, error: str | None) -> None:
+        self.conn.execute("UPDATE pending_bookings SET last_error = ? WHERE connector = ? AND appointment_id = ?", (error, connector, appointment_id))
+
     # --- published slots (slot_states) --------------------------------------------------------
 
     def plan_slots(self, rows: Iterable[tuple[str, str, str, str, str, int]], now: float) -> int:
