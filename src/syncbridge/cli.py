@@ -60,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = load_config(args.config, resolve_secrets=True)  # a secret that cannot be used fails the check, not the daemon later
     print(f"config ok: {len(cfg.clinicians)} clinicians, {len(cfg.connectors)} connectors, store {cfg.store.path}")
     if args.no_connect:
         return 0

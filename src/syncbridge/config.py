@@ -475,7 +475,9 @@ def _reference_problems(
     return problems
 
 
-def load_config(path: str | os.PathLike[str]) -> PracticeConfig:
+def load_config(path: str | os.PathLike[str], *, resolve_secrets: bool = False) -> PracticeConfig:
+    """The validated configuration in ``path``; with ``resolve_secrets``, every secret it refers to
+    is also looked up now (secret_check.py), and any that cannot be used is refused with its line."""
     p = Path(path)
     try:
         with p.open("rb") as f:
@@ -492,4 +494,10 @@ def load_config(path: str | os.PathLike[str]) -> PracticeConfig:
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise ConfigError("<file>", f"the file is not UTF-8 text (byte 0x{raw[err.start]:02x}); save it as UTF-8", line, str(p)) from err
-    return parse_config(text, str(p))
+    cfg = parse_config(text, str(p))
+    if resolve_secrets:
+        from .secret_check import secret_problems
+
+        if problems := secret_problems(cfg, _line_map(text), str(p)):
+            raise ConfigError.of(problems)
+    return cfg

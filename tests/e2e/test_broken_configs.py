@@ -73,3 +73,52 @@ def test_broken_config_is_refused_with_file_line_and_reason(tmp_path: Path, name
         assert where in done.stderr, (command, done.stderr)
         assert "Traceback" not in done.stderr
     assert not store.exists() and not list(tmp_path.glob("store.db*"))
+
+
+FHIR = "connectors:\n  ehr:\n    type: fhir\n    base_url: https://ehr.example/R4\n    client_id: sb\n    private_key: {file: KEYFILE}\n"
+ZOCDOC = "connectors:\n  zocdoc:\n    type: zocdoc\n    environment: sandbox\n    client_id: sb\n    client_secret: {env: SB_TEST_UNSET_SECRET}\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "conf", "key_text", "line", "says"),
+    [
+        ("unset variable", ZOCDOC, None, 6, "connectors.zocdoc.client_secret: secret environment variable SB_TEST_UNSET_SECRET is not set"),
+        ("missing file", FHIR, None, 6, "connectors.ehr.private_key: secret file"),
+        ("empty file", FHIR, "\n", 6, "is empty"),
+        ("not a key", FHIR, "ssh-rsa AAAAB3Nza... admin@host\n", 6, "is not a PEM private key"),
+        ("credential without systemd", "http:\n  token: {credential: status-token}\n", None, 2, "needs $CREDENTIALS_DIRECTORY"),
+    ],
+)
+def test_check_resolves_every_secret_without_network(tmp_path: Path, name: str, conf: str, key_text: str | None, line: int, says: str) -> None:
+    """`check --no-connect` (the unit's ExecStartPre) looks every secret up: one that is unset,
+    unreadable, empty or not a key is refused with exit 2 and its line, before a daemon starts."""
+    key = tmp_path / "key.pem"
+    if key_text is not None:
+        key.write_text(key_text)
+    bad = tmp_path / "config.yaml"
+    bad.write_text(conf.replace("KEYFILE", str(key)))
+    env = {k: v for k, v in os.environ.items() if k not in ("SB_TEST_UNSET_SECRET", "CREDENTIALS_DIRECTORY")}
+    done = subprocess.run(
+        [sys.executable, "-m", "syncbridge.cli", "check", "--no-connect", "--config", str(bad)], cwd=ROOT,
+        env=env | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert says in done.stderr and f"{bad}:{line}:" in done.stderr, done.stderr
+
+
+def test_check_passes_when_every_secret_resolves(tmp_path: Path) -> None:
+    """The same references, each present and of the right shape, check ok."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key = tmp_path / "key.pem"
+    key.write_bytes(pem)
+    good = tmp_path / "config.yaml"
+    good.write_text(FHIR.replace("KEYFILE", str(key)))
+    done = subprocess.run(
+        [sys.executable, "-m", "syncbridge.cli", "check", "--no-connect", "--config", str(good)], cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr

@@ -35,5 +35,19 @@ def test_unit_declares_what_the_readme_promises() -> None:
     text = UNIT.read_text()
     for line in ("Type=notify", "DynamicUser=yes", "StateDirectory=syncbridge", "LoadCredential=", "ProtectSystem=strict",
                  "PrivateTmp=yes", "NoNewPrivileges=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
-                 "SystemCallFilter=@system-service", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID"):
+                 "SystemCallFilter=@system-service", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID",
+                 "RestartPreventExitStatus=2"):
         assert line in text, line
+    assert not re.search(r"^\w+=$", text.replace("CapabilityBoundingSet=\n", "").replace("AmbientCapabilities=\n", ""), re.M), "a directive set to nothing"
+
+
+def test_example_config_and_unit_name_the_same_credentials() -> None:
+    """Every {credential: NAME} config.example.yaml uses is loaded by the unit, so the two, copied as
+    shipped, agree (and `check --no-connect`, which resolves every secret, passes)."""
+    example = (UNIT.parents[1] / "config.example.yaml").read_text()
+    loaded = set(re.findall(r"^LoadCredential=([\w.-]+):", UNIT.read_text(), re.M))
+    for line in example.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        for name in re.findall(r"\{credential: ([\w.-]+)\}", line.split(" #")[0]):
+            assert name in loaded, f"config.example.yaml uses credential {name!r}, which the unit does not load"
