@@ -9,7 +9,6 @@ conditional PUT/DELETE (RFC 4791 section 5.3.2) so a person's edit is never over
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urljoin, urlsplit
@@ -18,14 +17,15 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from syncbridge.connector import ApplyResult, BusyInterval, CalendarConnector, Link, Observation, PullResult, calendar_capabilities
-from syncbridge.errors import ConfigError, ConflictError, CursorExpired, MalformedRecord, PermanentError
+from syncbridge.errors import ConfigError, ConflictError, MalformedRecord, PermanentError
 from syncbridge.limits import check_record_size
 from syncbridge.model import Snapshot, iso, utcnow
+from syncbridge.retry import Resting
 from syncbridge.policy.privacy import EventText, event_text
 from syncbridge.secrets import SecretRef
 
 from .client import CalDAVClient, Resource
-from .listing import Listing
+from . import listing
 from .mapping import busy_intervals, canonical_id_of, parse_calendar, read_event, render, resource_name
 
 if TYPE_CHECKING:
@@ -95,6 +95,8 @@ class CalDAVConnector(CalendarConnector):
         self._client: CalDAVClient | None = None
         self._calendars: dict[str, str] | None = None  # clinician -> calendar URL (trailing slash)
         self._lock = asyncio.Lock()
+        #: calendars the server asked to leave alone for a while (429 with Retry-After)
+        self.resting = Resting()
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -166,27 +168,9 @@ class CalDAVConnector(CalendarConnector):
     # --- the contract ------------------------------------------------------------------------
 
     async def pull(self, cursor: str | None) -> PullResult:
-        """Changes since ``cursor`` (JSON: calendar URL -> sync token or ctag state); None lists all."""
-        calendars = await self.calendars()
-        state: dict[str, Any] | None = None
-        if cursor is not None:
-            try:
-                state = json.loads(cursor)
-            except ValueError:
-                state = None
-            if not isinstance(state, dict) or set(state) != set(calendars.values()):
-                raise CursorExpired("the stored cursor does not match the configured calendars")
-        listing = Listing(self)
-        before = self.client.requests
-        for clinician, url in calendars.items():
-            if state is None:
-                await listing.full(clinician, url, use_sync=self.options.sync_method == "auto")
-            else:
-                await listing.incremental(clinician, url, state[url])
-        spent = self.client.requests - before
-        log.debug("pulled", connector=self.name, full=state is None, observations=len(listing.observations), requests=spent)
-        complete = state is None and not listing.unreadable
-        return PullResult(listing.observations, json.dumps(listing.cursor, sort_keys=True), complete=complete)
+        """Changes since ``cursor`` (JSON: calendar URL -> sync token or ctag state); None lists all.
+        Each calendar is read on its own: one that fails is reported in ``failed_accounts`` (listing.py)."""
+        return await listing.pull(self, cursor)
 
     async def read(self, external_id: str) -> Observation:
         """The event as it is now (RFC 4791 section 7.9 multiget of one href); deleted when gone."""

@@ -13,19 +13,26 @@ Two ways to learn what changed:
 
 Only our events become observations; the clinician's own events are parsed, found not ours and
 dropped on the spot.
+
+Each calendar is read on its own (DESIGN section 9): one that fails (deleted, no longer shared,
+throttled) keeps its part of the cursor and is reported in ``failed_accounts`` while the others'
+changes are returned; one throttled with Retry-After is left alone until then; one without a
+token (it failed during the last full listing) is listed in full (``listed_accounts``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import structlog
 
-from syncbridge.connector import Observation
-from syncbridge.errors import CursorExpired, MalformedRecord
+from syncbridge.connector import Observation, PullResult
+from syncbridge.errors import CursorExpired, MalformedRecord, SyncbridgeError
 from syncbridge.limits import MAX_RECORD_BYTES
+from syncbridge.retry import unless_all_failed
 
 from .client import OversizedAnswer, Resource
 from .mapping import UID_SUFFIX, canonical_id_of, parse_calendar, resource_name
@@ -33,7 +40,7 @@ from .mapping import UID_SUFFIX, canonical_id_of, parse_calendar, resource_name
 if TYPE_CHECKING:
     from .connector import CalDAVConnector
 
-__all__ = ["Listing", "is_our_name"]
+__all__ = ["Listing", "is_our_name", "pull"]
 
 log = structlog.get_logger("syncbridge.caldav")
 _OUR_PREFIX = resource_name("x")[: -len("x.ics")]
@@ -46,6 +53,52 @@ def is_our_name(href: str) -> bool:
 
 def _digest(href: str, etag: str | None) -> str:
     return hashlib.sha256(f"{href}\x1f{etag}".encode()).hexdigest()[:24]
+
+
+async def pull(connector: CalDAVConnector, cursor: str | None) -> PullResult:
+    """Changes since ``cursor`` (JSON: calendar URL -> sync token or ctag state, None for a calendar
+    that could not be listed); None lists every calendar in full. Each calendar is read on its own."""
+    calendars = await connector.calendars()
+    state: dict[str, Any] | None = None
+    if cursor is not None:
+        try:
+            state = json.loads(cursor)
+        except ValueError:
+            state = None
+        if not isinstance(state, dict) or set(state) != set(calendars.values()):
+            raise CursorExpired("the stored cursor does not match the configured calendars")
+    listing = Listing(connector)
+    failed: dict[str, SyncbridgeError] = {}
+    listed: set[str] = set()
+    before = listing.client.requests
+    for clinician, url in calendars.items():
+        kept, unreadable = len(listing.observations), listing.unreadable
+        try:
+            if (resting := connector.resting.check(clinician)) is not None:
+                raise resting
+            if state is None or state[url] is None:
+                await listing.full(clinician, url, use_sync=connector.options.sync_method == "auto")
+                listed.add(clinician)
+            else:
+                await listing.incremental(clinician, url, state[url])
+        except CursorExpired:
+            raise
+        except SyncbridgeError as err:  # this calendar's own outcome: its part of the cursor stays as it was
+            del listing.observations[kept:]
+            listing.unreadable = unreadable
+            listing.cursor[url] = None if state is None else state[url]
+            failed[clinician] = connector.resting.note(clinician, err, f"calendar {url}")
+            log.warning("calendar_unread", connector=connector.name, clinician=clinician, problem=str(failed[clinician]))
+    full = state is None
+    log.debug("pulled", connector=connector.name, full=full, observations=len(listing.observations),
+              requests=listing.client.requests - before, failed=sorted(failed))
+    return PullResult(
+        listing.observations,
+        json.dumps(listing.cursor, sort_keys=True),
+        complete=full and not listing.unreadable,
+        failed_accounts=unless_all_failed(failed, len(calendars)),
+        listed_accounts=frozenset() if full or listing.unreadable else frozenset(listed),
+    )
 
 
 class Listing:

@@ -5,7 +5,9 @@ a free port behind an :class:`Injector`, which counts requests and can add laten
 failures vendors produce (429 and 503 with Retry-After, 500, and an answer lost after the
 request took effect), and can take the whole system down (:meth:`Injector.outage`: the port closes,
 connections are refused, the data is kept), so chaos tests and benchmarks treat every system alike. A real server
-(Radicale) gets the same treatment through :func:`reverse_proxy`.
+(Radicale) gets the same treatment through :func:`reverse_proxy`. Tests script failures too: the
+next requests (:meth:`Injector.fail_next`) or every request under a path (:meth:`Injector.fail_path`,
+one account: a calendar, a mailbox) answer a status, with Retry-After when given.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class Injector:
         #: closes (True) or reopens (False) the listening port; set by :func:`serve_in_thread`
         self.switch: Any = None
         self.down = False
+        self._next: list[tuple[int, float | None]] = []
+        self._paths: dict[str, tuple[int, float | None]] = {}
 
     def outage(self, down: bool) -> None:
         """Stop answering at all, as a stopped process does (connection refused), or come back with
@@ -53,6 +57,24 @@ class Injector:
         if down != self.down and self.switch is not None:
             self.switch(down)
             self.down = down
+
+    def fail_next(self, status: int, n: int = 1, retry_after: float | None = None) -> None:
+        """The next ``n`` requests answer ``status`` (429 throttling, 5xx), with Retry-After when given."""
+        self._next.extend([(status, retry_after)] * n)
+
+    def fail_path(self, prefix: str, status: int | None, retry_after: float | None = None) -> None:
+        """Every request whose path starts with ``prefix`` (one calendar, one mailbox) answers
+        ``status`` until called again with None."""
+        if status is None:
+            self._paths.pop(prefix, None)
+        else:
+            self._paths[prefix] = (status, retry_after)
+
+    def _scripted(self, path: str) -> tuple[int, float | None] | None:
+        """The failure a test asked for this request, if any."""
+        if self._next:
+            return self._next.pop(0)
+        return next((f for prefix, f in self._paths.items() if path.startswith(prefix)), None)
 
     def configure(self, *, latency: float = 0.0, error_rate: float = 0.0) -> None:
         self.latency, self.error_rate = latency, error_rate
@@ -81,6 +103,10 @@ class Injector:
         self.by_method[scope["method"]] += 1
         if self.latency:
             await asyncio.sleep(self.latency)
+        scripted = self._scripted(scope["path"])
+        if scripted is not None:
+            await _answer(send, *scripted)
+            return
         kind = self.fault()
         if kind is None:
             await self.app(scope, receive, send)
@@ -90,14 +116,18 @@ class Injector:
                 return None
 
             await self.app(scope, receive, swallow)
-            status, body = 504, b"upstream answer lost"
-        else:
-            status, body = int(kind), b"injected failure"
-        headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
-        if status in (429, 503):
-            headers.append((b"retry-after", b"1"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+            await _answer(send, 504, None, b"upstream answer lost")
+            return
+        status = int(kind)
+        await _answer(send, status, 1.0 if status in (429, 503) else None)
+
+
+async def _answer(send: Any, status: int, retry_after: float | None, body: bytes = b"injected failure") -> None:
+    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", f"{retry_after:g}".encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def reverse_proxy(upstream: str) -> Any:

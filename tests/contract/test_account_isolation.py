@@ -1,6 +1,8 @@
 """One account's trouble stays its own (DESIGN section 9): with one of three clinicians' mailboxes
 or calendars failing, the other two clinicians' changes still arrive in the same pull, and the
-status names the account that could not be read."""
+status names the account that could not be read. Microsoft 365 and Google Calendar run against
+their emulators; CalDAV against real Radicale and Xandikos servers, behind a proxy that makes one
+calendar answer as the test asks."""
 
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import yaml
 
 from syncbridge.config import parse_config
+from syncbridge.emulation import reverse_proxy, serve_in_thread
 from syncbridge.engine import Engine
 from syncbridge.model import empty_snapshot, iso
 from syncbridge.outbox import Outbox
@@ -25,8 +30,10 @@ from syncbridge.registry import build_connectors
 from syncbridge.runtime import Daemon
 from syncbridge.store import Store
 from tests.contract.suite import ZONE, next_weekday_at
+from tests.contract.test_caldav import SECRET_ENV as CALDAV_SECRET_ENV
 from tests.contract.test_google_calendar import sa_key_file
 from tests.contract.test_microsoft365 import CLIENT_ID, SECRET, SECRET_ENV, m365_config
+from tests.servers import PASSWORD, DavServer, radicale_server, xandikos_server  # noqa: F401 - fixtures
 from tests.support.emulators import google_calendar, microsoft365
 
 #: clinician -> the address of their mailbox or calendar
@@ -38,16 +45,26 @@ class System:
     """One calendar system with three clinicians' accounts, and what a test does to it."""
 
     connector: dict[str, Any]
-    account_key: str  # the key of a clinician's account settings ("mailbox", "email")
+    #: clinician -> their account settings in the connector ({"mailbox": ...}, {"calendar": ...})
+    accounts: dict[str, dict[str, Any]]
+    #: clinician -> how the status names their account (an address, a calendar URL)
+    shown: dict[str, str]
     #: delete the event with this external id, as the clinician would in the system's own app
     delete: Callable[[str], None]
     #: make one clinician's account answer ``status`` (None: answer normally again)
     fail: Callable[[str, int | None, float | None], None]
-    #: make every batch request answer ``status`` as a whole (None: take them again)
-    refuse_batches: Callable[[int | None], None]
+    #: make every batch request answer ``status`` as a whole (None: take them again); None for a
+    #: system without batch requests
+    refuse_batches: Callable[[int | None], None] | None = None
+    #: remove one clinician's calendar from the server itself (None: the system cannot be told to)
+    remove: Callable[[str], None] | None = None
 
 
-@pytest.fixture(params=["microsoft365", "google_calendar"])
+def _by_address(key: str) -> dict[str, dict[str, Any]]:
+    return {c: {key: a} for c, a in ACCOUNTS.items()}
+
+
+@pytest.fixture(params=["microsoft365", "google_calendar", "radicale", "xandikos"])
 def system(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[System]:
     if request.param == "microsoft365":
         monkeypatch.setenv(SECRET_ENV, SECRET)
@@ -56,10 +73,10 @@ def system(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
                 clinician, _, event_id = ext.partition("/")
                 graph.emulator.user_delete(ACCOUNTS[clinician], event_id)
 
-            yield System(m365_config(graph, poll_interval=300), "mailbox", delete,
+            yield System(m365_config(graph, poll_interval=300), _by_address("mailbox"), ACCOUNTS, delete,
                          lambda c, status, wait: graph.emulator.fail_mailbox(ACCOUNTS[c], status, retry_after=wait),
                          lambda status: setattr(graph.emulator, "batch_refusal", status))
-    else:
+    elif request.param == "google_calendar":
         with google_calendar(*ACCOUNTS.values(), zone=ZONE) as google:
             def delete(ext: str) -> None:
                 calendar, _, event_id = ext.rpartition("/")
@@ -71,14 +88,43 @@ def system(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
 
             config = {"type": "google_calendar", "service_account_key": {"file": str(sa_key_file(google, tmp_path))},
                       "api_root": google.api_root, "poll_interval": 300}
-            yield System(config, "email", delete, fail, lambda status: setattr(google.emulator, "batch_refusal", status))
+            yield System(config, _by_address("email"), ACCOUNTS, delete, fail, lambda status: setattr(google.emulator, "batch_refusal", status))
+    else:
+        monkeypatch.setenv(CALDAV_SECRET_ENV, PASSWORD)
+        yield from _caldav(request.getfixturevalue(f"{request.param}_server"))
+
+
+def _caldav(server: DavServer) -> Iterator[System]:
+    """Three calendars on a real CalDAV server, reached through a proxy that can fail one of them."""
+    calendars = {c: server.make_calendar() for c in ACCOUNTS}
+    proxy = serve_in_thread(reverse_proxy(server.base_url))
+    config: dict[str, Any] = {"type": "caldav", "url": proxy.url + "/", "poll_interval": 300}
+    if server.username:
+        config |= {"username": server.username, "password": {"env": CALDAV_SECRET_ENV}}
+
+    def delete(ext: str) -> None:
+        with server.http() as http:
+            http.delete(server.base_url + ext).raise_for_status()
+
+    def fail(clinician: str, status: int | None, wait: float | None) -> None:
+        proxy.injector.fail_path(urlsplit(calendars[clinician]).path, status, wait)
+
+    try:
+        yield System(config, {c: {"calendar": proxy.url + urlsplit(url).path} for c, url in calendars.items()},
+                     {c: urlsplit(url).path for c, url in calendars.items()}, delete, fail,
+                     remove=lambda clinician: server.delete_calendar(calendars[clinician]))
+    finally:
+        proxy.stop()
+        for url in calendars.values():
+            with contextlib.suppress(httpx.HTTPError):
+                server.delete_calendar(url)
 
 
 def _config(system: System, tmp_path: Path) -> dict[str, object]:
     return {
         "practice": {"timezone": ZONE},
         "store": {"path": str(tmp_path / "s.db")},
-        "clinicians": {c: {"accounts": {"cal": {system.account_key: a}}} for c, a in ACCOUNTS.items()},
+        "clinicians": {c: {"accounts": {"cal": a}} for c, a in system.accounts.items()},
         "connectors": {"cal": system.connector},
         "outbox": {"backoff_base": 0.05, "backoff_max": 0.5},
         "http": {"enabled": False},
@@ -141,8 +187,8 @@ async def test_one_mailbox_refused_the_others_are_read(system: System, tmp_path:
         assert p.cancelled(p.sessions["dr_a"]) and p.cancelled(p.sessions["dr_c"])
         assert not p.cancelled(p.sessions["dr_b"])
         state = p.store.connector_state("cal")
-        assert not state["healthy"] and ACCOUNTS["dr_b"] in state["note"] and "dr_b" in state["note"]
-        assert ACCOUNTS["dr_a"] not in state["note"]
+        assert not state["healthy"] and system.shown["dr_b"] in state["note"] and "dr_b" in state["note"]
+        assert system.shown["dr_a"] not in state["note"]
 
         system.fail("dr_b", None, None)
         await p.engine.sync("cal")
@@ -194,3 +240,22 @@ async def test_a_throttled_account_is_read_again_after_its_retry_after(system: S
                 await c.close()
             daemon.store.close()
             os.close(daemon._instance_lock)
+
+
+async def test_a_calendar_removed_from_the_server_leaves_the_others_syncing(system: System, tmp_path: Path) -> None:
+    """Dr Brooks's calendar is deleted on the server itself (its own 404, no proxy involved): the
+    other two clinicians' cancellations arrive in the same pull and the status names her calendar;
+    her session is not cancelled by it."""
+    if system.remove is None:
+        pytest.skip("the system cannot be told to remove an account")
+    async with practice(system, tmp_path) as p:
+        system.remove("dr_b")
+        for clinician in ("dr_a", "dr_c"):
+            p.delete_in_calendar(p.sessions[clinician])
+        await p.engine.sync("cal")
+        assert p.cancelled(p.sessions["dr_a"]) and p.cancelled(p.sessions["dr_c"])
+        assert not p.cancelled(p.sessions["dr_b"])
+        state = p.store.connector_state("cal")
+        assert not state["healthy"] and system.shown["dr_b"] in state["note"] and "404" in state["note"]
+        await p.engine.sync("cal", full=True)  # the daily sweep: her session is unread, not gone
+        assert not p.cancelled(p.sessions["dr_b"])

@@ -8,17 +8,21 @@ import asyncio
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 from syncbridge.model import iso
 from syncbridge.policy.cancellation import decide
 from tests.contract.suite import next_weekday_at
 from tests.contract.test_account_isolation import ACCOUNTS, System, practice, system  # noqa: F401 - the fixture
 
 
+@pytest.mark.parametrize("system", ["microsoft365", "google_calendar"], indirect=True)  # the systems with batch requests
 async def test_a_refused_batch_endpoint_still_syncs_everything_one_by_one(system: System, tmp_path: Path) -> None:  # noqa: F811
     """Batches answered 404 (Google) or 400 (Graph) as a whole: the first sync still creates every
     event, a cancellation in the record and one in a calendar both arrive, no write is
     dead-lettered, and the status says degraded; once batches pass again the mark clears."""
-    system.refuse_batches(404 if system.account_key == "email" else 400)
+    assert system.refuse_batches is not None
+    system.refuse_batches(404 if "email" in system.accounts["dr_a"] else 400)
     async with practice(system, tmp_path) as p:  # books a session per clinician, writes them, lists them
         assert all(p.store.link("cal", appt) is not None for appt in p.sessions.values())
         assert p.store.dead_letters() == []
