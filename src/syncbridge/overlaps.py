@@ -47,15 +47,15 @@ def check_overlaps(tx: Tx, config: PracticeConfig, appointment_ids: Iterable[str
     items of pairs that no longer do. Returns the items opened."""
     tx.flush()
     opened = 0
+    open_pairs = {key: key[len(OVERLAP_PREFIX):].split(":") for key in tx.open_work_keys(OVERLAP_PREFIX)}
     for appt_id in appointment_ids:
         appt = tx.appointment(appt_id)
-        for key in tx.open_work_keys(OVERLAP_PREFIX):
-            ids = key[len(OVERLAP_PREFIX):].split(":")
+        for key, ids in open_pairs.items():
             if appt_id not in ids:
                 continue
             pair = [tx.appointment(i) for i in ids]
-            if any(p is None or p.cancelled for p in pair) or not _overlap(pair[0], pair[1]):  # type: ignore[arg-type]
-                tx.close_work(key, at, "observed")
+            gone = any(p is None or p.cancelled for p in pair) or not _overlap(pair[0], pair[1])  # type: ignore[arg-type]
+            if gone and tx.close_work(key, at, "observed"):
                 tx.audit.add(at, "worklist_closed", None, appt_id, {"key": key})
         if appt is None or appt.cancelled:
             continue

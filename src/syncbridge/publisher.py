@@ -98,14 +98,17 @@ class Publisher:
 
     def note(self, connector: str, report: ObserveReport) -> bool:
         """Take in what a merged batch changed; True when a plan is needed."""
+        if not self.active():
+            return False
         w = self._wanted
-        if report.changed_ids:
-            w.changed.update(report.changed_ids)
-            w.clinicians.update(a.fields["clinician"] for a in self.store.appointments(report.changed_ids))
+        upcoming = self.store.upcoming_of(report.changed_ids, iso(self.clock() - timedelta(days=1))) if report.changed_ids else []
+        for appt_id, clinician in upcoming:
+            w.changed.add(appt_id)
+            w.clinicians.add(clinician)
         for clinician, start in report.touched:
             w.looks.add((connector, clinician, start))
             w.clinicians.add(clinician)
-        return bool(report.changed_ids or report.touched)
+        return bool(upcoming or report.touched)
 
     def note_everything(self, *, look: bool = False) -> None:
         """Plan the whole practice next (busy time changed, the config was reloaded); ``look``: and

@@ -24,7 +24,7 @@ from .audit import ROUTINE_KIND, VerifyResult, verify
 from .checkpoint import Checkpointer
 from .connector import Link
 from .errors import StoreError
-from .migrations import migrate
+from .migrations import migrate, newest, version_of
 from .model import CANCELLED_STATES, Appointment, Snapshot, iso, new_tuple, parse_iso
 
 if TYPE_CHECKING:
@@ -151,6 +151,19 @@ _ADVICE = (
 )
 
 
+def schema_mismatch(path: Path, found: int, wanted: int) -> str:
+    """Why a command refuses a store of another release's schema, and what the admin does about it."""
+    if found < wanted:
+        return (
+            f"the store {path} is at schema {found}, written by an older syncbridge; this one uses schema {wanted}. Only the "
+            f"daemon upgrades a store: restart it with this release (`systemctl restart syncbridge`), then run the command again"
+        )
+    return (
+        f"the store {path} is at schema {found}, written by a newer syncbridge; this one understands schema {wanted}. Use "
+        f"the syncbridge the daemon runs (the same install), or upgrade this one"
+    )
+
+
 def store_error(err: sqlite3.DatabaseError, path: str | os.PathLike[str] | None = None) -> StoreError:
     """SQLite's error as what an admin needs: what failed and what to do."""
     said = str(err)
@@ -168,8 +181,13 @@ LINK_COLS = "connector, appointment_id, external_id, etag, base, applied_version
 
 
 class Store:
-    def __init__(self, path: str | os.PathLike[str], *, cache_mb: int = 16) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, cache_mb: int = 16, migrate: bool = True) -> None:
+        """Open (or create) the store. ``migrate``: bring its schema up to this release's, after a
+        backup; only the daemon does (under its instance lock). Without it, a store at another
+        schema is refused, so a command run beside a daemon of another release never changes the
+        schema under it."""
         self.path = Path(path)
+        self._migrate = migrate
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -194,7 +212,23 @@ class Store:
         conn.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_PAGES}")
         self._checkpointer = Checkpointer(self.path)
         conn.execute("PRAGMA temp_store=MEMORY")
+        found, wanted = version_of(conn), newest()
+        if found != wanted and not (self._migrate or found == 0):
+            conn.close()
+            raise StoreError(schema_mismatch(self.path, found, wanted))
+        if 0 < found < wanted:
+            self.backup(self.path.with_name(f"{self.path.name}.schema-{found}.bak"))
         self.schema_version = migrate(conn)
+
+    def backup(self, target: Path) -> Path:
+        """A consistent copy of the store, taken while it is in use (SQLite's online backup API)."""
+        dest = sqlite3.connect(target)
+        try:
+            self.conn.backup(dest)
+        finally:
+            dest.close()
+        os.chmod(target, 0o600)
+        return target
 
     def close(self) -> None:
         self._checkpointer.close()
@@ -417,6 +451,17 @@ class Store:
                 (clinician, start, end, *sorted(CANCELLED_STATES)),
             )
         ]
+
+    def upcoming_of(self, appointment_ids: list[str], since: str) -> list[tuple[str, str]]:
+        """(id, clinician) of these appointments starting at or after ``since``: what a change can
+        still do to availability and double bookings (no snapshot is decoded)."""
+        out: list[tuple[str, str]] = []
+        for i in range(0, len(appointment_ids), 500):
+            chunk = appointment_ids[i : i + 500]
+            out += self.conn.execute(
+                f"SELECT id, clinician FROM appointments WHERE id IN ({','.join('?' * len(chunk))}) AND start >= ?", (*chunk, since)
+            ).fetchall()
+        return out
 
     def live_sessions(self, clinician: str, start: str, end: str) -> list[Appointment]:
         """The clinician's live sessions starting in [start, end), with their ids (overlap checks)."""

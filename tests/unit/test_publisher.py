@@ -258,3 +258,32 @@ async def test_lost_answer_is_looked_at_when_the_slots_return(world: World) -> N
     world.publisher.plan()
     await settle(world)
     assert TUESDAY_10 in Directory.shown[("c1", date(2026, 12, 1))]
+
+
+async def test_directory_booking_overlapping_a_session_is_raised_with_both(world: World) -> None:
+    """A directory booking that overlaps a session is kept and raised naming both sessions; moving one apart closes the item."""
+    from syncbridge.connector import Link
+
+    session = book(world.engine, "c2", TUESDAY_10)
+    raced = book(world.engine, "c2", TUESDAY_10 + timedelta(minutes=30))
+    with world.store.tx() as tx:  # the second came through the directory
+        tx.put_link(Link("directory", raced, "zd-1", "e1", None, 1))
+    changed(world, session, raced)
+    world.publisher.plan()
+    [item] = world.store.worklist()
+    assert item.kind == "double_booking" and session in item.instruction and raced in item.instruction
+    assert [world.store.appointment(a).fields["status"] for a in (session, raced)] == ["booked", "booked"]
+    moved = world.store.appointment(raced).fields | {"start": iso(TUESDAY_10 + timedelta(hours=2)),
+                                                      "end": iso(TUESDAY_10 + timedelta(hours=2, minutes=50))}
+    world.engine.change(raced, moved, via="directory")
+    changed(world, raced)
+    world.publisher.plan()
+    assert world.store.worklist() == []
+
+
+async def test_sessions_the_practice_put_side_by_side_are_not_raised(world: World) -> None:
+    """Two overlapping sessions booked in the record (a group, co-therapy) are the practice's own doing: no item."""
+    a, b = book(world.engine, "c2", TUESDAY_10), book(world.engine, "c2", TUESDAY_10)
+    changed(world, a, b)
+    world.publisher.plan()
+    assert world.store.worklist() == []
