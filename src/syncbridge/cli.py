@@ -41,7 +41,8 @@ def _store(cfg: PracticeConfig, *, create: bool = False) -> Store:
             f"there is no store at {path.resolve()}: the daemon creates it when it first starts; check store.path "
             f"(a relative path is taken from the directory the command runs in)"
         )
-    return Store(path, cache_mb=cfg.store.cache_mb)
+    # only the daemon changes a store's schema (under its lock); a new one is created here by `auth`
+    return Store(path, cache_mb=cfg.store.cache_mb, migrate=not path.exists())
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

@@ -353,6 +353,18 @@ MIGRATIONS: list[tuple[int, str]] = [
 ]
 
 
+def newest() -> int:
+    """The schema this release writes."""
+    return max(v for v, _ in MIGRATIONS)
+
+
+def version_of(conn: sqlite3.Connection) -> int:
+    """The schema a store is at (0: a new, empty file)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone() is None:
+        return 0
+    return int(conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0)
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema to the newest version; returns it. Each step commits or rolls back whole."""
     conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL)")
