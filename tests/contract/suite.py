@@ -10,7 +10,10 @@ connector name.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,10 +29,13 @@ from syncbridge.errors import ConflictError, TransientError
 from syncbridge.model import Role, empty_snapshot, iso, new_canonical_id
 from syncbridge.outbox import Outbox
 from syncbridge.registry import build_connectors
+from syncbridge.runtime import Daemon
 from syncbridge.store import Store
 
 CLINICIAN = "dr_rivera"
 ZONE = "America/New_York"
+#: seconds a throttled read is asked to wait (Retry-After) in the read-retry scenario
+READ_RETRY_AFTER = 2.0
 
 
 class Vendor(abc.ABC):
@@ -55,7 +61,9 @@ class Vendor(abc.ABC):
     async def invalidate_cursor(self) -> None:
         """Make the connector's stored cursor unacceptable to the system (expired token)."""
 
-    async def throttle(self, requests: int) -> None:
+    async def throttle(self, requests: int, retry_after: float | None = 0.1) -> None:
+        """The next ``requests`` API calls answer 429 (or the vendor's own throttling), with
+        Retry-After ``retry_after`` where the vendor sends one."""
         raise NotImplementedError
 
     async def add_private_event(self, start: datetime, end: datetime, title: str) -> None:
@@ -127,22 +135,25 @@ class World:
         return link.external_id
 
 
+def practice_config(harness: Harness, tmp_path: Path, **connector: Any) -> dict[str, Any]:
+    """The practice around the connector under test, as a config file holds it (``connector``
+    keys override the harness's)."""
+    return {
+        "practice": {"timezone": ZONE},
+        "store": {"path": str(tmp_path / "contract.db")},
+        "clinicians": {CLINICIAN: {"accounts": {harness.name: harness.account}}},
+        "connectors": {harness.name: harness.connector_config | connector},
+        "outbox": {"backoff_base": 0.05, "backoff_max": 0.2, "max_attempts": 6},
+        "http": {"enabled": False},
+    }
+
+
 @asynccontextmanager
 async def world_for(harness: Harness, tmp_path: Path, host: Host | None = None) -> AsyncIterator[World]:
     """Store, engine and outbox around the connector under test, as ``syncbridge run`` builds them."""
     import yaml
 
-    cfg = parse_config(
-        yaml.safe_dump(
-            {
-                "practice": {"timezone": ZONE},
-                "store": {"path": str(tmp_path / "contract.db")},
-                "clinicians": {CLINICIAN: {"accounts": {harness.name: harness.account}}},
-                "connectors": {harness.name: harness.connector_config},
-                "outbox": {"backoff_base": 0.05, "backoff_max": 0.2, "max_attempts": 6},
-            }
-        )
-    )
+    cfg = parse_config(yaml.safe_dump(practice_config(harness, tmp_path)))
     store = Store(cfg.store.path)
     connectors = build_connectors(cfg)
     if host is not None:
@@ -154,6 +165,23 @@ async def world_for(harness: Harness, tmp_path: Path, host: Host | None = None) 
         for c in connectors.values():
             await c.close()
         store.close()
+
+
+@asynccontextmanager
+async def daemon_for(harness: Harness, tmp_path: Path, **connector: Any) -> AsyncIterator[Daemon]:
+    """The daemon on the world's store (not started: the test drives its polls), closed after."""
+    import yaml
+
+    daemon = Daemon(None, parse_config(yaml.safe_dump(practice_config(harness, tmp_path, **connector))))
+    try:
+        yield daemon
+    finally:
+        daemon.stopping.set()
+        await asyncio.gather(*daemon._retries.values(), return_exceptions=True)
+        for c in daemon.connectors.values():
+            await c.close()
+        daemon.store.close()
+        os.close(daemon._instance_lock)
 
 
 def next_weekday_at(hour: int, days_ahead: int = 7) -> datetime:
@@ -327,6 +355,42 @@ class ConnectorContract:
         assert world.store.link(world.connector.name, appt_id) is not None
         assert len(await world.vendor.live()) == 1
         assert world.store.dead_letters() == []
+
+    async def test_a_throttled_pull_is_read_again_after_retry_after(self, world: World, harness: Harness, tmp_path: Path) -> None:
+        """A pull answered 429 with Retry-After 2: the daemon reads the system again 2 s later, not
+        sooner (a poll asked for meanwhile waits too) and not at the next poll five minutes on, and
+        the change made there meanwhile arrives then (DESIGN section 9)."""
+        if not world.vendor.can_throttle:
+            pytest.skip("system cannot be told to throttle")
+        arrived = await self._change_waiting_there(world)
+        async with daemon_for(harness, tmp_path, poll_interval=300) as daemon:
+            await world.vendor.throttle(1, retry_after=READ_RETRY_AFTER)
+            started = time.monotonic()
+            await daemon.poll(harness.name)
+            assert not arrived(), "the throttled pull was not refused"
+            await asyncio.sleep(0.5)
+            await daemon.poll(harness.name)  # a push hint or the timer meanwhile: it waits as well
+            assert not arrived(), "read again before the Retry-After was over"
+            while not arrived():
+                assert time.monotonic() - started < READ_RETRY_AFTER + 5, "not read again after the Retry-After"
+                await asyncio.sleep(0.05)
+            assert time.monotonic() - started >= READ_RETRY_AFTER
+        assert world.store.connector_state(harness.name)["healthy"]
+
+    async def _change_waiting_there(self, world: World) -> Callable[[], bool]:
+        """A change made in the system after its last read; returns whether it has arrived."""
+        name = world.connector.name
+        if self.mirrors(world):
+            appt_id, ext = await self._booked(world)
+            await world.sync(full=True)
+            await world.vendor.delete(ext)
+            return lambda: world.store.appointment(appt_id).cancelled
+        if world.connector.capabilities.role == Role.MIRROR:
+            pytest.skip("no change can be made in this system")
+        await world.sync(full=True)
+        start = next_weekday_at(13)
+        ext = await world.vendor.book(start, start + timedelta(minutes=50), "client-xyz")
+        return lambda: world.store.link_by_external(name, ext) is not None
 
     async def test_batched_writes_land_each_once_with_their_own_outcome(self, world: World) -> None:
         """Writes sent together (as an initial sync does) each land once; a stale one fails alone."""

@@ -25,6 +25,7 @@ from caldav.davclient import DAVClient
 
 from syncbridge.config import parse_config
 from syncbridge.connector import Link
+from syncbridge.emulation import RunningServer, reverse_proxy, serve_in_thread
 from syncbridge.errors import AuthError, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError
 from syncbridge.model import empty_snapshot, iso, new_canonical_id
 from syncbridge.registry import build_connectors
@@ -39,12 +40,19 @@ pytestmark = pytest.mark.slow
 
 
 class CalDAVVendor(Vendor):
-    """A clinician's calendar app, pointed at one calendar on a real server."""
+    """A clinician's calendar app, pointed at one calendar on a real server. With ``proxy`` (the
+    server as the connector reaches it) the server can be made to throttle the connector."""
 
-    def __init__(self, server: DavServer, calendar_url: str, expire: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, server: DavServer, calendar_url: str, expire: Callable[[], Awaitable[None]], proxy: RunningServer | None = None) -> None:
         self.server = server
         self.calendar_url = calendar_url
         self._expire = expire
+        self.proxy = proxy
+        self.can_throttle = proxy is not None
+
+    async def throttle(self, requests: int, retry_after: float | None = 0.1) -> None:
+        assert self.proxy is not None
+        self.proxy.injector.fail_next(429, requests, retry_after=retry_after)
 
     def _url(self, external_id: str) -> str:
         return self.server.base_url + external_id
@@ -181,11 +189,15 @@ def _unknown_token_in_store(tmp_path: Path, connector: str) -> Callable[[], Awai
     return expire
 
 
-def _harness(server: DavServer, calendar_url: str, expire: Callable[[], Awaitable[None]], **options: Any) -> Harness:
-    config: dict[str, Any] = {"type": "caldav", "url": server.base_url + "/", **options}
+def _harness(
+    server: DavServer, calendar_url: str, expire: Callable[[], Awaitable[None]], proxy: RunningServer | None = None, **options: Any
+) -> Harness:
+    """The connector reaches the server directly, or through ``proxy`` (which can throttle it)."""
+    base = proxy.url if proxy is not None else server.base_url
+    config: dict[str, Any] = {"type": "caldav", "url": base + "/", **options}
     if server.username:
         config |= {"username": server.username, "password": {"env": SECRET_ENV}}
-    return Harness(config, {"calendar": calendar_url}, CalDAVVendor(server, calendar_url, expire))
+    return Harness(config, {"calendar": base + urlsplit(calendar_url).path}, CalDAVVendor(server, calendar_url, expire, proxy))
 
 
 def connector_for(harness: Harness, tmp_path: Path, **options: Any) -> CalDAVConnector:
@@ -363,15 +375,24 @@ def _secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SECRET_ENV, PASSWORD)
 
 
+@pytest.fixture(scope="module")
+def radicale_proxy(radicale_server: DavServer) -> Iterator[RunningServer]:  # noqa: F811
+    """Radicale as the connector reaches it: through a proxy that can answer 429 instead."""
+    proxy = serve_in_thread(reverse_proxy(radicale_server.base_url))
+    yield proxy
+    proxy.stop()
+
+
 class TestRadicale(CalDAVScenarios, ConnectorContract):
-    """Radicale 3: htpasswd auth, sync-collection with data inline, 403 for an expired token."""
+    """Radicale 3: htpasswd auth, sync-collection with data inline, 403 for an expired token;
+    reached through a proxy that can throttle it (429 with Retry-After)."""
 
     one_change_requests = 1
 
     @pytest.fixture
-    def harness(self, radicale_server: DavServer, _secret: None) -> Iterator[Harness]:  # noqa: F811
+    def harness(self, radicale_server: DavServer, radicale_proxy: RunningServer, _secret: None) -> Iterator[Harness]:  # noqa: F811
         cal = radicale_server.make_calendar()
-        yield _harness(radicale_server, cal, _radicale_expiry(radicale_server, cal))
+        yield _harness(radicale_server, cal, _radicale_expiry(radicale_server, cal), radicale_proxy)
         radicale_server.delete_calendar(cal)
 
 

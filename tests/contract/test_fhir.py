@@ -70,8 +70,8 @@ class EHRStaff(Vendor):
         """FHIR has no cursor expiry: a ``_lastUpdated`` watermark is always accepted, so nothing to do;
         the scenario still proves a repeated pull neither duplicates nor cancels."""
 
-    async def throttle(self, requests: int) -> None:
-        self.emulator.fail_next(429, requests, retry_after=0.1)
+    async def throttle(self, requests: int, retry_after: float | None = 0.1) -> None:
+        self.emulator.fail_next(429, requests, retry_after=retry_after)
 
     async def book(self, start: datetime, end: datetime, client_key: str) -> str:
         appt = {

@@ -91,8 +91,11 @@ class CalendarUser(Vendor):
     async def invalidate_cursor(self) -> None:
         self.emulator.expire_sync_tokens(self.calendar)
 
-    async def throttle(self, requests: int) -> None:
-        self.emulator.fail_next(403, requests, reason="rateLimitExceeded")
+    async def throttle(self, requests: int, retry_after: float | None = None) -> None:
+        if retry_after is None:  # Google's usual way: 403 rateLimitExceeded, no Retry-After
+            self.emulator.fail_next(403, requests, reason="rateLimitExceeded")
+        else:
+            self.emulator.fail_next(429, requests, retry_after=retry_after)
 
     async def add_private_event(self, start: datetime, end: datetime, title: str) -> None:
         self.emulator.user_insert(self.calendar, {

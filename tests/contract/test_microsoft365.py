@@ -79,8 +79,8 @@ class OutlookUser(Vendor):
     async def invalidate_cursor(self) -> None:
         self.emulator.expire_sync_state()
 
-    async def throttle(self, requests: int) -> None:
-        self.emulator.fail_next(429, requests, retry_after=0.1)
+    async def throttle(self, requests: int, retry_after: float | None = 0.1) -> None:
+        self.emulator.fail_next(429, requests, retry_after=retry_after)
 
     async def add_private_event(self, start: datetime, end: datetime, title: str) -> None:
         self.emulator.user_create(self.mailbox, {

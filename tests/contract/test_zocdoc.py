@@ -64,8 +64,8 @@ class ZocdocPatients(Vendor):
     async def invalidate_cursor(self) -> None:
         """A last-modified watermark never expires; nothing to invalidate."""
 
-    async def throttle(self, requests: int) -> None:
-        self.emulator.fail_next(429, requests, retry_after=0.1)
+    async def throttle(self, requests: int, retry_after: float | None = 0.1) -> None:
+        self.emulator.fail_next(429, requests, retry_after=retry_after)
 
     async def book(self, start: datetime, end: datetime, client_key: str) -> str:
         return self.emulator.book(PROVIDER, LOCATION, start, developer_patient_id=client_key)

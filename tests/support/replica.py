@@ -97,7 +97,7 @@ class ReplicaConnector(Connector):
             throttle = int(_meta(conn, "throttle", "0"))
             if throttle > 0:
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('throttle', ?)", (str(throttle - 1),))
-                raise RateLimited("429 Too Many Requests", retry_after=0.1)
+                raise RateLimited("429 Too Many Requests", retry_after=float(_meta(conn, "throttle_after", "0.1")))
         if self.options.latency:
             await asyncio.sleep(self.options.latency)
         if self.options.fail_rate and self.rng.random() < self.options.fail_rate / 2:
@@ -243,9 +243,10 @@ class ReplicaVendor:
             epoch = int(_meta(conn, "epoch", "1"))
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (str(epoch + 1),))
 
-    async def throttle(self, requests: int) -> None:
+    async def throttle(self, requests: int, retry_after: float | None = 0.1) -> None:
         with closing(self._conn()) as conn:
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('throttle', ?)", (str(requests),))
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('throttle_after', ?)", (str(retry_after or 0.1),))
 
     async def book(self, start: datetime, end: datetime, client_key: str, clinician: str = "dr_rivera") -> str:
         with closing(self._conn()) as conn:
