@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .anchors import check_anchors, read_anchors
 from .config import PracticeConfig, load_config
 from .errors import ConfigError, MalformedRecord, StoreError, SyncbridgeError
 from .instance_lock import daemon_pid
@@ -179,11 +180,27 @@ def cmd_audit(args: argparse.Namespace) -> int:
     store = _store(cfg)
     if args.verify:
         result = store.verify_audit()
-        if result.ok:
-            print(f"audit ok: {result.entries} entries, head {result.head}")
+        if not result.ok:
+            print(f"AUDIT BROKEN after {result.entries} good entries: {result.problem}", file=sys.stderr)
+            return 1
+        source = args.anchors or cfg.audit.anchor_file
+        if source is None:
+            print(f"audit ok: {result.entries} entries, head {result.head} (chain only: no anchors given, see --anchors)")
             return 0
-        print(f"AUDIT BROKEN after {result.entries} good entries: {result.problem}", file=sys.stderr)
-        return 1
+        try:
+            anchors = read_anchors(Path(source).read_text(encoding="utf-8", errors="replace").splitlines())
+        except OSError as err:
+            print(f"cannot read the anchors in {source}: {err.strerror}", file=sys.stderr)
+            return 2
+        key = cfg.audit.key.reveal() if cfg.audit.key else None
+        head = store.audit_head()
+        checked = check_anchors(anchors, store.audit_hashes(a.seq for a in anchors), head[0] if head else 0, key)
+        if not checked.ok:
+            print(f"AUDIT BROKEN: {checked.problem}", file=sys.stderr)
+            return 1
+        signed = "signed, key checked" if key else "NOT checked against a key (set audit.key)"
+        print(f"audit ok: {result.entries} entries, head {result.head}; {checked.anchors} anchors from {source} match ({signed})")
+        return 0
     entries = store.audit_entries(appointment_id=args.appointment, kind=args.kind, limit=args.limit)
     for e in reversed(entries):
         print(json.dumps(e, sort_keys=True))
@@ -404,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--crisis", action="store_true", help="clinical reason (crisis, illness): fee waived by default")
     a = add("audit", cmd_audit, "show the audit log, or --verify its hash chain")
     a.add_argument("--verify", action="store_true", help="check that no entry was edited or deleted (exit 1 if one was)")
+    a.add_argument("--anchors", type=Path, help="with --verify: anchors to check the log against (the anchor file, or "
+                   "`journalctl -u syncbridge -o cat` saved to a file); default audit.anchor_file")
     a.add_argument("--appointment", help="only entries of this appointment")
     a.add_argument("--kind", help="only entries of this kind (observed, applied, conflict, ...)")
     a.add_argument("--limit", type=int, default=50)

@@ -221,6 +221,18 @@ class LoggingConfig(_Strict):
     json_logs: bool = Field(True, alias="json")
 
 
+class AuditConfig(_Strict):
+    """Anchors of the audit chain kept outside the store (anchors.py)."""
+
+    #: HMAC key the anchors are signed with; not in the store ({credential: audit-key})
+    key: SecretRef | None = None
+    #: a file the anchors are also appended to (make it append-only, or put it on another host);
+    #: they always go to the log (the journal) as ``audit_anchor`` lines
+    anchor_file: Path | None = None
+    #: seconds between anchors (one more at shutdown); entries newer than the last are not covered yet
+    anchor_interval: float = Field(60.0, gt=0)
+
+
 class PracticeConfig(BaseSettings):
     """The whole configuration. Environment variables override YAML: ``SYNCBRIDGE_STORE__PATH``."""
 
@@ -237,6 +249,7 @@ class PracticeConfig(BaseSettings):
     http: HttpConfig = Field(default_factory=HttpConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     availability: AvailabilityConfig = Field(default_factory=AvailabilityConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -30,6 +30,7 @@ from .config import PracticeConfig, load_config
 from .confirmations import Confirmer
 from .connector import Connector
 from .engine import Engine, ObserveReport
+from .anchors import EVENT, append_anchor, make_anchor
 from .errors import AuthError, ConfigError, RateLimited, SyncbridgeError, TransientError, error_kind
 from .instance_lock import hold_instance_lock
 from .logging import configure
@@ -60,6 +61,8 @@ class Daemon:
         self.config_path = Path(config_path) if config_path else None
         self.config = config
         self._instance_lock = hold_instance_lock(Path(config.store.path))
+        #: the audit head last anchored (anchors.py)
+        self._anchored: tuple[int, str] | None = None
         self.store = Store(config.store.path, cache_mb=config.store.cache_mb)
         self.store.check_integrity()
         self.connectors: dict[str, Connector] = build_connectors(config)
@@ -360,6 +363,7 @@ class Daemon:
             self._until_stopped(self.maintain), "interval", seconds=self.config.http.channel_check_interval, id="maintain",
             max_instances=1, coalesce=True, next_run_time=_now(),
         )
+        self.scheduler.add_job(self.anchor, "interval", seconds=self.config.audit.anchor_interval, id="audit_anchor", coalesce=True)
         poll = self._until_stopped(self.poll)
         for name, connector in self.connectors.items():
             interval = connector.config.poll_interval
@@ -371,6 +375,23 @@ class Daemon:
                 poll, "interval", seconds=connector.config.full_sweep_interval, args=[name, True],
                 id=f"sweep:{name}", max_instances=1, coalesce=True,
             )
+
+    def anchor(self) -> None:
+        """Sign the audit chain's head and keep it outside the store (anchors.py): the journal, and the
+        anchor file when one is set. Nothing is written while the head has not moved."""
+        head = self.store.audit_head()
+        if head is None or head == self._anchored:
+            return
+        try:
+            key = self.config.audit.key.reveal() if self.config.audit.key else None
+            anchor = make_anchor(head[0], head[1], key)
+            if self.config.audit.anchor_file is not None:
+                append_anchor(self.config.audit.anchor_file, anchor)
+        except (SyncbridgeError, OSError) as err:
+            log.error("audit_anchor_failed", problem=str(err))
+            return
+        log.info(EVENT, seq=anchor.seq, hash=anchor.hash, mac=anchor.mac, at=anchor.at)
+        self._anchored = head
 
     def _until_stopped(self, job: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
         """``job`` as the scheduler runs it: cancelled quietly when the daemon stops.
@@ -476,6 +497,7 @@ class Daemon:
             await server_task
         for c in self.connectors.values():
             await c.close()
+        self.anchor()
         self.store.close()
         os.close(self._instance_lock)
         log.info("stopped")

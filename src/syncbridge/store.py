@@ -95,6 +95,11 @@ class SlotState:
     last_error: str | None
 
 
+def _slot_state(r: tuple[Any, ...]) -> SlotState:
+    """A ``published_slots`` row (``_SLOT_COLS`` order) as a SlotState, its flags as booleans."""
+    return SlotState(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8], r[9], r[10], bool(r[11]), r[12])
+
+
 @dataclass(frozen=True, slots=True)
 class PendingBooking:
     """A booking a channel holds unconfirmed (Zocdoc ``pending_booking``)."""
@@ -428,6 +433,20 @@ class Store:
     def verify_audit(self) -> VerifyResult:
         return verify(self.conn)
 
+    def audit_head(self) -> tuple[int, str] | None:
+        """(last entry's number, its hash): what an anchor records."""
+        row = self.conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        return (int(row[0]), str(row[1])) if row else None
+
+    def audit_hashes(self, seqs: Iterable[int]) -> dict[int, str]:
+        """Entry number -> hash, for these entries (the ones anchors name)."""
+        wanted = sorted(set(seqs))
+        out: dict[int, str] = {}
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            out.update(self.conn.execute(f"SELECT seq, hash FROM audit WHERE seq IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+        return out
+
     def busy_of(self, clinician: str, start: str, end: str) -> list[tuple[str, str]]:
         return self.conn.execute(
             'SELECT start, "end" FROM busy WHERE clinician = ? AND "end" > ? AND start < ? ORDER BY start', (clinician, start, end)
@@ -483,7 +502,7 @@ class Store:
             f"SELECT {_SLOT_COLS} FROM slot_states WHERE due_at IS NOT NULL AND dead = 0 AND due_at <= ? "
             "ORDER BY written IS NOT NULL AND written = digest, due_at LIMIT ?", (now, limit)
         ).fetchall()
-        return [SlotState(*r[:6], bool(r[6]), *r[7:11], bool(r[11]), r[12]) for r in rows]
+        return [_slot_state(r) for r in rows]
 
     def slot_next_due(self) -> float | None:
         return self.conn.execute("SELECT MIN(due_at) FROM slot_states WHERE due_at IS NOT NULL AND dead = 0").fetchone()[0]
@@ -491,7 +510,7 @@ class Store:
     def slot_states(self, connector: str | None = None) -> list[SlotState]:
         where, args = (" WHERE connector = ?", (connector,)) if connector else ("", ())
         rows = self.conn.execute(f"SELECT {_SLOT_COLS} FROM slot_states{where} ORDER BY connector, clinician, day", args).fetchall()
-        return [SlotState(*r[:6], bool(r[6]), *r[7:11], bool(r[11]), r[12]) for r in rows]
+        return [_slot_state(r) for r in rows]
 
     def slot_due_by_connector(self) -> dict[str, float]:
         """connector -> the earliest due time of its dates waiting for a write or a look."""
