@@ -11,7 +11,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 from urllib.parse import quote
 
@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from syncbridge.errors import (
+    BATCH_REFUSED,
     AuthError,
+    BatchRefused,
     ConflictError,
     PermanentError,
     RateLimited,
@@ -45,6 +47,9 @@ __all__ = [
 ]
 
 FHIR_JSON = "application/fhir+json"
+#: seconds a client sends each entry on its own after the EHR refused a ``batch`` Bundle as a whole,
+#: before it tries a Bundle again
+SINGLES_FOR = 300.0
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 SMART_HINT = (
     "register this client's public key (JWKS) with the EHR as a SMART Backend Services app and make sure "
@@ -162,6 +167,10 @@ class FHIRClient:
         self._smart = (client_id, private_key, token_url or f"{self.base_url}/auth/token", scope, kid)
         self._access: tuple[str, float] | None = None
         self._http = httpx.AsyncClient(timeout=30.0)
+        #: told when ``batch`` Bundles are refused (a note) and taken again (None): the connector's
+        #: ``Host.degraded``, so the status shows why the EHR is read more slowly
+        self.on_batches: Callable[[str | None], None] | None = None
+        self._singles_until: float | None = None
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -317,6 +326,9 @@ class FHIRClient:
         r = await self._request("POST", "", what, json_body=body, headers={"Prefer": "return=representation"})
         if r.status_code == 413:
             raise BundleTooLarge(f"{what}: the EHR takes fewer than {len(entries)} entries per Bundle (413)")
+        if kind == "batch" and r.status_code in BATCH_REFUSED:
+            # none of its entries was tried: the caller sends them on their own (DESIGN section 9)
+            raise BatchRefused(f"{what}: the EHR refused the Bundle as a whole ({r.status_code})")
         if r.status_code >= 300:
             raise_for_status(r.status_code, what, retry_after=r.headers.get("retry-after"))
         answer = self._resource(r, what)
@@ -324,6 +336,53 @@ class FHIRClient:
         if answer.get("type") != f"{kind}-response" or not isinstance(out, list) or len(out) != len(entries):
             raise TransientError(f"{what}: the answer is not a {kind}-response with one entry per request")
         return [e if isinstance(e, dict) else {} for e in out]
+
+    async def batch(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The answers of a ``batch`` Bundle; where the EHR refuses batch Bundles as a whole (a proxy
+        allowing only [type] paths), each entry is sent on its own for :data:`SINGLES_FOR` seconds,
+        answered in the same form: slower, never lost."""
+        if self._singles_until is None or time.monotonic() >= self._singles_until:
+            try:
+                answers = await self.bundle("batch", entries)
+            except BatchRefused as err:
+                self._singles_until = time.monotonic() + SINGLES_FOR
+                if self.on_batches is not None:
+                    self.on_batches(f"its batch Bundles are refused, so each request is sent on its own ({err})")
+            else:
+                if self._singles_until is not None:
+                    self._singles_until = None
+                    if self.on_batches is not None:
+                        self.on_batches(None)
+                return answers
+        return [await self._single(entry) for entry in entries]
+
+    async def _single(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """One Bundle entry as its own request, answered as a batch-response entry would be
+        (``response.status``, ``etag``, ``location``, the resource or ``outcome``). Throttling and
+        server errors raise, as they would for the whole Bundle."""
+        request = entry.get("request", {})
+        method, url = str(request.get("method", "GET")).upper(), str(request.get("url", ""))
+        headers = {"Prefer": "return=representation"} if method != "GET" else {}
+        if request.get("ifMatch"):
+            headers["If-Match"] = str(request["ifMatch"])
+        if request.get("ifNoneExist"):
+            headers["If-None-Exist"] = str(request["ifNoneExist"])
+        what = f"{method} {url.partition('?')[0].partition('/')[0]}"
+        r = await self._request(method, url, what, json_body=entry.get("resource"), headers=headers)
+        if r.status_code in (429, 503) or r.status_code >= 500:
+            raise_for_status(r.status_code, what, retry_after=r.headers.get("retry-after"))
+        response = {"status": str(r.status_code)} | {k: r.headers[h] for k, h in (("etag", "etag"), ("location", "location")) if h in r.headers}
+        answer: dict[str, Any] = {"response": response}
+        if r.content:
+            try:
+                body = self._resource(r, what)
+            except SyncbridgeError:
+                return answer
+            if r.status_code < 300:
+                answer["resource"] = body
+            else:
+                response["outcome"] = body
+        return answer
 
     async def rest_of(self, searchset: dict[str, Any]) -> list[dict[str, Any]]:
         """Every resource of a searchset Bundle (a batch entry's answer), following its ``next`` links."""

@@ -165,6 +165,7 @@ class FHIRConnector(Connector):
                 self._client = FHIRClient(
                     o.base_url, client_id=o.client_id, private_key=o.private_key.reveal(), token_url=o.token_url, scope=o.scope, kid=o.kid
                 )
+            self._client.on_batches = lambda note: self.host.degraded(note)
         return self._client
 
     def webhook_routes(self) -> list[WebhookRoute]:
@@ -494,7 +495,7 @@ class FHIRConnector(Connector):
                 {"request": {"method": "GET", "url": search_url("Appointment", {"_id": ",".join(c), "_elements": "id", "_count": str(len(c))})}}
                 for c in group
             ]
-            for chunk, answer in zip(group, await client.bundle("batch", entries), strict=True):
+            for chunk, answer in zip(group, await client.batch(entries), strict=True):
                 found = {str(e.get("resource", {}).get("id")) for e in entry_resource(answer, "presence search in a batch", searchset=True).get("entry", [])}
                 if not found <= set(chunk):
                     log.warning("fhir_id_search_ignored", connector=self.name)  # deletions are left to the full sweep

@@ -117,6 +117,9 @@ class FHIREmulator:
     _includes: dict[str, list[str]] = field(default_factory=dict)
     #: most entries one batch or transaction Bundle may hold (emulator_bundles.py)
     max_bundle_entries: int = 200
+    #: the status every ``batch`` Bundle is answered with as a whole (400, 404, 405, 501: an egress
+    #: proxy or a server without batch support); None (the default) processes them
+    batch_refusal: int | None = None
     #: optional R4 features (module docstring), off like the least capable server's
     revinclude: bool = False
     metadata: bool = False
@@ -426,6 +429,8 @@ class FHIREmulator:
         if (denied := self._gate(request)) is not None:
             return denied
         body = await self._json(request)
+        if self.batch_refusal is not None and isinstance(body, dict) and body.get("type") == "batch":
+            return outcome(self.batch_refusal, "not-supported", "batch Bundles are not accepted here")
         minimal = "return=minimal" in request.headers.get("prefer", "")
         with self._lock:
             return respond(process_bundle(self, body, minimal=minimal))

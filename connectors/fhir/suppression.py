@@ -89,7 +89,7 @@ class Reading:
 async def read_billing(client: FHIRClient, discovery: Discovery, connector: str, external_id: str, appointment_id: str) -> Reading | None:
     """Read the Appointment and what bills it; None when the Appointment is gone (404/410)."""
     revinclude = await discovery.decide(client)
-    answers = await client.bundle("batch", first_reads(external_id, appointment_id, revinclude=revinclude))
+    answers = await client.batch(first_reads(external_id, appointment_id, revinclude=revinclude))
     requests = 1
     if entry_status(answers[0]) in (404, 410):
         return None
@@ -111,7 +111,7 @@ async def read_billing(client: FHIRClient, discovery: Discovery, connector: str,
         refused.append(f"the EHR refused the search for this session's self-pay fee ({err})")
     ids = [str(r["id"]) for r in resources if r.get("resourceType") == "Encounter" and r.get("id")]
     if ids and not revinclude:
-        more = await client.bundle("batch", second_reads(ids))
+        more = await client.batch(second_reads(ids))
         requests += 1
         for answer, what in zip(more, ("ChargeItem", "Claim"), strict=True):
             try:
@@ -202,7 +202,7 @@ async def one_by_one(
     steps = list(planned.steps)
     attention = list(refused)
     if planned.writes:
-        answers = await client.bundle("batch", planned.writes)
+        answers = await client.batch(planned.writes)
         attention += unverified(planned, answers)
         steps += _fee_made(planned, answers)
     billing = Billing.NEEDS_ATTENTION.value if attention else planned.billing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -159,3 +160,40 @@ async def test_oversized_bundle_is_refused(fhir_server: Any) -> None:  # noqa: F
     async with _http(fhir_server) as http:
         r = await http.post("/", json={"resourceType": "Bundle", "type": "batch", "entry": entries})
     assert r.status_code == 413 and r.json()["issue"][0]["code"] == "too-long"
+
+
+async def test_refused_batch_bundles_fall_back_to_single_requests(fhir_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # noqa: F811
+    """An EHR (or a proxy in front of it) answering 404 to every ``batch`` Bundle: new sessions
+    still reach it, one request each, nothing is dead-lettered, the status says degraded, and a
+    cancellation still cancels the Encounter, the charge and the draft claim; once Bundles pass
+    again, writes are batched again and the mark clears."""
+    from tests.contract.suite import world_for
+    from tests.unit.test_fhir_claims import booked_with_billing
+
+    fhir_server.emulator.batch_refusal = 404
+    harness = fhir_harness(fhir_server, monkeypatch)
+    async with world_for(harness, tmp_path) as world:
+        sessions = [world.book_here(next_weekday_at(9 + i)) for i in range(4)]
+        await world.drain()
+        assert len(await harness.vendor.live()) == 4 and all(world.store.link(world.connector.name, a) for a in sessions)
+        appt_id, ext, ids = await booked_with_billing(world)
+        world.cancel_here(appt_id)
+        await world.drain()
+        e = fhir_server.emulator
+        assert e.get("Appointment", ext)["status"] == "cancelled"
+        assert e.get("Encounter", ids["encounter"])["status"] == "cancelled"
+        assert e.get("ChargeItem", ids["charge"])["status"] == "not-billable"
+        assert e.get("Claim", ids["claim"])["status"] == "cancelled"
+        await world.sync()
+        assert world.store.appointment(appt_id).fields["billing"] == "suppressed"
+        assert world.store.dead_letters() == []
+        state = world.store.connector_state(world.connector.name)
+        assert state["healthy"] and state["degraded"] and "refused" in state["degraded"]
+
+        e.batch_refusal = None
+        await asyncio.sleep(0.3)  # past the pause after a refusal (outbox.backoff_max): a batch is tried again
+        more = [world.book_here(next_weekday_at(9 + i, days_ahead=8)) for i in range(3)]
+        before = bundles(fhir_server)
+        await world.drain()
+        assert bundles(fhir_server) == before + 1 and all(world.store.link(world.connector.name, a) for a in more)
+        assert world.store.connector_state(world.connector.name)["degraded"] is None
