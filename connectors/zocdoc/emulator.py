@@ -152,6 +152,14 @@ class ZocdocEmulator:
     def add_provider(self, provider_id: str, location_id: str, zone: str = "America/New_York", *, confirmation: str = "auto") -> None:
         self.providers[provider_id] = Provider(provider_id, {location_id}, zone, confirmation=confirmation)
 
+    def add_location(self, provider_id: str, location_id: str) -> None:
+        """Another location of the provider (a virtual one for video visits, another office)."""
+        self.providers[provider_id].location_ids.add(location_id)
+
+    def published_slots(self, provider_id: str, day: date) -> list[dict[str, Any]]:
+        """The timeslots a GET would show now, as stored (location, visit reasons, patient type)."""
+        return sorted(self.slots.visible(provider_id, day), key=lambda s: (s["start_time"], s["location_id"], str(s.get("patient_type"))))
+
     def practice_confirm(self, appt_id: str) -> None:
         """Someone at the practice confirms a pending booking in Zocdoc's provider tools."""
         with self._lock:

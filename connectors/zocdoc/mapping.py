@@ -9,7 +9,7 @@ reason fixes the duration), so the end is derived from the configured session le
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -146,10 +146,11 @@ def timeslot_bodies(
     *,
     zone: str,
     provider_id: str,
-    location_id: str,
-    visit_reason_ids: Sequence[str] | None = None,
+    place: Callable[[Slot], dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[Slot]]:
     """``TimeslotBaseRequest`` objects for one local day, and the slots that cannot be expressed.
+    ``place`` gives each slot's ``location_id`` and, where set, ``allowed_visit_reason_ids`` and
+    ``patient_type``.
 
     A timeslot is a local wall time plus an IANA zone, with no offset. On the autumn change a
     wall time between 1 and 2 a.m. happens twice; Zocdoc (like java.time) reads it as the first
@@ -158,7 +159,7 @@ def timeslot_bodies(
     tz = ZoneInfo(zone)
     bodies: list[dict[str, Any]] = []
     skipped: list[Slot] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, str, str]] = set()
     for slot in sorted(slots, key=lambda s: s.start):
         if slot.start.tzinfo is None:
             raise PermanentError("a slot to publish has a naive start time")
@@ -169,11 +170,10 @@ def timeslot_bodies(
             skipped.append(slot)
             continue
         wall = local.replace(tzinfo=None).isoformat(timespec="seconds")
-        if wall in seen:
+        where = place(slot)
+        key = (wall, str(where["location_id"]), str(where.get("patient_type")))
+        if key in seen:
             continue
-        seen.add(wall)
-        body: dict[str, Any] = {"provider_id": provider_id, "location_id": location_id, "start_time": wall, "time_zone": zone}
-        if visit_reason_ids:
-            body["allowed_visit_reason_ids"] = list(visit_reason_ids)
-        bodies.append(body)
+        seen.add(key)
+        bodies.append({"provider_id": provider_id, "start_time": wall, "time_zone": zone} | where)
     return bodies, skipped

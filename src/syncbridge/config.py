@@ -16,7 +16,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError, MalformedRecord
@@ -29,6 +29,7 @@ __all__ = [
     "AvailabilityRules",
     "ClinicianConfig",
     "ConnectorConfig",
+    "OnlineService",
     "PracticeConfig",
     "load_config",
     "parse_config",
@@ -76,13 +77,33 @@ def _spans(value: list[str]) -> list[str]:
     return [v.strip() for v in value]
 
 
+class OnlineService(_Strict):
+    """A service clients may book online (self-scheduling), by its service (CPT) code."""
+
+    #: the session length this service is booked for
+    minutes: int = Field(ge=5, le=480)
+    #: an intake (a first assessment): the only services offered to clients new to the practice,
+    #: and counted towards ``new_client_weekly_cap``; the others are offered to existing clients
+    intake: bool = False
+
+
 class AvailabilityRules(_Strict):
     """How free slots are offered to directories (DESIGN section 7); clinicians may override any key."""
 
-    #: local working hours per weekday, e.g. ``mon: ["09:00-12:00", "13:00-17:00"]``; absent day = not working
+    #: local working hours per weekday, e.g. ``mon: ["09:00-12:00", "13:00-17:00"]``; absent day = not
+    #: working. With ``telehealth_hours`` set, these are the office (in person) hours
     working_hours: dict[str, list[str]] = Field(
         default_factory=lambda: {d: ["09:00-17:00"] for d in _WEEKDAYS[:5]}
     )
+    #: local hours offered as telehealth, per weekday like ``working_hours``; published to the
+    #: directory's virtual location, the working hours to the office. Empty: one kind of hours
+    telehealth_hours: dict[str, list[str]] = Field(default_factory=dict)
+    #: services bookable online, by service code, each with its own length: a slot is offered for
+    #: every service that fits there. Empty: one service of ``session_minutes``, for any client
+    online_services: dict[str, OnlineService] = Field(default_factory=dict)
+    #: intake slots are no longer offered in a week (Monday to Sunday) already holding this many
+    #: sessions of an intake service (null: no cap)
+    new_client_weekly_cap: int | None = Field(None, ge=0)
     session_minutes: int = Field(50, ge=5, le=480)
     #: slot start times fall on this grid from the start of each working span
     granularity_minutes: int = Field(15, ge=5, le=240)
@@ -100,7 +121,7 @@ class AvailabilityRules(_Strict):
     new_booking_intensive: bool = True
     minimum_notice_hours: float = Field(24.0, ge=0)
 
-    @field_validator("working_hours")
+    @field_validator("working_hours", "telehealth_hours")
     @classmethod
     def _hours(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
         out = {}
@@ -109,6 +130,12 @@ class AvailabilityRules(_Strict):
                 raise ValueError(f"unknown weekday {day!r}; use mon, tue, wed, thu, fri, sat, sun")
             out[day.lower()[:3]] = _spans(spans)
         return out
+
+    @model_validator(mode="after")
+    def _intake_cap(self) -> AvailabilityRules:
+        if self.new_client_weekly_cap is not None and not any(s.intake for s in self.online_services.values()):
+            raise ValueError("new_client_weekly_cap counts intake sessions: mark at least one of online_services as intake: true")
+        return self
 
 
 class AvailabilityConfig(AvailabilityRules):

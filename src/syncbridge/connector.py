@@ -205,10 +205,16 @@ class BusyInterval:
 
 @dataclass(frozen=True, slots=True)
 class Slot:
-    """A bookable slot offered to clients; aware datetimes."""
+    """A bookable slot offered to clients; aware datetimes. ``end`` is that of the longest service."""
 
     start: datetime
     end: datetime
+    #: "in_person" (the office) or "telehealth" (a directory's virtual location); None: the one location
+    modality: str | None = None
+    #: service codes bookable from ``start`` (each fits); empty: the one service of the rules
+    services: tuple[str, ...] = ()
+    #: "new" (clients new to the practice: intake services) or "existing"; None: any client
+    clients: str | None = None
 
 
 class Host:

@@ -39,13 +39,22 @@ log = structlog.get_logger("syncbridge.publisher")
 
 
 def encode_slots(slots: Sequence[Slot]) -> str:
-    """The stored form of a date's wanted slots: [[start, end], ...] as UTC snapshot strings."""
-    return json.dumps([[iso(s.start), iso(s.end)] for s in sorted(slots, key=lambda s: s.start)], separators=(",", ":"))
+    """The stored form of a date's wanted slots: [[start, end], ...] as UTC snapshot strings, with
+    [modality, services, clients] after them where self-scheduling rules set them."""
+    def one(s: Slot) -> list[object]:
+        plain = s.modality is None and not s.services and s.clients is None
+        return [iso(s.start), iso(s.end)] if plain else [iso(s.start), iso(s.end), s.modality, list(s.services), s.clients]
+
+    return json.dumps([one(s) for s in sorted(slots, key=lambda s: (s.start, s.modality or "", s.clients or ""))], separators=(",", ":"))
 
 
 def decode_slots(text: str, zone: ZoneInfo) -> list[Slot]:
     """Stored slots as aware instants in the clinician's zone (what ``Connector.publish`` takes)."""
-    return [Slot(parse_iso(a).astimezone(zone), parse_iso(b).astimezone(zone)) for a, b in json.loads(text)]
+    out = []
+    for item in json.loads(text):
+        start, end = parse_iso(item[0]).astimezone(zone), parse_iso(item[1]).astimezone(zone)
+        out.append(Slot(start, end, item[2], tuple(item[3]), item[4]) if len(item) > 2 else Slot(start, end))
+    return out
 
 
 def slot_digest(encoded: str, account: object) -> str:
@@ -183,11 +192,12 @@ class Publisher:
         rules = self.config.availability_of(clinician)
         horizon = self.config.availability.horizon_days
         first = now.astimezone(zone).date()
-        lo = iso(datetime.combine(first, datetime.min.time(), zone).astimezone(UTC) - timedelta(days=1))
+        monday = first - timedelta(days=first.weekday())  # the weekly intake cap counts the whole first week
+        lo = iso(datetime.combine(monday, datetime.min.time(), zone).astimezone(UTC) - timedelta(days=1))
         hi = iso(datetime.combine(first + timedelta(days=horizon + 1), datetime.min.time(), zone).astimezone(UTC))
         intensive = set(rules.intensive_service_codes)
         sessions = [
-            Session(parse_iso(s["start"]), parse_iso(s["end"]), intensive=s.get("service_code") in intensive)
+            Session(parse_iso(s["start"]), parse_iso(s["end"]), intensive=s.get("service_code") in intensive, service_code=s.get("service_code"))
             for s in self.store.sessions_of(clinician, lo, hi)
         ]
         busy = [(parse_iso(a), parse_iso(b)) for a, b in self.store.busy_of(clinician, lo, hi)]

@@ -48,8 +48,14 @@ _BATCH = 100
 
 
 def same_slots(shown: Sequence[Slot], wanted: Sequence[Slot]) -> bool:
-    """Whether a directory shows exactly the wanted slots, compared by start instant."""
-    return sorted({s.start.astimezone(UTC) for s in shown}) == sorted({s.start.astimezone(UTC) for s in wanted})
+    """Whether a directory shows exactly the wanted slots: by start instant, modality (the office when
+    not said) and kind of client, and by services where the wanted slot names them."""
+    def key(s: Slot) -> tuple[object, ...]:
+        return s.start.astimezone(UTC), s.modality or "in_person", s.clients
+
+    want = {key(s): frozenset(s.services) for s in wanted}
+    seen = {key(s): frozenset(s.services) for s in shown}
+    return want.keys() == seen.keys() and all(not services or seen[k] == services for k, services in want.items())
 
 
 @dataclass(slots=True)

@@ -5,6 +5,11 @@ daylight-saving change) and in aware instants for everything that can overlap. A
 when, counting it as one more session, the day still respects every rule: working hours, busy
 time, other sessions with their buffers, the daily cap, the run of intensive sessions, and the
 minimum notice.
+
+Self-scheduling (``online_services``, ``telehealth_hours``, ``new_client_weekly_cap``): a start is
+offered for each online service whose own length fits there, as one slot for new clients (intake
+services) and one for existing clients (the others); office and telehealth hours give slots of
+their modality, which a directory publishes to its physical or virtual location.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 from ..config import AvailabilityRules
 from ..connector import Slot
+from ..model import Modality
 
 __all__ = ["Session", "day_slots", "slots_digest"]
 
@@ -30,6 +36,7 @@ class Session:
     start: datetime
     end: datetime
     intensive: bool = False
+    service_code: str | None = None
 
 
 def _local(day: date, hhmm: str, zone: ZoneInfo) -> datetime | None:
@@ -43,14 +50,31 @@ def _local(day: date, hhmm: str, zone: ZoneInfo) -> datetime | None:
     return aware if _exists(aware) else None
 
 
-def working_spans(day: date, rules: AvailabilityRules, zone: ZoneInfo) -> list[tuple[datetime, datetime]]:
+def working_spans(day: date, rules: AvailabilityRules, zone: ZoneInfo, hours: dict[str, list[str]] | None = None) -> list[tuple[datetime, datetime]]:
     out = []
-    for span in rules.working_hours.get(_WEEKDAYS[day.weekday()], []):
+    for span in (rules.working_hours if hours is None else hours).get(_WEEKDAYS[day.weekday()], []):
         a, b = span.split("-")
         start, end = _local(day, a, zone), _local(day, b, zone)
         if start is not None and end is not None and start < end:
             out.append((start, end))
     return out
+
+
+def _spans_by_modality(day: date, rules: AvailabilityRules, zone: ZoneInfo) -> list[tuple[datetime, datetime, str | None]]:
+    """Working spans with the modality they are offered as: None (the directory's one location)
+    unless telehealth hours are set, then the office hours are in person."""
+    if not rules.telehealth_hours:
+        return [(a, b, None) for a, b in working_spans(day, rules, zone)]
+    return [(a, b, Modality.IN_PERSON.value) for a, b in working_spans(day, rules, zone)] + [
+        (a, b, Modality.TELEHEALTH.value) for a, b in working_spans(day, rules, zone, rules.telehealth_hours)]
+
+
+def _week_intakes(day: date, zone: ZoneInfo, sessions: Iterable[Session], intake: set[str]) -> int:
+    """Sessions of an intake service in ``day``'s week (Monday to Sunday, local)."""
+    monday = _local(day - timedelta(days=day.weekday()), "00:00", zone)
+    sunday = _local(day + timedelta(days=7 - day.weekday()), "00:00", zone)
+    assert monday is not None and sunday is not None
+    return sum(1 for s in sessions if s.service_code in intake and monday <= s.start < sunday)
 
 
 def _exists(local: datetime) -> bool:
@@ -84,8 +108,9 @@ def day_slots(
     busy: Iterable[tuple[datetime, datetime]],
     now: datetime,
 ) -> list[Slot]:
-    """Bookable slots on the clinician's local ``day``, in start order."""
-    length = timedelta(minutes=rules.session_minutes)
+    """Bookable slots on the clinician's local ``day``, in start order. ``sessions`` may cover more
+    than the day: the weekly intake cap counts the whole week's."""
+    sessions = list(sessions)
     step = timedelta(minutes=rules.granularity_minutes)
     before = timedelta(minutes=rules.buffer_before_minutes)
     after = timedelta(minutes=rules.buffer_after_minutes)
@@ -97,22 +122,35 @@ def day_slots(
     blocked = [(b0, b1) for b0, b1 in busy if _overlaps(b0, b1, day_start - after, day_end + before)]
     if rules.max_sessions_per_day is not None and len(booked) >= rules.max_sessions_per_day:
         return []
+    # (code, minutes, intake): the online services, or the one service of session_minutes
+    services = [(c, s.minutes, s.intake) for c, s in rules.online_services.items()] or [(None, rules.session_minutes, False)]
+    intake_codes = {c for c, _, intake in services if intake}
+    if rules.new_client_weekly_cap is not None and _week_intakes(day, zone, sessions, intake_codes) >= rules.new_client_weekly_cap:
+        services = [s for s in services if not s[2]]  # the week's new clients are booked
+    intensive_codes = set(rules.intensive_service_codes)
     out: list[Slot] = []
-    for span_start, span_end in working_spans(day, rules, zone):
+    for span_start, span_end, modality in _spans_by_modality(day, rules, zone):
         start = span_start
-        while start + length <= span_end:
-            end = start + length
-            if _exists(start) and start >= earliest and _free(start, end, before, after, booked, blocked):
-                candidate = Session(start, end, intensive=rules.new_booking_intensive)
-                if (
-                    rules.max_consecutive_intensive is None
-                    or not candidate.intensive
-                    or _intensive_run(candidate, booked, gap) <= rules.max_consecutive_intensive
-                ):
-                    out.append(Slot(start, end))
+        while start < span_end:
+            if _exists(start) and start >= earliest:
+                fits: dict[bool, list[tuple[str | None, timedelta]]] = {True: [], False: []}
+                for code, minutes, intake in services:
+                    end = start + timedelta(minutes=minutes)
+                    if end > span_end or not _free(start, end, before, after, booked, blocked):
+                        continue
+                    candidate = Session(start, end, intensive=rules.new_booking_intensive or code in intensive_codes)
+                    if (rules.max_consecutive_intensive is None or not candidate.intensive
+                            or _intensive_run(candidate, booked, gap) <= rules.max_consecutive_intensive):
+                        fits[intake].append((code, end - start))
+                for intake, fitting in fits.items():
+                    if not fitting:
+                        continue
+                    codes = tuple(sorted(c for c, _ in fitting if c is not None))
+                    clients = (("new" if intake else "existing") if rules.online_services else None)
+                    out.append(Slot(start, start + max(length for _, length in fitting), modality, codes, clients))
             # step on the wall clock so slots keep their local times through a DST change
             start = (start.replace(tzinfo=None) + step).replace(tzinfo=zone)
-    return out
+    return sorted(out, key=lambda s: (s.start, s.modality or "", s.clients or ""))
 
 
 def _free(
