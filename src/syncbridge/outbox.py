@@ -266,13 +266,15 @@ class Outbox:
 
     @staticmethod
     def _reachable(tx: Tx, name: str, now: str) -> None:
-        """A write landed: an outage of ``name`` is over and its warning closes by itself."""
+        """A write landed: an outage of ``name`` is over, its warning closes by itself, and the writes
+        still waiting out its backoff go now (not up to ``outbox.backoff_max`` later)."""
         outage = tx.outage_over(name)
         if outage is None:
             return
         if tx.close_work(f"outage:{name}", now, "applied"):
             tx.audit.add(now, "worklist_closed", name, None, {"key": f"outage:{name}"})
-        log.info("reachable_again", connector=name, failures=outage.failures, seconds=round(time.time() - outage.since, 1))
+        due = tx.outbox_due_now(name, time.time())
+        log.info("reachable_again", connector=name, failures=outage.failures, seconds=round(time.time() - outage.since, 1), writes_due=due)
 
     def _tell(self, connector: str, outcome: str, seconds: float | None = None) -> None:
         for listener in self.listeners:

@@ -255,6 +255,16 @@ class Tx:
         if key is not None:
             insert_rows(self.conn, _INSERT_OUTBOX, [(connector, key, appointment_id, version, now, now)], _ENQUEUE_NOW)
 
+    def outbox_due_now(self, connector: str, now: float, *, limit: int | None = None) -> int:
+        """``connector`` answers again: its writes waiting out the backoff of an outage (a transient
+        error, as ``Outbox._retry`` records it) are due at once, the earliest ``limit`` of them, rather
+        than up to ``outbox.backoff_max`` later; a write a Retry-After holds keeps its time. Returns
+        how many were made due."""
+        self.flush()
+        sql = ("UPDATE outbox SET due_at = ? WHERE connector = ? AND appt IN (SELECT appt FROM outbox WHERE connector = ? "
+               "AND dead = 0 AND due_at > ? AND last_error LIKE 'transient:%' ORDER BY due_at LIMIT ?)")
+        return int(self.conn.execute(sql, (now, connector, connector, now, -1 if limit is None else limit)).rowcount)
+
     def outbox_waiting(self, connector: str) -> int:
         """Writes queued for ``connector`` and not dead-lettered."""
         self.flush()

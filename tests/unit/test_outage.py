@@ -160,3 +160,44 @@ async def test_only_errors_not_understood_count_towards_max_attempts(tmp_path: P
     Flaky.script = [RuntimeError("a bug")] if kind == "unexpected" else [RateLimited("503")]
     await _drain_until(outbox, lambda: bool(Flaky.applied))
     assert engine.store.dead_letters() == []
+
+
+async def test_writes_waiting_out_a_long_backoff_go_as_soon_as_the_system_answers(tmp_path: Path) -> None:
+    """Three sessions written while the calendar is down wait out a long backoff (30 s and more,
+    as after an hour-long outage). When it answers again, the next pull sends one of them as a
+    probe and, once that lands, the other two right after: all within a poll of the return, not up
+    to ``outbox.backoff_max`` later. A write a Retry-After holds keeps its time."""
+    import os
+
+    from syncbridge.runtime import Daemon
+
+    Flaky.down, Flaky.script, Flaky.attempts, Flaky.applied = False, [RateLimited("429", retry_after=120)], 0, []
+    daemon = Daemon(None, parse_config(yaml.safe_dump({
+        "store": {"path": str(tmp_path / "s.db")},
+        "clinicians": {"dr_a": {"accounts": {"cal": {}}}},
+        "connectors": {"cal": {"type": "tests.unit.test_outage:Flaky"}},
+        "outbox": {"backoff_base": 60, "backoff_max": 300},
+        "http": {"enabled": False},
+    })))
+    try:
+        start = datetime(2027, 1, 5, 10, tzinfo=UTC)
+        snap = empty_snapshot() | {"clinician": "dr_a", "end": iso(start + timedelta(hours=9)), "timezone": "America/New_York"}
+        daemon.engine.change("sb-throttled", snap | {"start": iso(start)}, via="ehr")
+        await daemon.outbox.drain()  # 429, Retry-After 120 s
+        Flaky.down = True
+        for hour in (11, 12, 13):
+            daemon.engine.change(f"sb-{hour}", snap | {"start": iso(start.replace(hour=hour))}, via="ehr")
+        await daemon.outbox.drain()
+        assert Flaky.attempts == 4 and Flaky.applied == [] and daemon.store.outbox_next_due() > time.time() + 25
+
+        Flaky.down = False
+        await daemon.poll("cal")
+        await daemon.outbox.drain()
+        assert sorted(a["start"] for a in Flaky.applied) == [iso(start.replace(hour=h)) for h in (11, 12, 13)]
+        assert not daemon.store.outage("cal") and daemon.store.connector_state("cal")["healthy"]
+        (held,) = daemon.store.outbox_due(float("inf"), 10)
+        assert held.appointment_id == "sb-throttled" and held.due_at > time.time() + 100
+    finally:
+        daemon.stopping.set()
+        daemon.store.close()
+        os.close(daemon._instance_lock)
