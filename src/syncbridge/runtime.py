@@ -34,6 +34,7 @@ from .anchors import EVENT, append_anchor, make_anchor
 from .errors import AuthError, ConfigError, RateLimited, SyncbridgeError, TransientError, error_kind
 from .instance_lock import hold_instance_lock
 from .logging import configure
+from .reloading import effects
 from .host import DaemonHost, Vault
 from .metrics import Metrics
 from .model import iso, utcnow
@@ -61,6 +62,8 @@ class Daemon:
         self.config_path = Path(config_path) if config_path else None
         self.config = config
         self._instance_lock = hold_instance_lock(Path(config.store.path))
+        #: settings changed by a reload that only a restart applies (reloading.py)
+        self.pending_restart: tuple[str, ...] = ()
         #: the audit head last anchored (anchors.py)
         self._anchored: tuple[int, str] | None = None
         self.store = Store(config.store.path, cache_mb=config.store.cache_mb)
@@ -450,7 +453,10 @@ class Daemon:
         if new.store.path != self.config.store.path:
             log.error("reload_refused", problem="store.path cannot change while running; restart instead")
             return
-        old = self.connectors
+        old, effect = self.connectors, effects(self.config, new)
+        relog = self.config.logging != new.logging
+        self.outbox.cfg = new.outbox
+        self.pending_restart = tuple(dict.fromkeys((*self.pending_restart, *effect.restart)))
         self.config = new
         self.connectors = build_connectors(new)
         self.engine.connectors = self.connectors
@@ -467,7 +473,11 @@ class Daemon:
         for c in old.values():
             asyncio.get_running_loop().create_task(c.close())
         notify(status=f"reloaded: syncing {len(self.connectors)} connectors")
-        log.info("reloaded", connectors=sorted(self.connectors))
+        log.info("reloaded", connectors=sorted(self.connectors), applied=list(effect.applied), needs_restart=list(self.pending_restart))
+        if effect.restart:
+            log.warning("reload_needs_restart", keys=list(effect.restart), action="systemctl restart syncbridge")
+        if relog:  # after saying so at the old level, so a quieter level still shows the reload
+            configure(new.logging.level, new.logging.json_logs)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -83,7 +83,7 @@ def render_status(daemon: Daemon) -> str:
     ]
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>syncbridge: {_e(cfg.practice.name)}</title>
 <meta name="viewport" content="width=device-width,initial-scale=1"><style>{_STYLE}</style></head><body>
-<h1>syncbridge &middot; {_e(cfg.practice.name)}</h1><p class="muted">as of {_e(now.strftime("%Y-%m-%d %H:%M:%S UTC"))}</p>
+<h1>syncbridge &middot; {_e(cfg.practice.name)}</h1><p class="muted">as of {_e(now.strftime("%Y-%m-%d %H:%M:%S UTC"))}</p>{_restart_note(daemon)}
 <h2>Connectors</h2>{_table(["name", "type", "role", "health", "last good pull", "writes waiting", "dead letters"], conn_rows, "no connectors configured")}
 <h2>Recent cancellations</h2>{_table(["session", "clinician", "what", "fee", "came through", "billing", "where applied"], cancel_rows, "no cancellations yet")}
 <h2>Directory availability</h2>{_table(["directory", "dates as wanted", "waiting", "since", "dead", "last error"], slot_rows, "none")}
@@ -92,6 +92,14 @@ def render_status(daemon: Daemon) -> str:
 <h2>Dead letters</h2>{_table(["system", "appointment", "attempts", "last error"], dead_rows, "none")}
 <h2>Conflicts</h2>{_table(["when", "system", "appointment", "field", "kept"], conflict_rows, "none")}
 </body></html>"""
+
+
+def _restart_note(daemon: Daemon) -> str:
+    """Settings a reload could not apply, until the daemon is restarted."""
+    keys = getattr(daemon, "pending_restart", ())
+    if not keys:
+        return ""
+    return f'<p class="bad">Changed in the configuration, applied only after a restart: {_e(", ".join(keys))}</p>'
 
 
 def _slot_rows(daemon: Daemon) -> list[list[str]]:
