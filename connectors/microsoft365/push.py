@@ -28,6 +28,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from syncbridge.connector import WebhookRoute
 from syncbridge.errors import SyncbridgeError
+from syncbridge.limits import loads
 
 if TYPE_CHECKING:
     from .connector import Microsoft365Connector
@@ -89,7 +90,7 @@ class Push:
         """The notification items when every one carries our clientState; None otherwise."""
         expected = self.c.host.vault_get(STATE_KEY)
         try:
-            payload = json.loads(body)
+            payload = loads(body)
         except ValueError:
             return None
         items = payload.get("value") if isinstance(payload, dict) else None
@@ -135,7 +136,7 @@ class Push:
         """``clinician/event-id`` of every change named, minus echoes of our own writes; None (pull)
         when one cannot be placed."""
         try:
-            items = json.loads(body).get("value", [])
+            items = loads(body).get("value", [])
         except (ValueError, AttributeError):
             return None
         subs = {s.get("id"): k for k, s in self.subscriptions().items()}

@@ -18,7 +18,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -30,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 
 from syncbridge.connector import Host, WebhookRoute
 from syncbridge.errors import AuthError
-from syncbridge.limits import MAX_WEBHOOK_BYTES
+from syncbridge.limits import MAX_WEBHOOK_BYTES, loads
 
 __all__ = [
     "SIGNATURE_HEADER",
@@ -140,8 +139,8 @@ def verify(headers: Mapping[str, str], body: bytes, key: bytes, *, tolerance: fl
 def parse_event(body: bytes) -> dict[str, Any]:
     """The event, checked for the fields the connector relies on."""
     try:
-        event = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
+        event = loads(body)
+    except ValueError as err:
         raise WebhookRefused(400, "body is not JSON") from err
     if not isinstance(event, dict):
         raise WebhookRefused(400, "body is not a JSON object")

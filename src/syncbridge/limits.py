@@ -7,7 +7,7 @@ from typing import Any
 
 from .errors import MalformedRecord, SyncbridgeError
 
-__all__ = ["MAX_RECORD_BYTES", "MAX_WEBHOOK_BYTES", "check_record_size", "json_object"]
+__all__ = ["MAX_RECORD_BYTES", "MAX_WEBHOOK_BYTES", "check_record_size", "json_object", "loads"]
 
 #: one calendar event, FHIR resource or directory record; real ones are a few kilobytes
 MAX_RECORD_BYTES = 1 << 20
@@ -21,6 +21,17 @@ def check_record_size(size: int, what: str, limit: int = MAX_RECORD_BYTES) -> No
         raise MalformedRecord(f"{what} is {size:,} bytes, over the {limit:,}-byte limit for one record; it was skipped")
 
 
+def loads(content: bytes | str) -> Any:
+    """``json.loads`` for what the outside world sends: any text it cannot take as a JSON document,
+    nesting too deep for the parser included (``RecursionError``), is a ``ValueError``."""
+    try:
+        return json.loads(content)
+    except RecursionError as err:
+        raise ValueError("the JSON is nested too deeply") from err
+    except UnicodeDecodeError as err:
+        raise ValueError("the body is not UTF-8 text") from err
+
+
 def json_object(
     content: bytes, what: str, *, limit: int = MAX_RECORD_BYTES, not_json: type[SyncbridgeError] = MalformedRecord, kind: str = "an object"
 ) -> dict[str, Any]:
@@ -28,7 +39,7 @@ def json_object(
     unreadable text means for that vendor (a broken record, or a proxy page worth retrying)."""
     check_record_size(len(content), what, limit)
     try:
-        body = json.loads(content)
+        body = loads(content)
     except ValueError as err:
         raise not_json(f"{what}: the answer is not JSON") from err
     if not isinstance(body, dict):

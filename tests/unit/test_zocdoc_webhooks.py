@@ -86,6 +86,8 @@ EVENT = json.dumps({
         "appointment_update_type": "cancelled", "changed_attributes": [{"attribute_path": "appointment.status"}]}},
 }).encode()
 HUGE = EVENT[:-1] + b', "pad": "' + b"x" * (300 << 10) + b'"}'
+#: small, correctly signed, and nested deeper than the JSON parser recurses
+NESTED = b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 
 
 async def test_zocdoc_cancellation_arrives_by_webhook(zocdoc: Any, connector: Any, receiver: str) -> None:
@@ -129,8 +131,9 @@ async def test_provider_reason_maps_back_to_clinician(zocdoc: Any, connector: An
         (lambda: _signed(EVENT) | {"webhook-signature": "garbage"}, EVENT, 401, "no version-prefixed"),
         (lambda: _signed(EVENT) | {"webhook-timestamp": "soon"}, EVENT, 400, "unix seconds"),
         (lambda: _signed(HUGE), HUGE, 413, "body over"),
+        (lambda: _signed(NESTED), NESTED, 400, "not JSON"),
     ],
-    ids=["forged", "stale", "future", "not-json", "no-appointment", "unsigned", "unparsable-signature", "bad-timestamp", "huge"],
+    ids=["forged", "stale", "future", "not-json", "no-appointment", "unsigned", "unparsable-signature", "bad-timestamp", "huge", "nested"],
 )
 async def test_bad_webhooks_are_refused_and_change_nothing(connector: Any, receiver: str, headers: Any, body: bytes, status: int,
                                                            problem: str) -> None:
