@@ -462,7 +462,7 @@ class Daemon:
         self.engine.connectors = self.connectors
         self.engine.config = new
         self.publisher.connectors, self.publisher.config = self.connectors, new
-        self.slots.connectors, self.slots.config = self.connectors, new
+        self.slots.reconfigure(self.connectors, new)
         self.publisher.note_everything(look=True)  # a location or a rule may have changed: look at every date
         self.availability_due.set()
         self._attach_hosts()

@@ -81,6 +81,11 @@ class SlotWriter:
         #: called with (connector, request "get" or "put", outcome, seconds the date waited or None)
         self.listeners: list[Callable[[str, str, str, float | None], None]] = []
 
+    def reconfigure(self, connectors: dict[str, Connector], config: PracticeConfig) -> None:
+        """A reload: new connectors (credentials may have been fixed), so no backoff is kept."""
+        self.connectors, self.config = connectors, config
+        self.backoff = Backoff(config.outbox.backoff_base, config.outbox.backoff_max)
+
     def next_due(self) -> float | None:
         """When the next date may be tried (a connector backing off holds its dates back)."""
         now = time.time()
