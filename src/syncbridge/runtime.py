@@ -108,7 +108,7 @@ class Daemon:
     def _observed(self, name: str, report: ObserveReport) -> None:
         self.metrics.pulls.labels(name, "held" if report.held else "ok").inc()
         self.metrics.observed.labels(name).inc(report.created + report.updated)
-        if self.publisher.note(name, report):
+        if self.slots.answered(name) | self.publisher.note(name, report):
             self.availability_due.set()
 
     def _written(self, name: str, outcome: str, seconds: float | None) -> None:

@@ -11,9 +11,10 @@ error marks the connector unhealthy; a permanent one dead-letters the date with 
 naming the clinician's dates; errors not understood count strikes towards ``outbox.max_attempts``.
 
 A directory's timeslot endpoint is one resource, so the backoff is the connector's (as for its
-reads), not each date's: while it fails, one date probes after each backoff; when it answers,
-every waiting date goes at once. A directory failing now and then converges within seconds, and
-one that is down costs one request per backoff, however many dates wait.
+reads), not each date's: while it fails, one date probes after each backoff, or as soon as the
+directory answers a read (a pull, a webhook's re-read) unless it asked for a Retry-After; when the
+probe lands, every waiting date goes at once. A directory failing now and then converges within
+seconds, and one that is down costs one request per backoff, however many dates wait.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class SlotWriter:
         #: the outbox whose outage bookkeeping (status, the worklist warning) slot writes share
         self.outbox = outbox
         self.backoff = Backoff(config.outbox.backoff_base, config.outbox.backoff_max)
+        #: connector -> until when it asked us to wait (Retry-After); a read answering does not cut that short
+        self._asked_to_wait: dict[str, float] = {}
         #: called with (connector, request "get" or "put", outcome, seconds the date waited or None)
         self.listeners: list[Callable[[str, str, str, float | None], None]] = []
 
@@ -85,6 +88,17 @@ class SlotWriter:
         """A reload: new connectors (credentials may have been fixed), so no backoff is kept."""
         self.connectors, self.config = connectors, config
         self.backoff = Backoff(config.outbox.backoff_base, config.outbox.backoff_max)
+
+    def answered(self, name: str) -> bool:
+        """The directory answered a read (a pull, a webhook's re-read) while its slot writes were
+        backing off: one date goes now as a probe, as the outbox does for its writes, so a directory
+        failing now and then gets its withdrawn slots within seconds; True when a probe is due."""
+        if not self.backoff.failures.get(name) or self.backoff.wait(name) <= 0 or self._asked_to_wait.get(name, 0) > time.time():
+            return False  # not backing off, or the directory asked for the wait (Retry-After): honoured
+        self.backoff.not_before.pop(name, None)  # the failure count stays: one date probes first
+        with self.store.tx() as tx:
+            tx.slot_probe_now(name, time.time())
+        return True
 
     def next_due(self) -> float | None:
         """When the next date may be tried (a connector backing off holds its dates back)."""
@@ -149,10 +163,13 @@ class SlotWriter:
 
     def _settled(self, connector: Connector, row: SlotState, request: str, outcome: str) -> None:
         name = connector.name
+        recovered = bool(self.backoff.failures.get(name))
         self.backoff.succeeded(name)
         now = iso(utcnow())
         with self.store.tx() as tx:
             tx.slot_settled(name, row.clinician, row.day, row.seq, row.digest, now)
+            if recovered:  # the probe landed: every date waiting for this directory goes now
+                tx.slot_all_due(name, time.time())
             Outbox._reachable(tx, name, now)
             if not self.store.slot_dead_days(name, row.clinician) and tx.close_work(_work_key(name, row.clinician), now, "applied"):
                 tx.audit.add(now, "worklist_closed", name, None, {"key": _work_key(name, row.clinician)})
@@ -167,6 +184,8 @@ class SlotWriter:
         cfg = self.config.outbox
         if isinstance(err, TransientError):  # unreachable or throttled: wait for it, never give up
             delay = self.backoff.failed(name, err.retry_after)
+            if err.retry_after:
+                self._asked_to_wait[name] = now + err.retry_after
             with self.store.tx() as tx:
                 tx.slot_retry(name, row.clinician, row.day, now + delay, message)
             if self.outbox is not None:

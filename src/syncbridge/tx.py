@@ -375,6 +375,21 @@ class Tx:
         ).fetchall()
         return int(row[0][0]) if row else 0
 
+    def slot_probe_now(self, connector: str, now: float) -> None:
+        """The connector's earliest waiting date is due now (a probe after its backoff was lifted)."""
+        self.conn.execute(
+            "UPDATE slot_states SET due_at = ? WHERE rowid = (SELECT rowid FROM slot_states WHERE connector = ? "
+            "AND due_at IS NOT NULL AND dead = 0 ORDER BY written IS NOT NULL AND written = digest, due_at LIMIT 1) AND due_at > ?",
+            (now, connector, now),
+        )
+
+    def slot_all_due(self, connector: str, now: float) -> None:
+        """The connector answers again: every date waiting out a transient backoff is due now (those
+        retried for errors not understood keep their time)."""
+        self.conn.execute(
+            "UPDATE slot_states SET due_at = ? WHERE connector = ? AND due_at > ? AND dead = 0 AND strikes = 0", (now, connector, now)
+        )
+
     def slot_dead(self, connector: str, clinician: str, day: str, error: str) -> None:
         self.conn.execute(
             "UPDATE slot_states SET dead = 1, attempts = attempts + 1, last_error = ? WHERE connector = ? AND clinician = ? AND day = ?",

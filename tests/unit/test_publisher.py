@@ -287,3 +287,31 @@ async def test_sessions_the_practice_put_side_by_side_are_not_raised(world: Worl
     changed(world, a, b)
     world.publisher.plan()
     assert world.store.worklist() == []
+
+
+async def test_a_read_answering_lets_one_date_probe_unless_retry_after_says_wait(world: World) -> None:
+    """While slot writes back off after a 500, the directory answering a read sends one date at once;
+    after a 429 with Retry-After, a read answering changes nothing until the time has passed."""
+    await world.converge()
+    appt = book(world.engine, "c4", TUESDAY_10)
+    changed(world, appt)
+    world.publisher.plan()
+    from syncbridge.retry import Backoff
+
+    world.writer.backoff = Backoff(base=5.0, cap=60.0)  # the shipped scale: a failure holds the directory back for seconds
+    Directory.script = [TransientError("500")]
+    await world.writer.drain()
+    assert world.writer.backoff.wait("directory") > 1 and world.store.slot_counts()["directory"][1] == 1
+    Directory.script = []
+    assert world.writer.answered("directory")  # a pull or a webhook re-read went through
+    await world.writer.drain()
+    assert world.store.slot_counts()["directory"][1] == 0 and TUESDAY_10 not in Directory.shown[("c4", date(2026, 12, 1))]
+
+    cancel(world.engine, appt)
+    changed(world, appt)
+    world.publisher.plan()
+    Directory.script = [RateLimited("slow down", retry_after=30)]
+    await world.writer.drain()
+    assert not world.writer.answered("directory")
+    await world.writer.drain()
+    assert world.store.slot_counts()["directory"][1] == 1  # still waiting out the 30 s
