@@ -48,6 +48,8 @@ class ObserveReport:
     #: (clinician, start) of sessions booked, moved or cancelled in a directory (before and after):
     #: the directory may have changed its own slots on those dates (``publishes_availability``)
     touched: list[tuple[str, str]] = field(default_factory=list)
+    #: the cursor was left alone: it was reset (``syncbridge resync``) while the pull was in flight
+    reset: bool = False
 
     def add(self, other: ObserveReport) -> None:
         for name in ("seen", "created", "updated", "echoes", "ignored", "rejected", "conflicts"):
@@ -96,8 +98,10 @@ class Engine:
     async def sync(self, name: str, *, full: bool = False) -> ObserveReport:
         """Pull ``name`` from its stored cursor (or from scratch) until it has nothing more."""
         connector = self.connectors[name]
-        cursor = None if full else self.store.cursor(name)
+        stored = self.store.cursor(name)  # the cursor advances only from this (a reset meanwhile wins)
+        cursor = None if full else stored
         total = ObserveReport()
+        restarted = False
         while True:
             pulled_at = self.clock()
             try:
@@ -107,11 +111,18 @@ class Engine:
                 with self.store.tx() as tx:
                     tx.audit.add(iso(self.clock()), "cursor_expired", name, None, {})
                 result = await connector.pull(None)
-            report = self.observe(name, result, pulled_at=pulled_at)
+            report = self.observe(name, result, pulled_at=pulled_at, advance_from=(stored,))
             total.add(report)
-            if report.held or not result.more:
+            if report.reset and not restarted:
+                # `syncbridge resync` ran while this pull was in flight: what it read is merged, but
+                # its cursor is not written back over the reset; the full listing asked for is made now
+                log.info("resync_during_pull", connector=name)
+                restarted = True
+                stored, cursor = self.store.cursor(name), None
+                continue
+            if report.held or report.reset or not result.more:
                 break
-            cursor = result.cursor
+            stored = cursor = result.cursor
         if not total.held and not result.complete:  # a complete listing already found what is gone
             total.add(await self.presence(name))
         return total
@@ -142,8 +153,14 @@ class Engine:
         observations = [await connector.read(ext) for ext in dict.fromkeys(external_ids)]
         return self.observe(name, PullResult(observations, cursor=None), advance=False)
 
-    def observe(self, name: str, result: PullResult, *, advance: bool = True, pulled_at: datetime | None = None) -> ObserveReport:
-        """Commit one batch: canonical versions, links, audit, outbox rows and the cursor, atomically."""
+    def observe(
+        self, name: str, result: PullResult, *, advance: bool = True, pulled_at: datetime | None = None,
+        advance_from: tuple[str | None] | None = None,
+    ) -> ObserveReport:
+        """Commit one batch: canonical versions, links, audit, outbox rows and the cursor, atomically.
+
+        With ``advance_from`` (the stored cursor the pull started from) the cursor moves only if the
+        store still holds it; otherwise ``report.reset`` says it was reset meanwhile."""
         connector = self.connectors[name]
         now_dt = self.clock()
         now = iso(now_dt)
@@ -184,7 +201,7 @@ class Engine:
                 step = self.commit_batch
                 for k in range(0, max(len(observations), 1), step):
                     last = k + step >= len(observations)
-                    self._commit(name, connector, result, observations[k : k + step], report, now_dt, now, advance and last)
+                    self._commit(name, connector, result, observations[k : k + step], report, now_dt, now, advance and last, advance_from)
         finally:
             if collecting:
                 gc.enable()
@@ -195,7 +212,7 @@ class Engine:
 
     def _commit(
         self, name: str, connector: Connector, result: PullResult, observations: list[Observation], report: ObserveReport,
-        now_dt: datetime, now: str, advance: bool,
+        now_dt: datetime, now: str, advance: bool, advance_from: tuple[str | None] | None = None,
     ) -> None:
         with self.store.tx() as tx:
             tx.prefetch(name, (o.external_id for o in observations), (o.canonical_id for o in observations if o.canonical_id))
@@ -215,11 +232,11 @@ class Engine:
                     report.rejected += 1
                     tx.audit.add(now, "rejected", name, None, {"external_id": obs.external_id, "problem": str(err)})
                     log.warning("record_rejected", connector=name, external_id=obs.external_id, problem=str(err))
-            if advance:
-                tx.set_cursor(name, result.cursor, now, full=result.complete)
-                if result.failed_accounts:  # the others were read; health names the ones that were not
-                    tx.set_health(name, False, "could not read " + "; ".join(
-                        f"{account} ({error_kind(err)}: {err})" for account, err in sorted(result.failed_accounts.items())))
+            if advance and not tx.set_cursor(name, result.cursor, now, full=result.complete, only_from=advance_from):
+                report.reset = True
+            elif advance and result.failed_accounts:  # the others were read; health names the ones that were not
+                tx.set_health(name, False, "could not read " + "; ".join(
+                    f"{account} ({error_kind(err)}: {err})" for account, err in sorted(result.failed_accounts.items())))
 
     def _guard(self, tx: Tx, connector: Connector, cancelling: list[Observation], now: str) -> bool:
         """Mass-disappearance guard: hold a batch whose ``cancelling`` observations would cancel too much at once."""

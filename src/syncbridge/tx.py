@@ -201,14 +201,22 @@ class Tx:
         row = self.stored_links(appt_id).get(connector)
         return self._link_of(connector, row) if row is not None and row[2] == external_id else None
 
-    def set_cursor(self, connector: str, cursor: str | None, at: str, *, full: bool = False) -> None:
-        self.conn.execute(
+    def set_cursor(
+        self, connector: str, cursor: str | None, at: str, *, full: bool = False, only_from: tuple[str | None] | None = None
+    ) -> bool:
+        """Advance the cursor after a good pull; with ``only_from``, only while the store still holds
+        ``only_from[0]``, the cursor the pull started from, so a reset made meanwhile (``syncbridge
+        resync`` beside the daemon) wins over a pull that was in flight. True if it was written."""
+        sql = (
             "INSERT INTO cursors (connector, cursor, updated_at, last_good_pull, last_full_sweep, healthy) VALUES (?,?,?,?,?,1) "
             "ON CONFLICT (connector) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at, "
             "last_good_pull = excluded.last_good_pull, healthy = 1, note = NULL, "
-            "last_full_sweep = COALESCE(excluded.last_full_sweep, cursors.last_full_sweep)",
-            (connector, cursor, at, at, at if full else None),
+            "last_full_sweep = COALESCE(excluded.last_full_sweep, cursors.last_full_sweep)"
         )
+        args: tuple[Any, ...] = (connector, cursor, at, at, at if full else None)
+        if only_from is not None:
+            sql, args = sql + " WHERE cursors.cursor IS ?", (*args, only_from[0])
+        return int(self.conn.execute(sql, args).rowcount) > 0
 
     def forget_cursor(self, connector: str) -> None:
         self.conn.execute("UPDATE cursors SET cursor = NULL WHERE connector = ?", (connector,))
