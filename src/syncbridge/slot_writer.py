@@ -13,8 +13,10 @@ naming the clinician's dates; errors not understood count strikes towards ``outb
 A directory's timeslot endpoint is one resource, so the backoff is the connector's (as for its
 reads), not each date's: while it fails, one date probes after each backoff, or as soon as the
 directory answers a read (a pull, a webhook's re-read) unless it asked for a Retry-After; when the
-probe lands, every waiting date goes at once. A directory failing now and then converges within
-seconds, and one that is down costs one request per backoff, however many dates wait.
+probe lands, every waiting date goes at once. A directory that answered a slot request within the
+last minute is failing now and then rather than down, so its backoff stops growing at 2 s: it
+converges within seconds. One that is down costs one request per backoff (growing to
+``outbox.backoff_max``), however many dates wait.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ __all__ = ["SlotReport", "SlotWriter", "same_slots"]
 
 log = structlog.get_logger("syncbridge.slots")
 
+#: a directory whose slot requests succeeded this recently is failing now and then, not down: its
+#: backoff stops growing at ``_INTERMITTENT_CAP`` seconds (never below a Retry-After), because a slot
+#: left open next to a new booking is a double booking waiting to happen
+_INTERMITTENT_WINDOW = 60.0
+_INTERMITTENT_CAP = 2.0
 #: dates taken from the store per drain: a practice of 30 clinicians plans 630, all looked at after a
 #: start; a booking meanwhile is planned between two drains, its write going ahead of the looks
 _BATCH = 100
@@ -81,6 +88,8 @@ class SlotWriter:
         self.backoff = Backoff(config.outbox.backoff_base, config.outbox.backoff_max)
         #: connector -> until when it asked us to wait (Retry-After); a read answering does not cut that short
         self._asked_to_wait: dict[str, float] = {}
+        #: connector -> when a slot request last succeeded (monotonic)
+        self._answered_at: dict[str, float] = {}
         #: called with (connector, request "get" or "put", outcome, seconds the date waited or None)
         self.listeners: list[Callable[[str, str, str, float | None], None]] = []
 
@@ -165,6 +174,7 @@ class SlotWriter:
         name = connector.name
         recovered = bool(self.backoff.failures.get(name))
         self.backoff.succeeded(name)
+        self._answered_at[name] = time.monotonic()
         now = iso(utcnow())
         with self.store.tx() as tx:
             tx.slot_settled(name, row.clinician, row.day, row.seq, row.digest, now)
@@ -183,7 +193,8 @@ class SlotWriter:
         message = f"{error_kind(err) if isinstance(err, Exception) else 'error'}: {err}"[:500]
         cfg = self.config.outbox
         if isinstance(err, TransientError):  # unreachable or throttled: wait for it, never give up
-            delay = self.backoff.failed(name, err.retry_after)
+            intermittent = time.monotonic() - self._answered_at.get(name, float("-inf")) < _INTERMITTENT_WINDOW
+            delay = self.backoff.failed(name, err.retry_after, cap=_INTERMITTENT_CAP if intermittent else None)
             if err.retry_after:
                 self._asked_to_wait[name] = now + err.retry_after
             with self.store.tx() as tx:

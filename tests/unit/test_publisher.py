@@ -315,3 +315,30 @@ async def test_a_read_answering_lets_one_date_probe_unless_retry_after_says_wait
     assert not world.writer.answered("directory")
     await world.writer.drain()
     assert world.store.slot_counts()["directory"][1] == 1  # still waiting out the 30 s
+
+
+async def test_a_directory_failing_now_and_then_is_retried_within_seconds(world: World) -> None:
+    """After slot requests succeeded within the last minute, failures in a row never hold the directory back
+    more than 2 s; a directory that has not answered for longer backs off further, up to outbox.backoff_max."""
+    from syncbridge.retry import Backoff
+
+    await world.converge()
+    world.writer.backoff = Backoff(base=1.0, cap=300.0)  # the shipped settings
+    appt = book(world.engine, "c5", TUESDAY_10)
+    changed(world, appt)
+    world.publisher.plan()
+    waits = []
+    for _ in range(6):
+        Directory.script = [TransientError("500")]
+        world.writer.backoff.not_before.clear()  # the last wait is over
+        world.store.conn.execute("UPDATE slot_states SET due_at = 0 WHERE due_at IS NOT NULL")
+        await world.writer.drain()
+        waits.append(world.writer.backoff.wait("directory"))
+    assert 0 < max(waits) <= 2.0
+    world.writer._answered_at.clear()  # a minute without an answer: down, not flaky
+    for _ in range(4):
+        Directory.script = [TransientError("500")]
+        world.writer.backoff.not_before.clear()
+        world.store.conn.execute("UPDATE slot_states SET due_at = 0 WHERE due_at IS NOT NULL")
+        await world.writer.drain()
+    assert world.writer.backoff.wait("directory") > 2.0
