@@ -72,7 +72,7 @@ class Daemon:
         self.engine = Engine(self.store, self.connectors, config)
         self.outbox = Outbox(self.engine)
         self.publisher = Publisher(self.store, self.connectors, config)
-        self.slots = SlotWriter(self.store, self.connectors, config, self.outbox)
+        self.slots = SlotWriter(self.store, self.connectors, config)
         self.confirmer = Confirmer(self.engine)
         self.vault = Vault(self.store, config.store.secret_key)
         #: connectors a push hint or webhook asked to pull; drained by ``wake_loop``

@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date
+from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -36,10 +36,10 @@ from .config import PracticeConfig
 from .connector import Connector, Slot
 from .errors import AuthError, PermanentError, TransientError, error_kind
 from .model import iso, utcnow
-from .outbox import Outbox
 from .publisher import decode_slots
 from .retry import Backoff, backoff_delay
 from .store import SlotState, Store
+from .tx import Tx
 
 __all__ = ["SlotReport", "SlotWriter", "same_slots"]
 
@@ -78,13 +78,11 @@ class SlotReport:
 
 class SlotWriter:
     def __init__(
-        self, store: Store, connectors: dict[str, Connector], config: PracticeConfig, outbox: Outbox | None = None,
+        self, store: Store, connectors: dict[str, Connector], config: PracticeConfig,
     ) -> None:
         self.store = store
         self.connectors = connectors
         self.config = config
-        #: the outbox whose outage bookkeeping (status, the worklist warning) slot writes share
-        self.outbox = outbox
         self.backoff = Backoff(config.outbox.backoff_base, config.outbox.backoff_max)
         #: connector -> until when it asked us to wait (Retry-After); a read answering does not cut that short
         self._asked_to_wait: dict[str, float] = {}
@@ -180,7 +178,7 @@ class SlotWriter:
             tx.slot_settled(name, row.clinician, row.day, row.seq, row.digest, now)
             if recovered:  # the probe landed: every date waiting for this directory goes now
                 tx.slot_all_due(name, time.time())
-            Outbox._reachable(tx, name, now)
+            self._reachable(tx, name, now)
             if not self.store.slot_dead_days(name, row.clinician) and tx.close_work(_work_key(name, row.clinician), now, "applied"):
                 tx.audit.add(now, "worklist_closed", name, None, {"key": _work_key(name, row.clinician)})
             if request == "put":
@@ -199,8 +197,7 @@ class SlotWriter:
                 self._asked_to_wait[name] = now + err.retry_after
             with self.store.tx() as tx:
                 tx.slot_retry(name, row.clinician, row.day, now + delay, message)
-            if self.outbox is not None:
-                self.outbox._unreachable(name, err)
+            self._unreachable(name, err)
             report.retried += 1
             self._tell(name, request, error_kind(err), None)
             log.warning("slots_retry", connector=name, clinician=row.clinician, day=row.day, kind=error_kind(err), delay=round(delay, 2))
@@ -223,6 +220,28 @@ class SlotWriter:
             else:
                 report.retried += 1
                 self._tell(name, request, "strike", None)
+
+    def _unreachable(self, name: str, err: TransientError) -> None:
+        """Count the failure towards the connector's outage, which the outbox's writes share (status,
+        /readyz); past ``outbox.outage_warning`` the outbox's warning item says the dates wait too."""
+        clock = time.time()
+        with self.store.tx() as tx:
+            outage = tx.outage_failed(name, clock, f"{error_kind(err)}: {err}"[:500])
+            if clock - outage.since < self.config.outbox.outage_warning:
+                return
+            since = iso(datetime.fromtimestamp(outage.since, UTC))
+            waiting = sum(1 for s in self.store.slot_states(name) if s.due_at is not None and not s.dead)
+            text = (f"{name} unreachable since {since}; {tx.outbox_waiting(name)} writes and {waiting} dates of free slots waiting; "
+                    f"they will be applied when it returns (last error: {outage.last_error})")
+            if tx.open_work(f"outage:{name}", "unreachable", text, iso(utcnow()), name):
+                log.warning("outage_warning", connector=name, since=since, dates_waiting=waiting)
+
+    @staticmethod
+    def _reachable(tx: Tx, name: str, now: str) -> None:
+        """A slot request was answered: the connector's outage is over, its warning item closes."""
+        outage = tx.outage_over(name)
+        if outage is not None and tx.close_work(f"outage:{name}", now, "applied"):
+            tx.audit.add(now, "worklist_closed", name, None, {"key": f"outage:{name}"})
 
     def _dead(self, name: str, row: SlotState, message: str, report: SlotReport) -> None:
         at = iso(utcnow())

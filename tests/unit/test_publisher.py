@@ -21,7 +21,6 @@ from syncbridge.connector import ApplyResult, BusyInterval, Capabilities, Connec
 from syncbridge.engine import Engine
 from syncbridge.errors import PermanentError, RateLimited, TransientError
 from syncbridge.model import Role, Snapshot, empty_snapshot, iso, new_canonical_id
-from syncbridge.outbox import Outbox
 from syncbridge.publisher import Publisher
 from syncbridge.slot_writer import SlotWriter
 from syncbridge.store import Store
@@ -111,7 +110,7 @@ def world(tmp_path: Path):  # type: ignore[no-untyped-def]
 
     connectors = build_connectors(cfg)
     engine = Engine(store, connectors, cfg, clock=lambda: NOW)
-    writer = SlotWriter(store, connectors, cfg, Outbox(engine))
+    writer = SlotWriter(store, connectors, cfg)
     yield World(engine, Publisher(store, connectors, cfg, clock=lambda: NOW), writer)
     store.close()
 
@@ -342,3 +341,20 @@ async def test_a_directory_failing_now_and_then_is_retried_within_seconds(world:
         world.store.conn.execute("UPDATE slot_states SET due_at = 0 WHERE due_at IS NOT NULL")
         await world.writer.drain()
     assert world.writer.backoff.wait("directory") > 2.0
+
+
+async def test_failing_slot_writes_show_the_directory_unhealthy_until_one_lands(world: World) -> None:
+    """Slot writes failing in a row count towards the directory's outage (status, /readyz) like other writes; a landing one ends it."""
+    await world.converge()
+    appt = book(world.engine, "c6", TUESDAY_10)
+    changed(world, appt)
+    world.publisher.plan()
+    for _ in range(3):
+        Directory.script = [TransientError("503 from the directory")]
+        world.writer.backoff.not_before.clear()
+        world.store.conn.execute("UPDATE slot_states SET due_at = 0 WHERE due_at IS NOT NULL")
+        await world.writer.drain()
+    state = world.store.connector_state("directory")
+    assert not state["healthy"] and "503 from the directory" in state["note"]
+    await settle(world)
+    assert world.store.connector_state("directory")["healthy"] and world.store.outage("directory") is None
