@@ -167,7 +167,7 @@ class Outbox:
         reported: list[tuple[str, ApplyResult, Snapshot]] = []
         vanished: list[Observation] = []
         with self.store.tx() as tx:
-            self._reachable(tx, name, now)
+            self._reachable(tx, name, now, {appt.fields.get("clinician") or "" for _, appt, _, _, _ in landed})
             tx.prefetch(name, (), [appt.id for _, appt, _, _, _ in landed])
             for _item, appt, link, desired, result in landed:
                 if tx.link(name, appt.id) != link:
@@ -265,16 +265,17 @@ class Outbox:
                 log.warning("outage_warning", connector=name, since=since, waiting=waiting)
 
     @staticmethod
-    def _reachable(tx: Tx, name: str, now: str) -> None:
-        """A write landed: an outage of ``name`` is over, its warning closes by itself, and the writes
-        still waiting out its backoff go now (not up to ``outbox.backoff_max`` later)."""
+    def _reachable(tx: Tx, name: str, now: str, accounts: set[str]) -> None:
+        """Writes landed: an outage of ``name`` is over and its warning closes by itself, and the
+        writes of these accounts (clinicians) still waiting out a backoff go now, not up to
+        ``outbox.backoff_max`` later; another account's failing writes keep their own backoff."""
+        released = tx.outbox_release(name, accounts, time.time())
         outage = tx.outage_over(name)
         if outage is None:
             return
         if tx.close_work(f"outage:{name}", now, "applied"):
             tx.audit.add(now, "worklist_closed", name, None, {"key": f"outage:{name}"})
-        due = tx.outbox_due_now(name, time.time())
-        log.info("reachable_again", connector=name, failures=outage.failures, seconds=round(time.time() - outage.since, 1), writes_due=due)
+        log.info("reachable_again", connector=name, failures=outage.failures, seconds=round(time.time() - outage.since, 1), writes_due=released)
 
     def _tell(self, connector: str, outcome: str, seconds: float | None = None) -> None:
         for listener in self.listeners:

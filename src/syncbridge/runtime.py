@@ -322,7 +322,7 @@ class Daemon:
             return
         self.failing.pop(name, None)
         self.read_backoff.succeeded(name)
-        self._probe_writes(name)
+        self._probe_writes(name, report)
         self._accounts_failed(name, report)
         self.polls_done += 1
         if report.changed_ids or report.held:
@@ -332,15 +332,13 @@ class Daemon:
             )
         self.poke.set()
 
-    def _probe_writes(self, name: str) -> None:
-        """A pull answered while the connector's writes keep failing (an outage): one write waiting
-        out the backoff goes now, as a probe; once it lands the outbox sends the rest at once
-        (``Outbox._reachable``), so a system back from a long outage gets its writes within a poll,
-        not up to ``outbox.backoff_max`` later."""
-        if self.store.outage(name) is None:
-            return
+    def _probe_writes(self, name: str, report: ObserveReport) -> None:
+        """A pull answered: of each account's writes waiting out a transient backoff (the accounts
+        the pull read), one goes now, as a probe; once it lands the outbox sends that account's
+        others at once (``Outbox._reachable``), so a system back from a long outage gets its writes
+        within a poll, not up to ``outbox.backoff_max`` later."""
         with self.store.tx() as tx:
-            tx.outbox_due_now(name, time.time(), limit=1)
+            tx.outbox_probe(name, time.time(), skip=report.failed_accounts)
 
     def _accounts_failed(self, name: str, report: ObserveReport) -> None:
         """Read again, after the backoff and their Retry-After, for accounts that failed retryably

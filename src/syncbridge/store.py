@@ -348,6 +348,12 @@ class Store:
             note = f"writes failing since {iso(since)} (for {for_how_long(time.time() - outage.since)}): {outage.last_error or 'unreachable'}"
             state["note"] = "; ".join(filter(None, (None if state["healthy"] else state["note"], note)))
             state["healthy"] = 0
+        dead = self.conn.execute("SELECT COUNT(*) FROM outbox WHERE dead = 1 AND connector = ?", (connector,)).fetchone()[0]
+        if dead:
+            # a write given up on is never "ok", however well the pulls go: it stays so until retried
+            note = f"{dead} write{'' if dead == 1 else 's'} dead-lettered (see the worklist; fix the cause, then `syncbridge retry`)"
+            state["note"] = "; ".join(filter(None, (None if state["healthy"] else state["note"], note)))
+            state["healthy"] = 0
         return state
 
     def outage(self, connector: str) -> Outage | None:

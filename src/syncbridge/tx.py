@@ -70,6 +70,14 @@ _ENQUEUE_NOW = (
     "attempts = 0, strikes = 0, dead = 0, last_error = NULL"
 )
 
+#: writes of a connector waiting out the backoff of an unreachable system or a refused account
+#: (``Outbox._retry`` writes the error's kind first: "transient", "auth"; "throttled" ones keep
+#: their Retry-After), with the account (clinician) each belongs to; (connector, now) to fill in
+_WAITING = (
+    "SELECT o.appt AS appt, a.clinician AS clinician, o.due_at AS due_at FROM outbox o JOIN appointments a ON a.key = o.appt "
+    "WHERE o.connector = ? AND o.dead = 0 AND o.due_at > ? AND (o.last_error LIKE 'transient:%' OR o.last_error LIKE 'auth:%')"
+)
+
 #: desired slots of a date (see Tx.plan_slots): changed slots or a look asked for make it due; a
 #: row waiting out a backoff keeps its due time and a dead one is revived
 _PLAN_SLOTS = (
@@ -263,15 +271,29 @@ class Tx:
         if key is not None:
             insert_rows(self.conn, _INSERT_OUTBOX, [(connector, key, appointment_id, version, now, now)], _ENQUEUE_NOW)
 
-    def outbox_due_now(self, connector: str, now: float, *, limit: int | None = None) -> int:
-        """``connector`` answers again: its writes waiting out the backoff of an outage (a transient
-        error, as ``Outbox._retry`` records it) are due at once, the earliest ``limit`` of them, rather
-        than up to ``outbox.backoff_max`` later; a write a Retry-After holds keeps its time. Returns
+    def outbox_release(self, connector: str, clinicians: Iterable[str], now: float) -> int:
+        """These accounts (clinicians) of ``connector`` answer again: their writes waiting out the
+        backoff of an outage or a refusal are due at once rather than up to ``outbox.backoff_max``
+        later; another account's writes, and a write a Retry-After holds, keep their time. Returns
         how many were made due."""
+        accounts = sorted(set(clinicians))
+        if not accounts:
+            return 0
         self.flush()
-        sql = ("UPDATE outbox SET due_at = ? WHERE connector = ? AND appt IN (SELECT appt FROM outbox WHERE connector = ? "
-               "AND dead = 0 AND due_at > ? AND last_error LIKE 'transient:%' ORDER BY due_at LIMIT ?)")
-        return int(self.conn.execute(sql, (now, connector, connector, now, -1 if limit is None else limit)).rowcount)
+        sql = (f"UPDATE outbox SET due_at = ? WHERE connector = ? AND appt IN (SELECT appt FROM ({_WAITING}) "
+               f"WHERE clinician IN ({','.join('?' * len(accounts))}))")
+        return int(self.conn.execute(sql, (now, connector, connector, now, *accounts)).rowcount)
+
+    def outbox_probe(self, connector: str, now: float, skip: Iterable[str] = ()) -> int:
+        """A pull of ``connector`` went well: of each account's writes waiting out the backoff of an
+        outage or a refusal (but those of ``skip``, accounts the pull could not read), the earliest is
+        due at once, as a probe; once it lands the account's others follow (:meth:`outbox_release`)."""
+        skipped = sorted(set(skip))
+        self.flush()
+        sql = (f"UPDATE outbox SET due_at = ? WHERE connector = ? AND appt IN (SELECT appt FROM (SELECT appt, clinician, "
+               f"ROW_NUMBER() OVER (PARTITION BY clinician ORDER BY due_at) AS n FROM ({_WAITING})) "
+               f"WHERE n = 1 AND clinician NOT IN ({','.join('?' * len(skipped))}))")
+        return int(self.conn.execute(sql, (now, connector, connector, now, *skipped)).rowcount)
 
     def outbox_waiting(self, connector: str) -> int:
         """Writes queued for ``connector`` and not dead-lettered."""

@@ -259,3 +259,38 @@ async def test_a_calendar_removed_from_the_server_leaves_the_others_syncing(syst
         assert not state["healthy"] and system.shown["dr_b"] in state["note"] and "404" in state["note"]
         await p.engine.sync("cal", full=True)  # the daily sweep: her session is unread, not gone
         assert not p.cancelled(p.sessions["dr_b"])
+
+
+@pytest.mark.parametrize("status", [403, 500])
+async def test_an_account_whose_writes_keep_failing_holds_no_other_accounts_writes(system: System, tmp_path: Path, status: int) -> None:
+    """Dr Brooks's mailbox or calendar refuses every request (403) or keeps failing (500): the
+    sessions booked for Dr Avery and Dr Chen meanwhile reach their calendars in the same drain,
+    again and again, while Dr Brooks's write waits out its own backoff (the others' writes landing
+    do not send it again) and is never dead-lettered; once her account answers, the next poll sends it."""
+    async with practice(system, tmp_path) as p:
+        p.outbox.cfg = p.outbox.cfg.model_copy(update={"backoff_base": 30.0, "backoff_max": 60.0})
+        system.fail("dr_b", status, None)
+        stuck = p.book("dr_b", next_weekday_at(14, days_ahead=9))
+
+        def attempts() -> int:
+            return sum(i.attempts for i in p.store.outbox_due(float("inf"), 10) if i.appointment_id == stuck)
+
+        for round_ in range(3):
+            others = [p.book(c, next_weekday_at(15 + round_, days_ahead=9)) for c in ("dr_a", "dr_c")]
+            await p.outbox.drain()
+            assert all(p.store.link("cal", appt) is not None for appt in others), f"round {round_}"
+            assert p.store.link("cal", stuck) is None and attempts() == 1
+        assert p.store.dead_letters() == []
+
+        system.fail("dr_b", None, None)
+        daemon = Daemon(None, parse_config(yaml.safe_dump(_config(system, tmp_path))))  # the same store
+        try:
+            await daemon.poll("cal")  # a good pull sends one waiting write of each account it read
+            await daemon.outbox.drain()
+            assert p.store.link("cal", stuck) is not None and p.store.dead_letters() == []
+        finally:
+            daemon.stopping.set()
+            for c in daemon.connectors.values():
+                await c.close()
+            daemon.store.close()
+            os.close(daemon._instance_lock)
