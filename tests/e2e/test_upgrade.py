@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
@@ -62,12 +63,17 @@ def config(tmp: Path, port: int) -> dict:
 
 
 def schema(tmp: Path) -> int:
-    with sqlite3.connect(tmp / "store.db") as conn:
-        return int(conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0])
+    """The store's schema as a reader beside the daemon sees it; -1 while it cannot be read (a
+    migration in progress: the final audit check and status show the store sound)."""
+    try:
+        with closing(sqlite3.connect(f"file:{tmp / 'store.db'}?mode=ro", uri=True)) as conn:
+            return int(conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0])
+    except sqlite3.DatabaseError:
+        return -1
 
 
 def ehr_status(tmp: Path) -> dict[str, str]:
-    with sqlite3.connect(tmp / "ehr.db") as conn:
+    with closing(sqlite3.connect(tmp / "ehr.db")) as conn:
         return dict(conn.execute("SELECT client_key, status FROM items"))
 
 
