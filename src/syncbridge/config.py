@@ -241,6 +241,8 @@ class HttpConfig(_Strict):
     token: SecretRef | None = None
     #: seconds between checks that push channels exist and are renewed before they expire
     channel_check_interval: float = Field(600.0, gt=0)
+    #: seconds a processed webhook notification is kept in the store's inbox (for diagnosis) before it is deleted
+    inbox_retention: float = Field(86400.0, ge=0)
 
 
 class LoggingConfig(_Strict):

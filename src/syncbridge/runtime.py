@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +188,10 @@ class Daemon:
             self._read_later(name)
             return
         if pending:
+            now = utcnow()
             with self.store.tx() as tx:
-                tx.inbox_done([i for i, _, _, _ in pending], iso(utcnow()))
+                tx.inbox_done([i for i, _, _, _ in pending], iso(now))
+                tx.inbox_prune(iso(now - timedelta(seconds=self.config.http.inbox_retention)))  # the inbox stays bounded
         self.poke.set()
 
     async def maintain(self) -> None:

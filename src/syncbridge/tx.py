@@ -358,6 +358,10 @@ class Tx:
     def inbox_done(self, ids: Iterable[int], at: str) -> None:
         self.conn.executemany("UPDATE webhook_inbox SET processed_at = ? WHERE id = ?", [(at, i) for i in ids])
 
+    def inbox_prune(self, before: str) -> int:
+        """Delete notifications processed before ``before``; unprocessed ones always stay."""
+        return self.conn.execute("DELETE FROM webhook_inbox WHERE processed_at IS NOT NULL AND processed_at < ?", (before,)).rowcount
+
     def set_pending(self, connector: str, appointment_id: str, external_id: str, pending: bool, at: str) -> None:
         """Whether the channel holds this booking unconfirmed; ``since`` is kept from the first sight."""
         if pending:

@@ -50,3 +50,34 @@ def test_webhook_is_persisted_before_processing(tmp_path: Path) -> None:
     [(_, connector, headers, body)] = store.inbox_pending("zocdoc")
     assert connector == "zocdoc" and headers == {"x-signature": "v1=abc"} and body == b'{"appointment_id": "1"}'
     store.close()
+
+
+async def test_processed_notifications_leave_the_inbox_after_the_retention(tmp_path: Path) -> None:
+    """The daemon deletes notifications processed longer ago than http.inbox_retention; new and
+    unprocessed ones stay, so the inbox stays bounded."""
+    import yaml
+
+    from syncbridge.config import parse_config
+    from syncbridge.model import iso, utcnow
+    from syncbridge.runtime import Daemon
+
+    cfg = parse_config(yaml.safe_dump({
+        "store": {"path": str(tmp_path / "s.db")},
+        "clinicians": {"dr_a": {"accounts": {"cal": {}}}},
+        "connectors": {"cal": {"type": "tests.support.replica:ReplicaConnector", "path": str(tmp_path / "cal.db")}},
+        "http": {"enabled": False, "inbox_retention": 3600},
+    }))
+    d = Daemon(None, cfg)
+    try:
+        with d.store.tx() as tx:
+            old = tx.inbox_put("cal", iso(utcnow()), {}, b"{}")
+            tx.inbox_done([old], "2020-01-01T00:00:00+00:00")  # processed long ago
+            pending = tx.inbox_put("other", iso(utcnow()), {}, b"{}")  # never processed: kept
+        d.connectors["cal"].host.accept_webhook({}, b"{}")  # a notification arrives and is processed
+        await d.process_inbox("cal")
+        rows = d.store.conn.execute("SELECT id, processed_at IS NOT NULL FROM webhook_inbox ORDER BY id").fetchall()
+        assert old not in [r[0] for r in rows]  # pruned
+        assert (pending, 0) in rows and len(rows) == 2  # the unprocessed one, and the one just processed
+    finally:
+        d.stopping.set()
+        d.store.close()
