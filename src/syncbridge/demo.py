@@ -3,7 +3,8 @@
 Every installed connector type that can start a local stand-in for its system (an emulator or a
 real test server) does so on loopback; a small practice is seeded; the daemon runs on SQLite;
 one session is cancelled the way a therapist would (deleting its event), and the demo shows where
-the cancellation was applied. It then keeps running until Ctrl-C.
+the cancellation was applied. It then keeps running until Ctrl-C; without ``--state-dir`` its
+temporary folder (the store, its key, the sandboxes' data) is removed when it stops.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import shutil
 import socket
 import tempfile
 import time
@@ -144,8 +146,7 @@ async def _demo(workdir: Path, wait: bool) -> int:
         runner = asyncio.create_task(daemon.run())
         started = time.monotonic()
         mirrored = await _until(lambda: not daemon.store.outbox_counts() or all(p == 0 for p, _ in daemon.store.outbox_counts().values()), 120)
-        links = sum(1 for name in sandboxes for _ in daemon.store.links_of(name))
-        _say(f"  mirrored {links} events into {len(sandboxes)} system(s) in {time.monotonic() - started:.1f}s" + ("" if mirrored else " (still working)"))
+        _say(f"  copied in {time.monotonic() - started:.1f}s" + ("" if mirrored else " (still working)") + ": " + _copies(daemon, sandboxes))
 
         victim = ids[4]
         origin, sandbox = next((n, s) for n, s in sandboxes.items() if s.delete_event and daemon.store.link(n, victim))
@@ -202,13 +203,13 @@ async def _demo(workdir: Path, wait: bool) -> int:
                 await asyncio.sleep(0.5)
             state = "offered again" if await again() else "not offered yet (see availability rules)"
             _say(f"  the {start:%a %H:%M} slot in {name}: {state}")
-        _say()
-        _say(f"Status page: http://127.0.0.1:{cfg.http.port}/  (open from this machine; no token is set in the sandbox)")
-        _say("The sandbox keeps running. In another shell:")
-        _say(f"  .venv/bin/syncbridge status --config {config_path}")
-        _say(f"  .venv/bin/syncbridge status {victim} --config {config_path}")
-        _say(f"  .venv/bin/syncbridge audit --verify --config {config_path}")
         if wait:
+            _say()
+            _say(f"Status page: http://127.0.0.1:{cfg.http.port}/  (open from this machine; no token is set in the sandbox)")
+            _say("The sandbox keeps running. In another shell:")
+            _say(f"  .venv/bin/syncbridge status --config {config_path}")
+            _say(f"  .venv/bin/syncbridge status {victim} --config {config_path}")
+            _say(f"  .venv/bin/syncbridge audit --verify --config {config_path}")
             _say("Press Ctrl-C to stop.")
             await runner
         else:
@@ -221,11 +222,29 @@ async def _demo(workdir: Path, wait: bool) -> int:
             s.close()
 
 
+def _copies(daemon: Daemon, sandboxes: dict[str, Sandbox]) -> str:
+    """What each system holds now, as it is: sessions copied there, or (a directory) dates of free slots offered."""
+    parts = []
+    for name in sandboxes:
+        connector = daemon.connectors[name]
+        held = sum(1 for link in daemon.store.links_of(name) if not link.gone)
+        if connector.capabilities.publishes_availability:
+            dates = sum(1 for s in daemon.store.slot_states(name) if s.written is not None)
+            parts.append(f"{name} offers free slots on {dates} dates ({held} bookings made there)")
+        else:
+            parts.append(f"{name} {held} sessions")
+    return ", ".join(parts)
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    workdir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="syncbridge-demo-"))
+    keep = bool(args.state_dir)
+    workdir = Path(args.state_dir) if keep else Path(tempfile.mkdtemp(prefix="syncbridge-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    _say(f"syncbridge sandbox in {workdir}")
+    _say(f"syncbridge sandbox in {workdir}" + ("" if keep else " (removed at the end; --state-dir keeps one)"))
     try:
         return asyncio.run(_demo(workdir, wait=not args.no_wait))
     except KeyboardInterrupt:
         return 0
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)  # the store, its key and the sandboxes' data

@@ -322,3 +322,17 @@ def test_check_says_how_billing_is_found_in_the_ehr(tmp_path: Path, full: bool) 
             assert "serves no CapabilityStatement" in done.stdout
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_demo_tells_what_each_system_got_and_cleans_up(tmp_path: Path) -> None:
+    """`syncbridge demo` names what each system holds (sessions, or a directory's dates of free slots),
+    and removes its temporary folder, store and key included, when it stops."""
+    done = subprocess.run(
+        [sys.executable, "-m", "syncbridge.cli", "demo", "--no-wait"], cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "offers free slots on" in done.stdout and " sessions" in done.stdout and "events into" not in done.stdout
+    assert "cancelled in" in done.stdout and "billing in" in done.stdout
+    assert list(tmp_path.glob("syncbridge-demo-*")) == []
