@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from syncbridge.emulation import free_port
+from tests.servers import stop_process
 
 __all__ = ["SERVER_DIR", "TOKEN", "FHIRServer", "fhir_server_fixture", "installed_version", "launch", "locked_version", "start_fhir_server"]
 
@@ -47,13 +48,7 @@ class FHIRServer:
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
 
 def missing_install() -> str | None:

@@ -28,6 +28,7 @@ __all__ = [
     "radicale_server",
     "start_radicale",
     "start_xandikos",
+    "stop_process",
     "xandikos_server",
 ]
 
@@ -73,13 +74,18 @@ class DavServer:
             client.delete(url)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Ask a test server to stop, then make sure it has."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def _wait_until_up(server: DavServer) -> None:

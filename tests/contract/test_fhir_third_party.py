@@ -14,7 +14,7 @@ measured in :func:`test_what_the_server_does_not_honour` and written in tests/fh
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ import pytest
 
 from syncbridge.model import parse_iso
 from syncbridge.policy.cancellation import FHIR_REASON_SYSTEM
-from tests.contract.suite import ConnectorContract, Harness, Vendor, World, next_weekday_at, world_for
+from tests.contract.suite import ConnectorContract, Harness, World, next_weekday_at, world_for
+from tests.contract.test_fhir import EHRStaff as EmulatorStaff
 from tests.fhir_third_party import TOKEN, FHIRServer, fhir_server_fixture, installed_version, locked_version  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -36,8 +37,9 @@ LIVE = ("booked", "arrived", "checked-in")
 PAGE_SIZE = 3
 
 
-class EHRStaff(Vendor):
-    """Front-desk staff editing the EHR over FHIR REST: read, change, PUT under the ETag just read."""
+class EHRStaff(EmulatorStaff):
+    """Front-desk staff editing the EHR over FHIR REST: read, change, PUT under the ETag just read
+    (the emulator suite's staff, pointed at this server and its own Practitioner)."""
 
     can_throttle = False  # a real server cannot be told to answer 429
 
@@ -45,14 +47,8 @@ class EHRStaff(Vendor):
         self.server = server
         self.practitioner = practitioner
 
-    async def _edit(self, external_id: str, change: Callable[[dict[str, Any]], None]) -> None:
-        async with self.server.http() as http:
-            got = await http.get(f"/Appointment/{external_id}")
-            got.raise_for_status()
-            appt = got.json()
-            appt.pop("meta", None)
-            change(appt)
-            (await http.put(f"/Appointment/{external_id}", json=appt, headers={"If-Match": got.headers["ETag"]})).raise_for_status()
+    def _http(self) -> httpx.AsyncClient:
+        return self.server.http()
 
     async def live(self) -> list[dict[str, Any]]:
         async with self.server.http() as http:
@@ -65,24 +61,6 @@ class EHRStaff(Vendor):
             if a.get("status") in LIVE
         ]
         return sorted(out, key=lambda e: e["start"])
-
-    async def move(self, external_id: str, start: datetime, end: datetime) -> None:
-        await self._edit(external_id, lambda a: a.update(start=start.isoformat(), end=end.isoformat()))
-
-    async def delete(self, external_id: str) -> None:
-        """EHRs cancel rather than delete appointments: status cancelled with a cancelationReason."""
-
-        def cancel(appt: dict[str, Any]) -> None:
-            appt["status"] = "cancelled"
-            appt["cancelationReason"] = {"coding": [{"system": FHIR_REASON_SYSTEM, "code": "pat"}], "text": "called to cancel"}
-
-        await self._edit(external_id, cancel)
-
-    async def retitle(self, external_id: str, title: str) -> None:
-        await self._edit(external_id, lambda a: a.update(comment=title))
-
-    async def invalidate_cursor(self) -> None:
-        """FHIR has no cursor expiry: a ``_lastUpdated`` watermark is always accepted."""
 
     async def book(self, start: datetime, end: datetime, client_key: str) -> str:
         patient = await ensure_patient(self.server, client_key)
