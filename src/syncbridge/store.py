@@ -177,6 +177,12 @@ def store_error(err: sqlite3.DatabaseError, path: str | os.PathLike[str] | None 
     return StoreError(f"the store{where} cannot be used ({said}): {advice}")
 
 
+def _unhealthy(state: dict[str, Any], note: str) -> None:
+    """Mark a connector's state unhealthy, adding ``note`` to what is already wrong."""
+    state["note"] = "; ".join(filter(None, (None if state["healthy"] else state["note"], note)))
+    state["healthy"] = 0
+
+
 def row_link(r: tuple[Any, ...]) -> Link:
     link: Link = new_tuple(Link, (r[0], r[1], r[2], r[3], loads(r[4]) if r[4] else None, r[5], bool(r[6])))
     return link
@@ -345,15 +351,21 @@ class Store:
             # kept apart from the pull's health, which a good pull resets: a system that answers
             # reads but refuses writes stays unhealthy until a write lands
             since = datetime.fromtimestamp(outage.since, UTC)
-            note = f"writes failing since {iso(since)} (for {for_how_long(time.time() - outage.since)}): {outage.last_error or 'unreachable'}"
-            state["note"] = "; ".join(filter(None, (None if state["healthy"] else state["note"], note)))
-            state["healthy"] = 0
+            _unhealthy(state, f"writes failing since {iso(since)} (for {for_how_long(time.time() - outage.since)}): {outage.last_error or 'unreachable'}")
+        else:
+            # one account's writes failing (a mailbox refusing them, a calendar down) while the
+            # others' land, which ends the connector's outage each time: named per account
+            accounts = self.conn.execute(
+                "SELECT a.clinician, COUNT(*), MAX(o.last_error) FROM outbox o JOIN appointments a ON a.key = o.appt "
+                "WHERE o.connector = ? AND o.dead = 0 AND (o.last_error LIKE 'auth:%' OR o.attempts >= ? AND o.last_error NOT LIKE 'throttled:%') "
+                "GROUP BY a.clinician ORDER BY a.clinician", (connector, OUTAGE_FAILURES),
+            ).fetchall()
+            for clinician, waiting, error in accounts:
+                _unhealthy(state, f"writes for {clinician} failing ({waiting} waiting): {error}")
         dead = self.conn.execute("SELECT COUNT(*) FROM outbox WHERE dead = 1 AND connector = ?", (connector,)).fetchone()[0]
         if dead:
             # a write given up on is never "ok", however well the pulls go: it stays so until retried
-            note = f"{dead} write{'' if dead == 1 else 's'} dead-lettered (see the worklist; fix the cause, then `syncbridge retry`)"
-            state["note"] = "; ".join(filter(None, (None if state["healthy"] else state["note"], note)))
-            state["healthy"] = 0
+            _unhealthy(state, f"{dead} write{'' if dead == 1 else 's'} dead-lettered (see the worklist; fix the cause, then `syncbridge retry`)")
         return state
 
     def outage(self, connector: str) -> Outage | None:

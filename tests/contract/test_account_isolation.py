@@ -266,7 +266,8 @@ async def test_an_account_whose_writes_keep_failing_holds_no_other_accounts_writ
     """Dr Brooks's mailbox or calendar refuses every request (403) or keeps failing (500): the
     sessions booked for Dr Avery and Dr Chen meanwhile reach their calendars in the same drain,
     again and again, while Dr Brooks's write waits out its own backoff (the others' writes landing
-    do not send it again) and is never dead-lettered; once her account answers, the next poll sends it."""
+    do not send it again) and is never dead-lettered; a refusal is named in the status as hers;
+    once her account answers, the next poll sends it."""
     async with practice(system, tmp_path) as p:
         p.outbox.cfg = p.outbox.cfg.model_copy(update={"backoff_base": 30.0, "backoff_max": 60.0})
         system.fail("dr_b", status, None)
@@ -281,6 +282,9 @@ async def test_an_account_whose_writes_keep_failing_holds_no_other_accounts_writ
             assert all(p.store.link("cal", appt) is not None for appt in others), f"round {round_}"
             assert p.store.link("cal", stuck) is None and attempts() == 1
         assert p.store.dead_letters() == []
+        if status == 403:  # refused, not weather: the status names her account at once, and only hers
+            note = p.store.connector_state("cal")["note"] or ""
+            assert "writes for dr_b failing" in note and "dr_a" not in note and "dr_c" not in note
 
         system.fail("dr_b", None, None)
         daemon = Daemon(None, parse_config(yaml.safe_dump(_config(system, tmp_path))))  # the same store
@@ -288,6 +292,7 @@ async def test_an_account_whose_writes_keep_failing_holds_no_other_accounts_writ
             await daemon.poll("cal")  # a good pull sends one waiting write of each account it read
             await daemon.outbox.drain()
             assert p.store.link("cal", stuck) is not None and p.store.dead_letters() == []
+            assert "writes for" not in (p.store.connector_state("cal")["note"] or "")
         finally:
             daemon.stopping.set()
             for c in daemon.connectors.values():
