@@ -275,7 +275,8 @@ class Outbox:
             return
         if tx.close_work(f"outage:{name}", now, "applied"):
             tx.audit.add(now, "worklist_closed", name, None, {"key": f"outage:{name}"})
-        log.info("reachable_again", connector=name, failures=outage.failures, seconds=round(time.time() - outage.since, 1), writes_due=released)
+        log.info("reachable_again", connector=name, failures=outage.failures, seconds=round(time.time() - outage.since, 1),
+                 writes_due=released)
 
     def _tell(self, connector: str, outcome: str, seconds: float | None = None) -> None:
         for listener in self.listeners:

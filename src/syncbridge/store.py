@@ -351,21 +351,25 @@ class Store:
             # kept apart from the pull's health, which a good pull resets: a system that answers
             # reads but refuses writes stays unhealthy until a write lands
             since = datetime.fromtimestamp(outage.since, UTC)
-            _unhealthy(state, f"writes failing since {iso(since)} (for {for_how_long(time.time() - outage.since)}): {outage.last_error or 'unreachable'}")
+            lasted = for_how_long(time.time() - outage.since)
+            _unhealthy(state, f"writes failing since {iso(since)} (for {lasted}): {outage.last_error or 'unreachable'}")
         else:
             # one account's writes failing (a mailbox refusing them, a calendar down) while the
             # others' land, which ends the connector's outage each time: named per account
             accounts = self.conn.execute(
                 "SELECT a.clinician, COUNT(*), MAX(o.last_error) FROM outbox o JOIN appointments a ON a.key = o.appt "
-                "WHERE o.connector = ? AND o.dead = 0 AND (o.last_error LIKE 'auth:%' OR o.attempts >= ? AND o.last_error NOT LIKE 'throttled:%') "
-                "GROUP BY a.clinician ORDER BY a.clinician", (connector, OUTAGE_FAILURES),
+                "WHERE o.connector = ? AND o.dead = 0 "
+                "AND (o.last_error LIKE 'auth:%' OR o.attempts >= ? AND o.last_error NOT LIKE 'throttled:%') "
+                "GROUP BY a.clinician ORDER BY a.clinician",
+                (connector, OUTAGE_FAILURES),
             ).fetchall()
             for clinician, waiting, error in accounts:
                 _unhealthy(state, f"writes for {clinician} failing ({waiting} waiting): {error}")
         dead = self.conn.execute("SELECT COUNT(*) FROM outbox WHERE dead = 1 AND connector = ?", (connector,)).fetchone()[0]
         if dead:
             # a write given up on is never "ok", however well the pulls go: it stays so until retried
-            _unhealthy(state, f"{dead} write{'' if dead == 1 else 's'} dead-lettered (see the worklist; fix the cause, then `syncbridge retry`)")
+            writes = f"{dead} write{'' if dead == 1 else 's'}"
+            _unhealthy(state, f"{writes} dead-lettered (see the worklist; fix the cause, then `syncbridge retry`)")
         return state
 
     def outage(self, connector: str) -> Outage | None:
