@@ -174,9 +174,10 @@ async def practice(system: System, tmp_path: Path) -> AsyncIterator[Practice]:
         store.close()
 
 
-@pytest.mark.parametrize("status", [403, 404])
+@pytest.mark.parametrize("status", [401, 403, 404])
 async def test_one_mailbox_refused_the_others_are_read(system: System, tmp_path: Path, status: int) -> None:
-    """Dr Brooks's mailbox or calendar answers 403 (access withdrawn) or 404 (removed): the
+    """Dr Brooks's mailbox or calendar answers 401 (her sign-in revoked), 403 (access withdrawn) or
+    404 (removed): the
     cancellations made in Dr Avery's and Dr Chen's calendars arrive in the same pull, the status
     names Dr Brooks's account, and hers arrives once it answers again."""
     async with practice(system, tmp_path) as p:
