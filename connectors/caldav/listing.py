@@ -29,7 +29,7 @@ from urllib.parse import unquote
 
 import structlog
 
-from syncbridge.connector import Observation, PullResult
+from syncbridge.connector import Observation, PullResult, account_cursor
 from syncbridge.errors import CursorExpired, MalformedRecord, SyncbridgeError
 from syncbridge.limits import MAX_RECORD_BYTES
 from syncbridge.retry import unless_all_failed
@@ -59,14 +59,7 @@ async def pull(connector: CalDAVConnector, cursor: str | None) -> PullResult:
     """Changes since ``cursor`` (JSON: calendar URL -> sync token or ctag state, None for a calendar
     that could not be listed); None lists every calendar in full. Each calendar is read on its own."""
     calendars = await connector.calendars()
-    state: dict[str, Any] | None = None
-    if cursor is not None:
-        try:
-            state = json.loads(cursor)
-        except ValueError:
-            state = None
-        if not isinstance(state, dict) or set(state) != set(calendars.values()):
-            raise CursorExpired("the stored cursor does not match the configured calendars")
+    state = account_cursor(cursor, calendars.values())
     listing = Listing(connector)
     failed: dict[str, SyncbridgeError] = {}
     listed: set[str] = set()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from syncbridge.connector import Observation, PullResult
+from syncbridge.connector import Observation, PullResult, account_cursor
 from syncbridge.errors import BatchRefused, CursorExpired, PermanentError, SyncbridgeError
 from syncbridge.model import iso
 from syncbridge.retry import unless_all_failed
@@ -40,14 +40,9 @@ async def pull(connector: GoogleCalendarConnector, cursor: str | None) -> PullRe
     and is reported in ``failed_accounts``; one without a token (it failed during the last
     listing) is listed in full."""
     calendars = await connector.calendars()
-    state: dict[str, Any] | None = None
-    if cursor is not None:
-        try:
-            state = json.loads(cursor)
-        except ValueError:
-            state = None
-        if not isinstance(state, dict) or set(state) != set(calendars.values()) or not all(v is None or isinstance(v, str) for v in state.values()):
-            raise CursorExpired("the stored cursor does not match the configured calendars")
+    state = account_cursor(cursor, calendars.values())
+    if state is not None and not all(v is None or isinstance(v, str) for v in state.values()):
+        raise CursorExpired("the stored cursor does not match the configured calendars")
     full = state is None
     since = datetime.now(UTC) - timedelta(days=connector.options.history_days)
     observations: list[Observation] = []

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import json
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel
 
-from .errors import SyncbridgeError
+from .errors import CursorExpired, SyncbridgeError
 from .model import CANCELLED_STATES, Role, Snapshot, Status
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ApplyResult",
+    "account_cursor",
     "BusyInterval",
     "MIRROR_FIELDS",
     "calendar_capabilities",
@@ -442,6 +444,22 @@ class Connector(abc.ABC):
 
     async def close(self) -> None:
         return None
+
+
+def account_cursor(cursor: str | None, accounts: Iterable[str]) -> dict[str, Any] | None:
+    """A cursor kept per account (JSON: account -> its own state), or None for a full listing.
+
+    Raises CursorExpired when it does not name exactly these accounts (a calendar added to or
+    removed from the config): the connector then lists everything afresh."""
+    if cursor is None:
+        return None
+    try:
+        state = json.loads(cursor)
+    except ValueError:
+        state = None
+    if not isinstance(state, dict) or set(state) != set(accounts):
+        raise CursorExpired("the stored cursor does not match the configured calendars")
+    return state
 
 
 @dataclass(frozen=True, slots=True)
