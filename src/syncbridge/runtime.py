@@ -516,13 +516,23 @@ class Daemon:
         if self.http is not None and server_task is not None:
             self.http.should_exit = True
             await server_task
+        await self.close()
+        log.info("stopped")
+        return self.exit_code
+
+    async def close(self) -> None:
+        """Let go of what the daemon holds: pending re-reads, the connectors, the store (with a last
+        audit anchor) and the instance lock. Also ends a daemon that was never run (tests, tools)."""
+        self.stopping.set()
+        retries = list(self._retries.values())
+        for task in retries:
+            task.cancel()
+        await asyncio.gather(*retries, return_exceptions=True)
         for c in self.connectors.values():
             await c.close()
         self.anchor()
         self.store.close()
         os.close(self._instance_lock)
-        log.info("stopped")
-        return self.exit_code
 
 
 class _QuietServer(uvicorn.Server):

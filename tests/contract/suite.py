@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -176,12 +175,7 @@ async def daemon_for(harness: Harness, tmp_path: Path, **connector: Any) -> Asyn
     try:
         yield daemon
     finally:
-        daemon.stopping.set()
-        await asyncio.gather(*daemon._retries.values(), return_exceptions=True)
-        for c in daemon.connectors.values():
-            await c.close()
-        daemon.store.close()
-        os.close(daemon._instance_lock)
+        await daemon.close()
 
 
 def next_weekday_at(hour: int, days_ahead: int = 7) -> datetime:

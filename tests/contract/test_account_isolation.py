@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -235,12 +234,7 @@ async def test_a_throttled_account_is_read_again_after_its_retry_after(system: S
                 await asyncio.sleep(0.05)
             assert 1.0 <= time.monotonic() - started < 5
         finally:
-            daemon.stopping.set()
-            await asyncio.gather(*daemon._retries.values(), return_exceptions=True)
-            for c in daemon.connectors.values():
-                await c.close()
-            daemon.store.close()
-            os.close(daemon._instance_lock)
+            await daemon.close()
 
 
 async def test_a_calendar_removed_from_the_server_leaves_the_others_syncing(system: System, tmp_path: Path) -> None:
@@ -295,8 +289,4 @@ async def test_an_account_whose_writes_keep_failing_holds_no_other_accounts_writ
             assert p.store.link("cal", stuck) is not None and p.store.dead_letters() == []
             assert "writes for" not in (p.store.connector_state("cal")["note"] or "")
         finally:
-            daemon.stopping.set()
-            for c in daemon.connectors.values():
-                await c.close()
-            daemon.store.close()
-            os.close(daemon._instance_lock)
+            await daemon.close()

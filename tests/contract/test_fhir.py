@@ -73,6 +73,13 @@ class EHRStaff(Vendor):
     async def throttle(self, requests: int, retry_after: float | None = 0.1) -> None:
         self.emulator.fail_next(429, requests, retry_after=retry_after)
 
+    #: whose sessions staff book
+    practitioner = PRACTITIONER
+
+    async def _patient(self, client_key: str) -> str:
+        """The client's Patient reference (the emulator checks no references)."""
+        return f"Patient/{client_key}"
+
     async def book(self, start: datetime, end: datetime, client_key: str) -> str:
         appt = {
             "resourceType": "Appointment",
@@ -80,8 +87,8 @@ class EHRStaff(Vendor):
             "start": start.isoformat(),
             "end": end.isoformat(),
             "participant": [
-                {"actor": {"reference": PRACTITIONER}, "status": "accepted"},
-                {"actor": {"reference": f"Patient/{client_key}"}, "status": "accepted"},
+                {"actor": {"reference": self.practitioner}, "status": "accepted"},
+                {"actor": {"reference": await self._patient(client_key)}, "status": "accepted"},
             ],
         }
         async with self._http() as http:

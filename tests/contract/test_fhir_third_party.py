@@ -62,19 +62,8 @@ class EHRStaff(EmulatorStaff):
         ]
         return sorted(out, key=lambda e: e["start"])
 
-    async def book(self, start: datetime, end: datetime, client_key: str) -> str:
-        patient = await ensure_patient(self.server, client_key)
-        appt = {
-            "resourceType": "Appointment",
-            "status": "booked",
-            "start": start.isoformat(),
-            "end": end.isoformat(),
-            "participant": [
-                {"actor": {"reference": self.practitioner}, "status": "accepted"},
-                {"actor": {"reference": patient}, "status": "accepted"},
-            ],
-        }
-        return str((await create(self.server, appt))["id"])
+    async def _patient(self, client_key: str) -> str:
+        return await ensure_patient(self.server, client_key)
 
 
 # --- seeding over plain FHIR REST ----------------------------------------------------------------

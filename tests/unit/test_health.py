@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -55,6 +54,4 @@ async def test_a_dead_letter_keeps_the_connector_unhealthy_until_retried(tmp_pat
         assert daemon.store.connector_state("cal")["healthy"]
         assert TestClient(build_app(daemon), client=("127.0.0.1", 50000)).get("/readyz").status_code == 200
     finally:
-        daemon.stopping.set()
-        daemon.store.close()
-        os.close(daemon._instance_lock)
+        await daemon.close()

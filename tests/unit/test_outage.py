@@ -167,8 +167,6 @@ async def test_writes_waiting_out_a_long_backoff_go_as_soon_as_the_system_answer
     as after an hour-long outage). When it answers again, the next pull sends one of them as a
     probe and, once that lands, the other two right after: all within a poll of the return, not up
     to ``outbox.backoff_max`` later. A write a Retry-After holds keeps its time."""
-    import os
-
     from syncbridge.runtime import Daemon
 
     Flaky.down, Flaky.script, Flaky.attempts, Flaky.applied = False, [RateLimited("429", retry_after=120)], 0, []
@@ -198,6 +196,4 @@ async def test_writes_waiting_out_a_long_backoff_go_as_soon_as_the_system_answer
         (held,) = daemon.store.outbox_due(float("inf"), 10)
         assert held.appointment_id == "sb-throttled" and held.due_at > time.time() + 100
     finally:
-        daemon.stopping.set()
-        daemon.store.close()
-        os.close(daemon._instance_lock)
+        await daemon.close()

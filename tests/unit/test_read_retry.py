@@ -4,7 +4,6 @@ the vendor's Retry-After, and well before the next poll."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -51,10 +50,7 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
     }))
     d = Daemon(None, cfg)
     yield d
-    d.stopping.set()
-    await asyncio.gather(*d._retries.values(), return_exceptions=True)
-    d.store.close()
-    os.close(d._instance_lock)
+    await d.close()
 
 
 async def _until(check: Callable[[], bool], seconds: float) -> None:

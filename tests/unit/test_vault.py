@@ -79,5 +79,4 @@ async def test_processed_notifications_leave_the_inbox_after_the_retention(tmp_p
         assert old not in [r[0] for r in rows]  # pruned
         assert (pending, 0) in rows and len(rows) == 2  # the unprocessed one, and the one just processed
     finally:
-        d.stopping.set()
-        d.store.close()
+        await d.close()
