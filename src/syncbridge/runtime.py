@@ -424,6 +424,18 @@ class Daemon:
 
         return run
 
+    async def _stop_scheduler(self) -> None:
+        """Stop starting jobs, then cancel those in flight.
+
+        The scheduler's wake-up and its shutdown both run later on the loop; a wake-up queued first
+        would start jobs that the shutdown cancels before their first step, outside
+        ``_until_stopped``, and each would be logged as a failed job. Pausing at once makes that
+        wake-up start nothing; yielding once lets the jobs already started enter their wrapper.
+        """
+        self.scheduler.pause()
+        await asyncio.sleep(0)
+        self.scheduler.shutdown(wait=False)
+
     async def _serve(self, server: uvicorn.Server) -> None:
         try:
             await server.serve()
@@ -505,7 +517,7 @@ class Daemon:
         await self.stopping.wait()
         notify(stopping=1, status="finishing in-flight writes")
         log.info("stopping")
-        self.scheduler.shutdown(wait=False)
+        await self._stop_scheduler()
         self.outbox.halt.set()
         self.poke.set()
         await worker  # the current drain finishes its in-flight writes

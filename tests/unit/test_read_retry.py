@@ -4,6 +4,7 @@ the vendor's Retry-After, and well before the next poll."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -107,3 +108,15 @@ async def test_a_command_waits_out_a_throttled_read_within_its_budget() -> None:
     answers[:] = [RateLimited("429", retry_after=30), "page"]
     with pytest.raises(RateLimited):
         await retrying(read, Backoff(0.01, 1.0), "cal", budget=5)
+
+
+async def test_stopping_as_a_pull_starts_logs_no_failed_job(daemon: Daemon, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM in the instant the scheduler wakes to start the due pulls: they are cut short quietly
+    (read again at the next start), not reported as failed jobs with a traceback in the journal."""
+    daemon.schedule()
+    with caplog.at_level(logging.ERROR, logger="apscheduler"):
+        daemon.scheduler.start()  # its wake-up, which starts the due jobs, is queued on the loop
+        daemon.stopping.set()
+        await daemon._stop_scheduler()
+        await asyncio.sleep(0.1)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
