@@ -338,6 +338,12 @@ class Connector(abc.ABC):
         Raise :class:`~syncbridge.errors.CursorExpired` when the vendor rejects the cursor.
         """
 
+    async def pull_accounts(self, cursor: str, accounts: frozenset[str]) -> PullResult:
+        """Changes since ``cursor`` in these accounts (clinicians) only, for a push notification
+        that named them (:meth:`webhook_accounts`); the cursor returned keeps every other account's
+        state as it was. The default pulls every account."""
+        return await self.pull(cursor)
+
     @abc.abstractmethod
     async def read(self, external_id: str) -> Observation:
         """The record as it is now (``deleted=True`` if it is gone)."""
@@ -402,7 +408,14 @@ class Connector(abc.ABC):
         return []
 
     def webhook_targets(self, headers: Mapping[str, str], body: bytes) -> list[str] | None:
-        """External ids a persisted notification names, to be re-read; None means pull incrementally."""
+        """External ids a persisted notification names, to be re-read; None means pull incrementally
+        (the accounts :meth:`webhook_accounts` names, or every account)."""
+        return None
+
+    def webhook_accounts(self, headers: Mapping[str, str], body: bytes) -> frozenset[str] | None:
+        """Accounts (clinicians) a notification that names no record says changed: only they are
+        pulled (:meth:`pull_accounts`), so a push costs the same at 3 clinicians as at 30. Empty
+        when the notification is known to be the echo of our own write; None pulls every account."""
         return None
 
     async def maintain(self) -> None:

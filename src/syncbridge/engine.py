@@ -95,8 +95,9 @@ class Engine:
 
     # --- pulling ------------------------------------------------------------------------
 
-    async def sync(self, name: str, *, full: bool = False) -> ObserveReport:
-        """Pull ``name`` from its stored cursor (or from scratch) until it has nothing more."""
+    async def sync(self, name: str, *, full: bool = False, accounts: frozenset[str] | None = None) -> ObserveReport:
+        """Pull ``name`` from its stored cursor (or from scratch) until it has nothing more; with
+        ``accounts``, only those accounts (a push named them), when there is a cursor to go on from."""
         connector = self.connectors[name]
         stored = self.store.cursor(name)  # the cursor advances only from this (a reset meanwhile wins)
         cursor = None if full else stored
@@ -104,14 +105,19 @@ class Engine:
         restarted = False
         while True:
             pulled_at = self.clock()
+            scoped = accounts is not None and cursor is not None
             try:
-                result = await connector.pull(cursor)
+                if accounts is not None and cursor is not None:
+                    result = await connector.pull_accounts(cursor, accounts)
+                else:
+                    result = await connector.pull(cursor)
             except CursorExpired:
                 log.warning("cursor_expired", connector=name)
                 with self.store.tx() as tx:
                     tx.audit.add(iso(self.clock()), "cursor_expired", name, None, {})
+                scoped = False
                 result = await connector.pull(None)
-            report = self.observe(name, result, pulled_at=pulled_at, advance_from=(stored,))
+            report = self.observe(name, result, pulled_at=pulled_at, advance_from=(stored,), scoped=scoped)
             total.add(report)
             if report.reset and not restarted:
                 # `syncbridge resync` ran while this pull was in flight: what it read is merged, but
@@ -155,12 +161,13 @@ class Engine:
 
     def observe(
         self, name: str, result: PullResult, *, advance: bool = True, pulled_at: datetime | None = None,
-        advance_from: tuple[str | None] | None = None,
+        advance_from: tuple[str | None] | None = None, scoped: bool = False,
     ) -> ObserveReport:
         """Commit one batch: canonical versions, links, audit, outbox rows and the cursor, atomically.
 
         With ``advance_from`` (the stored cursor the pull started from) the cursor moves only if the
-        store still holds it; otherwise ``report.reset`` says it was reset meanwhile."""
+        store still holds it; otherwise ``report.reset`` says it was reset meanwhile. A ``scoped``
+        pull read some accounts only: it leaves the health the others' last pull left."""
         connector = self.connectors[name]
         now_dt = self.clock()
         now = iso(now_dt)
@@ -201,7 +208,7 @@ class Engine:
                 step = self.commit_batch
                 for k in range(0, max(len(observations), 1), step):
                     last = k + step >= len(observations)
-                    self._commit(name, connector, result, observations[k : k + step], report, now_dt, now, advance and last, advance_from)
+                    self._commit(name, connector, result, observations[k : k + step], report, now_dt, now, advance and last, advance_from, scoped)
         finally:
             if collecting:
                 gc.enable()
@@ -212,7 +219,7 @@ class Engine:
 
     def _commit(
         self, name: str, connector: Connector, result: PullResult, observations: list[Observation], report: ObserveReport,
-        now_dt: datetime, now: str, advance: bool, advance_from: tuple[str | None] | None = None,
+        now_dt: datetime, now: str, advance: bool, advance_from: tuple[str | None] | None = None, scoped: bool = False,
     ) -> None:
         with self.store.tx() as tx:
             tx.prefetch(name, (o.external_id for o in observations), (o.canonical_id for o in observations if o.canonical_id))
@@ -232,7 +239,7 @@ class Engine:
                     report.rejected += 1
                     tx.audit.add(now, "rejected", name, None, {"external_id": obs.external_id, "problem": str(err)})
                     log.warning("record_rejected", connector=name, external_id=obs.external_id, problem=str(err))
-            if advance and not tx.set_cursor(name, result.cursor, now, full=result.complete, only_from=advance_from):
+            if advance and not tx.set_cursor(name, result.cursor, now, full=result.complete, only_from=advance_from, keep_health=scoped):
                 report.reset = True
             elif advance and result.failed_accounts:  # the others were read; health names the ones that were not
                 tx.set_health(name, False, "could not read " + "; ".join(

@@ -162,16 +162,20 @@ class Daemon:
         pending = self.store.inbox_pending(name)
         targets: list[str] = []
         pull = not pending  # a bare pull_soon() hint
+        accounts: set[str] = set()  # pulled alone when no notification asks for everything
         for _, _, headers, body in pending:
             try:
                 named = connector.webhook_targets(headers, body)
+                changed = connector.webhook_accounts(headers, body) if named is None else frozenset()
             except SyncbridgeError as err:
                 log.warning("webhook_unreadable", connector=name, kind=error_kind(err))
-                named = []
-            if named is None:
+                named, changed = [], frozenset()
+            if named is not None:
+                targets.extend(named)
+            elif changed is None:
                 pull = True
             else:
-                targets.extend(named)
+                accounts |= changed
         if self.read_backoff.wait(name) > 0:  # the vendor asked us to wait: the notifications wait too
             self._read_later(name)
             return
@@ -181,6 +185,8 @@ class Daemon:
                 self._observed(name, report)
             if pull:
                 await self.poll(name)
+            elif accounts:
+                await self.poll(name, accounts=frozenset(accounts))
         except SyncbridgeError as err:
             # keep the notifications; read them again after the backoff (not at once, in a loop)
             delay = self.read_backoff.failed(name, getattr(err, "retry_after", None))
@@ -256,15 +262,16 @@ class Daemon:
             except TimeoutError:
                 pass
 
-    async def poll(self, name: str, full: bool = False) -> None:
-        """Pull ``name`` now, or, while it is backing off, once the backoff ends."""
+    async def poll(self, name: str, full: bool = False, accounts: frozenset[str] | None = None) -> None:
+        """Pull ``name`` now, or, while it is backing off, once the backoff ends (then every account:
+        what a push named is read with the rest). ``accounts``: only these (a push named them)."""
         if name not in self.connectors:
             return
         if self.read_backoff.wait(name) > 0:
             self._owe(name, full)
             return
         async with self._pull_lock.setdefault(name, asyncio.Lock()):  # a push-triggered pull never races the poll
-            await self._poll(name, full)
+            await self._poll(name, full, accounts)
 
     def _owe(self, name: str, full: bool) -> None:
         self._owed[name] = self._owed.get(name, False) or full
@@ -290,10 +297,10 @@ class Daemon:
         if name in self._owed:
             await self.poll(name, self._owed.pop(name))
 
-    async def _poll(self, name: str, full: bool) -> None:
+    async def _poll(self, name: str, full: bool, accounts: frozenset[str] | None = None) -> None:
         started = time.monotonic()
         try:
-            report = await self.engine.sync(name, full=full)
+            report = await self.engine.sync(name, full=full, accounts=accounts)
         except AuthError as err:
             self.metrics.errors.labels(name, "auth").inc()
             with self.store.tx() as tx:

@@ -210,15 +210,18 @@ class Tx:
         return self._link_of(connector, row) if row is not None and row[2] == external_id else None
 
     def set_cursor(
-        self, connector: str, cursor: str | None, at: str, *, full: bool = False, only_from: tuple[str | None] | None = None
+        self, connector: str, cursor: str | None, at: str, *, full: bool = False, only_from: tuple[str | None] | None = None,
+        keep_health: bool = False,
     ) -> bool:
         """Advance the cursor after a good pull; with ``only_from``, only while the store still holds
         ``only_from[0]``, the cursor the pull started from, so a reset made meanwhile (``syncbridge
-        resync`` beside the daemon) wins over a pull that was in flight. True if it was written."""
+        resync`` beside the daemon) wins over a pull that was in flight. True if it was written.
+        ``keep_health``: the pull read some accounts only, so another's failure stays shown."""
+        health = "" if keep_health else "healthy = 1, note = NULL, "
         sql = (
             "INSERT INTO cursors (connector, cursor, updated_at, last_good_pull, last_full_sweep, healthy) VALUES (?,?,?,?,?,1) "
             "ON CONFLICT (connector) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at, "
-            "last_good_pull = excluded.last_good_pull, healthy = 1, note = NULL, "
+            f"last_good_pull = excluded.last_good_pull, {health}"
             "last_full_sweep = COALESCE(excluded.last_full_sweep, cursors.last_full_sweep)"
         )
         args: tuple[Any, ...] = (connector, cursor, at, at, at if full else None)
