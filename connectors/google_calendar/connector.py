@@ -105,6 +105,9 @@ class GoogleCalendarConnector(CalendarConnector):
 
     capabilities = calendar_capabilities(push=True)
     Options = GoogleOptions
+    #: one call per calendar at a time (its requests share one connection, and Google's quota is
+    #: per user); the outbox keeps the other clinicians' calendars busy meanwhile
+    account_concurrency = 1
 
     def __init__(self, name: str, config: ConnectorConfig, practice: PracticeConfig) -> None:
         super().__init__(name, config, practice)

@@ -360,6 +360,10 @@ class Connector(abc.ABC):
 
     #: most writes one :meth:`apply_many` call takes; above 1 when the vendor has a batch request
     write_batch: int = 1
+    #: calls one account (a clinician's calendar or mailbox) may have in flight at once, where the
+    #: vendor limits it per account; the outbox then sends each call for one account only and lets
+    #: the accounts take turns. None: no per-account limit (one EHR, one directory)
+    account_concurrency: int | None = None
     #: seconds between presence checks (:meth:`missing`), for systems whose incremental reads never
     #: show a deletion; None where pulls already report them
     presence_interval: float | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -33,6 +34,21 @@ from .tx import Tx
 __all__ = ["ApplyReport", "Outbox", "backoff_delay"]
 
 log = structlog.get_logger("syncbridge.outbox")
+
+
+def chunks(items: list[OutboxItem], size: int, *, by_account: bool) -> list[list[OutboxItem]]:
+    """Due writes in the calls they go out in: ``size`` per call (a vendor batch, or one write).
+
+    ``by_account``: each call holds one account's writes (a vendor's batch acts as one user), and
+    the accounts take turns, so an initial sync queued clinician by clinician still keeps every
+    account busy instead of waiting on one."""
+    if not by_account:
+        return [items[k : k + size] for k in range(0, len(items), size)]
+    queues: dict[str | None, list[OutboxItem]] = defaultdict(list)
+    for item in items:
+        queues[item.account].append(item)
+    per = [[q[k : k + size] for k in range(0, len(q), size)] for q in queues.values()]
+    return [c for turn in itertools.zip_longest(*per) for c in turn if c is not None]
 
 
 @dataclass(slots=True)
@@ -90,42 +106,57 @@ class Outbox:
     async def _feed(self, name: str, report: ApplyReport) -> None:
         connector = self.engine.connectors.get(name)
         size = max(1, connector.write_batch) if connector is not None else 1
+        #: calls one account (a clinician's calendar or mailbox) may have in flight, where the vendor limits it
+        per_account = connector.account_concurrency if connector is not None else None
         calls = asyncio.Semaphore(self.cfg.concurrency)
         inflight: set[str] = set()
+        busy: dict[str, int] = defaultdict(int)
         sends: dict[str, int] = defaultdict(int)
         running: set[asyncio.Task[None]] = set()
 
-        def finished(task: asyncio.Task[None], *, ids: list[str]) -> None:
+        def finished(task: asyncio.Task[None], *, ids: list[str], account: str | None) -> None:
             calls.release()
             inflight.difference_update(ids)
             running.discard(task)
+            if account is not None and (left := busy.pop(account) - 1) > 0:
+                busy[account] = left
 
         while not self.halt.is_set():
             want = max(self.cfg.batch, size * self.cfg.concurrency * 2)
-            items = [
-                i for i in self.store.outbox_due(time.time(), want + len(inflight), connector=name)
-                if i.appointment_id not in inflight and sends[i.appointment_id] < self.max_sends
-            ][:want]
+            if per_account is None:
+                due = self.store.outbox_due(time.time(), want + len(inflight), connector=name)
+            else:  # the accounts at their limit are left out, so the others' writes go meanwhile
+                full = sorted(a for a, n in busy.items() if n >= per_account)
+                due = self.store.outbox_due_by_account(time.time(), want + len(inflight), name, skip=full)
+            items = [i for i in due if i.appointment_id not in inflight and sends[i.appointment_id] < self.max_sends][:want]
             if not items:
                 if not running:
                     break
                 await asyncio.wait(set(running), return_when=asyncio.FIRST_COMPLETED)
                 continue
-            for k in range(0, len(items), size):
+            sent = 0
+            for chunk in chunks(items, size, by_account=per_account is not None):
+                account = chunk[0].account if per_account is not None else None
+                if account is not None and per_account is not None and busy[account] >= per_account:
+                    continue  # its turn comes when one of its calls answers
                 await calls.acquire()
                 if self.halt.is_set():
                     calls.release()
                     break
-                chunk = items[k : k + size]
                 ids = [i.appointment_id for i in chunk]
                 inflight.update(ids)
                 if len(sends) > 20_000:  # bounded memory through a whole practice's initial sync
                     sends.clear()
                 for i in ids:
                     sends[i] += 1
+                if account is not None:
+                    busy[account] += 1
                 task = asyncio.create_task(self.apply_chunk(name, chunk, report))
                 running.add(task)
-                task.add_done_callback(functools.partial(finished, ids=ids))
+                task.add_done_callback(functools.partial(finished, ids=ids, account=account))
+                sent += 1
+            if not sent and running:  # every account found has its calls in flight: wait for an answer
+                await asyncio.wait(set(running), return_when=asyncio.FIRST_COMPLETED)
         if running:
             await asyncio.gather(*running, return_exceptions=True)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -74,6 +74,8 @@ class OutboxItem:
     #: failures that were not transient (recurring conflicts, errors not understood): only these
     #: count towards ``outbox.max_attempts``; an unreachable system is waited for however long
     strikes: int = 0
+    #: the account (clinician) the write goes to, where the query asked for it
+    account: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +386,19 @@ class Store:
             (now, *args, limit),
         ).fetchall()
         return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7]) for r in rows]
+
+    def outbox_due_by_account(self, now: float, limit: int, connector: str, skip: Sequence[str] = ()) -> list[OutboxItem]:
+        """A connector's due writes with the account each goes to, leaving out accounts in ``skip``
+        (those with as many calls in flight as their vendor allows), so the writes of the other
+        accounts are found however the queue is ordered."""
+        rows = self.conn.execute(
+            "SELECT o.connector, o.appointment_id, o.target_version, o.due_at, o.attempts, o.last_error, o.dead, o.strikes, a.clinician "
+            "FROM outbox o LEFT JOIN appointments a ON a.key = o.appt WHERE o.dead = 0 AND o.due_at <= ? AND o.connector = ? "
+            + (f"AND coalesce(a.clinician, '') NOT IN ({','.join('?' * len(skip))}) " if skip else "")
+            + "ORDER BY o.due_at LIMIT ?",
+            (now, connector, *skip, limit),
+        ).fetchall()
+        return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8] or "") for r in rows]
 
     def outbox_due_connectors(self, now: float) -> list[str]:
         """Connectors with at least one write due now."""
