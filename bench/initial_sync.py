@@ -1,12 +1,16 @@
 """Benchmark: the initial sync of a practice into every system: time, API calls, peak RSS.
 
     .venv/bin/python bench/initial_sync.py --clinicians 30 --weeks 52 --latency 0.05 --systems fhir,google_calendar,microsoft365
+    .venv/bin/python bench/initial_sync.py --clinicians 30 --per-clinician 200 --systems google_calendar --write-batch 1
 
 A practice of ``--clinicians`` clinicians with about 26 weekly sessions each for ``--weeks``
 weeks (30 x 52 x 26 = 40,560 appointments) is in the canonical record when `syncbridge run`
 starts as a process against the chosen sandboxes, each behind its injector adding ``--latency``
 seconds to every API call. The clock runs until every appointment has a copy in every system
 that holds sessions booked elsewhere and the outbox is empty. Peak RSS is the daemon's (VmHWM).
+``--per-clinician`` seeds that many sessions per clinician instead of whole weeks; ``--write-batch``
+sets every system's ``write_batch`` (1: no vendor batch requests). The API calls each system
+answered are printed by kind where its sandbox counts them (batch parts one by one).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from syncbridge.store import Store  # noqa: E402
 from tests.support.daemon import DaemonProcess  # noqa: E402
 
 NY = ZoneInfo("America/New_York")
+#: connector types with a ``write_batch`` option
+BATCHING = ("google_calendar", "microsoft365")
 SLOTS = [(d, h) for d in range(5) for h in (9, 10, 11, 13, 14, 15)][:26]  # 26 sessions a week
 
 
@@ -54,6 +60,8 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.05)
     ap.add_argument("--systems", default="", help="connector types to include (default: every installed sandbox)")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--per-clinician", type=int, default=0, help="sessions per clinician (instead of --weeks)")
+    ap.add_argument("--write-batch", type=int, default=0, help="write_batch of every system (default: each connector's own)")
     ap.add_argument("--no-push", action="store_true", help="no public URL: systems are polled, nothing pushes")
     ap.add_argument("--poll", type=float, default=30.0, help="poll interval of every system, seconds (default 30)")
     args = ap.parse_args()
@@ -72,6 +80,10 @@ def main() -> None:
     try:
         conf = sandbox_config(workdir, sandboxes, names, free_port(), poll_interval=args.poll, push=not args.no_push)
         conf["logging"] = {"level": "warning", "json": True}
+        if args.write_batch:
+            for c in conf["connectors"].values():
+                if c.get("type") in BATCHING:
+                    c["write_batch"] = args.write_batch
         path = workdir / "config.yaml"
         path.write_text(yaml.safe_dump(conf, sort_keys=False))
         cfg = load_config(path)
@@ -83,16 +95,17 @@ def main() -> None:
         monday = datetime.now(NY).date() + timedelta(days=7 - datetime.now(NY).weekday())
         seeded = time.perf_counter()
         n = 0
+        weeks = -(-args.per_clinician // len(SLOTS)) if args.per_clinician else args.weeks
+        slots = [(w, d, h) for w in range(weeks) for d, h in SLOTS][: args.per_clinician or None]
         for k in names:
-            for w in range(args.weeks):
-                for d, h in SLOTS:
-                    day = monday + timedelta(days=7 * w + d)
-                    start = datetime(day.year, day.month, day.day, h, tzinfo=NY)
-                    engine.change(new_canonical_id(), empty_snapshot() | {
-                        "clinician": k, "client_key": f"c{n}", "start": iso(start), "end": iso(start + timedelta(minutes=50)),
-                        "timezone": "America/New_York", "service_code": "90834",
-                    }, via="import", kind="booked")
-                    n += 1
+            for w, d, h in slots:
+                day = monday + timedelta(days=7 * w + d)
+                start = datetime(day.year, day.month, day.day, h, tzinfo=NY)
+                engine.change(new_canonical_id(), empty_snapshot() | {
+                    "clinician": k, "client_key": f"c{n}", "start": iso(start), "end": iso(start + timedelta(minutes=50)),
+                    "timezone": "America/New_York", "service_code": "90834",
+                }, via="import", kind="booked")
+                n += 1
         print(f"{n} appointments in the canonical record ({time.perf_counter() - seeded:.0f}s to seed, not timed); systems: {', '.join(sandboxes)}")
         store.close()
         for c in connectors.values():
@@ -128,10 +141,13 @@ def main() -> None:
             watch.close()
             daemon.stop()
         calls = {name: s.injector.requests for name, s in sandboxes.items() if s.injector}
+        kinds = {name: s.calls() for name, s in sandboxes.items() if s.calls is not None}
         print(f"initial sync: {took:.0f}s ({took / 60:.1f} min) with {args.latency * 1000:.0f} ms per API call; daemon peak RSS {peak} MB")
         print("every appointment copied, by system: " + ", ".join(f"{h} {t:.0f}s" for h, t in sorted(finished.items(), key=lambda kv: kv[1])))
         print(f"daemon CPU: {daemon_cpu:.0f}s")
-        print("API calls: " + ", ".join(f"{k} {v} ({v / n:.2f} per appointment)" for k, v in calls.items()))
+        print("HTTP requests: " + ", ".join(f"{k} {v} ({v / n:.2f} per appointment)" for k, v in calls.items()))
+        for name, by_kind in kinds.items():
+            print(f"{name} API calls by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(by_kind.items())))
     finally:
         for s in sandboxes.values():
             s.close()

@@ -299,6 +299,9 @@ class Sandbox:
     live_ids: Callable[[], Awaitable[set[str]]] | None = None
     #: counts the system's API requests and injects latency and failures (benchmarks, chaos tests)
     injector: Injector | None = None
+    #: the API calls the system has answered, by kind ("list", "insert", "delete", ...), each part
+    #: of a vendor batch request counted as its own call, as vendors' quotas count them (benchmarks)
+    calls: Callable[[], dict[str, int]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
