@@ -18,7 +18,7 @@ import json
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import google.auth.exceptions
 import google_auth_httplib2
@@ -33,7 +33,7 @@ from syncbridge.errors import (
     unreachable,
 )
 
-__all__ = ["BATCH_LIMIT", "CalendarClient", "Part", "batch_list", "batch_write", "raise_for_status", "translate"]
+__all__ = ["BATCH_LIMIT", "CalendarClient", "Part", "WriteNotes", "batch_get", "batch_list", "batch_write", "raise_for_status", "translate"]
 
 #: "You're limited to 1000 calls in a single batch request" (developers.google.com/calendar/api/guides/batch)
 BATCH_LIMIT = 1000
@@ -113,6 +113,15 @@ def batch_failed(err: BaseException, what: str) -> Exception:
     return translate(err, what)
 
 
+class WriteNotes(Protocol):
+    """Told of every event write per calendar: before it is sent, and when Google refused it
+    (the connector's expected-echo credits, echoes.py)."""
+
+    def expect(self, calendar: str) -> None: ...
+
+    def withdraw(self, calendar: str) -> None: ...
+
+
 class _Unbound(httplib2.Http):
     """The shared service's own Http: every request must carry its account's Http instead."""
 
@@ -139,10 +148,11 @@ def _resources(api_root: str) -> tuple[Any, Any]:
 class CalendarClient:
     """One account's Calendar service (a clinician impersonated, or signed in with OAuth)."""
 
-    def __init__(self, credentials: Credentials, api_root: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, credentials: Credentials, api_root: str, *, timeout: float = 30.0, notes: WriteNotes | None = None) -> None:
         if not api_root.endswith("calendar/v3/"):
             raise ValueError("api_root must end with calendar/v3/")
         self.api_root = api_root
+        self.notes = notes
         self._credentials = credentials
         self._timeout = timeout
         self._http = google_auth_httplib2.AuthorizedHttp(credentials, http=httplib2.Http(timeout=timeout))
@@ -220,25 +230,43 @@ class CalendarClient:
         """One harmless read (a single event id), to prove access."""
         await self._run("events.list", lambda e: e.list(calendarId=calendar, maxResults=1, fields="items(id)"))
 
-    async def get(self, calendar: str, event_id: str) -> dict[str, Any] | None:
-        """The event, a ``cancelled`` tombstone if it was deleted, or None if it never existed."""
-        answer = await self._status("events.get", lambda e: e.get(calendarId=calendar, eventId=event_id), allow=(404,))
+    async def get(self, calendar: str, event_id: str, fields: str | None = None) -> dict[str, Any] | None:
+        """The event (only ``fields``, a partial response, when given), a ``cancelled`` tombstone
+        if it was deleted, or None if it never existed."""
+        selection = {"fields": fields} if fields else {}
+        answer = await self._status("events.get", lambda e: e.get(calendarId=calendar, eventId=event_id, **selection), allow=(404,))
         return None if answer == 404 else answer
+
+    async def _write(self, what: str, calendar: str, make: Callable[[Any], HttpRequest], *, etag: str | None = None,
+                     allow: tuple[int, ...] = ()) -> Any:
+        """A write that changes ``calendar``: ``notes`` hear of it before it is sent (Google may notify
+        before it answers) and again when Google refused it or it changed nothing (an allowed status)."""
+        if self.notes is not None:
+            self.notes.expect(calendar)
+        try:
+            answer = await self._status(what, make, etag=etag, allow=allow)
+        except BaseException:
+            if self.notes is not None:
+                self.notes.withdraw(calendar)
+            raise
+        if self.notes is not None and isinstance(answer, int) and answer in allow:
+            self.notes.withdraw(calendar)
+        return answer
 
     async def insert(self, calendar: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """Insert with a client-chosen id; None when the id exists already (409 duplicate)."""
-        answer = await self._status("events.insert", lambda e: e.insert(calendarId=calendar, body=body), allow=(409,))
+        answer = await self._write("events.insert", calendar, lambda e: e.insert(calendarId=calendar, body=body), allow=(409,))
         return None if answer == 409 else answer
 
     async def update(self, calendar: str, event_id: str, body: dict[str, Any], etag: str | None) -> dict[str, Any]:
-        return await self._run("events.update", lambda e: e.update(calendarId=calendar, eventId=event_id, body=body), etag=etag)
+        return await self._write("events.update", calendar, lambda e: e.update(calendarId=calendar, eventId=event_id, body=body), etag=etag)
 
     async def patch(self, calendar: str, event_id: str, body: dict[str, Any], etag: str | None) -> dict[str, Any]:
-        return await self._run("events.patch", lambda e: e.patch(calendarId=calendar, eventId=event_id, body=body), etag=etag)
+        return await self._write("events.patch", calendar, lambda e: e.patch(calendarId=calendar, eventId=event_id, body=body), etag=etag)
 
     async def delete(self, calendar: str, event_id: str, etag: str | None) -> bool:
         """Delete under ``etag``; False when it was gone already (404 or 410 ``deleted``)."""
-        answer = await self._status("events.delete", lambda e: e.delete(calendarId=calendar, eventId=event_id), etag=etag, allow=(404, 410))
+        answer = await self._write("events.delete", calendar, lambda e: e.delete(calendarId=calendar, eventId=event_id), etag=etag, allow=(404, 410))
         return answer not in (404, 410)
 
     async def watch(self, calendar: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -254,36 +282,55 @@ class CalendarClient:
             self._credentials.refresh(google_auth_httplib2.Request(httplib2.Http(timeout=self._timeout)))
 
 
-async def batch_list(parts: list[tuple[CalendarClient, str, dict[str, Any]]]) -> list[dict[str, Any] | Exception]:
-    """The first page of events.list for several calendars, each as its own account, in one HTTP
-    request per 50 (https://developers.google.com/workspace/calendar/api/guides/batch). Each part
-    still counts against the quota; what is saved is a round trip and a connection per calendar.
-    Answers, in order, the page or the translated error of each part."""
-    results: dict[int, dict[str, Any] | Exception] = {}
+async def _batch_read(parts: list[tuple[CalendarClient, Callable[[Any], HttpRequest]]], what: str, *, absent: int | None = None) -> list[Any]:
+    """Several reads, each as its own account, in one HTTP request per 50
+    (https://developers.google.com/workspace/calendar/api/guides/batch). Each part still counts
+    against the quota; what is saved is a round trip and a connection per read. Answers, in order,
+    each part's response, None for the ``absent`` status, or its translated error."""
+    results: dict[int, Any] = {}
 
-    def run(offset: int, chunk: list[tuple[CalendarClient, str, dict[str, Any]]]) -> None:
+    def run(offset: int, chunk: list[tuple[CalendarClient, Callable[[Any], HttpRequest]]]) -> None:
         def done(request_id: str, response: Any, exception: Exception | None) -> None:
-            results[int(request_id)] = translate(exception, "events.list (batch)") if exception is not None else response
+            if isinstance(exception, HttpError) and exception.resp is not None and exception.resp.status == absent:
+                results[int(request_id)] = None
+            else:
+                results[int(request_id)] = translate(exception, what) if exception is not None else response
 
         owner = chunk[0][0]
         batch = _new_batch(owner, done)
-        for i, (client, calendar, params) in enumerate(chunk):
+        for i, (client, make) in enumerate(chunk):
             client._fresh_credentials()
-            batch.add(client.bind(client.events.list(calendarId=calendar, **params)), request_id=str(offset + i))
+            batch.add(client.bind(make(client.events)), request_id=str(offset + i))
             client.requests += 1
         _retry_dropped(lambda: batch.execute(http=owner._http))
 
     for offset in range(0, len(parts), 50):
         chunk = parts[offset : offset + 50]
-        clients = sorted({id(c): c for c, _, _ in chunk}.values(), key=id)  # one order, so two batches never deadlock
+        clients = sorted({id(c): c for c, _ in chunk}.values(), key=id)  # one order, so two batches never deadlock
         try:
             async with contextlib.AsyncExitStack() as held:
                 for client in clients:
                     await held.enter_async_context(client.lock)
                 await asyncio.to_thread(run, offset, chunk)
         except Exception as err:
-            raise batch_failed(err, "events.list (batch)") from err
+            raise batch_failed(err, what) from err
     return [results[i] for i in range(len(parts))]
+
+
+async def batch_list(parts: list[tuple[CalendarClient, str, dict[str, Any]]]) -> list[dict[str, Any] | Exception]:
+    """The first page of events.list for several calendars in one batch request: the page or the
+    translated error of each part, in order."""
+    return await _batch_read(
+        [(client, lambda e, cal=cal, p=params: e.list(calendarId=cal, **p)) for client, cal, params in parts], "events.list (batch)")
+
+
+async def batch_get(parts: list[tuple[CalendarClient, str, str, str]]) -> list[dict[str, Any] | None | Exception]:
+    """events.get of several (client, calendar, event id, fields) in batch requests: each event's
+    partial response, None for one that no longer exists, or its translated error, in order."""
+    return await _batch_read(
+        [(client, lambda e, cal=cal, ev=event_id, f=fields: e.get(calendarId=cal, eventId=ev, fields=f)) for client, cal, event_id, fields in parts],
+        "events.get (batch)", absent=404,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,8 +408,16 @@ async def batch_write(parts: Sequence[Part]) -> list[dict[str, Any] | int | None
         finally:
             owner._spare.append(http)
 
+    for part in parts:  # before sending: Google may notify a change before the batch is answered
+        if part.client.notes is not None:
+            part.client.notes.expect(part.calendar)
     try:
         await asyncio.to_thread(run)
     except Exception as err:
-        return [batch_failed(err, "batch") for _ in parts]
-    return [results.get(i, TransientError("batch: no answer for this part")) for i in range(len(parts))]
+        answers: list[dict[str, Any] | int | None | Exception] = [batch_failed(err, "batch") for _ in parts]
+    else:
+        answers = [results.get(i, TransientError("batch: no answer for this part")) for i in range(len(parts))]
+    for part, answer in zip(parts, answers, strict=True):  # refused, or nothing to change: no notification
+        if part.client.notes is not None and (isinstance(answer, Exception) or (isinstance(answer, int) and answer in part.allowed)):
+            part.client.notes.withdraw(part.calendar)
+    return answers

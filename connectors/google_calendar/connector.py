@@ -36,11 +36,12 @@ from syncbridge.secrets import SecretRef
 from . import reads
 from .client import CalendarClient
 from .credentials import SCOPE, oauth_credentials, service_account_credentials, vault_key
-from .mapping import BUSY_FIELDS, canonical_id_of, event_id_for, read_event, render, without_nulls
+from .echoes import KnownEtags
+from .mapping import BUSY_FIELDS, EVENT_FIELDS, canonical_id_of, event_id_for, read_event, render, without_nulls
 from .push import ROUTE, ChannelKeeper
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
     from pathlib import Path
 
     from syncbridge.config import ConnectorConfig, PracticeConfig
@@ -82,6 +83,9 @@ class GoogleOptions(BaseModel):
     channel_ttl: int = Field(604800, ge=3600, le=2592000)
     #: renew a channel when less than this many seconds remain
     channel_renew_before: int = Field(86400, ge=300)
+    #: seconds a write of ours is expected to come back as a push for its calendar (then nothing is
+    #: pulled); 0 pulls on every push
+    echo_window: float = Field(60, ge=0, le=3600)
 
     @field_validator("api_root")
     @classmethod
@@ -125,6 +129,8 @@ class GoogleCalendarConnector(CalendarConnector):
         self._clients: dict[str, CalendarClient] = {}
         #: calendars throttled with Retry-After, skipped until then
         self.resting = Resting()
+        #: the etag of each session event as we last wrote or read it (its text is read only past it)
+        self.etags = KnownEtags()
         self.push = ChannelKeeper(self)
         self.write_batch = self.options.write_batch
 
@@ -148,7 +154,7 @@ class GoogleCalendarConnector(CalendarConnector):
                     raise AuthError(f"{self.name}: {clinician} has not signed in to Google", action=f"run `syncbridge auth {self.name} {clinician}`")
                 assert o.client_id and o.client_secret
                 creds = oauth_credentials(o.client_id, o.client_secret.reveal(), refresh, o.token_uri)
-            self._clients[clinician] = CalendarClient(creds, o.api_root)
+            self._clients[clinician] = CalendarClient(creds, o.api_root, notes=self.push)
         return self._clients[clinician]
 
     @property
@@ -186,6 +192,11 @@ class GoogleCalendarConnector(CalendarConnector):
         ``history_days`` ago on. Each calendar is read on its own (reads.py)."""
         return await reads.pull(self, cursor)
 
+    async def pull_accounts(self, cursor: str, accounts: frozenset[str]) -> PullResult:
+        """Changes since ``cursor`` in these clinicians' calendars only (a push named them); the
+        other calendars' sync tokens are returned as they were."""
+        return await reads.pull(self, cursor, accounts)
+
     async def read(self, external_id: str) -> Observation:
         """The event as it is now; deleted when gone. A bare event id is looked for in every calendar."""
         clinician, calendar, event_id = self._split(external_id)
@@ -193,12 +204,14 @@ class GoogleCalendarConnector(CalendarConnector):
             raise PermanentError(f"{external_id} is not in any calendar configured for {self.name}")
         places = [(clinician, calendar)] if clinician and calendar else list(self._calendars.items())
         for owner, cal in places:
-            event = await self.client(owner).get(cal, event_id)
+            event = await self.client(owner).get(cal, event_id, f"{EVENT_FIELDS},summary,description")
             if event is None:
                 continue
             obs = self.to_observation(event, owner, cal)
             if obs is None:
                 raise PermanentError(f"{cal}/{event_id} holds an event that is not this appointment's")
+            if not obs.problem:
+                self.etags.note(obs.external_id, None if obs.deleted else obs.etag)
             return obs
         return Observation(external_id=external_id, canonical_id=canonical_id_of(event_id), deleted=True)
 
@@ -208,6 +221,15 @@ class GoogleCalendarConnector(CalendarConnector):
 
     async def apply(self, appointment_id: str, desired: Snapshot, link: Link | None) -> ApplyResult:
         """Converge the event: insert with the derived id, patch/delete under If-Match."""
+        return self.wrote(await self._apply(appointment_id, desired, link))
+
+    def wrote(self, result: ApplyResult) -> ApplyResult:
+        """Remember the etag a write produced: the listing that shows it needs no text read."""
+        if result.external_id:
+            self.etags.note(result.external_id, None if result.gone else result.etag)
+        return result
+
+    async def _apply(self, appointment_id: str, desired: Snapshot, link: Link | None) -> ApplyResult:
         text = event_text(desired, self.practice.policy.privacy, self.options.disclosure)
         clinician = desired.get("clinician") or ""
         target = self._calendars.get(clinician)
@@ -240,7 +262,7 @@ class GoogleCalendarConnector(CalendarConnector):
             return await super().apply_many(writes)
         from .batch import apply_batched
 
-        return await apply_batched(self, writes)
+        return [self.wrote(r) if isinstance(r, ApplyResult) else r for r in await apply_batched(self, writes)]
 
     async def _create(self, clinician: str, calendar: str, body: dict[str, Any], disclosed: tuple[str, ...]) -> ApplyResult:
         """Insert; a 409 means our id exists (a lost answer, or a deleted copy): converge that event."""
@@ -255,7 +277,7 @@ class GoogleCalendarConnector(CalendarConnector):
         """The insert's id exists (a lost answer, or a deleted copy): converge that event."""
         client = self.client(clinician)
         external_id = f"{calendar}/{body['id']}"
-        existing = await client.get(calendar, body["id"])
+        existing = await client.get(calendar, body["id"], EVENT_FIELDS)
         if existing is None:
             raise PermanentError(f"{external_id}: Google refuses the id but has no such event")
         private = (existing.get("extendedProperties") or {}).get("private") or {}
@@ -270,7 +292,7 @@ class GoogleCalendarConnector(CalendarConnector):
     async def _cancel_unlinked(self, clinician: str, calendar: str, event_id: str) -> ApplyResult:
         """A cancelled session we hold no link for: make sure a lost insert left nothing live."""
         client = self.client(clinician)
-        existing = await client.get(calendar, event_id)
+        existing = await client.get(calendar, event_id, "etag,status")
         if existing is not None and existing.get("status") != "cancelled":
             await client.delete(calendar, event_id, existing.get("etag"))
             return ApplyResult(f"{calendar}/{event_id}", None, gone=True)
@@ -313,6 +335,13 @@ class GoogleCalendarConnector(CalendarConnector):
 
     def webhook_routes(self) -> list[WebhookRoute]:
         return [WebhookRoute(ROUTE, ["POST"], self.push.handle)]
+
+    def webhook_accounts(self, headers: Mapping[str, str], body: bytes) -> frozenset[str] | None:
+        """The clinician whose calendar the notification's channel watches; None (pull every
+        calendar) for a channel no longer known. Echoes of our own writes were dropped on receipt."""
+        calendar = self.push.calendar_of(headers.get("x-goog-channel-id"))
+        owner = next((k for k, c in self._calendars.items() if c == calendar), None)
+        return frozenset({owner}) if owner is not None else None
 
     async def maintain(self) -> None:
         await self.push.maintain()

@@ -9,7 +9,11 @@ Faithful to the documented behaviour the connector relies on, cited by page:
   ``conditionNotMet`` on a stale etag; recurring events expand with ``singleEvents=true``
   (``orderBy=startTime`` needs it); deleted events stay as ``status: cancelled`` tombstones,
   shown with ``showDeleted`` and always in incremental syncs, "only guaranteed to have the id
-  field populated"; ``privateExtendedProperty`` filters; partial responses with ``fields``.
+  field populated"; ``privateExtendedProperty`` filters.
+- Partial responses (https://developers.google.com/workspace/calendar/api/guides/performance#partial-response):
+  ``fields`` on events.list, get, insert, update, patch and instances, alone or as batch parts, with
+  the documented syntax (``a,b``, ``a/b``, ``a(b,c)``, ``*``; emulator_events.parse_fields). A
+  standard feature of every Google API, so always on.
 - Sync (https://developers.google.com/workspace/calendar/api/guides/sync): ``nextSyncToken`` only
   on the last page; an invalid or expired token answers 410 ``fullSyncRequired``; a sync token with
   ``timeMin``/``timeMax``/``updatedMin``/``q``/``iCalUID``/``orderBy``/``privateExtendedProperty``
@@ -26,7 +30,8 @@ Faithful to the documented behaviour the connector relies on, cited by page:
 - OAuth: see emulator_auth.py.
 
 ``log`` records ``(method, path)`` of every request (batch parts included) so tests and the
-benchmark count calls.
+benchmark count calls; ``record_wire`` also keeps, bounded, each request's query and the body
+answered (``wire``), so a test can tell what reached the client.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import random
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,21 +52,34 @@ from urllib.parse import parse_qs, unquote
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from syncbridge.emulation import Injector, free_port, serve_in_thread
 
 from .emulator_auth import AuthServer, Grant, new_service_account_key
 from .emulator_batch import run_batch
-from .emulator_events import EVENT_ID, READ_ONLY, Answer, ApiError, default_horizon, expand, minimal, parse_fields, pick, rfc3339, validate_times
+from .emulator_events import (
+    EVENT_ID, READ_ONLY, Answer, ApiError, default_horizon, encode, expand, minimal, parse_fields, pick, rfc3339, validate_times,
+)
 from .emulator_listing import Calendar, instances, public, select
 from .emulator_push import DEFAULT_TTL, MAX_TTL, Channel, Deliverer, address_problem
 
-__all__ = ["API_PREFIX", "CALENDAR_SCOPES", "GoogleCalendarEmulator", "Running", "running"]
+__all__ = ["API_PREFIX", "CALENDAR_SCOPES", "Exchange", "GoogleCalendarEmulator", "Running", "running"]
 
 API_PREFIX = "/calendar/v3"
 CALENDAR_SCOPES = frozenset({"https://www.googleapis.com/auth/calendar", "https://www.googleapis.com/auth/calendar.events"})
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One request as answered (a batch part is one of its own; the batch's multipart answer too)."""
+
+    method: str
+    path: str
+    query: str
+    status: int
+    body: bytes
 
 
 @dataclass
@@ -84,6 +103,8 @@ class GoogleCalendarEmulator:
     #: the server's Injector: its error rate also fails batch parts one by one
     injector: Injector | None = None
     _rng: random.Random = field(default_factory=random.Random)
+    #: the last requests with their answers' bodies (``record_wire``); None while off
+    wire: deque[Exchange] | None = None
 
     # --- knobs ---------------------------------------------------------------------------------
 
@@ -143,6 +164,10 @@ class GoogleCalendarEmulator:
     def live_events(self, calendar: str) -> list[dict[str, Any]]:
         return [public(e) for e in self.calendars[calendar].events.values() if e["status"] != "cancelled"]
 
+    def record_wire(self, limit: int = 5000) -> None:
+        """Keep the last ``limit`` exchanges (query and body answered) in ``wire``, for tests."""
+        self.wire = deque(maxlen=limit)
+
     def settle(self) -> None:
         """Wait for queued push notifications to be attempted."""
         if self._deliverer is not None:
@@ -174,13 +199,19 @@ class GoogleCalendarEmulator:
             return Response(answer.body, answer.status, headers=answer.headers)
         if answer.body is None:
             return Response(status_code=answer.status, headers=answer.headers)
-        return JSONResponse(answer.body, answer.status, headers=answer.headers)
+        return Response(encode(answer.body), answer.status, headers=answer.headers, media_type="application/json; charset=UTF-8")
 
     def handle(self, method: str, raw_path: str, query: str, headers: dict[str, str], body: bytes) -> Answer:
         """One request (from HTTP or a batch part); ``raw_path`` still percent-encoded."""
         segments = [unquote(s) for s in raw_path.strip("/").split("/")]
         path = "/" + "/".join(segments)
         self.log.append((method, path))
+        answer = self._answer(method, path, segments, query, headers, body)
+        if self.wire is not None:
+            self.wire.append(Exchange(method, path, query, answer.status, encode(answer.body)))
+        return answer
+
+    def _answer(self, method: str, path: str, segments: list[str], query: str, headers: dict[str, str], body: bytes) -> Answer:
         q = {k: v for k, v in parse_qs(query, keep_blank_values=True).items()}
         try:
             if path == "/token" and method == "POST":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import email.message
 import email.parser
 import email.policy
-import json
 import random
 import secrets
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 from syncbridge.emulation import Injector
 
-from .emulator_events import Answer, ApiError
+from .emulator_events import Answer, ApiError, encode
 
 __all__ = ["BATCH_LIMIT", "run_batch"]
 
@@ -63,7 +62,7 @@ def run_batch(handle: Handler, headers: dict[str, str], body: bytes, *, injector
     out: list[bytes] = []
     for i, part in enumerate(parts):
         answer = answers[i]
-        payload = b"" if answer.body is None else json.dumps(answer.body).encode()
+        payload = encode(answer.body)
         cid = part.get("Content-ID", "")
         response_id = f"Content-ID: <response-{cid.strip('<>')}>\r\n" if cid else ""
         extra = "".join(f"{k}: {v}\r\n" for k, v in answer.headers.items())

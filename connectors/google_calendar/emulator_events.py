@@ -9,6 +9,7 @@ alphabet, ``status``, ``recurrence`` as RFC 5545 lines, instances with ``recurri
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -22,6 +23,7 @@ __all__ = [
     "ApiError",
     "EVENT_ID",
     "READ_ONLY",
+    "encode",
     "event_times",
     "expand",
     "instance_id",
@@ -160,19 +162,33 @@ def minimal(event: dict[str, Any]) -> dict[str, Any]:
     return {k: event[k] for k in keep if k in event}
 
 
+def encode(body: Any) -> bytes:
+    """A JSON answer as the bytes sent (alone, or as a batch part); None and redirects send none."""
+    if isinstance(body, bytes):
+        return body
+    if body is None or isinstance(body, str):
+        return b""
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 def pick(value: Any, tree: dict[str, Any] | None) -> Any:
-    """Apply a parsed ``fields`` selection to a response."""
+    """Apply a parsed ``fields`` selection to a response: each named member (with its own
+    sub-selection), every member for ``*``; in an array, to each element."""
     if tree is None:
         return value
     if isinstance(value, list):
         return [pick(v, tree) for v in value]
     if isinstance(value, dict):
-        return {k: pick(value[k], sub) for k, sub in tree.items() if k in value}
+        return {k: pick(v, tree[k] if k in tree else tree["*"]) for k, v in value.items() if k in tree or "*" in tree}
     return value
 
 
 def parse_fields(text: str) -> dict[str, Any]:
-    """``items(id,start),nextPageToken`` or ``items/id`` -> a selection tree (None = whole value)."""
+    """A ``fields`` parameter as a selection tree (None = the whole value), following the syntax of
+    https://developers.google.com/workspace/calendar/api/guides/performance#partial-response:
+    a comma-separated list (``items,nextSyncToken``), ``a/b`` for a field inside another,
+    ``a(b,c)`` for a sub-selection of ``a`` (of each element of an array), ``*`` for every field
+    at that level. Anything else answers 400 ``invalidParameter``."""
     pos = 0
 
     def selectors() -> dict[str, Any]:

@@ -26,7 +26,9 @@ from syncbridge.policy.privacy import EventText
 
 __all__ = [
     "BUSY_FIELDS",
+    "EVENT_FIELDS",
     "ID_KEY",
+    "LIST_FIELDS",
     "LOCATION_KEY",
     "MODALITY_KEY",
     "ObservedEvent",
@@ -36,6 +38,7 @@ __all__ = [
     "read_event",
     "without_nulls",
     "render",
+    "TEXT_FIELDS",
 ]
 
 ID_KEY = "syncbridgeId"
@@ -44,6 +47,13 @@ LOCATION_KEY = "syncbridgeLocation"
 _PREFIX = b"syncbridge:"
 #: what a busy-time listing asks Google for: no summary, description, attendees' names or location
 BUSY_FIELDS = "items(id,recurringEventId,status,transparency,start,end,attendees(self,responseStatus)),nextPageToken"
+#: what :func:`read_event` needs of an event (a partial response: no summary, description,
+#: location or attendees, so a clinician's private events reach us as times and ids only)
+EVENT_FIELDS = "id,etag,status,updated,start,end,recurringEventId,extendedProperties/private"
+#: what a sync listing asks Google for
+LIST_FIELDS = f"items({EVENT_FIELDS}),nextPageToken,nextSyncToken"
+#: the text of one of OUR session events, read alone when someone else changed it: its tags
+TEXT_FIELDS = "etag,summary,description"
 
 
 def event_id_for(appointment_id: str) -> str:

@@ -8,6 +8,11 @@ hands the message to ``host.accept_webhook`` (persisted in the daemon's inbox, w
 incrementally). Channels expire: they are renewed ahead of expiry and stopped on close. Their ids
 and tokens live in the host's encrypted vault, so a restarted daemon still recognises messages
 from the channels it opened before.
+
+A message names no event, only the channel and so the calendar. One that finds an expected-echo
+credit of that calendar (echoes.py: granted by each write of ours there) is the echo of our own
+write: it is answered 200 and neither stored nor pulled. Any other is stored, and
+``calendar_of`` lets the connector pull that calendar alone.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from starlette.responses import PlainTextResponse, Response
 
 from syncbridge.errors import SyncbridgeError
 from syncbridge.limits import MAX_WEBHOOK_BYTES
+
+from .echoes import EchoCredits
 
 if TYPE_CHECKING:
     from .connector import GoogleCalendarConnector
@@ -56,6 +63,8 @@ class ChannelKeeper:
         self._channels: dict[str, WatchChannel] | None = None  # calendar id -> channel
         #: channels being replaced: still recognised until they are stopped
         self._retiring: dict[str, WatchChannel] = {}
+        #: expected echoes of our own writes, per watched calendar
+        self.echoes = EchoCredits(connector.options.echo_window)
 
     @property
     def channels(self) -> dict[str, WatchChannel]:
@@ -141,6 +150,26 @@ class ChannelKeeper:
     def _known(self, channel_id: str | None) -> WatchChannel | None:
         return next((c for c in self.channels.values() if c.id == channel_id), None) or self._retiring.get(channel_id or "")
 
+    def _watched(self, calendar: str) -> bool:
+        channel = self.channels.get(calendar)
+        return channel is not None and bool(channel.resource_id)
+
+    def expect(self, calendar: str) -> None:
+        """A write of ours to ``calendar`` is about to be sent: its notification is an echo. Only
+        an open channel will carry one, so an unwatched calendar gets no credit."""
+        if self._watched(calendar):
+            self.echoes.expect(calendar)
+
+    def withdraw(self, calendar: str) -> None:
+        """Google refused that write, or it changed nothing: no notification will come."""
+        if self._watched(calendar):
+            self.echoes.withdraw(calendar)
+
+    def calendar_of(self, channel_id: str | None) -> str | None:
+        """The calendar a channel (open, or being replaced) watches; None for one no longer known."""
+        channel = self._known(channel_id)
+        return channel.calendar if channel is not None else None
+
     async def handle(self, request: Request) -> Response:
         """POST <public_url>/notify: authenticate by channel token, then persist and answer at once."""
         token = request.headers.get("x-goog-channel-token")
@@ -160,6 +189,9 @@ class ChannelKeeper:
             return Response(status_code=200)  # the channel opened; nothing changed
         if state not in ("exists", "not_exists"):
             return PlainTextResponse("unknown X-Goog-Resource-State", 400)
+        if self.echoes.consume(channel.calendar):
+            log.debug("webhook_echo", connector=self.connector.name)
+            return Response(status_code=200)  # our own write: nothing to store, nothing to pull
         kept: dict[str, Any] = {k: request.headers[k] for k in KEPT_HEADERS if k in request.headers}
         self.connector.host.accept_webhook(kept, b"")
         return Response(status_code=200)
