@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .anchors import check_anchors, read_anchors
+from .cli_bulk import add_bulk_parser
 from .config import PracticeConfig, load_config
 from .errors import ConfigError, MalformedRecord, StoreError, SyncbridgeError
 from .instance_lock import daemon_pid
@@ -175,6 +176,15 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bulk(args: argparse.Namespace) -> int:
+    from .cli_bulk import cmd_bulk as run_bulk
+    from .engine import Engine
+    from .registry import build_connectors
+
+    cfg = _config(args)
+    return run_bulk(args, cfg, Engine(_store(cfg), build_connectors(cfg), cfg))
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     cfg = _config(args)
     store = _store(cfg)
@@ -225,7 +235,7 @@ def cmd_worklist(args: argparse.Namespace) -> int:
             return 1
         with store.tx() as tx:
             if args.action == "confirm" and item.kind == "mass_cancel_guard":
-                tx.conn.execute("UPDATE held_batches SET approved = 1 WHERE connector = ?", (item.connector,))
+                tx.approve_held(item.connector)
             tx.close_work(item.key, now, "cli")
             tx.audit.add(now, f"worklist_{args.action}", item.connector, item.appointment_id, {"key": item.key})
         print(f"worklist item {item.id} {args.action}ed")
@@ -419,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--reason", help="free text, kept only in the store and the EHR")
     k.add_argument("--waive", action="store_true", help="waive any late-cancel or no-show fee")
     k.add_argument("--crisis", action="store_true", help="clinical reason (crisis, illness): fee waived by default")
+    add_bulk_parser(add, cmd_bulk, common)
     a = add("audit", cmd_audit, "show the audit log, or --verify its hash chain")
     a.add_argument("--verify", action="store_true", help="check that no entry was edited or deleted (exit 1 if one was)")
     a.add_argument("--anchors", type=Path, help="with --verify: anchors to check the log against (the anchor file, or "

@@ -350,6 +350,33 @@ MIGRATIONS: list[tuple[int, str]] = [
         )
         """,
     ),
+    (
+        12,
+        """
+        -- bulk operations (cancel a clinician's sessions for a week, mark many no-show): confirmed
+        -- once after a preview, applied session by session, resumed after an interruption, and
+        -- followed to the end in every system through each session's links
+        CREATE TABLE operations (
+            id TEXT PRIMARY KEY,
+            action TEXT NOT NULL,
+            -- the selection, reason, note and who cancelled (JSON), as previewed and confirmed
+            params TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            finished_at TEXT
+        );
+        CREATE TABLE operation_items (
+            operation TEXT NOT NULL,
+            appointment_id TEXT NOT NULL,
+            -- the version the preview showed, and the version this operation wrote (NULL: not yet)
+            seen_version INTEGER NOT NULL,
+            version INTEGER,
+            -- pending, changed, or skipped (the session changed after the preview)
+            state TEXT NOT NULL DEFAULT 'pending',
+            PRIMARY KEY (operation, appointment_id)
+        ) WITHOUT ROWID
+        """,
+    ),
 ]
 
 

@@ -38,6 +38,7 @@ from .reloading import effects
 from .host import DaemonHost, Vault
 from .metrics import Metrics
 from .model import iso, utcnow
+from .operations import resume as resume_operations
 from .outbox import Outbox
 from .publisher import Publisher
 from .registry import build_connectors
@@ -503,6 +504,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if resumed := resume_operations(self.engine):  # bulk operations a stop interrupted
+            log.info("bulk_operations_resumed", operations=resumed)
         self.schedule()
         self.scheduler.start()
         worker = asyncio.create_task(self.outbox_loop())

@@ -79,6 +79,28 @@ class OutboxItem:
 
 
 @dataclass(frozen=True, slots=True)
+class OperationRow:
+    """A bulk operation as confirmed: what, on which selection, by whom, and when it ended."""
+
+    id: str
+    action: str
+    params: dict[str, Any]
+    created_at: str
+    created_by: str
+    finished_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OperationItem:
+    appointment_id: str
+    #: the version the preview showed, and the one the operation wrote (None: not yet)
+    seen_version: int
+    version: int | None
+    #: pending, changed, or skipped
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
 class SlotState:
     """One directory date's published slots: what we want shown, and how its write stands."""
 
@@ -529,6 +551,45 @@ class Store:
                 (clinician, start, end, *sorted(CANCELLED_STATES)),
             )
         ]
+
+    def sessions_between(self, clinicians: Sequence[str], start: str, end: str) -> list[Appointment]:
+        """These clinicians' sessions starting in [start, end), whatever their status, by start time."""
+        return [
+            Appointment(r[0], loads(r[1]), r[2], r[3], r[4])
+            for r in self.conn.execute(
+                "SELECT id, snapshot, version, updated_at, updated_via FROM appointments "
+                f"WHERE clinician IN ({','.join('?' * len(clinicians))}) AND start >= ? AND start < ? ORDER BY start, clinician",
+                (*clinicians, start, end),
+            )
+        ]
+
+    # --- bulk operations --------------------------------------------------------------------
+
+    def operation(self, operation_id: str) -> OperationRow | None:
+        r = self.conn.execute(
+            "SELECT id, action, params, created_at, created_by, finished_at FROM operations WHERE id = ?", (operation_id,)
+        ).fetchone()
+        return OperationRow(r[0], r[1], loads(r[2]), r[3], r[4], r[5]) if r else None
+
+    def operations(self, limit: int = 20) -> list[OperationRow]:
+        """The newest operations first."""
+        rows = self.conn.execute(
+            "SELECT id, action, params, created_at, created_by, finished_at FROM operations ORDER BY created_at DESC, id LIMIT ?", (limit,)
+        )
+        return [OperationRow(r[0], r[1], loads(r[2]), r[3], r[4], r[5]) for r in rows]
+
+    def operation_items(self, operation_id: str) -> list[OperationItem]:
+        rows = self.conn.execute(
+            "SELECT appointment_id, seen_version, version, state FROM operation_items WHERE operation = ? ORDER BY appointment_id", (operation_id,)
+        )
+        return [OperationItem(*r) for r in rows]
+
+    def unfinished_operations(self) -> list[str]:
+        """Operations with sessions not yet changed (interrupted): resumed at the next start."""
+        rows = self.conn.execute(
+            "SELECT DISTINCT operation FROM operation_items WHERE state = 'pending' ORDER BY operation"
+        )
+        return [r[0] for r in rows]
 
     # --- published slots (slot_states) ------------------------------------------------------
 

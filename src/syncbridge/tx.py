@@ -343,6 +343,28 @@ class Tx:
         cur = self.conn.execute("UPDATE worklist SET closed_at = ?, closed_by = ? WHERE key = ? AND closed_at IS NULL", (at, by, key))
         return cur.rowcount > 0
 
+    def approve_held(self, connector: str) -> None:
+        """A person confirmed the held pull of ``connector``: the next pull merges it."""
+        self.conn.execute("UPDATE held_batches SET approved = 1 WHERE connector = ?", (connector,))
+
+    def add_operation(self, operation_id: str, action: str, params: dict[str, Any], at: str, by: str, items: Iterable[tuple[str, int]]) -> None:
+        """Record a confirmed bulk operation and the sessions (id, version seen in the preview) it changes."""
+        self.conn.execute(
+            "INSERT INTO operations (id, action, params, created_at, created_by) VALUES (?,?,?,?,?)",
+            (operation_id, action, dumps(params), at, by),
+        )
+        insert_rows(self.conn, "INSERT INTO operation_items (operation, appointment_id, seen_version)",
+                    [(operation_id, appt, version) for appt, version in items])
+
+    def operation_item_done(self, operation_id: str, appointment_id: str, state: str, version: int | None) -> None:
+        self.conn.execute(
+            "UPDATE operation_items SET state = ?, version = ? WHERE operation = ? AND appointment_id = ?",
+            (state, version, operation_id, appointment_id),
+        )
+
+    def finish_operation(self, operation_id: str, at: str) -> None:
+        self.conn.execute("UPDATE operations SET finished_at = ? WHERE id = ? AND finished_at IS NULL", (at, operation_id))
+
     def hold(self, connector: str, at: str, would_cancel: int, linked: int) -> None:
         self.conn.execute(
             "INSERT INTO held_batches VALUES (?,?,?,?,0) ON CONFLICT (connector) DO UPDATE SET held_at = excluded.held_at, "
