@@ -381,6 +381,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_passwd(args: argparse.Namespace) -> int:
+    """Print the hash line of a console user's password (typed twice at a terminal, else the first line of stdin)."""
+    import getpass
+
+    from .console.passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.user}: " if args.user else "password: ")
+        if getpass.getpass("again: ") != password:
+            print("syncbridge: the two passwords differ; nothing printed", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 10:
+        print("syncbridge: use a password of at least 10 characters", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    who = args.user or "NAME"
+    print(f"store this line in a root-only file (mode 0600) and reference it in the config as\n"
+          f"  console.users.{who}.password_hash: {{file: /etc/syncbridge/secrets/console-{who}}}", file=sys.stderr)
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------
 
 
@@ -455,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = add("demo", cmd_demo, "run the built-in sandbox: emulators, a small practice, one cancellation")
     d.add_argument("--state-dir", help="where the demo keeps its store (default: a new temporary folder)")
     d.add_argument("--no-wait", action="store_true", help="exit after the cancellation instead of serving the status page")
+    pw = add("passwd", cmd_passwd, "print the hash of a console user's password, to keep in a secret file the config refers to")
+    pw.add_argument("user", nargs="?", help="the console user the hash is for (only shown in the advice)")
     return p
 
 

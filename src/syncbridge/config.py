@@ -16,7 +16,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError, MalformedRecord
@@ -29,6 +29,8 @@ __all__ = [
     "AvailabilityRules",
     "ClinicianConfig",
     "ConnectorConfig",
+    "ConsoleConfig",
+    "ConsoleUser",
     "OnlineService",
     "PracticeConfig",
     "load_config",
@@ -262,6 +264,35 @@ class AuditConfig(_Strict):
     anchor_interval: float = Field(60.0, gt=0)
 
 
+class ConsoleUser(_Strict):
+    """A person who may use the console; the password hash comes by reference (``syncbridge passwd``)."""
+
+    #: viewer: read only; front_desk: cancel one session, mark a no-show, close worklist items;
+    #: admin: everything (confirm held pulls, retry dead letters, bulk operations)
+    role: Literal["viewer", "front_desk", "admin"]
+    #: ``scrypt$n$r$p$salt$hash`` as ``syncbridge passwd`` prints it, in a file or variable
+    password_hash: SecretRef
+
+
+class ConsoleConfig(_Strict):
+    """The practice manager's console on the HTTP listener (``/console``)."""
+
+    enabled: bool = False
+    #: signs the session cookies; unset: derived from ``store.secret_key``. One of the two is required
+    session_key: SecretRef | None = None
+    #: seconds without a request after which a person must log in again
+    idle_timeout: float = Field(1800.0, ge=60, le=86400)
+    users: dict[str, ConsoleUser] = Field(default_factory=dict)
+
+    @field_validator("users")
+    @classmethod
+    def _names(cls, value: dict[str, ConsoleUser]) -> dict[str, ConsoleUser]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9._@-]{1,64}", name):
+                raise ValueError(f"user name {name!r}: use letters, digits and . _ @ - (up to 64)")
+        return value
+
+
 class PracticeConfig(BaseSettings):
     """The whole configuration. Environment variables override YAML: ``SYNCBRIDGE_STORE__PATH``."""
 
@@ -279,6 +310,18 @@ class PracticeConfig(BaseSettings):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     availability: AvailabilityConfig = Field(default_factory=AvailabilityConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
+
+    @field_validator("console")
+    @classmethod
+    def _console_key(cls, value: ConsoleConfig, info: ValidationInfo) -> ConsoleConfig:
+        store = info.data.get("store")
+        if value.enabled and value.session_key is None and (store is None or store.secret_key is None):
+            raise ValueError(
+                "the console needs a key to sign its session cookies: set console.session_key (a secret reference, "
+                "e.g. {credential: console-session-key}) or store.secret_key"
+            )
+        return value
 
     @classmethod
     def settings_customise_sources(

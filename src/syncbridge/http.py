@@ -1,9 +1,10 @@
-"""The one HTTP listener: connectors' webhook routes, health, metrics and the status page.
+"""The one HTTP listener: connectors' webhook routes, health, metrics, the status page and the console.
 
 Binds to localhost unless configured. The status page and metrics need the configured token,
 as ``Authorization: Bearer <token>`` or HTTP basic auth with any user name and the token as
 password (what a browser prompts for). Health endpoints are open so systemd or a load balancer
-can probe them. Webhook routes authenticate themselves (channel tokens, signatures).
+can probe them. Webhook routes authenticate themselves (channel tokens, signatures). The
+console (``/console``, when ``console.enabled``) has its own users and sessions (console/).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
 
+from .console import console_routes
 from .limits import MAX_WEBHOOK_BYTES
 from .statuspage import render_status
 
@@ -72,6 +74,8 @@ def build_app(daemon: Daemon) -> Starlette:
         return Response(generate_latest(daemon.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def status(request: Request) -> Response:
+        if daemon.config.console.enabled and token() is not None and "authorization" not in request.headers:
+            return RedirectResponse("/console/", 303)  # a person with a browser: the console's login
         if (refused := guard(request)) is not None:
             return refused
         return HTMLResponse(render_status(daemon), headers={"Cache-Control": "no-store"})
@@ -98,11 +102,12 @@ def build_app(daemon: Daemon) -> Starlette:
         request._body = b"".join(chunks)  # starlette reads the cached body from here
         return await hook.handler(request)
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/", status),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         Route("/webhooks/{connector}/{path:path}", webhook, methods=["GET", "POST", "PUT"]),
+        *console_routes(daemon),
     ]
     return Starlette(routes=routes)

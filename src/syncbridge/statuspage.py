@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .runtime import Daemon
 
-__all__ = ["render_status"]
+__all__ = ["render_status", "status_sections"]
 
 _STYLE = """
 body{font:15px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:72rem;color:#1d2430;padding:0 1rem}
@@ -34,8 +34,16 @@ def _table(header: list[str], rows: list[list[str]], empty: str) -> str:
 
 
 def render_status(daemon: Daemon) -> str:
+    cfg, now = daemon.config, datetime.now(UTC)
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>syncbridge: {_e(cfg.practice.name)}</title>
+<meta name="viewport" content="width=device-width,initial-scale=1"><style>{_STYLE}</style></head><body>
+<h1>syncbridge &middot; {_e(cfg.practice.name)}</h1>{status_sections(daemon, now)}
+</body></html>"""
+
+
+def status_sections(daemon: Daemon, now: datetime) -> str:
+    """The page's content without its frame: also shown inside the console."""
     store, cfg = daemon.store, daemon.config
-    now = datetime.now(UTC)
     counts = store.outbox_counts()
     conn_rows = []
     for name, c in daemon.connectors.items():
@@ -81,17 +89,14 @@ def render_status(daemon: Daemon) -> str:
         [_e(e["at"]), _e(e["connector"]), _e(e["appointment_id"]), _e(e["detail"].get("field")), _e(e["detail"].get("winner"))]
         for e in store.audit_entries(kind="conflict", limit=20)
     ]
-    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>syncbridge: {_e(cfg.practice.name)}</title>
-<meta name="viewport" content="width=device-width,initial-scale=1"><style>{_STYLE}</style></head><body>
-<h1>syncbridge &middot; {_e(cfg.practice.name)}</h1><p class="muted">as of {_e(now.strftime("%Y-%m-%d %H:%M:%S UTC"))}</p>{_restart_note(daemon)}
+    return f"""<p class="muted">as of {_e(now.strftime("%Y-%m-%d %H:%M:%S UTC"))}</p>{_restart_note(daemon)}
 <h2>Connectors</h2>{_table(["name", "type", "role", "health", "last good pull", "writes waiting", "dead letters"], conn_rows, "no connectors configured")}
 <h2>Recent cancellations</h2>{_table(["session", "clinician", "what", "fee", "came through", "billing", "where applied"], cancel_rows, "no cancellations yet")}
 <h2>Directory availability</h2>{_table(["directory", "dates as wanted", "waiting", "since", "dead", "last error"], slot_rows, "none")}
 <h2>Bookings awaiting confirmation</h2>{_table(["booked", "session", "clinician", "through", "confirmed by", "last error"], pending_rows, "none")}
 <h2>Worklist</h2>{_table(["id", "kind", "system", "opened", "what to do"], work_rows, "nothing to do")}
 <h2>Dead letters</h2>{_table(["system", "appointment", "attempts", "last error"], dead_rows, "none")}
-<h2>Conflicts</h2>{_table(["when", "system", "appointment", "field", "kept"], conflict_rows, "none")}
-</body></html>"""
+<h2>Conflicts</h2>{_table(["when", "system", "appointment", "field", "kept"], conflict_rows, "none")}"""
 
 
 def _restart_note(daemon: Daemon) -> str:
