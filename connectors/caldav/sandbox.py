@@ -132,6 +132,7 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox | None:
         look=look,
         move=move,
         injector=proxy.injector,
+        calls=lambda: dict(proxy.injector.by_method),  # a real server: its requests by method
         connector_config={"type": "caldav", "url": proxy.url + "/", "username": USER, "password": {"file": str(secret)}},
         accounts=accounts,
         close=close,

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from syncbridge.connector import Sandbox, SeenCopy
-from syncbridge.emulation import PERSON_HEADER
+from syncbridge.emulation import PERSON_HEADER, calls_by_kind
 
 from .emulator import FHIREmulator, running
 
@@ -91,6 +91,7 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
         look=look,
         move=move,
         injector=server.injector,
+        calls=lambda: calls_by_kind(server.emulator.log),
         connector_config={"type": "fhir", "base_url": server.base_url, "auth": "static", "token": {"file": str(secret)}},
         accounts=accounts,
         close=server.stop,

@@ -17,6 +17,7 @@ from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 from syncbridge.connector import Sandbox, SeenCopy
+from syncbridge.emulation import calls_by_kind
 
 from .emulator import ZocdocEmulator, running
 from .webhooks import WEBHOOK_PATH
@@ -90,6 +91,7 @@ def start_sandbox(workdir: Path, clinicians: list[str], zone: str = "America/New
         live_ids=live_ids,
         register_webhooks=register,
         injector=server.injector,
+        calls=lambda: calls_by_kind(emulator.log),
         connector_config={
             "type": "zocdoc",
             "environment": "sandbox",

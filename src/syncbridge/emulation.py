@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import uvicorn
 
-__all__ = ["PERSON_HEADER", "Injector", "RunningServer", "free_port", "reverse_proxy", "serve_in_thread"]
+__all__ = ["PERSON_HEADER", "Injector", "RunningServer", "calls_by_kind", "free_port", "reverse_proxy", "serve_in_thread"]
 
 _Scope = dict[str, Any]
 _FAILURES = ("429", "503", "500", "lost")
@@ -210,3 +212,16 @@ def _start(injector: Injector, host: str, port: int, uvicorn_options: dict[str, 
             raise RuntimeError(f"emulator on {host}:{port} did not start")
         time.sleep(0.02)
     return server, thread
+
+
+_ID_LIKE = re.compile(r"[0-9@%]|^[A-Za-z0-9_-]{20,}$")
+
+
+def calls_by_kind(log: Iterable[tuple[str, str]]) -> dict[str, int]:
+    """An emulator's request log as counts by kind: the method and the path with its ids left out
+    (``DELETE /calendar/v3/calendars/{id}/events/{id}``), so benchmarks can say which calls a change costs."""
+    out: Counter[str] = Counter()
+    for method, path in list(log):
+        shape = "/".join("{id}" if _ID_LIKE.search(part) else part for part in path.split("/"))
+        out[f"{method} {shape}"] += 1
+    return dict(out)
