@@ -326,3 +326,65 @@ def test_the_console_is_off_unless_enabled(tmp_path: Path, env: None) -> None:
         assert client.get("/").status_code == 401  # no redirect: the token prompt as before
     finally:
         asyncio.run(d.close())
+
+
+# --- bulk operations ---------------------------------------------------------------------------
+
+
+def _book_days(daemon: Daemon, n: int) -> list[str]:
+    from datetime import UTC, datetime, timedelta
+
+    from syncbridge.model import empty_snapshot, iso
+
+    first = datetime(2027, 1, 5, 15, tzinfo=UTC)
+    ids = []
+    for i in range(n):
+        start = first + timedelta(hours=i)
+        snap = empty_snapshot() | {"clinician": "dr_a", "start": iso(start), "end": iso(start + timedelta(minutes=50)),
+                                   "timezone": "America/New_York", "client_key": f"ck-{i}", "service_code": "90834"}
+        daemon.engine.change(f"sb-bulk-{i}", snap, via="ehr")
+        ids.append(f"sb-bulk-{i}")
+    return ids
+
+
+SELECTION = {"clinician": "dr_a", "start": "2027-01-05", "end": "2027-01-05", "action": "cancel", "by": "clinician", "reason": "sick"}
+
+
+def test_an_admin_previews_then_confirms_a_bulk_cancel(daemon: Daemon) -> None:
+    """The preview lists every session and changes nothing; the confirmation cancels exactly those, as one audited operation."""
+    ids = _book_days(daemon, 3)
+    ada = _login(daemon, "ada")
+    token = _csrf(ada, "/console/bulk")
+    shown = ada.post("/console/bulk/preview", data=SELECTION | {"csrf": token})
+    assert shown.status_code == 200 and "3 sessions would change" in shown.text and "ck-2" in shown.text
+    assert all(daemon.store.appointment(i).fields["status"] == "booked" for i in ids)
+    fields = dict(re.findall(r'<input type="hidden" name="(token|at)" value="([^"]+)"', shown.text))
+    r = ada.post("/console/bulk/confirm", data=SELECTION | fields | {"csrf": token})
+    assert r.status_code == 303 and r.headers["location"].startswith("/console/operations/op-")
+    assert all(daemon.store.appointment(i).fields["status"] == "cancelled" for i in ids)
+    op = r.headers["location"].rsplit("/", 1)[1]
+    assert _audit(daemon, "bulk_operation")[0]["detail"]["by_user"] == "ada"
+    progress = ada.get(r.headers["location"])
+    assert progress.status_code == 200 and "3 of 3 sessions changed" in progress.text and op in progress.text
+
+
+def test_a_bulk_confirmation_is_refused_when_the_sessions_changed_since_the_preview(daemon: Daemon) -> None:
+    ids = _book_days(daemon, 2)
+    ada = _login(daemon, "ada")
+    token = _csrf(ada, "/console/bulk")
+    shown = ada.post("/console/bulk/preview", data=SELECTION | {"csrf": token})
+    fields = dict(re.findall(r'<input type="hidden" name="(token|at)" value="([^"]+)"', shown.text))
+    _book_days(daemon, 3)  # a third session appears, the others get a new version
+    r = ada.post("/console/bulk/confirm", data=SELECTION | fields | {"csrf": token})
+    assert r.status_code == 409 and "changed since that preview" in r.text and "3 sessions would change" in r.text
+    assert all(daemon.store.appointment(i).fields["status"] == "booked" for i in ids)
+
+
+def test_only_an_admin_may_preview_or_confirm_bulk_operations(daemon: Daemon) -> None:
+    _book_days(daemon, 1)
+    fran = _login(daemon, "fran")
+    assert "Bulk operations" not in fran.get("/console/sessions").text
+    assert fran.get("/console/bulk").status_code == 403
+    token = _csrf(fran, "/console/sessions")
+    assert fran.post("/console/bulk/preview", data=SELECTION | {"csrf": token}).status_code == 403
+    assert _audit(daemon, "console_refused")[0]["detail"]["why"] == "role front_desk may not bulk"

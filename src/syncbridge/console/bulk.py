@@ -169,7 +169,7 @@ def progress_page(daemon: Daemon, p: Progress) -> str:
     ]
     return (
         f'<p class="big" id="progress">{e(p.action)}: {p.changed} of {p.total} sessions changed{f", {p.skipped} skipped" if p.skipped else ""} {state}</p>'
-        f'<p class="muted">confirmed by {e(p.created_by)} at {e(p.created_at)}. Billing: {e(billing)}.</p>'
+        f'<p class="muted">Operation {e(p.operation)}, confirmed by {e(p.created_by)} at {e(p.created_at)}. Billing: {e(billing)}.</p>'
         + ("" if p.done else '<p class="muted">This page reloads every 2 seconds until every system has the change.</p>')
         + f'<h2>Systems</h2>{table(["system", "applied", "pending", "failed"], systems, "no system copies", "Systems")}'
         f'<h2>Sessions</h2>{table(["time", "clinician", "state", "systems", "billing"], rows, "none", "Sessions")}'
