@@ -180,14 +180,9 @@ class Engine:
             lo, hi = result.window or ("", "\uffff")
             # the sessions of an account that could not be read are not missing, just unread
             scope, accounts = (" NOT IN", sorted(result.failed_accounts)) if result.complete else (" IN", sorted(result.listed_accounts))
-            rows = self.store.conn.execute(
-                "SELECT l.external_id FROM links l JOIN appointments a ON a.key = l.appt "
-                "WHERE l.connector = ? AND l.gone = 0 AND l.external_id IS NOT NULL "
-                "AND (l.applied_ts IS NULL OR l.applied_ts < ?) AND a.start >= ? AND a.start < ?"
-                + (f" AND a.clinician{scope} ({','.join('?' * len(accounts))})" if accounts else ""),
-                (name, since, lo, hi, *accounts),
-            )
-            observations += [Observation(external_id=ext, deleted=True) for (ext,) in rows if ext not in seen]
+            # the sessions of these accounts only (a listing of some accounts), or of every account but these
+            listed = self.store.linked_in_window(name, since, lo, hi, accounts, within=scope == " IN")
+            observations += [Observation(external_id=ext, deleted=True) for ext in listed if ext not in seen]
         report = ObserveReport(seen=len(observations), failed_accounts=dict(result.failed_accounts))
         # A batch allocates tens of thousands of short-lived containers and no reference cycles;
         # left on, the cyclic collector would walk them (and the long-lived heap) dozens of times
@@ -248,21 +243,11 @@ class Engine:
     def _guard(self, tx: Tx, connector: Connector, cancelling: list[Observation], now: str) -> bool:
         """Mass-disappearance guard: hold a batch whose ``cancelling`` observations would cancel too much at once."""
         policy = self.config.policy.mass_cancel_guard
-        live = {
-            r[0]: r[1]
-            for r in tx.conn.execute(
-                "SELECT l.external_id, a.status FROM links l JOIN appointments a ON a.key = l.appt "
-                "WHERE l.connector = ? AND l.gone = 0 AND l.external_id IS NOT NULL",
-                (connector.name,),
-            )
-        }
-        live_ids = {k for k, status in live.items() if status not in CANCELLED_STATES}
+        live_ids = {ext for ext, status in tx.linked_statuses(connector.name) if status not in CANCELLED_STATES}
         would = sum(1 for o in cancelling if o.external_id in live_ids)
         if would < policy.min_count or would <= policy.max_share * len(live_ids):
             return False
-        approved = tx.conn.execute("SELECT approved FROM held_batches WHERE connector = ?", (connector.name,)).fetchone()
-        if approved and approved[0]:
-            tx.conn.execute("DELETE FROM held_batches WHERE connector = ?", (connector.name,))
+        if tx.take_approved_hold(connector.name):
             tx.audit.add(now, "guard_released", connector.name, None, {"would_cancel": would, "linked": len(live_ids)})
             return False
         tx.hold(connector.name, now, would, len(live_ids))
@@ -291,13 +276,7 @@ class Engine:
         if connector.capabilities.role != Role.MIRROR and not obs.deleted:
             f = obs.fields
             if f.get("clinician") and f.get("start"):
-                tx.flush()
-                rows = tx.conn.execute(
-                    "SELECT a.id, json_extract(a.snapshot, '$.client_key') FROM appointments a WHERE a.clinician = ? "
-                    "AND a.start = ? AND NOT EXISTS (SELECT 1 FROM links l WHERE l.appt = a.key AND l.connector = ?)",
-                    (f["clinician"], f["start"], name),
-                ).fetchall()
-                for appt_id, client_key in rows:
+                for appt_id, client_key in tx.unlinked_at(name, f["clinician"], f["start"]):
                     if f.get("client_key") and client_key == f["client_key"]:
                         return appt_id, None
         return None, None

@@ -30,10 +30,7 @@ def _overlap(a: Appointment, b: Appointment) -> bool:
 
 def _via(tx: Tx, appt_id: str) -> str:
     """The system the session was first booked through."""
-    row = tx.conn.execute(
-        "SELECT via FROM appointment_history WHERE appt = (SELECT key FROM appointments WHERE id = ?) ORDER BY version LIMIT 1", (appt_id,)
-    ).fetchone()
-    return str(row[0]) if row else "?"
+    return tx.first_via(appt_id) or "?"
 
 
 def _describe(tx: Tx, config: PracticeConfig, a: Appointment) -> str:

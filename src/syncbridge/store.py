@@ -552,6 +552,19 @@ class Store:
             )
         ]
 
+    def linked_in_window(self, connector: str, before: float, lo: str, hi: str, accounts: Sequence[str], *, within: bool) -> list[str]:
+        """External ids of ``connector``'s live copies of sessions starting in [lo, hi) that were not
+        written from ``before`` (epoch seconds) on: what a complete listing of that window must
+        show. ``accounts``: only these clinicians' sessions (``within``), or all but theirs."""
+        scope = (f" AND a.clinician {'IN' if within else 'NOT IN'} ({','.join('?' * len(accounts))})") if accounts else ""
+        rows = self.conn.execute(
+            "SELECT l.external_id FROM links l JOIN appointments a ON a.key = l.appt "
+            "WHERE l.connector = ? AND l.gone = 0 AND l.external_id IS NOT NULL "
+            "AND (l.applied_ts IS NULL OR l.applied_ts < ?) AND a.start >= ? AND a.start < ?" + scope,
+            (connector, before, lo, hi, *accounts),
+        )
+        return [r[0] for r in rows]
+
     def sessions_between(self, clinicians: Sequence[str], start: str, end: str) -> list[Appointment]:
         """These clinicians' sessions starting in [start, end), whatever their status, by start time."""
         return [

@@ -343,6 +343,42 @@ class Tx:
         cur = self.conn.execute("UPDATE worklist SET closed_at = ?, closed_by = ? WHERE key = ? AND closed_at IS NULL", (at, by, key))
         return cur.rowcount > 0
 
+    def linked_statuses(self, connector: str) -> list[tuple[str, str]]:
+        """(external id, status) of every live copy in ``connector``: what a mass cancellation is measured against."""
+        self.flush()
+        return self.conn.execute(
+            "SELECT l.external_id, a.status FROM links l JOIN appointments a ON a.key = l.appt "
+            "WHERE l.connector = ? AND l.gone = 0 AND l.external_id IS NOT NULL",
+            (connector,),
+        ).fetchall()
+
+    def unlinked_at(self, connector: str, clinician: str, start: str) -> list[tuple[str, str | None]]:
+        """(id, client key) of the clinician's sessions starting at ``start`` with no copy in
+        ``connector`` yet: a record system's new record may be one of them."""
+        self.flush()
+        return self.conn.execute(
+            "SELECT a.id, json_extract(a.snapshot, '$.client_key') FROM appointments a WHERE a.clinician = ? "
+            "AND a.start = ? AND NOT EXISTS (SELECT 1 FROM links l WHERE l.appt = a.key AND l.connector = ?)",
+            (clinician, start, connector),
+        ).fetchall()
+
+    def take_approved_hold(self, connector: str) -> bool:
+        """True, once, when a person approved the held pull of ``connector``: it may be merged now."""
+        row = self.conn.execute("SELECT approved FROM held_batches WHERE connector = ?", (connector,)).fetchone()
+        if not (row and row[0]):
+            return False
+        self.conn.execute("DELETE FROM held_batches WHERE connector = ?", (connector,))
+        return True
+
+    def first_via(self, appointment_id: str) -> str | None:
+        """The system an appointment was first recorded from."""
+        self.flush()
+        row = self.conn.execute(
+            "SELECT via FROM appointment_history WHERE appt = (SELECT key FROM appointments WHERE id = ?) ORDER BY version LIMIT 1",
+            (appointment_id,),
+        ).fetchone()
+        return str(row[0]) if row else None
+
     def approve_held(self, connector: str) -> None:
         """A person confirmed the held pull of ``connector``: the next pull merges it."""
         self.conn.execute("UPDATE held_batches SET approved = 1 WHERE connector = ?", (connector,))
