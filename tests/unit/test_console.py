@@ -172,6 +172,14 @@ def test_pages_need_a_login_and_a_wrong_password_is_refused(daemon: Daemon) -> N
     assert _audit(daemon, "console_login")[0]["detail"] == {"user": "fran"}
 
 
+def test_a_login_form_posted_from_another_site_is_refused(daemon: Daemon) -> None:
+    """The login form is only taken from this site's own pages (a login CSRF)."""
+    client = _client(daemon)
+    form = {"username": "fran", "password": PASSWORDS["fran"]}
+    assert client.post("/console/login", data=form, headers={"Origin": "https://evil.example"}).status_code == 403
+    assert client.post("/console/login", data=form, headers={"Origin": "http://testserver"}).status_code == 303
+
+
 def test_the_cookie_is_secure_when_the_listener_is_reached_over_https(tmp_path: Path, env: None) -> None:
     cfg = parse_config(yaml.safe_dump(_conf(tmp_path, public_url="https://sync.example.org")))
     sessions = Sessions(cfg)

@@ -161,7 +161,8 @@ class _Console:
         if sessions is None:
             return PlainTextResponse("not found", 404)
         origin = request.headers.get("origin")
-        if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
+        public = urlsplit(self.daemon.config.http.public_url or "").netloc
+        if origin and origin != "null" and urlsplit(origin).netloc not in (request.headers.get("host"), public):
             log.warning("console_refused", user=None, tried="POST /console/login", why="cross-site login form")
             return PlainTextResponse("refused: cross-site login", 403, headers=_HEADERS)
         try:
