@@ -1,6 +1,7 @@
 """Benchmark: Graph API calls per propagated change for the Microsoft 365 connector.
 
     .venv/bin/python bench/microsoft365_calls.py --sessions 20 [--latency 0.05] [--clinicians 10] [--copy-only]
+    .venv/bin/python bench/microsoft365_calls.py --push-scale --clinicians 30 [--sessions 10]
 
 Everything runs against the Graph emulator (connectors/microsoft365/emulator.py) over TLS on
 loopback, with msal fetching tokens from the emulator's identity endpoints, and the connector's
@@ -23,6 +24,13 @@ initial copy of ``--sessions`` sessions spread over ``--clinicians`` mailboxes, 
 one write per call (``write_batch: 1``, what the outbox does today), then JSON batches of
 ``write_batch``. ``--latency`` adds that many seconds to every HTTP request (the emulator's
 Injector; a batch is one request). ``--copy-only`` runs the initial copy alone.
+
+``--push-scale`` measures instead what a push costs as the practice grows: ``--clinicians``
+mailboxes, each with sessions mirrored and subscribed, notifications handled as the daemon's
+inbox does (``webhook_targets`` -> read; else ``webhook_accounts`` -> a pull of those mailboxes
+alone; else a pull of all). Rows: a session deleted in Outlook (``--sessions`` of them, spread
+over the mailboxes), a session cancelled elsewhere (the outbox's write and the echo of its
+notification), and a ``missed`` lifecycle notification for one mailbox.
 """
 
 from __future__ import annotations
@@ -259,15 +267,123 @@ async def main(sessions: int, latency: float = 0.0, clinicians: int = 10, copy_o
         graph.stop()
 
 
+async def push_scale(clinicians: int, changes: int, latency: float = 0.0) -> dict[str, Any]:
+    """Graph calls per cancellation with push, ``clinicians`` mailboxes subscribed (see the module docstring)."""
+    tmp = Path(tempfile.mkdtemp(prefix="m365-push-"))
+    graph = running(tmp / "tls")
+    graph.injector.configure(latency=latency)
+    emu = graph.emulator
+    emu.notifier.allow_http = True
+    emu.register_app(CLIENT_ID, SECRET)
+    (tmp / "secret").write_text(SECRET)
+    boxes = {f"dr_{i:02d}": f"dr{i:02d}@lakeside.example" for i in range(clinicians)}
+    for box in boxes.values():
+        emu.add_user(box)
+    cfg = parse_config(yaml.safe_dump({
+        "practice": {"timezone": ZONE}, "store": {"path": str(tmp / "push.db")},
+        "clinicians": {k: {"accounts": {"outlook": {"mailbox": m}}} for k, m in boxes.items()},
+        "connectors": {"outlook": {
+            "type": "microsoft365", "tenant": emu.tenant, "client_id": CLIENT_ID, "client_secret": {"file": str(tmp / "secret")},
+            "authority_host": graph.authority_host, "graph_url": graph.graph_url, "ca_bundle": str(graph.ca_file),
+        }},
+    }))  # fmt: skip
+    store = Store(cfg.store.path)
+    connectors = build_connectors(cfg)
+    connector = connectors["outlook"]
+    host = connector.host = Host()
+    engine = Engine(store, connectors, cfg)
+    outbox = Outbox(engine)
+    routes = [Route(f"/webhooks/outlook{r.path}", r.handler, methods=list(r.methods)) for r in connector.webhook_routes()]
+    listener = serve_in_thread(Starlette(routes=routes))
+    host.public_url = f"{listener.url}/webhooks/outlook"
+    count = Counter(emu.log)
+    names = list(boxes)
+
+    async def inbox() -> None:
+        """runtime.process_inbox: named events re-read, else the named mailboxes pulled, else all."""
+        emu.notifier.idle()
+        pending, host.accepted[:] = list(host.accepted), []
+        targets: list[str] = []
+        accounts: set[str] = set()
+        everything = False
+        for headers, body in pending:
+            named = connector.webhook_targets(headers, body)
+            changed = connector.webhook_accounts(headers, body) if named is None else frozenset()
+            targets += named or []
+            everything |= changed is None
+            accounts |= changed or set()
+        if targets:
+            await engine.refresh("outlook", targets)
+        if everything:
+            await engine.sync("outlook")
+        elif accounts:
+            await engine.sync("outlook", accounts=frozenset(accounts))
+
+    def book(i: int) -> str:
+        appt = new_canonical_id()
+        start = next_weekday_at(9 + i % 8, days_ahead=7 + i // 8)
+        engine.change(appt, empty_snapshot() | {
+            "clinician": names[i % clinicians], "client_key": f"client-{i}", "start": iso(start), "end": iso(start + timedelta(minutes=50)),
+            "timezone": ZONE, "service_code": "90837", "location": "Room 2"}, via="ehr")
+        return appt
+
+    rows: dict[str, Any] = {"mailboxes": clinicians, "changes": changes, "latency_ms": round(latency * 1000)}
+    try:
+        await connector.maintain()
+        ids = [book(i) for i in range(2 * changes)]
+        await outbox.drain()
+        await engine.sync("outlook", full=True)
+        await inbox()  # the echoes of our creates
+        count.take()
+
+        for appt_id in ids[:changes]:  # in: deleted in Outlook, one at a time, each by its notification
+            ext = store.link("outlook", appt_id).external_id  # type: ignore[union-attr]
+            clinician, _, event_id = ext.partition("/")
+            emu.user_delete(boxes[clinician], event_id)
+            await inbox()
+        calls, _, kinds = count.take()
+        cancelled = sum(1 for a in ids[:changes] if store.appointment(a).cancelled)  # type: ignore[union-attr]
+        rows["cancelled_in_outlook"] = {"per_change": round(calls / changes, 2), "by_call": kinds, "cancelled_in_record": cancelled}
+
+        for appt_id in ids[changes:]:  # out: cancelled in the record, the outbox deletes, the echo is handled
+            record = store.appointment(appt_id)
+            engine.change(appt_id, dict(record.fields) | {"status": "cancelled", "cancellation": {  # type: ignore[union-attr]
+                "by": "client", "kind": "cancel", "fee": "none", "clinical": False, "reason": None, "at": iso(engine.clock()), "via": "ehr"}},
+                via="ehr")
+            await outbox.drain()
+            await inbox()
+        calls, _, kinds = count.take()
+        rows["cancelled_elsewhere_with_echo"] = {"per_change": round(calls / changes, 2), "by_call": kinds}
+
+        sub = next(iter(emu.notifier.subscriptions))
+        emu.notifier.lifecycle(sub, "missed")
+        deadline = time.monotonic() + 10
+        while not host.accepted and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await inbox()
+        calls, _, kinds = count.take()
+        rows["missed_lifecycle_notification"] = {"calls": calls, "by_call": kinds}
+        return rows
+    finally:
+        await connector.close()
+        store.close()
+        listener.stop()
+        graph.stop()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every HTTP request")
-    parser.add_argument("--clinicians", type=int, default=10, help="mailboxes for the initial copy")
+    parser.add_argument("--clinicians", type=int, default=10, help="mailboxes for the initial copy, or for --push-scale")
     parser.add_argument("--copy-only", action="store_true", help="only the initial copy through apply_many")
     parser.add_argument("--sizes", default="1,20", help="write_batch values for the initial copy, comma-separated")
+    parser.add_argument("--push-scale", action="store_true", help="Graph calls per cancellation with push at --clinicians mailboxes")
     args = parser.parse_args()
     from syncbridge.logging import configure
 
     configure(level="error", json_logs=True)
+    if args.push_scale:
+        print(json.dumps(asyncio.run(push_scale(args.clinicians, args.sessions, args.latency)), indent=2))
+        sys.exit(0)
     print(json.dumps(asyncio.run(main(args.sessions, args.latency, args.clinicians, args.copy_only, tuple(int(x) for x in args.sizes.split(",")))), indent=2))

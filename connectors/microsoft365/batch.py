@@ -67,8 +67,8 @@ def _plan(connector: Microsoft365Connector, write: Write) -> _Planned | None:
             item = BatchItem("PATCH", mailbox, client.events_url(mailbox, event_id), "PATCH event", body, _UTC | match)
             return _Planned(item, clinician, event_id, body, text.disclosed)
         seen = connector._seen.get(link.external_id)
-        if seen is None or seen.etag != link.etag or seen.has_attendees:
-            return None  # a meeting is cancelled (attendees are told), and that needs a read first
+        if seen is None or seen.etag != link.etag or seen.has_attendees is not False:
+            return None  # a meeting is cancelled (attendees are told); attendees not known need a read first
         return _Planned(BatchItem("DELETE", mailbox, client.events_url(mailbox, event_id), "DELETE event", None, match), clinician, event_id, body, ())
     if cancelled:
         return None

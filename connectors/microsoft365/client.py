@@ -29,8 +29,9 @@ from syncbridge.errors import (
 )
 from syncbridge.limits import json_object
 
-__all__ = ["MAX_BATCH", "BatchItem", "GraphClient", "TokenSource", "raise_for_status"]
+__all__ = ["MAILBOX_CONCURRENCY", "MAX_BATCH", "BatchItem", "GraphClient", "TokenSource", "raise_for_status"]
 
+#: "4 concurrent requests" per app and mailbox (learn.microsoft.com/graph/throttling-limits#outlook-service-limits)
 MAILBOX_CONCURRENCY = 4
 #: "JSON batch requests are currently limited to 20 individual requests" (learn.microsoft.com/graph/json-batching)
 MAX_BATCH = 20
@@ -264,11 +265,12 @@ class GraphClient:
         return True
 
     async def find_by_property(self, clinician: str, mailbox: str, property_id: str, value: str) -> list[dict[str, Any]]:
-        """Events whose single-value extended property ``property_id`` equals ``value`` (id and etag only)."""
+        """Events whose single-value extended property ``property_id`` equals ``value`` (id and etag only:
+        a removal reads the attendees of the one it removes)."""
         what = "GET events?$filter"
         flt = f"singleValueExtendedProperties/Any(ep: ep/id eq '{property_id}' and ep/value eq '{value}')"
         r = await self.request("GET", f"{self._user(mailbox)}/events", what, clinician=clinician, mailbox=mailbox,
-                               params={"$filter": flt, "$select": "id,attendees"})
+                               params={"$filter": flt, "$select": "id"})
         if r.status_code >= 300:
             raise_for_status(r, what)
         return [e for e in _body(r, what).get("value", []) if isinstance(e, dict)]
@@ -287,18 +289,19 @@ class GraphClient:
                 return page
             url, params = str(page["@odata.nextLink"]), None
 
-    async def delta(self, clinician: str, mailbox: str, *, link: str | None = None, window: tuple[datetime, datetime] | None = None
-                    ) -> tuple[list[dict[str, Any]], str]:
+    async def delta(self, clinician: str, mailbox: str, *, link: str | None = None, window: tuple[datetime, datetime] | None = None,
+                    reduce: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], str]:
         """A whole round of ``calendarView/delta``: every item and the new ``@odata.deltaLink``.
 
-        Items keep only what decides whether an event must be read again (id, etag,
-        ``transactionId``, ``@removed``): a round after an initial sync lists every event we wrote,
-        and holding thousands of whole events for that would be memory for nothing."""
+        Graph answers delta with whole events and takes no ``$select`` (learn.microsoft.com/graph/api/event-delta),
+        so each page is reduced as it arrives: by ``reduce``, else to what decides whether an
+        event must be read again (id, etag, ``transactionId``, ``@removed``). Nothing else of an
+        event outlives its page, and a round listing thousands of events holds no event text."""
         what = "GET calendarView/delta"
         items: list[dict[str, Any]] = []
 
         def keep(page: list[dict[str, Any]]) -> None:
-            items.extend({k: e[k] for k in DELTA_KEYS if k in e} for e in page)
+            items.extend(reduce(e) if reduce is not None else {k: e[k] for k in DELTA_KEYS if k in e} for e in page)
 
         params = None
         if link is None:

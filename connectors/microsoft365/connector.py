@@ -6,7 +6,10 @@ rounds over a rolling window, one deltaLink per mailbox in the cursor; a full li
 window's ``calendarView`` with our hidden properties, started after a fresh delta round so no
 change falls between the two. Writes are conditional (``If-Match`` on the event's etag) and
 creates carry a ``transactionId`` derived from the canonical id, so a retry never duplicates.
-Change notifications (push.py) name the events to re-read; polling stays the safety net.
+Change notifications (push.py) name the events to re-read, or else the mailboxes to pull
+(``pull_accounts``: those alone); polling stays the safety net. Reads ask Graph only for what a
+session needs (``$select``) wherever Graph takes it, so the clinicians' own events' text stays at
+Microsoft except in delta answers, which Graph sends whole (README section 5).
 
 Each mailbox is read on its own (DESIGN section 9): one that fails (a revoked permission, a
 removed mailbox, throttling) keeps its deltaLink and is reported in ``failed_accounts`` while the
@@ -36,8 +39,11 @@ from syncbridge.secrets import SecretRef
 
 from . import reads
 from .auth import AppTokens, DelegatedTokens
-from .client import GraphClient
-from .mapping import EXT_FIELDS, EXT_ID, as_written, busy_interval, read_event, render, transaction_id_for, with_properties
+from .client import MAILBOX_CONCURRENCY, GraphClient
+from .mapping import (
+    EXT_FIELDS, EXT_ID, SESSION_FIELDS, TEXT_FIELDS, as_written, busy_interval, canonical_id_of, read_event, render, transaction_id_for,
+    with_properties,
+)
 from .push import Push
 
 if TYPE_CHECKING:
@@ -117,7 +123,8 @@ class Microsoft365Options(BaseModel):
 class _Seen:
     etag: str | None
     observation: Observation
-    has_attendees: bool
+    #: None: not asked (a removal reads the attendees first)
+    has_attendees: bool | None
     #: earlier versions we wrote or read (a late notification may name one of them)
     before: tuple[str, ...] = ()
 
@@ -127,6 +134,9 @@ class Microsoft365Connector(CalendarConnector):
 
     capabilities = calendar_capabilities(push=True)
     Options = Microsoft365Options
+    #: writes one mailbox may have in flight at once: Outlook's limit per app and mailbox
+    #: (learn.microsoft.com/graph/throttling-limits#outlook-service-limits); the client holds it too
+    account_concurrency: int | None = MAILBOX_CONCURRENCY
 
     def __init__(self, name: str, config: ConnectorConfig, practice: PracticeConfig) -> None:
         super().__init__(name, config, practice)
@@ -184,7 +194,7 @@ class Microsoft365Connector(CalendarConnector):
         today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         return today - timedelta(days=self.options.window_days_back), today + timedelta(days=self.options.window_days_ahead + 1)
 
-    def _remember(self, external_id: str, etag: str | None, obs: Observation, has_attendees: bool = False) -> None:
+    def _remember(self, external_id: str, etag: str | None, obs: Observation, has_attendees: bool | None = False) -> None:
         prev = self._seen.get(external_id)
         before: tuple[str, ...] = ()
         if prev is not None:
@@ -204,13 +214,20 @@ class Microsoft365Connector(CalendarConnector):
             return seen.observation.deleted
         return bool(etag) and (seen.etag == etag or etag in seen.before)
 
-    def _observe(self, clinician: str, event: dict[str, Any]) -> Observation | None:
-        """Our event as an Observation (remembered by etag); None for the clinician's own events."""
+    def _observe(self, clinician: str, event: dict[str, Any], hint: Mapping[str, Any] | None = None) -> Observation | None:
+        """Our event as an Observation (remembered by etag); None for the clinician's own events.
+        ``hint``: a delta item of this very version (its tags, attendees and modification time)."""
         ext = f"{clinician}/{event.get('id')}"
         etag = event.get("@odata.etag")
+        tags: frozenset[str] | None = None
+        has_attendees: bool | None = None
+        if hint is not None:
+            tags, has_attendees = frozenset(hint.get("tags") or ()), hint.get("has_attendees")
+            event = {"lastModifiedDateTime": hint.get("lastModifiedDateTime")} | event
         try:
             check_record_size(len(json.dumps(event)), f"event {ext}")
-            seen = read_event(event, clinician=clinician, clinician_zone=self.practice.clinician_zone(clinician))
+            seen = read_event(event, clinician=clinician, clinician_zone=self.practice.clinician_zone(clinician), tags=tags,
+                              has_attendees=has_attendees)
         except MalformedRecord as err:
             return Observation(external_id=ext, etag=etag, problem=str(err))
         if seen is None:
@@ -220,11 +237,24 @@ class Microsoft365Connector(CalendarConnector):
         self._remember(ext, etag, obs, seen.has_attendees)
         return obs
 
-    async def _fetch(self, clinician: str, mailbox: str, event_id: str) -> Observation:
-        """GET one event with our hidden properties; deleted when gone or not ours."""
+    async def _fetch(self, clinician: str, mailbox: str, event_id: str, hint: Mapping[str, Any] | None = None) -> Observation:
+        """GET one event with our hidden properties; deleted when gone or not ours.
+
+        Only what a session needs is asked for (``$select``, learn.microsoft.com/graph/api/event-get):
+        a clinician's own event never sends its text. The text tags are read from (subject,
+        preview) is asked for with it when the event is known to be ours; one not known yet, found
+        to be ours, is read once more for its text alone. ``hint``: the delta item that named the
+        event, whose tags serve when the event read is that same version."""
         ext = f"{clinician}/{event_id}"
-        event = await self.client.get_event(clinician, mailbox, event_id, expand=[EXT_ID, EXT_FIELDS])
-        obs = self._observe(clinician, event) if event is not None else None
+        seen = self._seen.get(ext)
+        with_text = hint is None and seen is not None and not seen.observation.deleted
+        select = list(SESSION_FIELDS + (TEXT_FIELDS if with_text else ()))
+        event = await self.client.get_event(clinician, mailbox, event_id, expand=[EXT_ID, EXT_FIELDS], select=select)
+        usable = hint if hint is not None and "tags" in hint and event is not None and hint.get("@odata.etag") == event.get("@odata.etag") else None
+        if event is not None and not with_text and usable is None and canonical_id_of(event) is not None:
+            text = await self.client.get_event(clinician, mailbox, event_id, select=list(TEXT_FIELDS))
+            event = event | {k: text.get(k) for k in TEXT_FIELDS} if text is not None else None
+        obs = self._observe(clinician, event, usable) if event is not None else None
         if obs is None:
             obs = Observation(external_id=ext, deleted=True)
             self._remember(ext, None, obs)
@@ -236,6 +266,11 @@ class Microsoft365Connector(CalendarConnector):
         """Delta rounds since ``cursor`` (JSON: clinician -> deltaLink and window); None lists the
         window. Each mailbox is read on its own (reads.py)."""
         return await reads.pull(self, cursor)
+
+    async def pull_accounts(self, cursor: str, accounts: frozenset[str]) -> PullResult:
+        """Delta rounds of these clinicians' mailboxes only (a notification named them); every other
+        mailbox's deltaLink stays in the cursor as it was."""
+        return await reads.pull(self, cursor, accounts)
 
     async def read(self, external_id: str) -> Observation:
         clinician, mailbox, event_id = self._split(external_id)
@@ -289,7 +324,7 @@ class Microsoft365Connector(CalendarConnector):
     async def _remove(self, clinician: str, mailbox: str, event_id: str, etag: str | None) -> None:
         """Take the event off the calendar: a meeting with attendees is cancelled (they are told), else deleted."""
         seen = self._seen.get(f"{clinician}/{event_id}")
-        if seen is None or seen.etag != etag:
+        if seen is None or seen.etag != etag or seen.has_attendees is None:
             current = await self.client.get_event(clinician, mailbox, event_id, select=["attendees"])
             if current is None:
                 return
@@ -345,6 +380,9 @@ class Microsoft365Connector(CalendarConnector):
 
     def webhook_targets(self, headers: Mapping[str, str], body: bytes) -> list[str] | None:
         return self.push.targets(headers, body)
+
+    def webhook_accounts(self, headers: Mapping[str, str], body: bytes) -> frozenset[str] | None:
+        return self.push.accounts(headers, body)
 
     async def maintain(self) -> None:
         await self.push.maintain()

@@ -8,18 +8,26 @@ For the tests, the bench and ``syncbridge demo``. Follows the documented behavio
 - learn.microsoft.com/graph/api/event-get, /event-update, /event-delete: ``@odata.etag``
   (``W/"<changeKey>"``) on every event; ``If-Match`` with a stale etag -> 412
   ``ErrorIrresolvableConflict``; PATCH answers 200 with the event, DELETE 204; unknown ids 404
-  ``ErrorItemNotFound``; ``$select``, and ``$expand=singleValueExtendedProperties($filter=id eq
-  '...')`` (resources/singlevaluelegacyextendedproperty); ``$filter`` on an extended property's
-  id and value (/graph/api/singlevaluelegacyextendedproperty-get).
+  ``ErrorItemNotFound``; ``$select`` ("Without a $select parameter, all of the event properties
+  will be returned"; ``id`` and ``@odata.etag`` always come; a name that is not a property of
+  the event is a 400), and ``$expand=singleValueExtendedProperties($filter=id eq '...')``
+  (resources/singlevaluelegacyextendedproperty); ``$filter`` on an extended property's id and
+  value (/graph/api/singlevaluelegacyextendedproperty-get).
 - learn.microsoft.com/graph/api/event-cancel: only an organizer's meeting with attendees can be
   cancelled (else 400), 202, the event moves to Deleted Items.
 - learn.microsoft.com/graph/api/event-delta and /graph/delta-query-events: rounds of
   ``calendarView/delta`` pages linked by ``@odata.nextLink`` ($skiptoken) and closed by
   ``@odata.deltaLink`` ($deltatoken), ``Prefer: odata.maxpagesize``, deletions and changes outside
-  the window as ``@removed`` (reason ``deleted``), no $select/$expand/$filter (400); an unknown or
-  expired state token -> 410 ``SyncStateNotFound``.
+  the window as ``@removed`` (reason ``deleted``). Each item is the whole event, "the same
+  properties you'd normally get from a GET /calendarView request. You cannot use $select to get
+  only a subset", nor ``$expand``, ``$filter``, ``$orderby``, ``$search`` (event-delta, "OData
+  query parameters"): the page does not say how Graph answers them, the emulator refuses them
+  (400) so a client relying on them fails here first. An unknown or expired state token -> 410
+  ``SyncStateNotFound``.
 - learn.microsoft.com/graph/api/user-list-calendarview: occurrences overlapping the window,
-  ``@odata.nextLink`` paging. Responses are in UTC unless ``Prefer: outlook.timezone``.
+  ``@odata.nextLink`` paging, ``$select`` and ``$expand`` as for one event, except that
+  ``createdDateTime`` and ``lastModifiedDateTime`` "do not support $select" (they are left out of
+  a narrowed listing). Responses are in UTC unless ``Prefer: outlook.timezone``.
 - learn.microsoft.com/graph/throttling (and /throttling-limits#outlook-service-limits): 429 or
   503 with ``Retry-After``; more than four concurrent requests per app and mailbox -> 429
   ``ApplicationThrottled`` (MailboxConcurrency).
@@ -27,11 +35,16 @@ For the tests, the bench and ``syncbridge demo``. Follows the documented behavio
 - learn.microsoft.com/graph/json-batching: ``POST /v1.0/$batch``, see emulator_batch.py.
 Identity: emulator_identity.py; subscriptions and notifications: emulator_notify.py. Not
 emulated: recurring series (every event is a ``singleInstance``), attachments, other calendars.
+
+For tests: ``log`` holds every request (method, path, and the query string in ``queries``);
+:meth:`GraphEmulator.keep_bodies` turns on a bounded log of every response body sent, and of
+every notification posted, so a test can see exactly what a client received.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import random
 import secrets
@@ -55,7 +68,7 @@ from syncbridge.emulation import Injector
 from .emulator_identity import Identity, TokenGrant
 from .emulator_notify import Notifier, parse_when
 from .emulator_store import (
-    MAX_CONCURRENT_PER_MAILBOX, Mailbox, apply_body, changes_since, copy_for_update, in_window, new_event, render, stamp,
+    EVENT_PROPERTIES, MAX_CONCURRENT_PER_MAILBOX, Mailbox, apply_body, changes_since, copy_for_update, in_window, new_event, render, stamp,
 )
 from .tls import TLSFiles, make_tls_files, serve_tls_in_thread
 
@@ -73,6 +86,12 @@ class GraphEmulator:
     users: dict[str, Mailbox] = field(default_factory=dict)
     #: every request as (method, path): the tests and the bench count calls from it
     log: list[tuple[str, str]] = field(default_factory=list)
+    #: the query string of each request in ``log`` (same index), decoded
+    queries: list[dict[str, str]] = field(default_factory=list)
+    #: (method, path, body) of the latest responses and notifications sent, when :meth:`keep_bodies` asked
+    bodies: collections.deque[tuple[str, str, bytes]] | None = None
+    #: the most requests seen in flight at once for each mailbox
+    peak_inflight: dict[str, int] = field(default_factory=dict)
     #: seconds each Graph request takes (makes concurrency visible)
     latency: float = 0.0
     default_page_size: int = 100
@@ -106,6 +125,19 @@ class GraphEmulator:
 
     def record(self, request: Request) -> None:
         self.log.append((request.method, request.url.path))
+        self.queries.append(dict(request.query_params))
+
+    def keep_bodies(self, limit: int = 2000) -> None:
+        """Keep the last ``limit`` response bodies (and notification payloads) sent, to see what a client received."""
+        self.bodies = collections.deque(maxlen=limit)
+
+    def sent(self, method: str, path: str, body: bytes) -> None:
+        if self.bodies is not None:
+            self.bodies.append((method, path, bytes(body)))
+
+    def received(self, text: str) -> list[tuple[str, str]]:
+        """(method, path) of every kept body that contains ``text``."""
+        return [(m, p) for m, p, b in list(self.bodies or ()) if text.encode() in b or json.dumps(text)[1:-1].encode() in b]
 
     # --- knobs ----------------------------------------------------------------------------------
 
@@ -249,13 +281,16 @@ class GraphEmulator:
             key = box.upn if box else ""
             with self._lock:
                 self._inflight[key] += 1
+                self.peak_inflight[key] = max(self.peak_inflight.get(key, 0), self._inflight[key])
                 busy = box is not None and self._inflight[key] > MAX_CONCURRENT_PER_MAILBOX
             try:
                 if busy:
                     return self.error(429, "ApplicationThrottled", "Application is over its MailboxConcurrency limit.", {"Retry-After": "1"})
                 if self.latency:
                     await asyncio.sleep(self.latency)
-                return await handler(request, box, grant)
+                response = await handler(request, box, grant)
+                self.sent(request.method, request.url.path, response.body)
+                return response
             finally:
                 with self._lock:
                     self._inflight[key] -= 1
@@ -299,6 +334,21 @@ class GraphEmulator:
                 return max(1, int(value))
         return default
 
+    def _select(self, request: Request, *, listing: bool = False) -> list[str] | None | Response:
+        """The properties ``$select`` names (None: all); a 400 for a name that is not an event
+        property. A listing (calendarView) leaves out ``createdDateTime`` and ``lastModifiedDateTime``,
+        which it does not return under ``$select`` (learn.microsoft.com/graph/api/user-list-calendarview)."""
+        text = request.query_params.get("$select")
+        if not text:
+            return None
+        names = [s.strip() for s in text.split(",") if s.strip()]
+        unknown = [n for n in names if n not in EVENT_PROPERTIES]
+        if unknown:
+            return self.error(400, "RequestBroker--ParseUri", f"Could not find a property named '{unknown[0]}' on type 'microsoft.graph.event'.")
+        if listing:
+            names = [n for n in names if n not in ("createdDateTime", "lastModifiedDateTime")]
+        return names or ["id"]
+
     @staticmethod
     def _expand(request: Request) -> list[str] | None:
         """Extended property ids named in ``$expand=singleValueExtendedProperties($filter=id eq '...' or ...)``."""
@@ -319,7 +369,9 @@ class GraphEmulator:
                         return self.error(400, "ErrorInvalidUrlQueryFilter", "The filter expression is not supported by the emulator.")
                     pid, value = quoted[1].lower(), quoted[3]
                     found = [e for e in found if e["_ext"].get(pid, (None, None))[1] == value]
-                select = [s for s in request.query_params.get("$select", "").split(",") if s] or None
+                select = self._select(request)
+                if isinstance(select, Response):
+                    return select
                 value_list = [render(e, expand=self._expand(request), zone=self._out_zone(request), select=select) for e in found]
             return JSONResponse({"value": value_list})
         body = await self._json(request)
@@ -356,7 +408,9 @@ class GraphEmulator:
                     self._update(box, event, body)
                 except ValueError as err:
                     return self.error(400, "ErrorInvalidRequest", str(err))
-            select = [s for s in request.query_params.get("$select", "").split(",") if s] or None
+            select = self._select(request) if request.method == "GET" else None
+            if isinstance(select, Response):
+                return select
             return JSONResponse(render(event, expand=self._expand(request), zone=self._out_zone(request), select=select))
 
     async def _cancel(self, request: Request, box: Mailbox | None, grant: TokenGrant) -> Response:
@@ -385,7 +439,9 @@ class GraphEmulator:
             return window
         size = self._page_size(request, int(request.query_params.get("$top", self.default_page_size)))
         skip = int(request.query_params.get("$skip", 0))
-        select = [s for s in request.query_params.get("$select", "").split(",") if s] or None
+        select = self._select(request, listing=True)
+        if isinstance(select, Response):
+            return select
         with self._lock:
             found = in_window(box, *window)
             page = [render(e, expand=self._expand(request), zone=self._out_zone(request), select=select) for e in found[skip : skip + size]]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -132,7 +132,9 @@ async def run_batch(emu: GraphEmulator, request: Request) -> Response:
             if fault == "lost":  # it took effect; its answer did not make it into the batch
                 await _dispatch(app, item, authorization)
             else:  # refused before it ran, but a call all the same
-                emu.log.append((str(item["method"]).upper(), "/v1.0/" + urlsplit(item["url"]).path.lstrip("/")))
+                split = urlsplit(item["url"])
+                emu.log.append((str(item["method"]).upper(), "/v1.0/" + split.path.lstrip("/")))
+                emu.queries.append(dict(parse_qsl(split.query)))
             return _faulted(item, fault)
 
     order = list(items)

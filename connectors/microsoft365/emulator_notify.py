@@ -134,6 +134,7 @@ class Notifier:
                     self._queue.task_done()
                     return
                 kind, url, payload = item
+                self.emulator.sent("NOTIFY", url, json.dumps(payload).encode())
                 for delay in (0.0, 0.2, 0.5, 1.0):
                     time.sleep(delay)
                     try:

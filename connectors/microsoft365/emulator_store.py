@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from .emulator_notify import parse_when
 
 __all__ = [
-    "MAX_CONCURRENT_PER_MAILBOX", "Mailbox", "apply_body", "changes_since", "copy_for_update", "in_window", "new_event", "overlaps",
+    "EVENT_PROPERTIES", "MAX_CONCURRENT_PER_MAILBOX", "Mailbox", "apply_body", "changes_since", "copy_for_update", "in_window", "new_event", "overlaps",
     "render", "stamp",
 ]
 
@@ -31,6 +31,15 @@ WRITABLE = {
     "attendees", "sensitivity", "importance", "singleValueExtendedProperties", "transactionId", "isAllDay",
 }
 MAX_CONCURRENT_PER_MAILBOX = 4
+#: the properties of an event (learn.microsoft.com/graph/api/resources/event, v1.0): what ``$select`` may name
+EVENT_PROPERTIES = frozenset({
+    "allowNewTimeProposals", "attendees", "body", "bodyPreview", "categories", "changeKey", "createdDateTime", "end",
+    "hasAttachments", "hideAttendees", "iCalUId", "id", "importance", "isAllDay", "isCancelled", "isDraft", "isOnlineMeeting",
+    "isOrganizer", "isReminderOn", "lastModifiedDateTime", "location", "locations", "onlineMeeting", "onlineMeetingProvider",
+    "onlineMeetingUrl", "organizer", "originalEndTimeZone", "originalStart", "originalStartTimeZone", "recurrence",
+    "reminderMinutesBeforeStart", "responseRequested", "responseStatus", "sensitivity", "seriesMasterId", "showAs", "start",
+    "subject", "transactionId", "type", "webLink",
+})
 
 
 def _zone(name: str) -> ZoneInfo:
@@ -116,6 +125,8 @@ def copy_for_update(event: dict[str, Any]) -> dict[str, Any]:
 
 def render(event: dict[str, Any], *, expand: list[str] | None, zone: str = "UTC",
             select: list[str] | None = None, all_ext: bool = False) -> dict[str, Any]:
+    """The event as Graph sends it: every property, or with ``select`` those named plus ``id`` and
+    ``@odata.etag`` (always sent, /graph/api/event-get); extended properties only as expanded."""
     out = {k: v for k, v in event.items() if not k.startswith("_")}
     out["@odata.etag"] = f'W/"{event["changeKey"]}"'
     out["start"] = _graph_time(event["_start"], zone)

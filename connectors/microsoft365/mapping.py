@@ -29,9 +29,13 @@ __all__ = [
     "EXT_FIELDS",
     "as_written",
     "EXT_ID",
+    "LISTING_FIELDS",
     "ObservedEvent",
+    "SESSION_FIELDS",
+    "TEXT_FIELDS",
     "busy_interval",
     "canonical_id_of",
+    "delta_hint",
     "graph_instant",
     "is_ours",
     "read_event",
@@ -47,6 +51,17 @@ EXT_FIELDS = f"String {PROPERTY_SET} Name syncbridgeFields"
 TRANSACTION_PREFIX = "syncbridge-"
 _NAMESPACE = uuid.UUID("5b0f3c52-9d0e-4e8a-a1c4-6f2e8b7d3c19")
 
+#: ``$select`` of one event read (GET event): what a session needs, no text. Every read of an
+#: event carries ``id`` and ``@odata.etag`` whatever ``$select`` names (/graph/api/event-get).
+SESSION_FIELDS = ("start", "end", "isCancelled", "transactionId", "lastModifiedDateTime")
+#: ``$select`` of a calendarView listing: as above without ``lastModifiedDateTime``, which
+#: calendarView does not return under ``$select`` (/graph/api/user-list-calendarview)
+LISTING_FIELDS = ("start", "end", "isCancelled", "transactionId")
+#: the text tags are read from (``#late``...), asked for only for our own events
+TEXT_FIELDS = ("subject", "bodyPreview")
+#: what a delta item keeps of any event: enough to tell ours and whether it changed
+_DELTA_KEYS = ("id", "@odata.etag", "transactionId", "@removed")
+
 
 def transaction_id_for(appointment_id: str) -> str:
     """The create's ``transactionId``: derived from the canonical id, so a retry repeats it."""
@@ -56,6 +71,25 @@ def transaction_id_for(appointment_id: str) -> str:
 def is_ours(event: dict[str, Any]) -> bool:
     """Whether a delta item is one of our events (``transactionId`` is in every read of it)."""
     return str(event.get("transactionId") or "").startswith(TRANSACTION_PREFIX)
+
+
+def delta_hint(item: dict[str, Any]) -> dict[str, Any]:
+    """What is kept of a ``calendarView/delta`` item. Graph sends every event whole there (no
+    ``$select``, /graph/api/event-delta); of the clinician's own events only the id and etag are
+    kept, of ours also the tags found in their text, whether they have attendees and when they
+    were modified, so the text itself is dropped here, at the wire."""
+    kept = {k: item[k] for k in _DELTA_KEYS if k in item}
+    if is_ours(item) and "@removed" not in item:
+        kept["tags"] = sorted(_tags(item))
+        kept["lastModifiedDateTime"] = item.get("lastModifiedDateTime")
+        if "attendees" in item:
+            kept["has_attendees"] = bool(item.get("attendees"))
+    return kept
+
+
+def _tags(event: dict[str, Any]) -> frozenset[str]:
+    body = event.get("body") if isinstance(event.get("body"), dict) else {}
+    return find_tags(event.get("subject"), event.get("bodyPreview") or (body or {}).get("content"))
 
 
 def _properties(event: dict[str, Any]) -> dict[str, str]:
@@ -115,14 +149,17 @@ def with_properties(event: dict[str, Any], body: dict[str, Any]) -> dict[str, An
 
 @dataclass(frozen=True, slots=True)
 class ObservedEvent(SessionEvent):
-    """A session event as Graph tells it; one with attendees is a meeting, cancelled with a message."""
+    """A session event as Graph tells it; one with attendees is a meeting, cancelled with a message.
+    ``has_attendees`` is None when the read did not ask (the attendees are read before a removal)."""
 
-    has_attendees: bool
+    has_attendees: bool | None
 
 
-def read_event(event: dict[str, Any], *, clinician: str, clinician_zone: str) -> ObservedEvent | None:
-    """Our event as canonical fields, or None when it is not ours. Raises MalformedRecord for an
-    event without start or end, or ending before it starts."""
+def read_event(event: dict[str, Any], *, clinician: str, clinician_zone: str, tags: frozenset[str] | None = None,
+               has_attendees: bool | None = None) -> ObservedEvent | None:
+    """Our event as canonical fields, or None when it is not ours. ``tags`` when already known (a
+    delta item's), else read from the event's text, which the caller must then have asked for.
+    Raises MalformedRecord for an event without start or end, or ending before it starts."""
     cid = canonical_id_of(event)
     if cid is None:
         return None
@@ -150,14 +187,16 @@ def read_event(event: dict[str, Any], *, clinician: str, clinician_zone: str) ->
         "modality": modality if modality in {m.value for m in Modality} else None,
         "location": location if isinstance(location, str) else None,
     }
-    body = event.get("body") if isinstance(event.get("body"), dict) else {}
-    tags = find_tags(event.get("subject"), event.get("bodyPreview") or (body or {}).get("content"))
+    if tags is None:
+        tags = _tags(event)
+    if has_attendees is None and "attendees" in event:
+        has_attendees = bool(event.get("attendees"))
     modified = event.get("lastModifiedDateTime")
     try:
         modified_at = iso(datetime.fromisoformat(str(modified).replace("Z", "+00:00").split(".")[0]).replace(tzinfo=UTC)) if modified else None
     except ValueError:
         modified_at = None
-    return ObservedEvent(cid, fields, tags, modified_at, bool(event.get("attendees")))
+    return ObservedEvent(cid, fields, tags, modified_at, has_attendees)
 
 
 def busy_interval(event: dict[str, Any]) -> tuple[datetime, datetime] | None:

@@ -4,11 +4,15 @@
   as ``text/plain``, learn.microsoft.com/graph/change-notifications-delivery-webhooks) and takes
   change notifications: every item must carry our ``clientState`` (a random secret kept in the
   vault), else the whole request is refused with 403 and nothing is stored. Accepted ones go to
-  ``host.accept_webhook`` and are answered 202 at once; ``targets`` later names the events to re-read.
+  ``host.accept_webhook`` and are answered 202 at once; ``targets`` later names the events to re-read
+  (none for the echo of our own write: its etag is the one we wrote, or it deletes what we deleted),
+  and when an item cannot be placed, ``accounts`` names the mailboxes to pull: those whose
+  subscription the items belong to.
 - ``/lifecycle`` takes lifecycle notifications (learn.microsoft.com/graph/change-notifications-lifecycle-events):
   ``reauthorizationRequired`` -> renew, ``subscriptionRemoved`` -> create anew, ``missed`` -> pull.
-  The handler only records what to do and asks for a pull; the work happens in the connector's
-  own calls (``maintain`` and the next ``pull``), on its own event loop and HTTP client.
+  The handler records what to do and stores the notification like a change notification, so the
+  daemon pulls the mailbox of that subscription alone (``accounts``); the work happens in the
+  connector's own calls (``maintain`` and that pull), on its own event loop and HTTP client.
 Polling stays the safety net: a notification is a hint, never the only path.
 """
 
@@ -129,7 +133,9 @@ class Push:
                 self._renew.add(sid)
             elif event == "subscriptionRemoved" and clinician is not None:
                 self._recreate.add(clinician)
-        self.c.host.pull_soon()  # also the answer to "missed": changes are read through delta
+        # stored like a change notification: the pull it asks for reads that subscription's mailbox
+        # (changes "missed" are read through delta; a renewal or a new subscription is made first)
+        self.c.host.accept_webhook(dict(request.headers), await request.body())
         return Response(status_code=202)
 
     def targets(self, headers: Mapping[str, str], body: bytes) -> list[str] | None:
@@ -151,6 +157,29 @@ class Push:
                 continue  # the echo of our own write (or delete): nothing to re-read
             out.append(ext)
         return out
+
+    def accounts(self, headers: Mapping[str, str], body: bytes) -> frozenset[str] | None:
+        """The clinicians whose mailboxes a notification (change or lifecycle) that ``targets`` could
+        not place is about: those of its items' subscriptions, minus items that are echoes of our
+        own writes. None (pull every mailbox) when an item's subscription is not ours on record."""
+        try:
+            items = loads(body).get("value", [])
+        except (ValueError, AttributeError):
+            return None
+        if not isinstance(items, list):
+            return None
+        subs = {s.get("id"): k for k, s in self.subscriptions().items()}
+        out: set[str] = set()
+        for item in items:
+            clinician = subs.get(item.get("subscriptionId")) if isinstance(item, dict) else None
+            if clinician is None:
+                return None
+            data = item.get("resourceData")
+            if "lifecycleEvent" not in item and isinstance(data, dict) and isinstance(data.get("id"), str):
+                if self.c.known(f"{clinician}/{data['id']}", data.get("@odata.etag"), deleted=item.get("changeType") == "deleted"):
+                    continue
+            out.add(clinician)
+        return frozenset(out)
 
     # --- keeping subscriptions alive ------------------------------------------------------------
 

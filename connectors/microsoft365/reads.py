@@ -5,7 +5,13 @@ full listing is the window's ``calendarView`` after a fresh delta round. A mailb
 revoked permission, a removed mailbox, throttling) keeps its deltaLink and is reported in
 ``failed_accounts`` while the others' changes are returned; one throttled with Retry-After is left
 alone until then; one that failed during a full listing (its deltaLink null) is listed on its
-own by the next pull (``listed_accounts``).
+own by the next pull (``listed_accounts``). A pull scoped to some mailboxes (a notification named
+them) reads those alone and leaves every other deltaLink as it was.
+
+What crosses the wire: ``calendarView/delta`` takes no ``$select`` (learn.microsoft.com/graph/api/event-delta),
+so each changed event arrives whole, text included; it is reduced to id, etag and, for ours, tags
+as each page arrives (:func:`mapping.delta_hint`). The listing's ``calendarView`` and every
+single read ask only for what a session needs (``$select``); see README section 5.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from syncbridge.errors import CursorExpired, SyncbridgeError
 from syncbridge.model import iso
 from syncbridge.retry import unless_all_failed
 
-from .mapping import EXT_FIELDS, EXT_ID, is_ours
+from .mapping import EXT_FIELDS, EXT_ID, LISTING_FIELDS, canonical_id_of, delta_hint, is_ours
 
 if TYPE_CHECKING:
     from .connector import Microsoft365Connector
@@ -31,9 +37,12 @@ __all__ = ["pull"]
 log = structlog.get_logger("syncbridge.microsoft365")
 
 
-async def pull(connector: Microsoft365Connector, cursor: str | None) -> PullResult:
+async def pull(connector: Microsoft365Connector, cursor: str | None, accounts: frozenset[str] | None = None) -> PullResult:
     """Delta rounds since ``cursor`` (JSON: clinician -> deltaLink and window); None lists the window.
-    A mailbox whose deltaLink is null (it failed during the last listing) is listed now."""
+    A mailbox whose deltaLink is null (it failed during the last listing) is listed now.
+    ``accounts``: only these clinicians' mailboxes; the others' deltaLinks are kept as they were.
+    A failed mailbox is reported in ``failed_accounts``; the pull fails as a whole only when
+    every configured mailbox failed."""
     if connector.push.pending:
         await connector.push.maintain()
     if cursor is None:
@@ -52,13 +61,15 @@ async def pull(connector: Microsoft365Connector, cursor: str | None) -> PullResu
     failed: dict[str, SyncbridgeError] = {}
     listed: set[str] = set()
     for clinician, mailbox in connector.mailboxes.items():
+        if accounts is not None and clinician not in accounts:
+            continue
         try:
             _may_read(connector, clinician)
             if links[clinician] is None:
                 found, links[clinician] = await _list(connector, clinician, mailbox, window)
                 listed.add(clinician)
             else:
-                items, links[clinician] = await connector.client.delta(clinician, mailbox, link=links[clinician])
+                items, links[clinician] = await connector.client.delta(clinician, mailbox, link=links[clinician], reduce=delta_hint)
                 found = [obs for item in items if (obs := await _delta_item(connector, clinician, mailbox, item)) is not None]
         except CursorExpired:
             raise
@@ -66,7 +77,7 @@ async def pull(connector: Microsoft365Connector, cursor: str | None) -> PullResu
             failed[clinician] = _unread(connector, clinician, mailbox, err)
             continue
         observations += found
-    log.debug("pulled", connector=connector.name, full=False, observations=len(observations), failed=sorted(failed))
+    log.debug("pulled", connector=connector.name, full=False, scoped=accounts is not None, observations=len(observations), failed=sorted(failed))
     return PullResult(
         observations, json.dumps(state | {"mailboxes": links}, sort_keys=True), failed_accounts=unless_all_failed(failed, len(connector.mailboxes)),
         listed_accounts=frozenset(listed), window=(iso(window[0]), iso(window[1])) if listed else None,
@@ -97,14 +108,31 @@ async def _delta_item(connector: Microsoft365Connector, clinician: str, mailbox:
         return None  # the clinician's own event: busy time only
     if seen is not None and seen.etag == item.get("@odata.etag") and not seen.observation.deleted:
         return seen.observation
-    return await connector._fetch(clinician, mailbox, event_id)
+    return await connector._fetch(clinician, mailbox, event_id, hint=item)  # its hidden properties; the tags come with the item
 
 async def _list(connector: Microsoft365Connector, clinician: str, mailbox: str, window: tuple[datetime, datetime]) -> tuple[list[Observation], str]:
-    """Every session in one mailbox's window, and the deltaLink to go on from."""
+    """Every session in one mailbox's window, and the deltaLink to go on from.
+
+    The delta round (whole events: Graph allows no ``$select`` there) gives the tags of our
+    events; the ``calendarView`` listing, narrowed with ``$select``, their times and hidden
+    properties. A session changed between the two calls is read on its own."""
     # the delta round first: whatever changes while the listing runs is reported again after it
-    _, link = await connector.client.delta(clinician, mailbox, window=window)
-    events = await connector.client.calendar_view(clinician, mailbox, window, expand=[EXT_ID, EXT_FIELDS])
-    return [obs for event in events if (obs := connector._observe(clinician, event)) is not None], link
+    items, link = await connector.client.delta(clinician, mailbox, window=window, reduce=delta_hint)
+    hints = {str(i.get("id")): i for i in items if "tags" in i}
+    del items
+    events = await connector.client.calendar_view(clinician, mailbox, window, select=list(LISTING_FIELDS), expand=[EXT_ID, EXT_FIELDS])
+    found: list[Observation] = []
+    for event in events:
+        if canonical_id_of(event) is None:
+            continue  # the clinician's own event
+        hint = hints.get(str(event.get("id")))
+        if hint is not None and hint.get("@odata.etag") == event.get("@odata.etag"):
+            obs = connector._observe(clinician, event, hint)
+        else:
+            obs = await connector._fetch(clinician, mailbox, str(event.get("id")))
+        if obs is not None:
+            found.append(obs)
+    return found, link
 
 async def _full(connector: Microsoft365Connector) -> PullResult:
     """The window listed in every mailbox; one that fails is left out of the listing's scope."""
