@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -359,8 +360,9 @@ class Engine:
 
     # --- local changes (CLI, the runtime's policies) ---------------------------------------
 
-    def change(self, appt_id: str, snap: Snapshot, *, via: str, kind: str = "changed") -> int:
-        """Commit a change made here (``syncbridge cancel``, a booking); returns the new version."""
+    def change(self, appt_id: str, snap: Snapshot, *, via: str, kind: str = "changed", detail: Mapping[str, Any] | None = None) -> int:
+        """Commit a change made here (``syncbridge cancel``, a booking); returns the new version.
+        ``detail`` joins the change's audit entry (the console user, a bulk operation's id)."""
         validate_snapshot(snap)
         now = iso(self.clock())
         with self.store.tx() as tx:
@@ -369,7 +371,7 @@ class Engine:
             tx.put_appointment(appt_id, snap, version, now, via)
             self._billing_work(tx, appt_id, current.fields if current else None, snap, now, via)
             changed = [k for k in snap if current is None or current.fields.get(k) != snap[k]]
-            tx.audit.add(now, kind, via, appt_id, {"version": version, "changed": changed, "status": snap["status"]})
+            tx.audit.add(now, kind, via, appt_id, {"version": version, "changed": changed, "status": snap["status"]} | dict(detail or {}))
             self.fan_out(tx, appt_id, snap, version, now, self._shapes_now())
         return version
 

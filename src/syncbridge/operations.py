@@ -305,7 +305,7 @@ def _run(engine: Engine, op_id: str, now: datetime) -> None:
         state, version = "skipped", None
         if appt is not None and appt.version == item.seen_version:
             fields, _ = _after(appt, action, pv, now)
-            version = engine.change(appt.id, fields, via="bulk", kind=_kind(action))
+            version = engine.change(appt.id, fields, via="bulk", kind=_kind(action), detail={"operation": op_id, "user": op.created_by})
             state = "changed"
         elif appt is not None and _done_by(appt, action):
             state, version = "changed", appt.version  # changed by this operation before an interruption

@@ -48,7 +48,7 @@ def secret_refs(cfg: PracticeConfig) -> Iterator[tuple[tuple[str, ...], SecretRe
     """(key path, reference) of every secret: practice sections, connector options, clinician accounts."""
     from .registry import connector_class  # late: the registry imports entry points
 
-    for section in ("store", "http", "audit"):
+    for section in ("store", "http", "audit", "console"):
         yield from _in_model(getattr(cfg, section), (section,))
     for name, conn in cfg.connectors.items():
         options_model = getattr(connector_class(conn.type), "Options", None)

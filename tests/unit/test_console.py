@@ -264,7 +264,7 @@ def test_front_desk_cancels_a_session_through_the_engine_with_its_name_in_the_au
     record = stored.fields["cancellation"]
     assert stored.fields["status"] == "cancelled" and stored.updated_via == "console"
     assert record["by"] == "clinician" and record["via"] == "console" and record["reason"] == "illness"
-    done = _audit(daemon, "console_cancel")[0]
+    done = _audit(daemon, "cancelled")[0]  # the change's own entry names who made it
     assert done["appointment_id"] == appt and done["detail"]["user"] == "fran" and done["detail"]["version"] == stored.version
     assert daemon.store.outbox_due(float("inf"), 10)  # the calendar's write is queued
     page = client.get(r.headers["location"]).text

@@ -62,9 +62,8 @@ def cancel_session(
     tags = frozenset({"waive"}) if waive else frozenset()
     kind = CancelKind.NO_SHOW.value if noshow else None
     status, record = decide(daemon.config.policy.cancellation, start=appt.start, now=now, via=VIA, tags=tags, by=by, kind=kind, reason=reason)
-    version = daemon.engine.change(appt.id, dict(appt.fields) | {"status": status, "cancellation": record}, via=VIA, kind="cancelled")
-    _audit(daemon.store, "console_noshow" if noshow else "console_cancel", user, appt.id,
-           {"version": version, "kind": record["kind"], "by": record["by"], "fee": record["fee"]})
+    version = daemon.engine.change(appt.id, dict(appt.fields) | {"status": status, "cancellation": record}, via=VIA, kind="cancelled",
+                                   detail={"user": user, "action": "noshow" if noshow else "cancel"})
     log.info("console_cancel", user=user, appointment=appt.id, kind=record["kind"], version=version)
     daemon.poke.set()  # the outbox sends it now rather than at its next tick
     return version, record
@@ -95,8 +94,7 @@ def confirm_held(daemon: Daemon, user: str, item_id: int) -> WorkItem:
         raise ActionRefused("only a held pull (mass-cancel guard) can be confirmed; close other items with a note")
     now = iso(utcnow())
     with daemon.store.tx() as tx:
-        # the store has no method for this yet; the same statement as `syncbridge worklist confirm`
-        tx.conn.execute("UPDATE held_batches SET approved = 1 WHERE connector = ?", (item.connector,))
+        tx.approve_held(item.connector)
         tx.close_work(item.key, now, f"{VIA}:{user}")
         tx.audit.add(now, "worklist_confirm", item.connector, None, {"key": item.key, "user": user, "via": VIA})
     log.info("console_worklist_confirm", user=user, item=item.id, connector=item.connector)

@@ -123,11 +123,8 @@ def sessions_page(daemon: Daemon, first: date, clinician: str | None) -> str:
 
 
 def _sessions(daemon: Daemon, clinician: str, start: str, end: str) -> list[Appointment]:
-    """Every session of the clinician in [start, end), cancelled ones too where the store can list them."""
-    between = getattr(daemon.store, "sessions_between", None)
-    if between is not None:
-        return list(between([clinician], start, end))
-    return daemon.store.live_sessions(clinician, start, end)
+    """Every session of the clinician in [start, end), cancelled ones too."""
+    return daemon.store.sessions_between([clinician], start, end)
 
 
 def _receipt_line(daemon: Daemon, appt: Appointment) -> str:
