@@ -156,7 +156,9 @@ class Practice:
 
 
 @contextlib.asynccontextmanager
-async def practice(system: System, tmp_path: Path) -> AsyncIterator[Practice]:
+async def practice(system: System, tmp_path: Path, *, more: int = 0) -> AsyncIterator[Practice]:
+    """A practice with a session per clinician written and listed; ``more`` sessions each besides
+    (several writes to one calendar go in one vendor batch)."""
     cfg = parse_config(yaml.safe_dump(_config(system, tmp_path)))
     store = Store(cfg.store.path)
     connectors = build_connectors(cfg)
@@ -164,6 +166,9 @@ async def practice(system: System, tmp_path: Path) -> AsyncIterator[Practice]:
     p = Practice(store, engine, Outbox(engine), system, {})
     try:
         p.sessions = {c: p.book(c, next_weekday_at(9 + i)) for i, c in enumerate(ACCOUNTS)}
+        for k in range(more):
+            for i, c in enumerate(ACCOUNTS):
+                p.book(c, next_weekday_at(12, days_ahead=1 + k) + timedelta(minutes=k))
         await p.outbox.drain()
         await engine.sync("cal", full=True)
         yield p

@@ -23,7 +23,7 @@ async def test_a_refused_batch_endpoint_still_syncs_everything_one_by_one(system
     dead-lettered, and the status says degraded; once batches pass again the mark clears."""
     assert system.refuse_batches is not None
     system.refuse_batches(404 if "email" in system.accounts["dr_a"] else 400)
-    async with practice(system, tmp_path) as p:  # books a session per clinician, writes them, lists them
+    async with practice(system, tmp_path, more=1) as p:  # two sessions per clinician, written (a batch each) and listed
         assert all(p.store.link("cal", appt) is not None for appt in p.sessions.values())
         assert p.store.dead_letters() == []
         state = p.store.connector_state("cal")
@@ -50,7 +50,8 @@ async def test_a_refused_batch_endpoint_still_syncs_everything_one_by_one(system
         system.refuse_batches(None)
         await asyncio.sleep(0.6)  # past the pause after a refusal (outbox.backoff_max): a batch is tried again
         for i, clinician in enumerate(ACCOUNTS):
-            p.book(clinician, next_weekday_at(16, days_ahead=8 + i))
+            for hour in (15, 16):  # two for one calendar: they travel in one batch
+                p.book(clinician, next_weekday_at(hour, days_ahead=8 + i))
         await p.outbox.drain()
         assert p.store.connector_state("cal")["degraded"] is None
         assert p.store.dead_letters() == []
