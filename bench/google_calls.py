@@ -5,6 +5,12 @@ engine, store and outbox of syncbridge, and a loopback receiver for push notific
 the daemon mounts it. Prints a Markdown table; nothing is asserted. ``--latency`` adds that many
 seconds to every HTTP request (the emulator's Injector; a batch is one request).
 
+Watch channels are open from the start, and every notification the connector accepts is handled
+as the daemon's inbox does (``webhook_accounts``: the accounts it names are pulled alone, one
+naming none pulls everything); a notification recognised as the echo of our own write is not
+accepted at all. The "calls per cancellation" rows count every call the change causes, its
+pushes and their pulls included.
+
 The last two rows copy ``--sessions`` more sessions by handing writes to ``apply_many`` the way a
 batching outbox would (8 calls in flight, as ``outbox.concurrency``): one write per call
 (``write_batch: 1``, what the outbox does today), then batch requests of ``write_batch`` parts.
@@ -52,10 +58,50 @@ class WakingHost(Host):
         super().__init__(public_url)
         self.loop = asyncio.get_running_loop()
         self.woken = asyncio.Event()
+        #: notifications already handled
+        self.handled = 0
 
     def pull_soon(self) -> None:
         super().pull_soon()
         self.loop.call_soon_threadsafe(self.woken.set)
+
+
+def settle(emu: GoogleCalendarEmulator) -> None:
+    """Wait until every notification Google queued was delivered (and answered)."""
+    for _ in range(100):
+        before = len(emu.deliveries)
+        emu.settle()
+        if len(emu.deliveries) == before:
+            return
+
+
+async def handle_pushes(emu: GoogleCalendarEmulator, host: WakingHost, connector: Connector, engine: Engine, outbox: Outbox) -> int:
+    """Deliver Google's notifications and handle those accepted as the daemon's inbox does, until
+    nothing more comes (the writes a pull causes notify too); answers how many were accepted."""
+    accepted = 0
+    while True:
+        settle(emu)
+        new = host.accepted[host.handled :]
+        if not new:
+            return accepted
+        host.handled += len(new)
+        accepted += len(new)
+        named: set[str] = set()
+        everything = False
+        for headers, body in new:
+            accounts = connector.webhook_accounts(headers, body)
+            everything |= accounts is None
+            named |= accounts or set()
+        if everything:
+            await engine.sync(NAME)
+        elif named:
+            await engine.sync(NAME, accounts=frozenset(named))
+        while store_due(engine):
+            await outbox.drain()
+
+
+def store_due(engine: Engine) -> bool:
+    return bool(engine.store.outbox_due(time.time(), 1))
 
 
 def call_name(method: str, path: str) -> str:
@@ -134,8 +180,11 @@ async def main(clinicians: int, sessions: int, latency: float, copy_only: bool =
         if copy_only:
             await copy_rows(connector, emu.log, injector, keys, sessions, day, rows, sizes=(1, connector.write_batch))
             return
+        await connector.maintain()  # watch channels open before anything is written, as in a running daemon
+        settle(emu)
         # initial copy: sessions spread over the clinicians
         mark = Mark(emu.log, injector)
+        notified = len(emu.deliveries)
         ids = []
         for n in range(sessions):
             appt = new_canonical_id()
@@ -147,22 +196,23 @@ async def main(clinicians: int, sessions: int, latency: float, copy_only: bool =
         copy_s = time.perf_counter() - t0
         calls, http, _ = api_calls(mark)
         rows.append((f"initial copy of {sessions} sessions to Google", calls, http, f"{copy_s:.2f} s, {sessions / copy_s:.0f} events/s"))
+        mark = Mark(emu.log, injector)
+        accepted = await handle_pushes(emu, host, connector, engine, outbox)
+        calls, http, names = api_calls(mark)
+        rows.append((f"the pushes of those {sessions} inserts", calls, http,
+                     f"{len(emu.deliveries) - notified} notifications, {accepted} pulled; {summary(names) or 'no call'}"))
 
         mark = Mark(emu.log, injector)
         await engine.sync(NAME, full=True)
-        calls, http, _ = api_calls(mark)
-        rows.append((f"full sync of {clinicians} calendars (our own {sessions} events come back as echoes)", calls, http, ""))
+        calls, http, names = api_calls(mark)
+        rows.append((f"full sync of {clinicians} calendars (our own {sessions} events come back as echoes)", calls, http, summary(names)))
 
         mark = Mark(emu.log, injector)
         await engine.sync(NAME)
         calls, http, _ = api_calls(mark)
         rows.append((f"quiet incremental poll, {clinicians} calendars", calls, http, "batched first pages" if clinicians > 1 else ""))
 
-        await connector.maintain()
-        emu.settle()
-        await asyncio.sleep(0.2)
-
-        # one cancellation in the canonical record -> Google
+        # one cancellation in the canonical record -> Google, and the push of our own delete
         appt = ids[0]
         record = store.appointment(appt)
         assert record is not None
@@ -171,15 +221,10 @@ async def main(clinicians: int, sessions: int, latency: float, copy_only: bool =
         mark = Mark(emu.log, injector)
         engine.change(appt, cancelled, via="bench-record")
         await outbox.drain()
+        accepted = await handle_pushes(emu, host, connector, engine, outbox)
         calls, http, names = api_calls(mark)
-        rows.append(("one cancellation in the record -> Google", calls, http, summary(names)))
-        emu.settle()
-        await asyncio.sleep(0.2)
-        host.woken.clear()
-        mark = Mark(emu.log, injector)
-        await engine.sync(NAME)
-        calls, http, _ = api_calls(mark)
-        rows.append(("the pull after it (our own delete comes back, dropped as an echo)", calls, http, ""))
+        rows.append(("**calls per cancellation made elsewhere** (record -> Google, its push included)", calls, http,
+                     f"{summary(names)}; {accepted} notification pulled"))
 
         # one move in the record -> Google
         appt = ids[1]
@@ -188,36 +233,52 @@ async def main(clinicians: int, sessions: int, latency: float, copy_only: bool =
         mark = Mark(emu.log, injector)
         engine.change(appt, dict(record.fields) | {"start": iso(record.start + timedelta(hours=1)), "end": iso(record.end + timedelta(hours=1))}, via="bench-record")
         await outbox.drain()
+        accepted = await handle_pushes(emu, host, connector, engine, outbox)
         calls, http, names = api_calls(mark)
-        rows.append(("one move in the record -> Google", calls, http, summary(names)))
-        emu.settle()
-        await asyncio.sleep(0.2)
-        await engine.sync(NAME)
+        rows.append(("one move in the record -> Google, its push included", calls, http, f"{summary(names)}; {accepted} notification pulled"))
 
         # one deletion in Google -> the record, by push
         appt = ids[2]
-        link = store.link(NAME, appt)
-        assert link is not None and link.external_id
-        calendar, _, event_id = link.external_id.rpartition("/")
+        calendar, _, event_id = external(store, appt).rpartition("/")
         host.woken.clear()
         mark = Mark(emu.log, injector)
         t0 = time.perf_counter()
         emu.user_delete(calendar, event_id)
         await asyncio.wait_for(host.woken.wait(), timeout=10)
-        await engine.sync(NAME)
+        accepted = await handle_pushes(emu, host, connector, engine, outbox)
         took = time.perf_counter() - t0
         cancelled_now = store.appointment(appt)
         assert cancelled_now is not None and cancelled_now.cancelled
         calls, http, names = api_calls(mark)
-        rows.append(("one deletion in Google -> record, with push", calls, http, f"{summary(names)}; {took * 1000:.0f} ms from delete to cancelled record"))
+        rows.append(("**calls per cancellation made in Google** (a deletion, with push)", calls, http,
+                     f"{summary(names)}; {accepted} notification pulled; {took * 1000:.0f} ms from delete to cancelled record"))
+
+        # one "#late" retitle in Google -> a late cancellation, by push: its text is read alone
+        appt = ids[3]
+        calendar, _, event_id = external(store, appt).rpartition("/")
+        mark = Mark(emu.log, injector)
+        emu.user_patch(calendar, event_id, {"summary": "Client session #late"})
+        accepted = await handle_pushes(emu, host, connector, engine, outbox)
+        tagged = store.appointment(appt)
+        assert tagged is not None and tagged.cancelled
+        calls, http, names = api_calls(mark)
+        rows.append(("**calls per cancellation made in Google by a #late tag** (with push; the event is then deleted)", calls, http,
+                     f"{summary(names)}; {accepted} notification pulled"))
 
         await copy_rows(connector, emu.log, injector, keys, sessions, day, rows, sizes=(1, connector.write_batch))
     finally:
+        settle(emu)  # the copy rows' notifications reach open channels (echoes) before they are stopped
         await connector.close()
         receiver.stop()
         server.stop()
         store.close()
         print_rows(clinicians, sessions, latency, rows)
+
+
+def external(store: Store, appt: str) -> str:
+    link = store.link(NAME, appt)
+    assert link is not None and link.external_id
+    return link.external_id
 
 
 async def copy_rows(connector: Connector, log: list[tuple[str, str]], injector: Injector, keys: dict[str, str], sessions: int,

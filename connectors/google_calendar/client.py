@@ -29,8 +29,8 @@ from googleapiclient.errors import HttpError
 from googleapiclient.http import BatchHttpRequest, HttpRequest
 
 from syncbridge.errors import (
-    BATCH_REFUSED, AuthError, BatchRefused, ConflictError, CursorExpired, PermanentError, RateLimited, TransientError, retry_after_seconds,
-    unreachable,
+    BATCH_REFUSED, AuthError, BatchRefused, ConflictError, CursorExpired, PermanentError, RateLimited, SyncbridgeError, TransientError,
+    retry_after_seconds, unreachable,
 )
 
 __all__ = ["BATCH_LIMIT", "CalendarClient", "Part", "WriteNotes", "batch_get", "batch_list", "batch_write", "raise_for_status", "translate"]
@@ -180,7 +180,10 @@ class CalendarClient:
             self._locks = {loop: asyncio.Lock()}
         return self._locks[loop]
 
-    async def _run(self, what: str, make: Callable[[Any], HttpRequest], *, etag: str | None = None) -> Any:
+    async def _run(self, what: str, make: Callable[[Any], HttpRequest], *, etag: str | None = None, changes: str | None = None) -> Any:
+        """One call as this account; ``changes``: the calendar a write changes (``notes`` hear of
+        it once the call has its turn, just before it is sent: Google may notify before it answers)."""
+
         def run() -> Any:
             events, channels = _resources(self.api_root)
             request = self.bind(make(events if what.startswith("events") else channels))
@@ -191,14 +194,17 @@ class CalendarClient:
 
         try:
             async with self.lock:
+                if changes is not None and self.notes is not None:
+                    self.notes.expect(changes)
                 return await asyncio.to_thread(run)
         except Exception as err:
             raise translate(err, what, self.api_root) from err
 
-    async def _status(self, what: str, make: Callable[[Any], HttpRequest], *, etag: str | None = None, allow: tuple[int, ...]) -> Any:
+    async def _status(self, what: str, make: Callable[[Any], HttpRequest], *, etag: str | None = None, allow: tuple[int, ...],
+                      changes: str | None = None) -> Any:
         """Like ``_run`` but answers the HTTP status for the ``allow``-ed ones instead of raising."""
         try:
-            return await self._run(what, make, etag=etag)
+            return await self._run(what, make, etag=etag, changes=changes)
         except Exception as err:
             cause = err.__cause__
             if isinstance(cause, HttpError) and cause.resp.status in allow:
@@ -239,13 +245,12 @@ class CalendarClient:
 
     async def _write(self, what: str, calendar: str, make: Callable[[Any], HttpRequest], *, etag: str | None = None,
                      allow: tuple[int, ...] = ()) -> Any:
-        """A write that changes ``calendar``: ``notes`` hear of it before it is sent (Google may notify
-        before it answers) and again when Google refused it or it changed nothing (an allowed status)."""
-        if self.notes is not None:
-            self.notes.expect(calendar)
+        """A write that changes ``calendar``: ``notes`` hear of it just before it is sent (Google may
+        notify before it answers) and again when Google refused it or it changed nothing (an
+        allowed status)."""
         try:
-            answer = await self._status(what, make, etag=etag, allow=allow)
-        except BaseException:
+            answer = await self._status(what, make, etag=etag, allow=allow, changes=calendar)
+        except SyncbridgeError:
             if self.notes is not None:
                 self.notes.withdraw(calendar)
             raise

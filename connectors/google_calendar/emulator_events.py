@@ -208,9 +208,12 @@ def parse_fields(text: str) -> dict[str, Any]:
                 pos += 1
             node = out
             parts = m.group(0).split("/")
-            for part in parts[:-1]:
-                node = node.setdefault(part, {}) or {}
-            node[parts[-1]] = sub
+            for part in parts[:-1]:  # a/b: b inside a (a member already selected whole stays whole)
+                node = {} if part in node and node[part] is None else node.setdefault(part, {})
+            if parts[-1] not in node or sub is None:
+                node[parts[-1]] = sub
+            elif node[parts[-1]] is not None:
+                node[parts[-1]] |= sub
             if pos < len(text) and text[pos] == ",":
                 pos += 1
                 continue
