@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
+from syncbridge_connectors.google_calendar.echoes import KnownEtags
 from syncbridge_connectors.google_calendar.emulator import Exchange, Running
 from syncbridge_connectors.google_calendar.emulator_events import ApiError, parse_fields, pick
 from tests.contract.suite import next_weekday_at
@@ -109,3 +110,29 @@ def _token_for(google: Running) -> str:
     creds = creds.with_subject(EMAILS["dr_a"])
     creds.refresh(Request())
     return str(creds.token)
+
+
+async def test_several_outside_edits_have_their_texts_read_in_one_batch(google: Running, tmp_path: Path) -> None:
+    """Two sessions retitled in Google: each one's tag is found, with one events.get each sent in a
+    single batch request; a restarted connector (no etags remembered) reads them again, also batched."""
+    emu = google.emulator
+    async with practice(google, tmp_path) as p:
+        appts = [p.book("dr_a", 9), p.book("dr_a", 11)]
+        await p.outbox.drain()
+        assert await p.pushes() == 0
+        cursor = p.store.cursor(NAME)
+        assert cursor is not None
+        emu.user_patch(EMAILS["dr_a"], p.event_id(appts[0]), {"summary": "Client session #noshow"})
+        emu.user_patch(EMAILS["dr_a"], p.event_id(appts[1]), {"description": "running #late"})
+        mark = len(emu.log)
+        result = await p.connector.pull_accounts(cursor, frozenset({"dr_a"}))
+        assert {o.canonical_id: o.tags for o in result.observations} == {appts[0]: frozenset({"noshow"}), appts[1]: frozenset({"late"})}
+        assert [m for m, path in emu.log[mark:] if path != "/token"] == ["GET", "POST", "GET", "GET"]  # the listing, then one batch of two gets
+        again = await p.connector.pull_accounts(cursor, frozenset({"dr_a"}))
+        assert {o.canonical_id for o in again.observations} == set(appts)
+        assert sum(1 for m, path in emu.log[mark:] if m == "GET" and not path.endswith("/events")) == 2, "known etags are not read twice"
+        p.connector.etags = KnownEtags()  # what a restart forgets
+        mark = len(emu.log)
+        restarted = await p.connector.pull_accounts(cursor, frozenset({"dr_a"}))
+        assert {o.canonical_id: o.tags for o in restarted.observations} == {appts[0]: frozenset({"noshow"}), appts[1]: frozenset({"late"})}
+        assert [m for m, path in emu.log[mark:] if path != "/token"] == ["GET", "POST", "GET", "GET"]
