@@ -50,7 +50,7 @@ def render(shown: Preview, cfg: PracticeConfig) -> str:
     for p in shown.planned:
         zone = ZoneInfo(cfg.clinician_zone(p.clinician))
         when = parse_iso(p.start).astimezone(zone)
-        billing = {"suppress": "claim suppressed", "void": "CLAIM ALREADY SENT: void it with the payer", "none": ""}[p.billing]
+        billing = {"suppress": "claim to be suppressed", "void": "CLAIM ALREADY SENT: void it with the payer", "none": ""}[p.billing]
         fee = f", fee {p.fee}" if p.fee else ""
         lines.append(f"  {p.appointment_id}  {p.clinician}  {when:%a %d %b %H:%M}  {p.service_code or '-'}  -> {p.status_after}{fee}"
                      f"  in {', '.join(p.systems) or 'the record only'}" + (f"  ({billing})" if billing else ""))

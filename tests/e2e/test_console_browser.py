@@ -174,7 +174,7 @@ def test_an_admin_previews_and_confirms_a_bulk_cancel_of_three_days(tmp_path: Pa
             page.get_by_role("button", name="Preview").click()
             assert page.locator("#summary").inner_text() == "30 sessions would change; 0 left out"
             assert "30 in cal, 30 in ehr" in page.locator("main").inner_text()
-            assert "30 claim suppressed" in page.locator("main").inner_text()
+            assert "30 claim to be suppressed" in page.locator("main").inner_text()
             assert page.get_by_role("table", name="Would change").locator("tbody tr").count() == 30
             _shot(page, "bulk-preview")
             store = Store(tmp_path / "store.db", migrate=False)

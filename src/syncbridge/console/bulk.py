@@ -27,7 +27,7 @@ ACTIONS = {
     BulkAction.ATTENDED: "Mark them attended",
     BulkAction.WAIVE: "Waive their fees",
 }
-_BILLING = {"suppress": "claim suppressed", "void": "claim already sent: needs voiding", "none": "no claim change"}
+_BILLING = {"suppress": "claim to be suppressed", "void": "claim already sent: needs voiding", "none": "no claim change"}
 
 
 class BadForm(ValueError):
@@ -146,7 +146,7 @@ def preview_page(daemon: Daemon, user: User, form: Form, shown: Preview, error: 
     return (
         (notice(error, "error") if error else "")
         + f'<p class="big" id="summary">{len(shown.planned)} sessions would change; {len(shown.left_out)} left out</p>'
-        f"<p>Copies changed: {e(per_system)}.{(' Claims: ' + e(claims) + '.') if claims else ''}</p>"
+        f"<p>Copies to change: {e(per_system)}.{(' Claims: ' + e(claims) + '.') if claims else ''}</p>"
         + confirm
         + f'<h2>Would change</h2>{table(["clinician", "time", "service", "client key", "location", "status after", "fee", "systems", "claim"], planned, "nothing in this selection", "Would change")}'
         f'<h2>Left out</h2>{table(["clinician", "time", "why"], left, "none", "Left out")}'
