@@ -124,7 +124,13 @@ def _needs_text(connector: GoogleCalendarConnector, calendar: str, event: dict[s
     event_id = event.get("id")
     if not isinstance(event_id, str) or event.get("status") == "cancelled" or event.get("recurringEventId"):
         return False
-    return canonical_id_of(event_id) is not None and not connector.etags.knows(f"{calendar}/{event_id}", event.get("etag"))
+    if canonical_id_of(event_id) is None:
+        return False
+    external_id, etag = f"{calendar}/{event_id}", event.get("etag")
+    if connector.etags.knows(external_id, etag):
+        return False
+    # after a restart the memory is empty: the store still knows what we wrote or merged last
+    return etag is None or connector.host.known_etag(external_id) != etag
 
 
 def _text_of(text: dict[str, Any] | None) -> dict[str, Any]:

@@ -248,6 +248,11 @@ class Host:
         """A secret the connector stored (a refresh token), decrypted; None if absent."""
         return self._vault.get(key)
 
+    def known_etag(self, external_id: str) -> str | None:
+        """The version tag of the copy as the store last recorded it (what we wrote or merged), so a
+        listing tells an unchanged copy from an edited one after a restart too; None if unknown."""
+        return None
+
     def degraded(self, note: str | None) -> None:
         """Say the connector works, but not as it should (its batch endpoint refused: each call goes
         on its own); None when it is back to normal. The status shows it beside the health."""

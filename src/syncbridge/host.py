@@ -91,6 +91,10 @@ class DaemonHost(Host):
     def vault_get(self, key: str) -> str | None:
         return self.vault.get(self.name, key)
 
+    def known_etag(self, external_id: str) -> str | None:
+        link = self.store.link_by_external(self.name, external_id)
+        return link.etag if link is not None else None
+
     def degraded(self, note: str | None) -> None:
         super().degraded(note)
         with self.store.tx() as tx:  # the outbox may have changed it meanwhile: always written

@@ -136,3 +136,26 @@ async def test_several_outside_edits_have_their_texts_read_in_one_batch(google: 
         restarted = await p.connector.pull_accounts(cursor, frozenset({"dr_a"}))
         assert {o.canonical_id: o.tags for o in restarted.observations} == {appts[0]: frozenset({"noshow"}), appts[1]: frozenset({"late"})}
         assert [m for m, path in emu.log[mark:] if path != "/token"] == ["GET", "POST", "GET", "GET"]
+
+
+async def test_a_restart_reads_no_text_of_events_the_store_already_knows(google: Running, tmp_path: Path) -> None:
+    """The connector's memory of etags is gone after a restart; the store's is not (Host.known_etag):
+    a full listing then reads no event's text unless someone edited it since."""
+    emu = google.emulator
+    async with practice(google, tmp_path) as p:
+        appts = [p.book("dr_a", 9), p.book("dr_b", 11), p.book("dr_c", 15)]
+        await p.outbox.drain()
+        await p.engine.sync(NAME)  # the echoes merged: the store holds each copy's etag
+
+        def from_store(external_id: str) -> str | None:
+            link = p.store.link_by_external(NAME, external_id)
+            return link.etag if link is not None else None
+
+        p.connector.host.known_etag = from_store  # type: ignore[method-assign] # what the daemon's host answers
+        p.connector.etags = KnownEtags()  # what a restart forgets
+        emu.user_patch(EMAILS["dr_b"], p.event_id(appts[1]), {"summary": "Client session #late"})
+        mark = len(emu.log)
+        listing = await p.connector.pull(None)
+        assert {o.canonical_id for o in listing.observations} >= set(appts)
+        reads = [path for m, path in emu.log[mark:] if m == "GET" and not path.endswith("/events") and path != "/token"]
+        assert reads == [f"/calendar/v3/calendars/{EMAILS['dr_b']}/events/{p.event_id(appts[1])}"], reads
