@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from syncbridge.connector import Sandbox, SeenCopy
+from syncbridge.emulation import calls_by_kind
 
 from .emulator import GoogleCalendarEmulator, running
 from .mapping import ID_KEY
@@ -77,6 +78,7 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
         look=look,
         move=move,
         injector=server.injector,
+        calls=lambda: calls_by_kind(emulator.log),
         connector_config={"type": "google_calendar", "service_account_key": {"file": str(secret)}, "api_root": server.api_root},
         accounts=accounts,
         close=server.stop,

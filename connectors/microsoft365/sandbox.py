@@ -15,6 +15,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from syncbridge.connector import Sandbox, SeenCopy
+from syncbridge.emulation import calls_by_kind
 
 from .emulator import running
 from .mapping import canonical_id_of
@@ -94,5 +95,6 @@ def start_sandbox(workdir: Path, clinicians: list[str]) -> Sandbox:
         move=move,
         live_ids=live_ids,
         injector=server.injector,
+        calls=lambda: calls_by_kind(server.emulator.log),
         describe=f"Microsoft Graph emulator on {server.base_url} ({len(clinicians)} mailboxes)",
     )
