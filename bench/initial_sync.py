@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--per-clinician", type=int, default=0, help="sessions per clinician (instead of --weeks)")
     ap.add_argument("--write-batch", type=int, default=0, help="write_batch of every system (default: each connector's own)")
+    ap.add_argument("--concurrency", type=int, default=0, help="outbox.concurrency (default: the daemon's default)")
     ap.add_argument("--no-push", action="store_true", help="no public URL: systems are polled, nothing pushes")
     ap.add_argument("--poll", type=float, default=30.0, help="poll interval of every system, seconds (default 30)")
     args = ap.parse_args()
@@ -80,6 +81,8 @@ def main() -> None:
     try:
         conf = sandbox_config(workdir, sandboxes, names, free_port(), poll_interval=args.poll, push=not args.no_push)
         conf["logging"] = {"level": "warning", "json": True}
+        if args.concurrency:
+            conf["outbox"] = {"concurrency": args.concurrency}
         if args.write_batch:
             for c in conf["connectors"].values():
                 if c.get("type") in BATCHING:

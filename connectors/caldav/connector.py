@@ -82,6 +82,8 @@ class CalDAVConnector(CalendarConnector):
 
     capabilities = calendar_capabilities(push=False)
     Options = CalDAVOptions
+    #: the calendars usually share one server (a practice's Nextcloud or Radicale): at most this many calls at once
+    max_concurrency = 8
 
     def __init__(self, name: str, config: ConnectorConfig, practice: PracticeConfig) -> None:
         super().__init__(name, config, practice)

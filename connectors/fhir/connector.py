@@ -123,6 +123,8 @@ class FHIRConnector(Connector):
     Options = FHIROptions
     #: writes per ``batch`` Bundle (apply_many); lowered by itself when the EHR refuses a Bundle as too large
     write_batch = 50
+    #: one EHR server, shared with the clinicians using it: at most this many calls at once
+    max_concurrency = 8
 
     def __init__(self, name: str, config: Any, practice: Any) -> None:
         super().__init__(name, config, practice)

@@ -1,6 +1,8 @@
 """The Calendar API wire layer on google-api-python-client: every call, and the one error table.
 
-The client library is synchronous (httplib2), so each call runs in ``asyncio.to_thread``. An
+The client library is synchronous (httplib2), so each call runs in a worker thread of the
+connector's own pool (``in_thread``: the event loop's default pool has cpu count + 4 threads,
+fewer than the calls the outbox keeps in flight across a practice's calendars). An
 ``httplib2.Http`` must not be shared between threads, so calls of one account take turns under an
 asyncio lock: waiting calls hold no worker thread, and other connectors' threaded work is never
 starved by a queue of Google calls. Knows events,
@@ -17,6 +19,7 @@ import functools
 import json
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -34,6 +37,16 @@ from syncbridge.errors import (
 )
 
 __all__ = ["BATCH_LIMIT", "CalendarClient", "Part", "WriteNotes", "batch_get", "batch_list", "batch_write", "raise_for_status", "translate"]
+
+#: threads for the blocking client library: calls wait on the network, not the CPU, so the pool is
+#: sized for the calls in flight (every calendar's turn at once), not for the cores
+_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="google-calendar")
+
+
+async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in one of the connector's worker threads."""
+    return await asyncio.get_running_loop().run_in_executor(_THREADS, functools.partial(fn, *args))
+
 
 #: "You're limited to 1000 calls in a single batch request" (developers.google.com/calendar/api/guides/batch)
 BATCH_LIMIT = 1000
@@ -196,7 +209,7 @@ class CalendarClient:
             async with self.lock:
                 if changes is not None and self.notes is not None:
                     self.notes.expect(changes)
-                return await asyncio.to_thread(run)
+                return await in_thread(run)
         except Exception as err:
             raise translate(err, what, self.api_root) from err
 
@@ -316,7 +329,7 @@ async def _batch_read(parts: list[tuple[CalendarClient, Callable[[Any], HttpRequ
             async with contextlib.AsyncExitStack() as held:
                 for client in clients:
                     await held.enter_async_context(client.lock)
-                await asyncio.to_thread(run, offset, chunk)
+                await in_thread(run, offset, chunk)
         except Exception as err:
             raise batch_failed(err, what) from err
     return [results[i] for i in range(len(parts))]
@@ -417,7 +430,7 @@ async def batch_write(parts: Sequence[Part]) -> list[dict[str, Any] | int | None
         if part.client.notes is not None:
             part.client.notes.expect(part.calendar)
     try:
-        await asyncio.to_thread(run)
+        await in_thread(run)
     except Exception as err:
         answers: list[dict[str, Any] | int | None | Exception] = [batch_failed(err, "batch") for _ in parts]
     else:

@@ -113,6 +113,8 @@ class ZocdocConnector(TimeslotPublishing, Connector):
         status_map={Status.ARRIVED: Status.BOOKED, Status.FULFILLED: Status.BOOKED, Status.ENTERED_IN_ERROR: Status.CANCELLED},
     )
     Options = ZocdocOptions
+    #: one partner API for the whole practice: at most this many calls at once
+    max_concurrency = 8
 
     def __init__(self, name: str, config: Any, practice: Any) -> None:
         super().__init__(name, config, practice)

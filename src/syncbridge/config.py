@@ -229,8 +229,10 @@ class OutboxConfig(_Strict):
     outage_warning: float = Field(3600.0, gt=0)
     #: due writes read from the store at a time per connector (at least two calls' worth in flight)
     batch: int = Field(50, ge=1)
-    #: writes in flight per connector; connectors keep their vendor's own limits (per mailbox...)
-    concurrency: int = Field(8, ge=1, le=64)
+    #: calls in flight per connector (one write or one vendor batch each), within each system's own
+    #: limits: per account (Google 1 per calendar, Graph 4 per mailbox) and per server (an EHR, a
+    #: directory, a CalDAV server: 8)
+    concurrency: int = Field(32, ge=1, le=64)
 
 
 class HttpConfig(_Strict):

@@ -372,6 +372,13 @@ class Connector(abc.ABC):
     #: vendor limits it per account; the outbox then sends each call for one account only and lets
     #: the accounts take turns. None: no per-account limit (one EHR, one directory)
     account_concurrency: int | None = None
+    #: the most calls this system takes at once, whatever ``outbox.concurrency`` allows: one server
+    #: shared with its own users (an EHR, a directory, a CalDAV server). None: no limit of its own
+    max_concurrency: int | None = None
+
+    def in_flight(self, configured: int) -> int:
+        """Calls to keep in flight to this system: ``outbox.concurrency``, within its own limit."""
+        return min(configured, self.max_concurrency) if self.max_concurrency else configured
     #: seconds between presence checks (:meth:`missing`), for systems whose incremental reads never
     #: show a deletion; None where pulls already report them
     presence_interval: float | None = None

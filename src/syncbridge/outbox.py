@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from datetime import UTC, datetime
 
 import structlog
 
+from .account_turns import AccountTurns
 from .batching import BatchFallback
 from .connector import ApplyResult, Link, Observation, PullResult, Write
 from .engine import Engine
@@ -36,19 +36,9 @@ __all__ = ["ApplyReport", "Outbox", "backoff_delay"]
 log = structlog.get_logger("syncbridge.outbox")
 
 
-def chunks(items: list[OutboxItem], size: int, *, by_account: bool) -> list[list[OutboxItem]]:
-    """Due writes in the calls they go out in: ``size`` per call (a vendor batch, or one write).
-
-    ``by_account``: each call holds one account's writes (a vendor's batch acts as one user), and
-    the accounts take turns, so an initial sync queued clinician by clinician still keeps every
-    account busy instead of waiting on one."""
-    if not by_account:
-        return [items[k : k + size] for k in range(0, len(items), size)]
-    queues: dict[str | None, list[OutboxItem]] = defaultdict(list)
-    for item in items:
-        queues[item.account].append(item)
-    per = [[q[k : k + size] for k in range(0, len(q), size)] for q in queues.values()]
-    return [c for turn in itertools.zip_longest(*per) for c in turn if c is not None]
+def chunks(items: list[OutboxItem], size: int) -> list[list[OutboxItem]]:
+    """Due writes in the calls they go out in: ``size`` per call (a vendor batch, or one write)."""
+    return [items[k : k + size] for k in range(0, len(items), size)]
 
 
 @dataclass(slots=True)
@@ -64,7 +54,8 @@ class Outbox:
     """Keeps every connector's calls in flight until nothing is due.
 
     Each connector gets its own feeder: it takes due items in ``write_batch``-sized chunks (one
-    vendor batch request, or one write) and keeps up to ``outbox.concurrency`` of them in flight,
+    vendor batch request, or one write) and keeps up to ``outbox.concurrency`` of them in flight
+    (within the system's own limits: ``Connector.in_flight``, ``account_concurrency``),
     starting the next as soon as one answers, so a slow write never holds up the others and an
     initial sync of a whole practice streams instead of moving in rounds.
     """
@@ -108,7 +99,8 @@ class Outbox:
         size = max(1, connector.write_batch) if connector is not None else 1
         #: calls one account (a clinician's calendar or mailbox) may have in flight, where the vendor limits it
         per_account = connector.account_concurrency if connector is not None else None
-        calls = asyncio.Semaphore(self.cfg.concurrency)
+        at_once = connector.in_flight(self.cfg.concurrency) if connector is not None else 1
+        calls = asyncio.Semaphore(at_once)
         inflight: set[str] = set()
         busy: dict[str, int] = defaultdict(int)
         sends: dict[str, int] = defaultdict(int)
@@ -121,28 +113,26 @@ class Outbox:
             if account is not None and (left := busy.pop(account) - 1) > 0:
                 busy[account] = left
 
+        turns = AccountTurns(self.store, name, size=size, per_account=per_account) if per_account is not None else None
         while not self.halt.is_set():
-            want = max(self.cfg.batch, size * self.cfg.concurrency * 2)
-            if per_account is None:
-                due = self.store.outbox_due(time.time(), want + len(inflight), connector=name)
-            else:  # the accounts at their limit are left out, so the others' writes go meanwhile
-                full = sorted(a for a, n in busy.items() if n >= per_account)
-                due = self.store.outbox_due_by_account(time.time(), want + len(inflight), name, skip=full)
-            items = [i for i in due if i.appointment_id not in inflight and sends[i.appointment_id] < self.max_sends][:want]
-            if not items:
-                if not running:
+            if turns is not None:  # the accounts take turns, each with its vendor's limit of calls in flight
+                if turns.due() and not turns.read(inflight, sends, self.max_sends) and not running:
                     break
-                await asyncio.wait(set(running), return_when=asyncio.FIRST_COMPLETED)
-                continue
+                pending = iter(lambda: turns.take(busy) if not self.halt.is_set() else None, None)
+            else:
+                want = max(self.cfg.batch, size * at_once * 2)
+                due = self.store.outbox_due(time.time(), want + len(inflight), connector=name)
+                items = [i for i in due if i.appointment_id not in inflight and sends[i.appointment_id] < self.max_sends][:want]
+                if not items and not running:
+                    break
+                pending = iter(chunks(items, size))
             sent = 0
-            for chunk in chunks(items, size, by_account=per_account is not None):
-                account = chunk[0].account if per_account is not None else None
-                if account is not None and per_account is not None and busy[account] >= per_account:
-                    continue  # its turn comes when one of its calls answers
+            for chunk in pending:
                 await calls.acquire()
                 if self.halt.is_set():
                     calls.release()
                     break
+                account = chunk[0].account if turns is not None else None
                 ids = [i.appointment_id for i in chunk]
                 inflight.update(ids)
                 if len(sends) > 20_000:  # bounded memory through a whole practice's initial sync
@@ -155,7 +145,7 @@ class Outbox:
                 running.add(task)
                 task.add_done_callback(functools.partial(finished, ids=ids, account=account))
                 sent += 1
-            if not sent and running:  # every account found has its calls in flight: wait for an answer
+            if not sent and running:  # nothing to send until a call answers
                 await asyncio.wait(set(running), return_when=asyncio.FIRST_COMPLETED)
         if running:
             await asyncio.gather(*running, return_exceptions=True)

@@ -133,7 +133,7 @@ class SlotWriter:
         if self.backoff.failures.get(name):  # it failed last time: one date probes before the others go
             await self._converge(connector, rows[0], report)
             rows = rows[1:]
-        calls = asyncio.Semaphore(self.config.outbox.concurrency)
+        calls = asyncio.Semaphore(connector.in_flight(self.config.outbox.concurrency))
 
         async def one(row: SlotState) -> None:
             async with calls:

@@ -409,18 +409,20 @@ class Store:
         ).fetchall()
         return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7]) for r in rows]
 
-    def outbox_due_by_account(self, now: float, limit: int, connector: str, skip: Sequence[str] = ()) -> list[OutboxItem]:
-        """A connector's due writes with the account each goes to, leaving out accounts in ``skip``
-        (those with as many calls in flight as their vendor allows), so the writes of the other
-        accounts are found however the queue is ordered."""
+    def outbox_due_per_account(self, now: float, connector: str, depth: int) -> list[OutboxItem]:
+        """A connector's due writes, the first ``depth`` of each account (clinician) by due time,
+        with the account each goes to: every account's next writes in one query, however the queue
+        is ordered (an initial sync queues one clinician's sessions, then the next one's)."""
         rows = self.conn.execute(
-            "SELECT o.connector, o.appointment_id, o.target_version, o.due_at, o.attempts, o.last_error, o.dead, o.strikes, a.clinician "
-            "FROM outbox o LEFT JOIN appointments a ON a.key = o.appt WHERE o.dead = 0 AND o.due_at <= ? AND o.connector = ? "
-            + (f"AND coalesce(a.clinician, '') NOT IN ({','.join('?' * len(skip))}) " if skip else "")
-            + "ORDER BY o.due_at LIMIT ?",
-            (now, connector, *skip, limit),
+            "SELECT connector, appointment_id, target_version, due_at, attempts, last_error, dead, strikes, clinician FROM ("
+            "SELECT o.connector, o.appointment_id, o.target_version, o.due_at, o.attempts, o.last_error, o.dead, o.strikes, "
+            "coalesce(a.clinician, '') AS clinician, "
+            "row_number() OVER (PARTITION BY coalesce(a.clinician, '') ORDER BY o.due_at) AS turn "
+            "FROM outbox o LEFT JOIN appointments a ON a.key = o.appt WHERE o.dead = 0 AND o.due_at <= ? AND o.connector = ?"
+            ") WHERE turn <= ? ORDER BY due_at",
+            (now, connector, depth),
         ).fetchall()
-        return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8] or "") for r in rows]
+        return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows]
 
     def outbox_due_connectors(self, now: float) -> list[str]:
         """Connectors with at least one write due now."""

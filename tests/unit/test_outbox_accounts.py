@@ -59,7 +59,7 @@ class PerMailbox(Connector):
         return [ApplyResult(f"ext-{w.appointment_id}", "e") for w in writes]
 
 
-def world(tmp_path: Path, *, limit: int | None, batch: int = 1) -> tuple[Engine, Outbox, int]:
+def world(tmp_path: Path, *, limit: int | None, batch: int = 1, busy: int = len(CLINICIANS)) -> tuple[Engine, Outbox, int]:
     PerMailbox.now, PerMailbox.peak, PerMailbox.peak_total, PerMailbox.mixed_batches = Counter(), Counter(), 0, 0
     PerMailbox.account_concurrency = limit
     PerMailbox.write_batch = batch
@@ -71,7 +71,7 @@ def world(tmp_path: Path, *, limit: int | None, batch: int = 1) -> tuple[Engine,
     }))
     engine = Engine(Store(cfg.store.path), build_connectors(cfg), cfg)
     n = 0
-    for c in CLINICIANS:  # queued clinician by clinician, as an initial sync queues them
+    for c in CLINICIANS[:busy]:  # queued clinician by clinician, as an initial sync queues them
         for k in range(10):
             start = datetime(2027, 1, 4 + k, 10, tzinfo=UTC)
             engine.change(new_canonical_id(), empty_snapshot() | {
@@ -97,10 +97,19 @@ async def test_one_call_per_account_still_keeps_every_slot_busy(tmp_path: Path) 
 
 
 async def test_a_higher_account_limit_is_used_and_kept(tmp_path: Path) -> None:
-    engine, outbox, n = world(tmp_path, limit=2)
+    """One busy mailbox among six: two calls for it at once (its limit), never three."""
+    engine, outbox, n = world(tmp_path, limit=2, busy=1)
     assert (await outbox.drain()).applied == n
     assert max(PerMailbox.peak.values()) == 2
-    assert PerMailbox.peak_total == 4
+    assert PerMailbox.peak_total == 2
+    engine.store.close()
+
+
+async def test_the_accounts_take_turns(tmp_path: Path) -> None:
+    """With room for four calls and six busy mailboxes, four different mailboxes are served at once."""
+    engine, outbox, n = world(tmp_path, limit=2)
+    assert (await outbox.drain()).applied == n
+    assert PerMailbox.peak_total == 4 and max(PerMailbox.peak.values()) <= 2
     engine.store.close()
 
 
@@ -119,3 +128,15 @@ async def test_without_an_account_limit_writes_go_in_queue_order(tmp_path: Path)
     assert (await outbox.drain()).applied == n
     assert PerMailbox.peak_total == 4
     engine.store.close()
+
+
+async def test_a_system_with_its_own_limit_gets_no_more_calls_than_it_takes(tmp_path: Path) -> None:
+    """One server shared by everyone (an EHR): its max_concurrency holds below outbox.concurrency."""
+    engine, outbox, n = world(tmp_path, limit=None)
+    PerMailbox.max_concurrency = 2
+    try:
+        assert (await outbox.drain()).applied == n
+        assert PerMailbox.peak_total == 2
+    finally:
+        PerMailbox.max_concurrency = None
+        engine.store.close()
