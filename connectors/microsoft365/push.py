@@ -60,27 +60,42 @@ class Push:
         self._renew: set[str] = set()  # subscription ids
         self._recreate: set[str] = set()  # clinicians
         self._failed_at: float | None = None  # a subscription could not be made: a later pull tries again
+        #: what this connector keeps in the vault, as last read or written: every notification
+        #: needs the client state and the subscriptions, and only this object changes them
+        self._kept: dict[str, Any] = {}
 
     # --- stored state -----------------------------------------------------------------------
 
+    def _get(self, key: str) -> str | None:
+        if self._kept.get("") is not self.c.host:  # a new host (the daemon attaches its own): read afresh
+            self._kept = {"": self.c.host}
+        if key not in self._kept:
+            self._kept[key] = self.c.host.vault_get(key)
+        value = self._kept[key]
+        return value if isinstance(value, str) else None
+
+    def _put(self, key: str, value: str) -> None:
+        self.c.host.vault_put(key, value)
+        self._get(key)
+        self._kept[key] = value
+
     def client_state(self) -> str:
-        host = self.c.host
-        state = host.vault_get(STATE_KEY)
+        state = self._get(STATE_KEY)
         if not state:
             state = secrets.token_urlsafe(48)
-            host.vault_put(STATE_KEY, state)
+            self._put(STATE_KEY, state)
         return state
 
     def subscriptions(self) -> dict[str, dict[str, str]]:
         """clinician -> {"id", "expires"} as stored."""
         try:
-            stored = json.loads(self.c.host.vault_get(SUBS_KEY) or "{}")
+            stored = json.loads(self._get(SUBS_KEY) or "{}")
         except ValueError:
             return {}
         return stored if isinstance(stored, dict) else {}
 
     def _save(self, subs: dict[str, dict[str, str]]) -> None:
-        self.c.host.vault_put(SUBS_KEY, json.dumps(subs, sort_keys=True))
+        self._put(SUBS_KEY, json.dumps(subs, sort_keys=True))
 
     def clinician_of(self, subscription_id: str) -> str | None:
         return next((k for k, s in self.subscriptions().items() if s.get("id") == subscription_id), None)
@@ -92,7 +107,7 @@ class Push:
 
     def _authentic(self, body: bytes) -> list[dict[str, Any]] | None:
         """The notification items when every one carries our clientState; None otherwise."""
-        expected = self.c.host.vault_get(STATE_KEY)
+        expected = self._get(STATE_KEY)
         try:
             payload = loads(body)
         except ValueError:
