@@ -98,7 +98,9 @@ class GraphClient:
         self.tokens = tokens
         self.page_size = page_size
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_bundle)) if ca_bundle else True
-        self._http = httpx.AsyncClient(timeout=30.0, verify=verify)
+        # as many idle connections kept as calls the outbox keeps in flight: with httpx's default of
+        # 20, each burst of writes closed the rest and opened them again, a TLS handshake each
+        self._http = httpx.AsyncClient(timeout=30.0, verify=verify, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
         self._sems: dict[str, asyncio.Semaphore] = {}
         self._gathering: dict[str, asyncio.Lock] = {}
         self.requests = 0
