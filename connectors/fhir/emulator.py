@@ -52,7 +52,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from syncbridge.emulation import Injector, free_port, serve_in_thread
+from syncbridge.emulation import PERSON_HEADER, Injector, free_port, serve_in_thread
 
 from .emulator_answers import Answer, issue, outcome, respond
 from .emulator_bundles import process_bundle
@@ -351,7 +351,8 @@ class FHIREmulator:
         )
 
     def _gate(self, request: Request) -> Response | None:
-        self.log.append((request.method, request.url.path))
+        if PERSON_HEADER not in request.headers:  # what a person does at the EHR is not syncbridge's call
+            self.log.append((request.method, request.url.path))
         if self._failures:
             status, retry_after = self._failures.pop(0)
             headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
