@@ -129,12 +129,16 @@ def _status_one(store: Store, appointment_id: str) -> int:
     if f.get("cancellation"):
         c = f["cancellation"]
         print(f"cancelled by {c['by']} ({c['kind']}, fee {c['fee']}) at {c['at']} via {c['via']}")
-    done, total, seconds = store.receipt(appt)
-    took = f" within {max(seconds, 0):.0f} s" if seconds is not None else ""
-    print(f"version {appt.version} is in {done} of {total} systems{took}")
+    from .receipts import holds_current, receipt
+    from .registry import build_connectors
+
+    connectors = build_connectors(cfg)
+    done = receipt(store, connectors, appt)
+    took = f" within {max(done.seconds, 0):.0f} s" if done.seconds is not None else ""
+    print(f"version {appt.version} is in {done.done} of {done.total} systems{took}")
     rows = []
     for link, applied_at in store.links_for(appt.id):
-        state = "current" if link.applied_version >= appt.version else "pending"
+        state = "current" if holds_current(link, appt, connectors.get(link.connector)) else "pending"
         rows.append((link.connector, link.external_id or "-", f"v{link.applied_version}", applied_at or "-", "gone" if link.gone else state))
     print(_table(rows, ("connector", "external id", "applied", "at", "copy")))
     return 0

@@ -66,7 +66,7 @@ def cmd_bulk(args: argparse.Namespace, cfg: PracticeConfig, engine: Engine) -> i
     from .operations import BulkAction, preview, progress, start
 
     if args.action == "status":
-        found = progress(engine.store, args.operation)
+        found = progress(engine.store, engine.connectors, args.operation)
         if found is None:
             print(f"no operation {args.operation}", file=sys.stderr)
             return 1

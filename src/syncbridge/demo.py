@@ -28,6 +28,7 @@ from .config import load_config
 from .connector import Sandbox
 from .logging import configure
 from .model import empty_snapshot, iso, new_canonical_id
+from .receipts import holds_current
 from .registry import connector_class, known_types
 from .runtime import Daemon
 
@@ -174,7 +175,7 @@ async def _demo(workdir: Path, wait: bool) -> int:
             c = appt.fields["cancellation"]
             _say(f"  cancelled in {elapsed:.1f}s: by {c['by']}, {c['kind'].replace('_', ' ')}, fee {c['fee']}, via {c['via']}")
         for lk, applied_at in daemon.store.links_for(victim):
-            state = "event removed" if lk.gone else ("applied" if lk.applied_version >= appt.version else "pending")
+            state = "event removed" if lk.gone else ("applied" if holds_current(lk, appt, daemon.connectors.get(lk.connector)) else "pending")
             _say(f"    {lk.connector:<24} {state:<14} {applied_at or ''}")
         records = [n for n, c in daemon.connectors.items() if c.capabilities.role.value == "record"]
         if records:

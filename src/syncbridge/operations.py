@@ -30,6 +30,7 @@ from .engine import Engine
 from .errors import ConflictError, SyncbridgeError
 from .model import CANCELLED_STATES, Appointment, Billing, CancelledBy, Fee, Status, iso, parse_iso, utcnow
 from .policy.cancellation import decide
+from .receipts import holds_current
 from .store import Store
 
 __all__ = [
@@ -359,9 +360,10 @@ class Progress:
         return self.changed + self.skipped == self.total and all(c["pending"] == 0 for c in self.systems.values())
 
 
-def progress(store: Store, op_id: str) -> Progress | None:
+def progress(store: Store, connectors: Mapping[str, Connector], op_id: str) -> Progress | None:
     """Where the operation stands, observed: a copy counts as applied once the system acknowledged
-    the version the operation wrote (or a later one), or no longer holds it."""
+    the version the operation wrote (or a later one), no longer holds it, or holds what the
+    session's current version asks of it (receipts.py)."""
     op = store.operation(op_id)
     if op is None:
         return None
@@ -376,7 +378,7 @@ def progress(store: Store, op_id: str) -> Progress | None:
         row = SessionProgress(item.appointment_id, appt.fields["clinician"] if appt else "", appt.fields["start"] if appt else "", item.state)
         if appt is not None and item.version is not None:
             for link, _ in store.links_for(appt.id):
-                if link.gone or link.applied_version >= item.version:
+                if link.applied_version >= item.version or holds_current(link, appt, connectors.get(link.connector)):
                     state = "applied"
                 elif (link.connector, appt.id) in dead:
                     state = "failed"
@@ -393,6 +395,6 @@ def progress(store: Store, op_id: str) -> Progress | None:
     return Progress(op.id, op.action, op.created_at, op.created_by, len(items), changed, skipped, systems, billing, rows)
 
 
-def operations(store: Store, limit: int = 20) -> list[Progress]:
+def operations(store: Store, connectors: Mapping[str, Connector], limit: int = 20) -> list[Progress]:
     """The newest operations with where each stands."""
-    return [p for op in store.operations(limit) if (p := progress(store, op.id)) is not None]
+    return [p for op in store.operations(limit) if (p := progress(store, connectors, op.id)) is not None]

@@ -6,6 +6,8 @@ import html
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from .receipts import holds_current, receipt
+
 if TYPE_CHECKING:
     from .runtime import Daemon
 
@@ -67,11 +69,11 @@ def status_sections(daemon: Daemon, now: datetime) -> str:
         rec = appt.fields["cancellation"] or {}
         where = []
         for link, _ in store.links_for(appt_id):
-            current = link.gone or link.applied_version >= appt.version
+            current = holds_current(link, appt, daemon.connectors.get(link.connector))
             label = "removed" if link.gone else ("applied" if current else "pending")
             where.append(f'<span class="pill {"gone" if current else "pending"}">{_e(link.connector)}: {label}</span>')
-        done, total, seconds = store.receipt(appt)
-        where.append(f'<span class="muted">{done} of {total}{f" within {max(seconds, 0):.0f} s" if seconds is not None else ""}</span>')
+        done = receipt(store, daemon.connectors, appt)
+        where.append(f'<span class="muted">{done.done} of {done.total}{f" within {max(done.seconds, 0):.0f} s" if done.seconds is not None else ""}</span>')
         clinician = cfg.clinicians.get(appt.fields["clinician"])
         who = clinician.display_name if clinician and clinician.display_name else appt.fields["clinician"]
         cancel_rows.append([

@@ -25,7 +25,7 @@ from .checkpoint import Checkpointer
 from .connector import Link
 from .errors import StoreError
 from .migrations import migrate, newest, version_of
-from .model import CANCELLED_STATES, Appointment, Snapshot, iso, new_tuple, parse_iso
+from .model import CANCELLED_STATES, Appointment, Snapshot, iso, new_tuple
 
 if TYPE_CHECKING:
     from .tx import Tx
@@ -349,15 +349,12 @@ class Store:
             )
         ]
 
-    def receipt(self, appointment: Appointment) -> tuple[int, int, float | None]:
-        """(systems holding the current version, systems linked, seconds from the change to the last write)."""
-        links = self.conn.execute(
-            "SELECT applied_version, gone, applied_ts FROM links WHERE appt = (SELECT key FROM appointments WHERE id = ?)", (appointment.id,)
-        ).fetchall()
-        current = [r for r in links if r[1] or r[0] >= appointment.version]
-        changed = parse_iso(appointment.updated_at).timestamp()
-        stamps = [r[2] for r in current if r[2] is not None and r[2] >= changed - 1]
-        return len(current), len(links), (max(stamps) - changed if stamps and len(current) == len(links) else None)
+    def applied_stamps(self, appointment_id: str) -> dict[str, float | None]:
+        """connector -> when the system acknowledged its last write of the appointment (epoch seconds)."""
+        rows = self.conn.execute(
+            "SELECT connector, applied_ts FROM links WHERE appt = (SELECT key FROM appointments WHERE id = ?)", (appointment_id,)
+        )
+        return {r[0]: r[1] for r in rows}
 
     def cursor(self, connector: str) -> str | None:
         r = self.conn.execute("SELECT cursor FROM cursors WHERE connector = ?", (connector,)).fetchone()

@@ -98,10 +98,10 @@ async def test_confirming_applies_exactly_the_preview_as_one_audited_operation(e
         assert fields["cancellation"]["reason"] == "illness"
     entry = engine.store.audit_entries(kind="bulk_operation")[0]
     assert entry["detail"]["operation"] == op and entry["detail"]["by_user"] == "maria" and entry["detail"]["sessions"] == 9
-    before = progress(engine.store, op)
+    before = progress(engine.store, engine.connectors, op)
     assert before is not None and before.changed == 9 and not before.done and before.systems["cal"]["pending"] == 9
     await Outbox(engine).drain()
-    after = progress(engine.store, op)
+    after = progress(engine.store, engine.connectors, op)
     assert after is not None and after.done and after.systems["cal"]["applied"] == 9
 
 
@@ -140,7 +140,7 @@ async def test_an_interrupted_operation_is_finished_once_and_nothing_twice(engin
     [op] = resume(engine, now=NOW)
     assert all(engine.store.appointment(i).fields["status"] == "cancelled" for i in ids)
     assert all(engine.store.appointment(i).version == versions[i] + (0 if versions[i] == 2 else 1) for i in ids)
-    found = progress(engine.store, op)
+    found = progress(engine.store, engine.connectors, op)
     assert found is not None and found.changed == 9 and found.skipped == 0
     assert resume(engine, now=NOW) == []
 

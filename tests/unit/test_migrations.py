@@ -181,7 +181,7 @@ def test_upgrade_from_version_5_keeps_every_link(tmp_path: Path) -> None:
     }
     found = store.link_by_external("ehr", "E-7")
     assert found is not None and found.appointment_id == "sb-a"
-    assert store.receipt(store.appointment("sb-a"))[:2] == (2, 2)  # type: ignore[arg-type]
+    assert set(store.applied_stamps("sb-a")) == {"cal", "ehr"}
     # a transaction reads the upgraded links and rewrites the right row
     with store.tx() as tx:
         tx.prefetch("cal", ["e1"], [])

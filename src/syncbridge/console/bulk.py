@@ -63,7 +63,7 @@ def form_page(daemon: Daemon, user: User, values: Form | None = None, error: str
     recent = [
         [f'<a href="/console/operations/{e(p.operation)}">{e(p.operation)}</a>', e(p.action), e(p.created_by), e(p.created_at),
          e(f"{p.changed} of {p.total}"), pill("done", "live") if p.done else pill("in progress", "pending")]
-        for p in operations(daemon.store, 10)
+        for p in operations(daemon.store, daemon.connectors, 10)
     ]
     return (
         (notice(error, "error") if error else "")

@@ -62,13 +62,13 @@ def bulk_routes(c: _Console) -> list[BaseRoute]:
         return RedirectResponse(f"/console/operations/{op_id}", 303)
 
     def progress_view(request: Request, user: User) -> str | Response:
-        p = progress(daemon.store, request.path_params["operation"])
+        p = progress(daemon.store, daemon.connectors, request.path_params["operation"])
         if p is None:
             return PlainTextResponse("no such operation", 404)
         return progress_page(daemon, p)
 
     async def progress_get(request: Request) -> Response:
-        p = progress(daemon.store, request.path_params["operation"])
+        p = progress(daemon.store, daemon.connectors, request.path_params["operation"])
         handler = c.page_route("Bulk operation", "bulk", progress_view, refresh=None if p is None or p.done else 2)
         return await handler(request)
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from ..model import Appointment, iso, utcnow
+from ..receipts import holds_current, receipt
 from ..statuspage import status_sections
 from .auth import Action, User
 from .csrf import hidden
@@ -55,7 +56,7 @@ def system_states(daemon: Daemon, appt: Appointment, dead: set[tuple[str, str]])
             state = "dead letter"
         elif link.gone:
             state = "removed"
-        elif link.applied_version < appt.version:
+        elif not holds_current(link, appt, connector):
             state = "pending write"
         else:
             state = "applied" if appt.cancelled else "live"
@@ -128,7 +129,8 @@ def _sessions(daemon: Daemon, clinician: str, start: str, end: str) -> list[Appo
 
 
 def _receipt_line(daemon: Daemon, appt: Appointment) -> str:
-    done, total, seconds = daemon.store.receipt(appt)
+    found = receipt(daemon.store, daemon.connectors, appt)
+    done, total, seconds = found.done, found.total, found.seconds
     verb = {"cancelled": "Cancelled", "noshow": "No-show recorded"}.get(appt.fields["status"], "Current version")
     took = f" in {max(seconds, 0):.1f} s" if seconds is not None else ""
     return f"{verb} in {done} of {total} systems{took}"
