@@ -35,16 +35,19 @@ NY = ZoneInfo("America/New_York")
 USERS = {"fran": ("front_desk", "front-desk-password"), "ada": ("admin", "admin-password-0"), "vera": ("viewer", "viewer-password-0")}
 
 
-def _console_config(tmp: Path) -> dict[str, Any]:
-    conf = config(tmp, free_port())
+def console_section(tmp: Path) -> dict[str, Any]:
+    """The console on, with USERS (their password hashes in 0600 files, as an admin keeps them)."""
     users = {}
     for name, (role, password) in USERS.items():
         secret = tmp / f"console-{name}"
         secret.write_text(hash_password(password) + "\n")
         secret.chmod(0o600)
         users[name] = {"role": role, "password_hash": {"file": str(secret)}}
-    conf["console"] = {"enabled": True, "session_key": {"env": "SB_CONSOLE_KEY"}, "users": users}
-    return conf
+    return {"enabled": True, "session_key": {"env": "SB_CONSOLE_KEY"}, "users": users}
+
+
+def _console_config(tmp: Path) -> dict[str, Any]:
+    return config(tmp, free_port()) | {"console": console_section(tmp)}
 
 
 @contextmanager

@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 
-from syncbridge.console.passwords import hash_password
 from syncbridge.demo import sandbox_config
 from syncbridge.emulation import free_port
 from syncbridge.store import Store
-from tests.e2e.test_console_browser import USERS, _login, _shot, chromium
+from tests.e2e.test_console_browser import _login, _shot, chromium, console_section
 from tests.e2e.test_daemon import TOKEN
 from tests.support.bulk_scenario import CLINICIANS, DIRECTORY, NY, SICK, start_systems, weekdays_from
 from tests.support.daemon import DaemonProcess
@@ -27,14 +26,7 @@ pytestmark = pytest.mark.slow
 def _config(tmp: Path, systems: dict[str, Any]) -> dict[str, Any]:
     conf = sandbox_config(tmp, systems, CLINICIANS, free_port(), poll_interval=30.0, push=True)
     conf["http"]["token"] = {"env": "SB_STATUS_TOKEN"}
-    users = {}
-    for name, (role, password) in USERS.items():
-        secret = tmp / f"console-{name}"
-        secret.write_text(hash_password(password) + "\n")
-        secret.chmod(0o600)
-        users[name] = {"role": role, "password_hash": {"file": str(secret)}}
-    conf["console"] = {"enabled": True, "session_key": {"env": "SB_CONSOLE_KEY"}, "users": users}
-    return conf
+    return conf | {"console": console_section(tmp)}
 
 
 def test_front_desk_cancel_is_seen_in_all_five_systems(tmp_path: Path) -> None:

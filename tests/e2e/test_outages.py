@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import httpx
 import pytest
 
 from syncbridge.connector import Sandbox
@@ -29,6 +28,7 @@ from syncbridge.demo import sandbox_config
 from syncbridge.emulation import free_port
 from syncbridge.registry import connector_class
 from syncbridge.store import Store
+from tests.support.billing import SUPPRESSED, bill, billing_of, ehr_client
 from tests.support.daemon import DaemonProcess
 
 pytestmark = pytest.mark.slow
@@ -62,28 +62,14 @@ def sandboxes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Sa
             s.close()
 
 
-def _fhir(sandbox: Sandbox) -> httpx.Client:
-    conf = sandbox.connector_config
-    token = Path(conf["token"]["file"]).read_text().strip()
-    return httpx.Client(base_url=conf["base_url"], headers={"Authorization": f"Bearer {token}"}, timeout=30)
-
-
 def _bill(sandbox: Sandbox, appointment: str) -> dict[str, str]:
-    """What billing staff make for a session in the EHR: an Encounter, a billable charge, a draft claim."""
-    with _fhir(sandbox) as http:
-        enc = http.post("/Encounter", json={"resourceType": "Encounter", "status": "planned",
-                                            "appointment": [{"reference": f"Appointment/{appointment}"}]}).raise_for_status().json()
-        ref = {"reference": f"Encounter/{enc['id']}"}
-        charge = http.post("/ChargeItem", json={"resourceType": "ChargeItem", "status": "billable", "context": ref,
-                                                "code": {"text": "90834"}}).raise_for_status().json()
-        claim = http.post("/Claim", json={"resourceType": "Claim", "status": "draft", "use": "claim",
-                                          "item": [{"sequence": 1, "encounter": [ref]}]}).raise_for_status().json()
-    return {"Encounter": enc["id"], "ChargeItem": charge["id"], "Claim": claim["id"]}
+    with ehr_client(sandbox) as http:
+        return bill(http, appointment)
 
 
 def _billing(sandbox: Sandbox, ids: dict[str, str]) -> dict[str, str]:
-    with _fhir(sandbox) as http:
-        return {rtype: http.get(f"/{rtype}/{rid}").raise_for_status().json()["status"] for rtype, rid in ids.items()}
+    with ehr_client(sandbox) as http:
+        return billing_of(http, ids)
 
 
 def _wait(daemon: DaemonProcess, what: str, check: Any, timeout: float, step: float = 0.2) -> float:
@@ -165,7 +151,7 @@ def test_a_system_down_for_long_gets_every_cancellation_when_it_returns(
                     look = sandboxes[name].look
                     if look is not None and asyncio.run(look(ext)).state == "live":
                         return False
-            return all(s == {"Encounter": "cancelled", "ChargeItem": "not-billable", "Claim": "cancelled"}
+            return all(s == SUPPRESSED
                        for s in (_billing(sandboxes[EHR], billing[a]) for a in victims))
 
         took = _wait(daemon, f"every cancellation in {down} after its return", applied, 60, step=0.1)

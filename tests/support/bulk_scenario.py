@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import httpx
 
 from syncbridge.connector import Sandbox
 from syncbridge.demo import sandbox_config
-from syncbridge.emulation import PERSON_HEADER, free_port
+from syncbridge.emulation import free_port
 from syncbridge.registry import connector_class
 from syncbridge.store import Store
+from tests.support.billing import SUPPRESSED, bill, billing_of, ehr_client
 from tests.support.daemon import ROOT, DaemonProcess
 
 CLINICIANS = {"dr_rivera": "Dr. Rivera", "dr_chen": "Dr. Chen"}
@@ -64,24 +64,6 @@ def start_systems(workdir: Path) -> dict[str, Sandbox]:
             s.close()
         raise
     return started
-
-
-def _fhir(sandbox: Sandbox) -> httpx.Client:
-    conf = sandbox.connector_config
-    token = Path(conf["token"]["file"]).read_text().strip()
-    # billing staff at the EHR, and the checks of what it shows: not counted as syncbridge's calls
-    return httpx.Client(base_url=conf["base_url"], headers={"Authorization": f"Bearer {token}", PERSON_HEADER: "1"}, timeout=30)
-
-
-def _bill(http: httpx.Client, appointment: str) -> dict[str, str]:
-    enc = http.post("/Encounter", json={"resourceType": "Encounter", "status": "planned",
-                                        "appointment": [{"reference": f"Appointment/{appointment}"}]}).raise_for_status().json()
-    ref = {"reference": f"Encounter/{enc['id']}"}
-    charge = http.post("/ChargeItem", json={"resourceType": "ChargeItem", "status": "billable", "context": ref,
-                                            "code": {"text": "90834"}}).raise_for_status().json()
-    claim = http.post("/Claim", json={"resourceType": "Claim", "status": "draft", "use": "claim",
-                                      "item": [{"sequence": 1, "encounter": [ref]}]}).raise_for_status().json()
-    return {"Encounter": enc["id"], "ChargeItem": charge["id"], "Claim": claim["id"]}
 
 
 def _until(daemon: DaemonProcess, what: str, check: Any, timeout: float) -> None:
@@ -141,8 +123,8 @@ def _scenario(workdir: Path, systems: dict[str, Sandbox], daemon: DaemonProcess,
         (a := appointment_of(ext)) and len(copies(a)) == len(systems) for ext in booked
     ) and all(p == 0 for p, _ in watch.outbox_counts().values()), timeout)
     sessions = [a for ext in booked if (a := appointment_of(ext))]
-    with _fhir(systems[EHR]) as http:
-        billing = {a: _bill(http, copies(a)[EHR]) for a in sessions}
+    with ehr_client(systems[EHR]) as http:
+        billing = {a: bill(http, copies(a)[EHR]) for a in sessions}
     _until(daemon, "nothing offered on the full days", lambda: all(not asyncio.run(directory.offered(SICK, d)) for d in days), timeout)
 
     for s in systems.values():
@@ -173,9 +155,9 @@ def _scenario(workdir: Path, systems: dict[str, Sandbox], daemon: DaemonProcess,
     out.seconds["copies"] = time.monotonic() - t0
 
     def suppressed() -> bool:
-        with _fhir(systems[EHR]) as http:
-            seen = [{t: http.get(f"/{t}/{i}").raise_for_status().json()["status"] for t, i in ids.items()} for ids in billing.values()]
-        return all(s == {"Encounter": "cancelled", "ChargeItem": "not-billable", "Claim": "cancelled"} for s in seen) and all(
+        with ehr_client(systems[EHR]) as http:
+            seen = [billing_of(http, ids) for ids in billing.values()]
+        return all(s == SUPPRESSED for s in seen) and all(
             (a2 := watch.appointment(a)) is not None and a2.fields["billing"] == "suppressed" for a in sessions)
 
     _until(daemon, "every claim suppressed, seen in the EHR", suppressed, timeout)

@@ -9,33 +9,19 @@ from pathlib import Path
 import yaml
 
 from syncbridge.config import parse_config
-from syncbridge.connector import MIRROR_STATUS_MAP, ApplyResult, Capabilities, Connector, Link, Observation, PullResult
 from syncbridge.engine import Engine
-from syncbridge.model import Role, Snapshot, empty_snapshot, iso
+from syncbridge.model import empty_snapshot, iso
 from syncbridge.outbox import Outbox
 from syncbridge.receipts import receipt
 from syncbridge.registry import build_connectors
 from syncbridge.store import Store
 
 
-class Calendar(Connector):
-    capabilities = Capabilities(role=Role.MIRROR, fields=frozenset({"clinician", "start", "end", "timezone", "status"}), status_map=MIRROR_STATUS_MAP)
-
-    async def pull(self, cursor: str | None) -> PullResult:
-        return PullResult([], cursor, complete=cursor is None)
-
-    async def read(self, external_id: str) -> Observation:
-        return Observation(external_id=external_id, deleted=True)
-
-    async def apply(self, appointment_id: str, desired: Snapshot, link: Link | None) -> ApplyResult:
-        return ApplyResult(f"ext-{appointment_id}", "e")
-
-
 async def test_a_billing_change_leaves_the_calendar_copy_current(tmp_path: Path) -> None:
     cfg = parse_config(yaml.safe_dump({
         "store": {"path": str(tmp_path / "s.db")},
         "clinicians": {"dr_a": {"accounts": {"cal": {}}}},
-        "connectors": {"cal": {"type": "tests.unit.test_receipts:Calendar"}},
+        "connectors": {"cal": {"type": "tests.unit.test_bulk_operations:Calendar"}},
     }))
     engine = Engine(Store(cfg.store.path), build_connectors(cfg), cfg)
     start = datetime(2027, 3, 2, 10, tzinfo=UTC)
