@@ -78,6 +78,24 @@ def _login(browser: Any, d: DaemonProcess, name: str, **context: Any) -> Any:
     return page
 
 
+def cancel_and_watch(page: Any, appt: str, *, systems: int, waive: bool = False, tries: int = 150) -> str:
+    """On a session's page: cancel it as the clinician's ("clinician unwell"), then reload until
+    the receipt says every one of ``systems`` holds it; returns the receipt line."""
+    page.get_by_label("Cancelled by").select_option("clinician")
+    page.get_by_label("Reason (kept in the store and the EHR only)").fill("clinician unwell")
+    if waive:
+        page.get_by_label("Waive any late-cancel fee").check()
+    page.get_by_role("button", name="Cancel session").click()
+    page.wait_for_url(re.compile(rf".*/console/appointments/{appt}\?done=cancelled"))
+    assert "Cancelled. The systems below fill in" in page.get_by_role("status").inner_text()
+    for _ in range(tries):
+        if f"Cancelled in {systems} of {systems} systems" in page.locator("#receipt").inner_text():
+            break
+        page.wait_for_timeout(200)
+        page.reload()
+    return str(page.locator("#receipt").inner_text())
+
+
 def _shot(page: Any, name: str, full: bool = True) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"console-{name}.png"), full_page=full)
@@ -117,18 +135,7 @@ def test_front_desk_cancels_a_session_and_watches_its_receipt_fill_in(tmp_path: 
             assert "cal: live" in section.inner_text() and "ehr: live" in section.inner_text()
             _shot(page, "sessions")
             page.locator(f'a[href="/console/appointments/{appt}"]').click()
-            page.get_by_label("Cancelled by").select_option("clinician")
-            page.get_by_label("Reason (kept in the store and the EHR only)").fill("clinician unwell")
-            page.get_by_label("Waive any late-cancel fee").check()
-            page.get_by_role("button", name="Cancel session").click()
-            page.wait_for_url(re.compile(rf".*/console/appointments/{appt}\?done=cancelled"))
-            assert "Cancelled. The systems below fill in" in page.get_by_role("status").inner_text()
-            for _ in range(100):
-                if "Cancelled in 2 of 2 systems" in page.locator("#receipt").inner_text():
-                    break
-                page.wait_for_timeout(200)
-                page.reload()
-            receipt = page.locator("#receipt").inner_text()
+            receipt = cancel_and_watch(page, appt, systems=2, waive=True)
             assert re.fullmatch(r"Cancelled in 2 of 2 systems in \d+\.\d s", receipt), receipt
             systems = page.get_by_role("table", name="Systems").inner_text()
             assert "removed" in systems and "applied" in systems

@@ -15,7 +15,7 @@ import pytest
 from syncbridge.demo import sandbox_config
 from syncbridge.emulation import free_port
 from syncbridge.store import Store
-from tests.e2e.test_console_browser import _login, _shot, chromium, console_section
+from tests.e2e.test_console_browser import _login, _shot, cancel_and_watch, chromium, console_section
 from tests.e2e.test_daemon import TOKEN
 from tests.support.bulk_scenario import CLINICIANS, DIRECTORY, NY, SICK, start_systems, weekdays_from
 from tests.support.daemon import DaemonProcess
@@ -56,16 +56,7 @@ def test_front_desk_cancel_is_seen_in_all_five_systems(tmp_path: Path) -> None:
                 page = _login(browser, d, "fran")
                 page.goto(f"{d.url}/console/sessions?date={day.isoformat()}")
                 page.locator(f'a[href="/console/appointments/{appt}"]').click()
-                page.get_by_label("Cancelled by").select_option("clinician")
-                page.get_by_label("Reason (kept in the store and the EHR only)").fill("clinician unwell")
-                page.get_by_role("button", name="Cancel session").click()
-                page.wait_for_url(re.compile(rf".*/console/appointments/{appt}\?done=cancelled"))
-                for _ in range(150):
-                    if "Cancelled in 5 of 5 systems" in page.locator("#receipt").inner_text():
-                        break
-                    page.wait_for_timeout(200)
-                    page.reload()
-                receipt = page.locator("#receipt").inner_text()
+                receipt = cancel_and_watch(page, appt, systems=5)
                 assert re.fullmatch(r"Cancelled in 5 of 5 systems in \d+\.\d s", receipt), receipt
                 table = page.get_by_role("table", name="Systems").inner_text()
                 assert all(name in table for name in systems), table
