@@ -179,6 +179,23 @@ class ConnectorConfig(BaseModel):
     enabled: bool = True
     poll_interval: float = Field(60.0, gt=0, description="seconds between incremental pulls")
     full_sweep_interval: float = Field(86400.0, gt=0, description="seconds between full reconciliations")
+    #: a record in the system's own user interface, ``{external_id}`` standing for the copy's id
+    #: there (the FHIR Appointment id, the Zocdoc appointment id): the console links worklist items
+    #: and receipts to it, so a person lands on what the item concerns
+    item_url: str | None = None
+
+    @field_validator("item_url")
+    @classmethod
+    def _item_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith(("https://", "http://")) or "{external_id}" not in v:
+            raise ValueError("must be an http(s) address with {external_id} where the record's id goes")
+        try:
+            v.format(external_id="x")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("may hold no placeholder but {external_id}") from None
+        return v
 
     @property
     def options(self) -> dict[str, Any]:

@@ -396,3 +396,36 @@ def test_only_an_admin_may_preview_or_confirm_bulk_operations(daemon: Daemon) ->
     token = _csrf(fran, "/console/sessions")
     assert fran.post("/console/bulk/preview", data=SELECTION | {"csrf": token}).status_code == 403
     assert _audit(daemon, "console_refused")[0]["detail"]["why"] == "role front_desk may not bulk"
+
+
+def test_a_worklist_item_links_to_the_record_in_the_systems_own_screens(tmp_path: Path, env: None) -> None:
+    """With item_url set, the worklist and the receipt open the session where the item must be handled."""
+    import asyncio
+
+    from syncbridge.outbox import Outbox
+
+    conf = _conf(tmp_path)
+    conf["connectors"]["cal"]["item_url"] = "https://calendar.example.org/events/{external_id}"
+    Flaky.down, Flaky.script, Flaky.attempts, Flaky.applied = False, [], 0, []
+    d = Daemon(None, parse_config(yaml.safe_dump(conf)))
+    try:
+        appt = _book(d.engine)
+        asyncio.run(Outbox(d.engine).drain())
+        link = d.store.link("cal", appt)
+        assert link is not None and link.external_id
+        with d.store.tx() as tx:
+            tx.open_work(f"attention:cal:{appt}", "needs_attention", "check this one", "2027-01-01T00:00:00Z", "cal", appt)
+        fran = _login(d, "fran")
+        expected = f'href="https://calendar.example.org/events/{link.external_id}"'
+        assert expected in fran.get("/console/worklist").text
+        assert expected in fran.get(f"/console/appointments/{appt}").text
+    finally:
+        asyncio.run(d.close())
+
+
+@pytest.mark.parametrize("url", ["calendar.example.org/{external_id}", "https://ehr.example.org/appointments", "https://x.example/{id}/{external_id}"])
+def test_an_item_url_without_its_placeholder_is_refused(tmp_path: Path, env: None, url: str) -> None:
+    conf = _conf(tmp_path)
+    conf["connectors"]["cal"]["item_url"] = url
+    with pytest.raises(ConfigError, match="item_url"):
+        parse_config(yaml.safe_dump(conf))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 from ..model import Appointment, iso, utcnow
@@ -154,7 +155,7 @@ def appointment_page(daemon: Daemon, appt: Appointment, user: User) -> str:
         if record.get("reason"):
             facts.append(("Reason", record["reason"]))
     dl = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in facts)
-    rows = [[e(name), pill(state, STATE_CLASS.get(state, "none")), e(at or "-")] for name, state, at in states]
+    rows = [[e(name) + item_link(daemon, name, appt.id), pill(state, STATE_CLASS.get(state, "none")), e(at or "-")] for name, state, at in states]
     history = [
         [e(x["at"]), e(x["kind"].replace("_", " ")), e(x["connector"] or ""), e(_detail(x["detail"]))]
         for x in daemon.store.audit_entries(appointment_id=appt.id, limit=100)
@@ -223,6 +224,8 @@ def worklist_page(daemon: Daemon, user: User) -> str:
                 f'<button type="submit" class="secondary">Close item {w.id}</button></form>'
             )
         about = f' <a href="/console/appointments/{e(w.appointment_id)}">the session</a>' if w.appointment_id else ""
+        if w.connector and w.appointment_id:
+            about += item_link(daemon, w.connector, w.appointment_id)
         rows.append([e(w.id), e(w.kind.replace("_", " ")), e(w.connector or ""), e(w.opened_at), e(w.instruction) + about, "".join(actions) or '<span class="muted">-</span>'])
     dead_rows = []
     for d in store.dead_letters():
@@ -232,6 +235,16 @@ def worklist_page(daemon: Daemon, user: User) -> str:
         f'<h2>Open items</h2>{table(["id", "kind", "system", "opened", "what to do", "action"], rows, "nothing to do", "Worklist")}'
         f'<h2>Dead letters</h2>{table(["system", "appointment", "attempts", "last error", "action"], dead_rows, "none", "Dead letters")}'
     )
+
+
+def item_link(daemon: Daemon, connector: str, appointment_id: str) -> str:
+    """A link to the session's record in the system's own screens (``item_url``), if configured."""
+    conf = daemon.config.connectors.get(connector)
+    link = daemon.store.link(connector, appointment_id)
+    if conf is None or conf.item_url is None or link is None or not link.external_id:
+        return ""
+    url = conf.item_url.format(external_id=quote(link.external_id, safe=""))
+    return f' <a href="{e(url)}" rel="noopener noreferrer" target="_blank">open it in {e(connector)}</a>'
 
 
 def _retry_form(user: User, connector: str, appointment_id: str) -> str:
