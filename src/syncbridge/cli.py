@@ -94,7 +94,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args)
     store = _store(cfg)
     if args.appointment:
-        return _status_one(store, args.appointment)
+        return _status_one(cfg, store, args.appointment)
     counts = store.outbox_counts()
     open_work = store.worklist()
     rows = []
@@ -119,7 +119,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status_one(store: Store, appointment_id: str) -> int:
+def _status_one(cfg: PracticeConfig, store: Store, appointment_id: str) -> int:
     appt = store.appointment(appointment_id)
     if appt is None:
         print(f"no appointment {appointment_id}", file=sys.stderr)
