@@ -14,6 +14,7 @@ from syncbridge.connector import MIRROR_STATUS_MAP, ApplyResult, Capabilities, C
 from syncbridge.engine import Engine
 from syncbridge.model import Billing, Role, Snapshot, empty_snapshot, iso
 from syncbridge.operations import BadSelection, BulkAction, Selection, StaleSelection, preview, progress, resume, start
+from syncbridge.policy.cancellation import decide
 from syncbridge.outbox import Outbox
 from syncbridge.registry import build_connectors
 from syncbridge.store import Store
@@ -117,27 +118,37 @@ async def test_a_session_changed_after_the_preview_stops_the_confirmation(engine
     assert engine.store.operations() == []
 
 
-async def test_an_interrupted_operation_is_finished_once_and_nothing_twice(engine: Engine) -> None:
+async def test_an_interrupted_operation_is_finished_once_and_nothing_twice(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after four sessions, and a fifth changed in the record just before the stop (but not
+    yet noted as done): resuming changes the other four once each, and the fifth not again."""
+    import syncbridge.operations as operations
+
     ids = three_days(engine)
     sel = Selection(("dr_a",), datetime(2027, 3, 2, tzinfo=UTC), datetime(2027, 3, 5, tzinfo=UTC))
     shown = preview(engine.store, engine.config, engine.connectors, sel, BulkAction.CANCEL, now=NOW)
     calls = 0
-    real = engine.change
+    real_kind = operations._kind
 
-    def dies_after_four(*args: object, **kwargs: object) -> int:
+    def stops_at_the_fifth(action: BulkAction) -> str:
         nonlocal calls
         calls += 1
         if calls == 5:
             raise KeyboardInterrupt  # the process stopped here
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+        return real_kind(action)
 
-    engine.change = dies_after_four  # type: ignore[method-assign]
+    monkeypatch.setattr(operations, "_kind", stops_at_the_fifth)
     with pytest.raises(KeyboardInterrupt):
         start(engine, shown, user="maria", now=NOW)
-    engine.change = real  # type: ignore[method-assign]
+    monkeypatch.setattr(operations, "_kind", real_kind)
     assert sum(engine.store.appointment(i).fields["status"] == "cancelled" for i in ids) == 4
+    [op] = engine.store.unfinished_operations()
+    fifth = next(i.appointment_id for i in engine.store.operation_items(op) if i.state == "pending")
+    record = engine.store.appointment(fifth)
+    assert record is not None
+    status, cancellation = decide(engine.config.policy.cancellation, start=record.start, now=NOW, via="bulk", by="clinician")
+    engine.change(fifth, dict(record.fields) | {"status": status, "cancellation": cancellation}, via="bulk", kind="cancelled")
     versions = {i: engine.store.appointment(i).version for i in ids}
-    [op] = resume(engine, now=NOW)
+    assert resume(engine, now=NOW) == [op]
     assert all(engine.store.appointment(i).fields["status"] == "cancelled" for i in ids)
     assert all(engine.store.appointment(i).version == versions[i] + (0 if versions[i] == 2 else 1) for i in ids)
     found = progress(engine.store, engine.connectors, op)
