@@ -14,8 +14,8 @@ from syncbridge.connector import MIRROR_STATUS_MAP, ApplyResult, Capabilities, C
 from syncbridge.engine import Engine
 from syncbridge.model import Billing, Role, Snapshot, empty_snapshot, iso
 from syncbridge.operations import BadSelection, BulkAction, Selection, StaleSelection, preview, progress, resume, start
-from syncbridge.policy.cancellation import decide
 from syncbridge.outbox import Outbox
+from syncbridge.policy.cancellation import decide
 from syncbridge.registry import build_connectors
 from syncbridge.store import Store
 
