@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -147,7 +148,8 @@ def main() -> None:
         kinds = {name: s.calls() for name, s in sandboxes.items() if s.calls is not None}
         print(f"initial sync: {took:.0f}s ({took / 60:.1f} min) with {args.latency * 1000:.0f} ms per API call; daemon peak RSS {peak} MB")
         print("every appointment copied, by system: " + ", ".join(f"{h} {t:.0f}s" for h, t in sorted(finished.items(), key=lambda kv: kv[1])))
-        print(f"daemon CPU: {daemon_cpu:.0f}s")
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        print(f"daemon CPU: {daemon_cpu:.0f}s; the emulators' (this process): {own.ru_utime + own.ru_stime:.0f}s")
         print("HTTP requests: " + ", ".join(f"{k} {v} ({v / n:.2f} per appointment)" for k, v in calls.items()))
         for name, by_kind in kinds.items():
             print(f"{name} API calls by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(by_kind.items())))
