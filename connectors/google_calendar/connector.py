@@ -109,9 +109,10 @@ class GoogleCalendarConnector(CalendarConnector):
 
     capabilities = calendar_capabilities(push=True)
     Options = GoogleOptions
-    #: one call per calendar at a time (its requests share one connection, and Google's quota is
-    #: per user); the outbox keeps the other clinicians' calendars busy meanwhile
-    account_concurrency = 1
+    #: calls per calendar at once: its batch requests each take a connection of their own and run
+    #: side by side, its single calls share one and take turns (client.py); the accounts take turns
+    #: first, so with many clinicians each calendar has one call in flight
+    account_concurrency = 4
 
     def __init__(self, name: str, config: ConnectorConfig, practice: PracticeConfig) -> None:
         super().__init__(name, config, practice)

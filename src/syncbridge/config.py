@@ -247,7 +247,7 @@ class OutboxConfig(_Strict):
     #: due writes read from the store at a time per connector (at least two calls' worth in flight)
     batch: int = Field(50, ge=1)
     #: calls in flight per connector (one write or one vendor batch each), within each system's own
-    #: limits: per account (Google 1 per calendar, Graph 4 per mailbox) and per server (an EHR, a
+    #: limits: per account (4 per Google calendar or Graph mailbox) and per server (an EHR, a
     #: directory, a CalDAV server: 8)
     concurrency: int = Field(32, ge=1, le=64)
 
