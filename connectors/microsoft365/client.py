@@ -319,7 +319,9 @@ class GraphClient:
                             select: list[str] | None = None, expand: list[str] | None = None) -> list[dict[str, Any]]:
         """Every occurrence overlapping ``window`` (series expanded by Exchange), following nextLinks."""
         what = "GET calendarView"
-        params = {"startDateTime": _utc(window[0]), "endDateTime": _utc(window[1])}
+        # the page size by $top: Graph documents Prefer: odata.maxpagesize for delta rounds only
+        # (learn.microsoft.com/graph/delta-query-events), $top for listings (/graph/paging)
+        params = {"startDateTime": _utc(window[0]), "endDateTime": _utc(window[1]), "$top": str(self.page_size)}
         if select:
             params["$select"] = ",".join(select)
         if expand:

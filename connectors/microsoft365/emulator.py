@@ -25,7 +25,11 @@ For the tests, the bench and ``syncbridge demo``. Follows the documented behavio
   (400) so a client relying on them fails here first. An unknown or expired state token -> 410
   ``SyncStateNotFound``.
 - learn.microsoft.com/graph/api/user-list-calendarview: occurrences overlapping the window,
-  ``@odata.nextLink`` paging, ``$select`` and ``$expand`` as for one event, except that
+  ``@odata.nextLink`` paging (``$skip``) with the page size asked by ``$top`` (/graph/paging;
+  ``Prefer: odata.maxpagesize`` is documented for delta rounds only, so a listing ignores it),
+  else Outlook's default of 10 (``listing_page_size``; /graph/api/user-list-messages: "The default
+  page size is 10 ... Use $top to customize the page size, within the range of 1 and 1000", a
+  larger ``$top`` is served as 1000), ``$select`` and ``$expand`` as for one event, except that
   ``createdDateTime`` and ``lastModifiedDateTime`` "do not support $select" (they are left out of
   a narrowed listing). Responses are in UTC unless ``Prefer: outlook.timezone``.
 - learn.microsoft.com/graph/throttling (and /throttling-limits#outlook-service-limits): 429 or
@@ -74,6 +78,9 @@ from .tls import TLSFiles, make_tls_files, serve_tls_in_thread
 
 __all__ = ["GraphEmulator", "Mailbox", "RunningGraph", "running"]
 
+#: the largest ``$top`` Outlook serves (/graph/api/user-list-messages)
+MAX_TOP = 1000
+
 Handler = Callable[[Request, Mailbox | None, TokenGrant], Awaitable[Response]]
 
 
@@ -95,6 +102,8 @@ class GraphEmulator:
     #: seconds each Graph request takes (makes concurrency visible)
     latency: float = 0.0
     default_page_size: int = 100
+    #: a calendarView page without ``$top`` (see the module docstring)
+    listing_page_size: int = 10
     _failures: list[tuple[int, float | None]] = field(default_factory=list)
     _mailbox_faults: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # upn -> (status, Retry-After)
     #: the status every ``$batch`` request answers as a whole (an egress proxy that does not pass it)
@@ -437,8 +446,10 @@ class GraphEmulator:
         window = self._window(request)
         if isinstance(window, Response):
             return window
-        size = self._page_size(request, int(request.query_params.get("$top", self.default_page_size)))
-        skip = int(request.query_params.get("$skip", 0))
+        top, skip_text = request.query_params.get("$top", str(self.listing_page_size)), request.query_params.get("$skip", "0")
+        if not top.isdigit() or int(top) < 1 or not skip_text.isdigit():
+            return self.error(400, "BadRequest", "Invalid $top or $skip value.")
+        size, skip = min(int(top), MAX_TOP), int(skip_text)
         select = self._select(request, listing=True)
         if isinstance(select, Response):
             return select
