@@ -9,7 +9,8 @@ creates carry a ``transactionId`` derived from the canonical id, so a retry neve
 Change notifications (push.py) name the events to re-read, or else the mailboxes to pull
 (``pull_accounts``: those alone); polling stays the safety net. Reads ask Graph only for what a
 session needs (``$select``) wherever Graph takes it, so the clinicians' own events' text stays at
-Microsoft except in delta answers, which Graph sends whole (README section 5).
+Microsoft except in delta answers, which Graph sends whole (README section 5); with
+``changes: calendar_view`` pulls never call delta, each one lists the window instead (listing.py).
 
 Each mailbox is read on its own (DESIGN section 9): one that fails (a revoked permission, a
 removed mailbox, throttling) keeps its deltaLink and is reported in ``failed_accounts`` while the
@@ -37,7 +38,7 @@ from syncbridge.policy.privacy import EventText, event_text
 from syncbridge.retry import Resting
 from syncbridge.secrets import SecretRef
 
-from . import reads
+from . import listing, reads
 from .auth import AppTokens, DelegatedTokens
 from .client import MAILBOX_CONCURRENCY, GraphClient
 from .mapping import (
@@ -83,7 +84,15 @@ class Microsoft365Options(BaseModel):
     ca_bundle: Path | None = None
     window_days_back: int = Field(30, ge=1, le=3650)
     window_days_ahead: int = Field(365, ge=1, le=3650)
+    #: events per page: ``Prefer: odata.maxpagesize`` on delta rounds, ``$top`` on calendarView listings
     page_size: int = Field(100, ge=1, le=1000)
+    #: how pulls find changes. "delta": ``calendarView/delta`` rounds, which Graph sends whole (no
+    #: ``$select``), so a changed private event's text crosses the wire and is dropped on arrival.
+    #: "calendar_view": every pull lists the window with a ``$select``ed calendarView instead (times,
+    #: flags and our hidden properties only) and reads only sessions whose etag changed, so no
+    #: private event's text is ever sent; it costs a page of the window per mailbox on every poll
+    #: (listing.py, README section 5)
+    changes: Literal["delta", "calendar_view"] = "delta"
     #: what the event shows (policy.privacy): "standard" title and room, or only "busy"
     disclosure: Literal["standard", "busy"] = "standard"
     #: lifetime asked for each subscription (Outlook events allow at most 10080 minutes)
@@ -237,17 +246,19 @@ class Microsoft365Connector(CalendarConnector):
         self._remember(ext, etag, obs, seen.has_attendees)
         return obs
 
-    async def _fetch(self, clinician: str, mailbox: str, event_id: str, hint: Mapping[str, Any] | None = None) -> Observation:
+    async def _fetch(self, clinician: str, mailbox: str, event_id: str, hint: Mapping[str, Any] | None = None, *,
+                     session: bool = False) -> Observation:
         """GET one event with our hidden properties; deleted when gone or not ours.
 
         Only what a session needs is asked for (``$select``, learn.microsoft.com/graph/api/event-get):
         a clinician's own event never sends its text. The text tags are read from (subject,
-        preview) is asked for with it when the event is known to be ours; one not known yet, found
-        to be ours, is read once more for its text alone. ``hint``: the delta item that named the
+        preview) is asked for with it when the event is known to be ours (remembered, or
+        ``session``: a listing just showed our hidden id on it); one not known yet, found to be
+        ours, is read once more for its text alone. ``hint``: the delta item that named the
         event, whose tags serve when the event read is that same version."""
         ext = f"{clinician}/{event_id}"
         seen = self._seen.get(ext)
-        with_text = hint is None and seen is not None and not seen.observation.deleted
+        with_text = hint is None and (session or seen is not None and not seen.observation.deleted)
         select = list(SESSION_FIELDS + (TEXT_FIELDS if with_text else ()))
         event = await self.client.get_event(clinician, mailbox, event_id, expand=[EXT_ID, EXT_FIELDS], select=select)
         usable = hint if hint is not None and "tags" in hint and event is not None and hint.get("@odata.etag") == event.get("@odata.etag") else None
@@ -263,13 +274,18 @@ class Microsoft365Connector(CalendarConnector):
     # --- the contract ------------------------------------------------------------------------
 
     async def pull(self, cursor: str | None) -> PullResult:
-        """Delta rounds since ``cursor`` (JSON: clinician -> deltaLink and window); None lists the
-        window. Each mailbox is read on its own (reads.py)."""
+        """Delta rounds since ``cursor`` (JSON: clinician -> deltaLink and window), or with
+        ``changes: calendar_view`` a listing of the window; None lists the window. Each mailbox is
+        read on its own (reads.py, listing.py)."""
+        if self.options.changes == "calendar_view":
+            return await listing.pull(self, cursor)
         return await reads.pull(self, cursor)
 
     async def pull_accounts(self, cursor: str, accounts: frozenset[str]) -> PullResult:
-        """Delta rounds of these clinicians' mailboxes only (a notification named them); every other
-        mailbox's deltaLink stays in the cursor as it was."""
+        """Delta rounds (or listings) of these clinicians' mailboxes only (a notification named
+        them); every other mailbox's deltaLink stays in the cursor as it was."""
+        if self.options.changes == "calendar_view":
+            return await listing.pull(self, cursor, accounts)
         return await reads.pull(self, cursor, accounts)
 
     async def read(self, external_id: str) -> Observation:

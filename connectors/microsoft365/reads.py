@@ -9,9 +9,13 @@ own by the next pull (``listed_accounts``). A pull scoped to some mailboxes (a n
 them) reads those alone and leaves every other deltaLink as it was.
 
 What crosses the wire: ``calendarView/delta`` takes no ``$select`` (learn.microsoft.com/graph/api/event-delta),
-so each changed event arrives whole, text included; it is reduced to id, etag and, for ours, tags
-as each page arrives (:func:`mapping.delta_hint`). The listing's ``calendarView`` and every
-single read ask only for what a session needs (``$select``); see README section 5.
+so each changed event arrives whole, text included, the clinician's private events too; it is
+reduced to id, etag and, for ours, tags as each page arrives (:func:`mapping.delta_hint`), but it
+did reach the daemon. The listing's ``calendarView`` and every single read ask only for what a
+session needs (``$select``). Where no private text may reach the daemon at all, ``changes:
+calendar_view`` replaces these delta rounds with a listing of the window on every pull
+(listing.py); a cursor of that mode met here raises CursorExpired (a fresh listing follows).
+README section 5 says what each call transfers.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from .mapping import EXT_FIELDS, EXT_ID, LISTING_FIELDS, canonical_id_of, delta_
 if TYPE_CHECKING:
     from .connector import Microsoft365Connector
 
-__all__ = ["pull"]
+__all__ = ["may_read", "pull", "unread"]
 
 log = structlog.get_logger("syncbridge.microsoft365")
 
@@ -51,6 +55,8 @@ async def pull(connector: Microsoft365Connector, cursor: str | None, accounts: f
         state = json.loads(cursor)
     except ValueError:
         state = None
+    if isinstance(state, dict) and state.get("changes", "delta") != "delta":
+        raise CursorExpired("the stored cursor is a listing's (changes was calendar_view); listing the window")
     if not isinstance(state, dict) or set(state.get("mailboxes", {})) != set(connector.mailboxes):
         raise CursorExpired("the stored cursor does not match the configured mailboxes")
     if datetime.fromisoformat(state.get("window", ["1970-01-01T00:00:00+00:00"])[0]) < connector._window()[0] - timedelta(days=1):
@@ -64,7 +70,7 @@ async def pull(connector: Microsoft365Connector, cursor: str | None, accounts: f
         if accounts is not None and clinician not in accounts:
             continue
         try:
-            _may_read(connector, clinician)
+            may_read(connector, clinician)
             if links[clinician] is None:
                 found, links[clinician] = await _list(connector, clinician, mailbox, window)
                 listed.add(clinician)
@@ -74,7 +80,7 @@ async def pull(connector: Microsoft365Connector, cursor: str | None, accounts: f
         except CursorExpired:
             raise
         except SyncbridgeError as err:  # this mailbox's own outcome: its deltaLink stays as it was
-            failed[clinician] = _unread(connector, clinician, mailbox, err)
+            failed[clinician] = unread(connector, clinician, mailbox, err)
             continue
         observations += found
     log.debug("pulled", connector=connector.name, full=False, scoped=accounts is not None, observations=len(observations), failed=sorted(failed))
@@ -83,13 +89,13 @@ async def pull(connector: Microsoft365Connector, cursor: str | None, accounts: f
         listed_accounts=frozenset(listed), window=(iso(window[0]), iso(window[1])) if listed else None,
     )
 
-def _may_read(connector: Microsoft365Connector, clinician: str) -> None:
+def may_read(connector: Microsoft365Connector, clinician: str) -> None:
     """Raise the error a mailbox is resting from (Retry-After not yet over)."""
     resting = connector.resting.check(clinician)
     if resting is not None:
         raise resting
 
-def _unread(connector: Microsoft365Connector, clinician: str, mailbox: str, err: SyncbridgeError) -> SyncbridgeError:
+def unread(connector: Microsoft365Connector, clinician: str, mailbox: str, err: SyncbridgeError) -> SyncbridgeError:
     """One mailbox's failed read, naming the mailbox (the status shows it), rested if throttled."""
     err = connector.resting.note(clinician, err, f"mailbox {mailbox}")
     log.warning("mailbox_unread", connector=connector.name, clinician=clinician, problem=str(err))
@@ -142,11 +148,11 @@ async def _full(connector: Microsoft365Connector) -> PullResult:
     failed: dict[str, SyncbridgeError] = {}
     for clinician, mailbox in connector.mailboxes.items():
         try:
-            _may_read(connector, clinician)
+            may_read(connector, clinician)
             found, links[clinician] = await _list(connector, clinician, mailbox, window)
         except SyncbridgeError as err:
             links[clinician] = None  # listed by the next pull
-            failed[clinician] = _unread(connector, clinician, mailbox, err)
+            failed[clinician] = unread(connector, clinician, mailbox, err)
             continue
         observations += found
     cursor = json.dumps({"mailboxes": links, "window": [w.isoformat() for w in window]}, sort_keys=True)
