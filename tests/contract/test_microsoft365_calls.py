@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,8 +29,9 @@ from syncbridge.registry import build_connectors
 from syncbridge.store import Store
 from syncbridge_connectors.microsoft365.connector import Microsoft365Connector
 from syncbridge_connectors.microsoft365.emulator import RunningGraph
-from tests.contract.suite import ZONE, next_weekday_at
-from tests.contract.test_microsoft365 import CLIENT_ID, SECRET, SECRET_ENV, m365_config, serve_routes, until
+from tests.contract import test_microsoft365 as graph_contract
+from tests.contract.suite import ZONE, Harness, next_weekday_at
+from tests.contract.test_microsoft365 import CLIENT_ID, SECRET, SECRET_ENV, m365_config, m365_harness, serve_routes, until
 from tests.support.emulators import microsoft365
 
 MAILBOXES = {"dr_a": "dr.avery@lakeside.example", "dr_b": "dr.brooks@lakeside.example", "dr_c": "dr.chen@lakeside.example"}
@@ -47,6 +48,8 @@ class Practice:
     outbox: Outbox
     connector: Microsoft365Connector
     host: Host
+    #: the private event ``practice(private_in=...)`` made
+    private: dict[str, Any] | None = None
 
     def book(self, clinician: str, start: datetime) -> str:
         appt = new_canonical_id()
@@ -95,16 +98,18 @@ def _utc(dt: datetime) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def practice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, push: bool = True) -> AsyncIterator[Practice]:
+async def practice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, push: bool = True, private_in: str | None = None,
+                   **options: Any) -> AsyncIterator[Practice]:
     """Three clinicians' mailboxes in one tenant, each with a session mirrored and listed; with
-    ``push``, subscribed, the webhook routes served on loopback."""
+    ``push``, subscribed, the webhook routes served on loopback. ``private_in``: that clinician's
+    private event is in the mailbox before anything is read. ``options``: the connector's."""
     monkeypatch.setenv(SECRET_ENV, SECRET)
     with microsoft365(tmp_path / "tls", CLIENT_ID, SECRET, *MAILBOXES.values(), allow_http=True) as graph:
         graph.emulator.keep_bodies(5000)
         cfg = parse_config(yaml.safe_dump({
             "practice": {"timezone": ZONE}, "store": {"path": str(tmp_path / "s.db")},
             "clinicians": {c: {"accounts": {"outlook": {"mailbox": m}}} for c, m in MAILBOXES.items()},
-            "connectors": {"outlook": m365_config(graph)}, "http": {"enabled": False},
+            "connectors": {"outlook": m365_config(graph, **options)}, "http": {"enabled": False},
             "outbox": {"backoff_base": 0.05, "backoff_max": 0.2},
         }))
         store = Store(cfg.store.path)
@@ -115,6 +120,8 @@ async def practice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, push: boo
         engine = Engine(store, connectors, cfg)
         server = serve_routes(connector)
         p = Practice(graph, store, engine, Outbox(engine), connector, host)
+        if private_in is not None:
+            p.private = p.add_private(private_in, next_weekday_at(18))
         try:
             if push:
                 host.public_url = f"{server.url}/webhooks/outlook"
@@ -377,3 +384,216 @@ async def test_emulator_honours_select_as_graph_documents(tmp_path: Path, monkey
         r = await client.request("GET", f"users/{MAILBOXES['dr_a']}/calendarView/delta", "delta", clinician="dr_a", mailbox=MAILBOXES["dr_a"],
                                  params={"startDateTime": "2030-01-01T00:00:00Z", "endDateTime": "2030-02-01T00:00:00Z", "$select": "start"})
         assert r.status_code == 400
+
+
+# --- changes: calendar_view: every pull a narrowed listing, never delta --------------------------
+
+LISTING: dict[str, Any] = {"changes": "calendar_view"}
+
+
+def _deltas(graph: RunningGraph) -> list[str]:
+    return [path for _, path in graph.emulator.log if path.endswith("/calendarView/delta")]
+
+
+def _from_store(p: Practice) -> Any:
+    """What the daemon's host answers for ``known_etag``: the etag the store last recorded."""
+
+    def known_etag(external_id: str) -> str | None:
+        link = p.store.link_by_external("outlook", external_id)
+        return link.etag if link is not None else None
+
+    return known_etag
+
+
+async def test_listing_mode_never_receives_a_private_event_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``changes: calendar_view``, "Dinner with John Smith", there before the first pull and
+    later edited in Outlook, is in no answer the connector received: not the initial listing, the
+    polls, the read its notification causes, a full listing or busy time; delta is never called."""
+    async with practice(tmp_path, monkeypatch, private_in="dr_b", **LISTING) as p:
+        assert p.private is not None
+        event_id = p.private["id"]
+        await p.engine.sync("outlook")
+        later = next_weekday_at(19, days_ahead=8)
+        p.graph.emulator.user_update(MAILBOXES["dr_b"], event_id, {
+            "subject": f"{PRIVATE} (moved)", "body": {"contentType": "text", "content": "Lucia's booked us for 8"},
+            "start": _utc(later), "end": _utc(later + timedelta(hours=2))})
+        await until(lambda: p.host.accepted)
+        await p.handle_notifications()  # the private event's notification: read without text, not ours
+        await p.engine.sync("outlook")
+        await p.engine.sync("outlook", full=True)
+        now = datetime.now(UTC)
+        busy = await p.connector.busy(now, now + timedelta(days=14))
+        assert any(b.clinician == "dr_b" and b.start == later for b in busy)
+
+        assert _deltas(p.graph) == []
+        listed = [path for _, path, body in p.graph.emulator.bodies or () if path.endswith("/calendarView") and event_id.encode() in body]
+        assert len(listed) >= 4, "the listings never showed the private event: the test would prove nothing"
+        assert p.graph.emulator.received(PRIVATE) == []
+        assert p.graph.emulator.received("Lucia") == []
+        assert PRIVATE not in repr(p.connector._seen)
+
+
+async def test_listing_mode_finds_outlook_deletes_moves_and_edits_reading_only_those(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each poll lists the windows: a session deleted in Outlook is cancelled, one moved is moved
+    (beyond the window too: missing from the listing, it is read, not taken for deleted), one
+    retitled "#late" is late-cancelled; each of those costs one read, an unchanged one none."""
+    async with practice(tmp_path, monkeypatch, push=False, **LISTING) as p:
+        deleted, moved, edited, untouched, away = (p.book("dr_a", next_weekday_at(h, days_ahead=10)) for h in (9, 10, 11, 12, 13))
+        await p.outbox.drain()
+        mark = len(p.graph.emulator.log)
+        await p.engine.sync("outlook")  # our own creates: echoes, known by their etags
+        assert [path for _, path, _ in _calls_since(p.graph, mark)] == [f"/v1.0/users/{m}/calendarView" for m in MAILBOXES.values()]
+        versions = {a: (p.store.appointment(a) or _missing(a)).version for a in (deleted, moved, edited, untouched, away)}
+        box, emu = MAILBOXES["dr_a"], p.graph.emulator
+        ids = {a: p.event_id(a) for a in versions}
+        emu.user_delete(box, ids[deleted])
+        new_start, far = next_weekday_at(16, days_ahead=11), next_weekday_at(10, days_ahead=p.connector.options.window_days_ahead + 20)
+        emu.user_update(box, ids[moved], {"start": _utc(new_start), "end": _utc(new_start + timedelta(minutes=50))})
+        emu.user_update(box, ids[away], {"start": _utc(far), "end": _utc(far + timedelta(minutes=50))})
+        emu.user_update(box, ids[edited], {"subject": "Client session #late"})
+        mark = len(emu.log)
+        await p.engine.sync("outlook")
+        calls = _calls_since(p.graph, mark)
+        reads = sorted(path for _, path, _ in calls if "/events/" in path)
+        assert reads == sorted(f"/v1.0/users/{box}/events/{ids[a]}" for a in (deleted, moved, edited, away)), reads
+        assert _deltas(p.graph) == []
+
+        records = {a: p.store.appointment(a) or _missing(a) for a in versions}
+        assert records[deleted].cancelled
+        assert not records[moved].cancelled and records[moved].fields["start"] == iso(new_start)
+        assert not records[away].cancelled and records[away].fields["start"] == iso(far)
+        assert records[edited].cancelled and records[edited].fields["cancellation"]["kind"] == "late_cancel"
+        assert not records[untouched].cancelled and records[untouched].version == versions[untouched]
+
+
+async def test_listing_mode_after_a_restart_sees_deletions_but_not_in_a_mailbox_it_could_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a restart (nothing remembered; the store knows each copy's etag) a poll reads no
+    unchanged session and a retitled one in a single call; a session deleted in Outlook
+    meanwhile, missing from its mailbox's listing, is cancelled; the sessions of a mailbox that
+    answered 403 stay booked, in an incremental poll and in a full listing alike."""
+    async with practice(tmp_path, monkeypatch, push=False, **LISTING) as p:
+        gone, kept, edited = (p.book("dr_a", next_weekday_at(h, days_ahead=9)) for h in (13, 14, 15))
+        b_kept = p.book("dr_b", next_weekday_at(13, days_ahead=9))
+        await p.outbox.drain()
+        await p.engine.sync("outlook")
+        p.connector.host.known_etag = _from_store(p)  # type: ignore[method-assign]
+        p.connector._seen.clear()  # what a restart forgets
+        emu = p.graph.emulator
+        emu.user_delete(MAILBOXES["dr_a"], p.event_id(gone))
+        emu.user_update(MAILBOXES["dr_a"], p.event_id(edited), {"subject": "Client session #noshow"})
+        emu.fail_mailbox(MAILBOXES["dr_b"], 403)
+        mark = len(emu.log)
+        report = await p.engine.sync("outlook")
+        assert set(report.failed_accounts) == {"dr_b"}
+        reads = [q for _, path, q in _calls_since(p.graph, mark) if "/events/" in path]
+        assert len(reads) == 1 and "subject" in reads[0]["$select"], reads
+        assert (p.store.appointment(gone) or _missing(gone)).cancelled
+        assert (p.store.appointment(edited) or _missing(edited)).fields["cancellation"]["kind"] == "no_show"
+        b_sessions = [link.appointment_id for link in p.store.links_of("outlook") if link.external_id and link.external_id.startswith("dr_b/")]
+        assert b_kept in b_sessions and len(b_sessions) == 2
+        full = await p.engine.sync("outlook", full=True)
+        assert set(full.failed_accounts) == {"dr_b"}
+        for appt in (kept, *b_sessions):
+            assert not (p.store.appointment(appt) or _missing(appt)).cancelled, appt
+        assert _deltas(p.graph) == []
+
+
+async def test_listing_mode_notifications_read_their_event_or_list_their_mailbox_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notification naming an event reads that event alone; a ``missed`` lifecycle notification
+    for Dr Brooks lists her mailbox alone; neither calls delta."""
+    async with practice(tmp_path, monkeypatch, **LISTING) as p:
+        appt = p.book("dr_c", next_weekday_at(14))
+        await p.outbox.drain()
+        assert p.graph.emulator.notifier.idle()
+        p.host.accepted.clear()
+        event_id = p.event_id(appt)
+        p.graph.emulator.user_delete(MAILBOXES["dr_c"], event_id)
+        await until(lambda: p.host.accepted)
+        mark = len(p.graph.emulator.log)
+        await p.handle_notifications()
+        assert [path for _, path, _ in _calls_since(p.graph, mark)] == [f"/v1.0/users/{MAILBOXES['dr_c']}/events/{event_id}"]
+        assert (p.store.appointment(appt) or _missing(appt)).cancelled
+
+        sub = next(s for s in p.graph.emulator.notifier.subscriptions.values() if s.user == MAILBOXES["dr_b"])
+        mark = len(p.graph.emulator.log)
+        p.graph.emulator.notifier.lifecycle(sub.id, "missed")
+        await until(lambda: p.host.accepted)
+        await p.handle_notifications()
+        assert [(m, path) for m, path, _ in _calls_since(p.graph, mark)] == [("GET", f"/v1.0/users/{MAILBOXES['dr_b']}/calendarView")]
+        assert _deltas(p.graph) == []
+
+
+async def test_switching_changes_on_an_existing_store_relists_without_duplicates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store synced through delta, then ``changes: calendar_view`` (after a restart), then back:
+    each time the stored cursor is not of the mode, the window is listed anew, and every session
+    keeps its one appointment and link; nothing is cancelled, duplicated or changed."""
+    async with practice(tmp_path, monkeypatch, push=False) as p:
+        p.book("dr_a", next_weekday_at(15, days_ahead=9))
+        await p.outbox.drain()
+        await p.engine.sync("outlook")
+        versions = {a.id: a.version for a in p.store.appointments()}
+        links = {(link.appointment_id, link.external_id) for link in p.store.links_of("outlook")}
+        assert len(versions) == len(links) == 4
+        for mode in ("calendar_view", "delta"):
+            p.connector.options.changes = mode
+            p.connector._seen.clear()  # a restart with the new config
+            mark = len(p.graph.emulator.log)
+            await p.engine.sync("outlook")
+            await p.engine.sync("outlook")
+            paths = [path for _, path, _ in _calls_since(p.graph, mark)]
+            assert any(path.endswith("/calendarView/delta") for path in paths) == (mode == "delta"), paths
+            assert {a.id: a.version for a in p.store.appointments()} == versions, mode
+            assert {(link.appointment_id, link.external_id) for link in p.store.links_of("outlook")} == links, mode
+            assert not any(a.cancelled for a in p.store.appointments()), mode
+            assert ("mailboxes" in json.loads(p.store.cursor("outlook") or "{}")) == (mode == "delta")
+        assert len(p.store.audit_entries(kind="cursor_expired")) == 2
+
+
+async def test_listing_mode_costs_the_pages_of_the_window_per_poll(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poll with nothing changed costs one call per page of each mailbox's window: 200 events in
+    Dr Avery's calendar at ``page_size: 100`` are 2 pages, the other two mailboxes 1 each; no read."""
+    async with practice(tmp_path, monkeypatch, push=False, **LISTING) as p:
+        assert p.connector.options.page_size == 100
+        for i in range(199):  # beside her one session
+            p.add_private("dr_a", next_weekday_at(7, days_ahead=1 + i))
+        await p.engine.sync("outlook")
+        mark = len(p.graph.emulator.log)
+        await p.engine.sync("outlook")
+        calls = _calls_since(p.graph, mark)
+        assert [path.split("/")[3] for _, path, _ in calls] == [MAILBOXES["dr_a"]] * 2 + [MAILBOXES["dr_b"], MAILBOXES["dr_c"]]
+        assert all(path.endswith("/calendarView") and q["$top"] == "100" for _, path, q in calls), calls
+
+
+async def test_emulator_pages_calendar_view_by_top_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """calendarView pages by ``$top`` (Outlook's default 10 without it, at most 1000) and ignores
+    ``Prefer: odata.maxpagesize``, which Graph documents for delta rounds only."""
+    async with practice(tmp_path, monkeypatch, push=False) as p:
+        for i in range(24):
+            p.add_private("dr_a", next_weekday_at(7, days_ahead=1 + i))
+        client = p.connector.client
+        window = {"startDateTime": iso(datetime.now(UTC)), "endDateTime": iso(datetime.now(UTC) + timedelta(days=60))}
+        url = f"users/{MAILBOXES['dr_a']}/calendarView"
+
+        async def page(params: dict[str, str], prefer: str | None = None) -> dict[str, Any]:
+            r = await client.request("GET", url, "view", clinician="dr_a", mailbox=MAILBOXES["dr_a"], params=window | params,
+                                     headers={"Prefer": prefer} if prefer else None)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        assert len((await page({}, "odata.maxpagesize=50"))["value"]) == 10
+        assert len((await page({"$top": "20"}))["value"]) == 20
+        assert len((await page({"$top": "5000"}))["value"]) == 25
+        first = await page({"$top": "20"})
+        r = await client.request("GET", first["@odata.nextLink"], "view", clinician="dr_a", mailbox=MAILBOXES["dr_a"])
+        assert len(r.json()["value"]) == 5 and "@odata.nextLink" not in r.json()
+
+
+class TestMicrosoft365ByListing(graph_contract.TestMicrosoft365):
+    """The shared contract suite with ``changes: calendar_view``: every pull a listing of the window."""
+
+    @pytest.fixture
+    def harness(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+        with microsoft365(tmp_path / "graph-tls", CLIENT_ID, SECRET, graph_contract.MAILBOX) as server:
+            yield m365_harness(server, monkeypatch, changes="calendar_view")
