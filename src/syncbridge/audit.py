@@ -8,13 +8,12 @@ or the head. ``syncbridge audit --verify`` walks the chain.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from .bulk import appointment_keys, insert_flat
+from .bulk import Connection, appointment_keys, insert_flat
 
 __all__ = ["GENESIS", "ROUTINE_KIND", "AuditWriter", "VerifyResult", "entry_hash", "verify"]
 
@@ -45,7 +44,7 @@ class AuditWriter:
     transaction's own map) or, for appointments the transaction never loaded, looked up at flush.
     """
 
-    def __init__(self, conn: sqlite3.Connection, keys: dict[str, int] | None = None) -> None:
+    def __init__(self, conn: Connection, keys: dict[str, int] | None = None) -> None:
         self.conn = conn
         self.keys = keys if keys is not None else {}
         row = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
@@ -87,7 +86,7 @@ class VerifyResult:
     problem: str = ""
 
 
-def verify(conn: sqlite3.Connection) -> VerifyResult:
+def verify(conn: Connection) -> VerifyResult:
     prev, expected_seq, count = GENESIS, 1, 0
     for seq, at, kind, connector, appointment_id, detail, prev_hash, digest in conn.execute(
         "SELECT seq, at, kind, connector, appointment_id, detail, prev_hash, hash FROM audit ORDER BY seq"

@@ -1,19 +1,26 @@
-"""Multi-row statements: many rows written, or looked up, per SQLite statement."""
+"""Multi-row statements: many rows written, or looked up, per statement (SQLite or PostgreSQL)."""
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import chain
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["ROWS_PER_INSERT", "appointment_keys", "columns", "insert_flat", "insert_rows"]
+__all__ = ["ROWS_PER_INSERT", "Connection", "appointment_keys", "columns", "insert_flat", "insert_rows", "last_of_each"]
+
+class Connection(Protocol):
+    """What the store asks of a connection: ``sqlite3.Connection``, or pg.py's PgConnection."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Sequence[Any]], /) -> Any: ...
+
 
 #: the most rows in one statement: far below SQLite's limit of 32,766 bound values
 ROWS_PER_INSERT = 64
 
 
-def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]], tail: str = "") -> int:
+def insert_rows(conn: Connection, head: str, rows: Sequence[Sequence[Any]], tail: str = "") -> int:
     """``head VALUES (?,..),(?,..)... tail`` for every row, many rows per statement; returns rows changed.
 
     ``executemany`` steps its statement once per row, and every step releases and retakes the
@@ -25,7 +32,7 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any
     return insert_flat(conn, head, list(chain.from_iterable(rows)), tail)
 
 
-def insert_flat(conn: sqlite3.Connection, head: str, values: list[Any], tail: str = "") -> int:
+def insert_flat(conn: Connection, head: str, values: list[Any], tail: str = "") -> int:
     """:func:`insert_rows` for rows laid end to end in ``values``, one value per column ``head`` names.
 
     A buffer that is only ever written as a whole can be kept this way from the start, and then
@@ -48,12 +55,24 @@ def insert_flat(conn: sqlite3.Connection, head: str, values: list[Any], tail: st
     return changed
 
 
+def last_of_each(values: list[Any], width: int, key_width: int) -> list[Any]:
+    """Rows laid end to end in ``values``, only the last of those sharing their first ``key_width``
+    values, in the order of their first appearance: what one multi-row upsert may take on
+    PostgreSQL, which refuses to update one row twice in a statement."""
+    rows: dict[tuple[Any, ...], list[Any]] = {}
+    for i in range(0, len(values), width):
+        rows[tuple(values[i : i + key_width])] = values[i : i + width]
+    if len(rows) * width == len(values):
+        return values
+    return list(chain.from_iterable(rows.values()))
+
+
 def columns(head: str) -> int:
     """How many columns ``INSERT INTO table (a, b, ...)`` names: the width of each of its rows."""
     return head[head.index("(") : head.rindex(")")].count(",") + 1
 
 
-def appointment_keys(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, int]:
+def appointment_keys(conn: Connection, ids: Sequence[str]) -> dict[str, int]:
     """Canonical id -> integer key for the stored ones among ``ids``, 500 ids per query."""
     found: dict[str, int] = {}
     for i in range(0, len(ids), 500):

@@ -43,11 +43,11 @@ class Vault:
         return self._fernet
 
     def get(self, connector: str, key: str) -> str | None:
-        row = self.store.conn.execute("SELECT value FROM secrets WHERE connector = ? AND key = ?", (connector, key)).fetchone()
-        if row is None:
+        token = self.store.secret(connector, key)
+        if token is None:
             return None
         try:
-            return self._cipher().decrypt(row[0]).decode()
+            return self._cipher().decrypt(token).decode()
         except InvalidToken:
             raise AuthError(
                 f"stored secret {key!r} of {connector} cannot be decrypted: store.secret_key changed",
@@ -57,16 +57,12 @@ class Vault:
     def put(self, connector: str, key: str, value: str) -> None:
         token = self._cipher().encrypt(value.encode())
         with self.store.tx() as tx:
-            tx.conn.execute(
-                "INSERT INTO secrets (connector, key, value, updated_at) VALUES (?,?,?,?) "
-                "ON CONFLICT (connector, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                (connector, key, token, iso(utcnow())),
-            )
+            tx.put_secret(connector, key, token, iso(utcnow()))
             tx.audit.add(iso(utcnow()), "secret_stored", connector, None, {"key": key})
 
     def delete(self, connector: str, key: str) -> None:
         with self.store.tx() as tx:
-            tx.conn.execute("DELETE FROM secrets WHERE connector = ? AND key = ?", (connector, key))
+            tx.delete_secret(connector, key)
 
 
 class DaemonHost(Host):

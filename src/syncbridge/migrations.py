@@ -1,12 +1,18 @@
-"""Schema migrations, applied in order inside one transaction each; ``schema_version`` records them."""
+"""Schema migrations, applied in order inside one transaction each; ``schema_version`` records them.
+
+One history for both engines, with the same version numbers: each step is written once in the
+SQL both share (SQLite's spelling of types, which the PostgreSQL connection translates, pg.py),
+and where one cannot be said in both, ``_POSTGRESQL_WORDS`` gives PostgreSQL's words for it.
+"""
 
 from __future__ import annotations
 
-import sqlite3
+from datetime import UTC, datetime
+from typing import Any
 
 from .errors import StoreError
 
-__all__ = ["MIGRATIONS", "migrate"]
+__all__ = ["MIGRATIONS", "migrate", "newest", "steps", "version_of"]
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -380,24 +386,55 @@ MIGRATIONS: list[tuple[int, str]] = [
 ]
 
 
+#: where a step cannot be said in both engines, PostgreSQL's words for SQLite's (the store's SQL is
+#: otherwise translated statement by statement, pg.py): step 4 numbered appointments by SQLite's
+#: rowid, their order of creation, which on PostgreSQL is the order the rows were written (ctid)
+_POSTGRESQL_WORDS: dict[int, tuple[tuple[str, str], ...]] = {
+    4: (
+        ("SELECT rowid, id,", "SELECT row_number() OVER (ORDER BY ctid), id,"),
+        ("FROM appointments ORDER BY rowid", "FROM appointments"),
+        ("ORDER BY v.rowid", "ORDER BY v.ctid"),
+    ),
+}
+
+
 def newest() -> int:
     """The schema this release writes."""
     return max(v for v, _ in MIGRATIONS)
 
 
-def version_of(conn: sqlite3.Connection) -> int:
-    """The schema a store is at (0: a new, empty file)."""
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone() is None:
+def steps(engine: str = "sqlite") -> list[tuple[int, list[str]]]:
+    """Each schema step as the statements ``engine`` runs (the same versions on both engines)."""
+    out = []
+    for version, sql in MIGRATIONS:
+        if engine == "postgresql":
+            for sqlite_says, postgresql_says in _POSTGRESQL_WORDS.get(version, ()):
+                sql = sql.replace(sqlite_says, postgresql_says)
+        out.append((version, [s for s in sql.split(";") if s.strip()]))
+    return out
+
+
+def _has_versions(conn: Any, engine: str) -> bool:
+    if engine == "postgresql":
+        return bool(conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0])
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone() is not None
+
+
+def version_of(conn: Any, engine: str = "sqlite") -> int:
+    """The schema a store is at (0: a new, empty file or database)."""
+    if not _has_versions(conn, engine):
         return 0
     return int(conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0)
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema to the newest version; returns it. Each step commits or rolls back whole."""
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL)")
+def migrate(conn: Any, engine: str = "sqlite") -> int:
+    """Bring the schema to the newest version; returns it. Each step commits or rolls back whole
+    (PostgreSQL's DDL is transactional too). ``conn``: a sqlite3 connection or a :class:`~syncbridge.pg.PgConnection`."""
+    if not _has_versions(conn, engine):
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL)")
     row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
     current = row[0] or 0
-    for version, sql in MIGRATIONS:
+    for version, statements in steps(engine):
         if version <= current:
             continue
         conn.execute("BEGIN IMMEDIATE")
@@ -408,12 +445,11 @@ def migrate(conn: sqlite3.Connection) -> int:
                 conn.execute("COMMIT")
                 current = version
                 continue
-            for statement in sql.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute("INSERT INTO schema_version VALUES (?, datetime('now'))", (version,))
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version VALUES (?, ?)", (version, datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")))
             conn.execute("COMMIT")
-        except sqlite3.IntegrityError as err:
+        except conn.IntegrityError as err:
             # the data breaks a rule the new schema enforces: rolled back whole, nothing is lost
             conn.execute("ROLLBACK")
             raise StoreError(

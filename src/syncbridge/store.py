@@ -1,5 +1,6 @@
-"""The SQLite store (WAL, through sqlite-utils): appointments with history, links, cursors,
-outbox, audit, worklist and webhook inbox. The file is created 0600.
+"""The store: appointments with history, links, cursors, outbox, audit, worklist and webhook inbox,
+in a SQLite file (the default: WAL, through sqlite-utils, created 0600) or a PostgreSQL database
+(pg.py), through the same methods and the same SQL.
 
 Reads are plain methods; every change happens inside ``with store.tx() as tx:`` so a crash never
 half-applies a batch. Hot paths use prepared statements on the connection directly.
@@ -25,12 +26,13 @@ from .checkpoint import Checkpointer
 from .connector import Link
 from .errors import StoreError
 from .migrations import migrate, newest, version_of
+from .pg import is_url, pg_error
 from .model import CANCELLED_STATES, Appointment, Snapshot, iso, new_tuple
 
 if TYPE_CHECKING:
     from .tx import Tx
 
-__all__ = ["OUTAGE_FAILURES", "Outage", "OutboxItem", "PendingBooking", "SlotState", "Store", "WorkItem", "for_how_long", "dumps", "loads", "row_link", "store_error", "LINK_COLS"]
+__all__ = ["OUTAGE_FAILURES", "Outage", "OutboxItem", "PendingBooking", "SlotState", "Store", "WorkItem", "database_errors", "for_how_long", "dumps", "loads", "row_link", "store_error", "LINK_COLS"]
 
 _SORTED = orjson.OPT_SORT_KEYS
 #: WAL pages (40 MB) at which a commit checkpoints by itself: the checkpoint thread normally leaves
@@ -180,7 +182,7 @@ _ADVICE = (
 )
 
 
-def schema_mismatch(path: Path, found: int, wanted: int) -> str:
+def schema_mismatch(path: Path | str, found: int, wanted: int) -> str:
     """Why a command refuses a store of another release's schema, and what the admin does about it."""
     if found < wanted:
         return (
@@ -193,8 +195,19 @@ def schema_mismatch(path: Path, found: int, wanted: int) -> str:
     )
 
 
-def store_error(err: sqlite3.DatabaseError, path: str | os.PathLike[str] | None = None) -> StoreError:
-    """SQLite's error as what an admin needs: what failed and what to do."""
+def database_errors() -> tuple[type[Exception], ...]:
+    """The errors either engine's driver raises (psycopg's only where it is installed)."""
+    try:
+        import psycopg
+    except ImportError:
+        return (sqlite3.DatabaseError,)
+    return (sqlite3.DatabaseError, psycopg.Error)
+
+
+def store_error(err: Exception, path: str | os.PathLike[str] | None = None) -> StoreError:
+    """The engine's error as what an admin needs: what failed and what to do."""
+    if not isinstance(err, sqlite3.Error):
+        return pg_error(err, str(path or "(PostgreSQL)"))
     said = str(err)
     advice = next((a for key, a in _ADVICE if key in said.lower()), "see the SQLite message")
     where = f" {path}" if path else ""
@@ -216,13 +229,30 @@ LINK_COLS = "connector, appointment_id, external_id, etag, base, applied_version
 
 
 class Store:
-    def __init__(self, path: str | os.PathLike[str], *, cache_mb: int = 16, migrate: bool = True) -> None:
+    """The store on either engine: a SQLite file (``path``) or a PostgreSQL database (a
+    ``postgresql://`` URL). Both run the same SQL through the same methods (pg.py translates the
+    few spellings that differ); only opening, closing, backups, the integrity check and WAL
+    checkpoints are the engine's own."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, cache_mb: int = 16, migrate: bool = True, password: str | None = None,
+        pool_size: int = 4,
+    ) -> None:
         """Open (or create) the store. ``migrate``: bring its schema up to this release's, after a
         backup; only the daemon does (under its instance lock). Without it, a store at another
         schema is refused, so a command run beside a daemon of another release never changes the
-        schema under it."""
-        self.path = Path(path)
+        schema under it. ``password`` and ``pool_size``: PostgreSQL's (the password revealed from
+        its secret reference)."""
         self._migrate = migrate
+        self._checkpointer: Checkpointer | None = None
+        if is_url(str(path)):
+            self.engine = "postgresql"
+            self.path = Path()
+            self._open_postgresql(str(path), password, pool_size)
+            return
+        self.engine = "sqlite"
+        self.path = Path(path)
+        self.where = str(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -237,7 +267,7 @@ class Store:
     def _open(self, cache_mb: int) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self.db = sqlite_utils.Database(conn)
-        self.conn = conn
+        self.conn: Any = conn
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=30000")
@@ -255,8 +285,31 @@ class Store:
             self.backup(self.path.with_name(f"{self.path.name}.schema-{found}.bak"))
         self.schema_version = migrate(conn)
 
+    def _open_postgresql(self, url: str, password: str | None, pool_size: int) -> None:
+        """Connect (a pool of ``pool_size``) and bring the schema up to date. No copy is taken before
+        an upgrade: each step is one transaction, and backups of a database are its admin's
+        (``pg_dump``, continuous archiving: docs/postgresql.md)."""
+        from .pg import PgConnection
+
+        conn = PgConnection(url, password=password, pool_size=pool_size)
+        self.conn = conn
+        self.where = conn.where
+        try:
+            found, wanted = version_of(conn, "postgresql"), newest()
+            if found != wanted and not (self._migrate or found == 0):
+                raise StoreError(schema_mismatch(self.where, found, wanted))
+            self.schema_version = migrate(conn, "postgresql")
+        except BaseException as err:
+            conn.close()
+            if isinstance(err, conn.DatabaseError):
+                raise pg_error(err, self.where) from err
+            raise
+
     def backup(self, target: Path) -> Path:
-        """A consistent copy of the store, taken while it is in use (SQLite's online backup API)."""
+        """A consistent copy of the store, taken while it is in use (SQLite's online backup API).
+        A PostgreSQL store is backed up by its database's own means (``pg_dump``)."""
+        if self.engine != "sqlite":
+            raise StoreError(f"the store {self.where} is a PostgreSQL database: back it up with pg_dump (docs/postgresql.md)")
         dest = sqlite3.connect(target)
         try:
             self.conn.backup(dest)
@@ -266,12 +319,16 @@ class Store:
         return target
 
     def close(self) -> None:
-        self._checkpointer.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self.conn.close()
 
     def check_integrity(self) -> None:
         """Refuse a damaged store before anything is synced from it (SQLite's ``quick_check``:
-        seconds for 100k appointments, once per daemon start)."""
+        seconds for 100k appointments, once per daemon start). PostgreSQL checks its pages as it
+        reads them (and with data checksums, where the cluster has them): nothing to do here."""
+        if self.engine != "sqlite":
+            return
         try:
             found = [r[0] for r in self.conn.execute("PRAGMA quick_check(5)")]
         except sqlite3.DatabaseError as err:
@@ -281,7 +338,8 @@ class Store:
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:
-        """One transaction; writes are buffered in the Tx and flushed in bulk just before COMMIT."""
+        """One transaction; writes are buffered in the Tx and flushed in bulk just before COMMIT.
+        One writer at a time on either engine (SQLite's write lock; an advisory lock on PostgreSQL)."""
         from .tx import Tx
 
         self.conn.execute("BEGIN IMMEDIATE")
@@ -293,7 +351,8 @@ class Store:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
-        self._checkpointer.committed()
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -355,6 +414,11 @@ class Store:
             "SELECT connector, applied_ts FROM links WHERE appt = (SELECT key FROM appointments WHERE id = ?)", (appointment_id,)
         )
         return {r[0]: r[1] for r in rows}
+
+    def secret(self, connector: str, key: str) -> bytes | None:
+        """A secret a connector obtained at run time, as stored (encrypted: host.Vault)."""
+        r = self.conn.execute("SELECT value FROM secrets WHERE connector = ? AND key = ?", (connector, key)).fetchone()
+        return bytes(r[0]) if r else None
 
     def cursor(self, connector: str) -> str | None:
         r = self.conn.execute("SELECT cursor FROM cursors WHERE connector = ?", (connector,)).fetchone()
@@ -433,7 +497,7 @@ class Store:
         """connector -> (pending, dead)."""
         return {
             r[0]: (r[1], r[2])
-            for r in self.conn.execute("SELECT connector, SUM(dead = 0), SUM(dead) FROM outbox GROUP BY connector")
+            for r in self.conn.execute("SELECT connector, COUNT(*) FILTER (WHERE dead = 0), COUNT(*) FILTER (WHERE dead = 1) FROM outbox GROUP BY connector")
         }
 
     def dead_letters(self) -> list[OutboxItem]:
@@ -643,6 +707,7 @@ class Store:
         return {
             r[0]: (r[1], r[2] or 0, r[3] or 0)
             for r in self.conn.execute(
-                "SELECT connector, COUNT(*), SUM(due_at IS NOT NULL AND dead = 0), SUM(dead) FROM slot_states GROUP BY connector"
+                "SELECT connector, COUNT(*), COUNT(*) FILTER (WHERE due_at IS NOT NULL AND dead = 0), COUNT(*) FILTER (WHERE dead = 1) "
+                "FROM slot_states GROUP BY connector"
             )
         }

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .audit import AuditWriter
-from .bulk import appointment_keys, columns, insert_flat, insert_rows
+from .bulk import appointment_keys, columns, insert_flat, insert_rows, last_of_each
 from .connector import Link
 from .model import Appointment, Snapshot, new_tuple
 from .store import LINK_COLS, Outage, dumps, loads, row_link
@@ -58,10 +58,10 @@ _ENQUEUE_PENDING = (
 _ENQUEUE = (
     "ON CONFLICT (connector, appt) DO UPDATE SET "
     "target_version = MAX(outbox.target_version, excluded.target_version), "
-    "due_at = CASE WHEN outbox.dead THEN excluded.due_at ELSE outbox.due_at END, "
-    "attempts = CASE WHEN outbox.dead THEN 0 ELSE outbox.attempts END, "
-    "strikes = CASE WHEN outbox.dead THEN 0 ELSE outbox.strikes END, "
-    "last_error = CASE WHEN outbox.dead THEN NULL ELSE outbox.last_error END, dead = 0"
+    "due_at = CASE WHEN outbox.dead = 1 THEN excluded.due_at ELSE outbox.due_at END, "
+    "attempts = CASE WHEN outbox.dead = 1 THEN 0 ELSE outbox.attempts END, "
+    "strikes = CASE WHEN outbox.dead = 1 THEN 0 ELSE outbox.strikes END, "
+    "last_error = CASE WHEN outbox.dead = 1 THEN NULL ELSE outbox.last_error END, dead = 0"
 )
 #: a person asked for the write now (``syncbridge retry``): due at once, counts cleared
 _ENQUEUE_NOW = (
@@ -84,13 +84,13 @@ _PLAN_SLOTS = (
     "INSERT INTO slot_states (connector, clinician, day, slots, digest, verify, seq, due_at, since) VALUES (?,?,?,?,?,?,1,?,?) "
     "ON CONFLICT (connector, clinician, day) DO UPDATE SET slots = excluded.slots, digest = excluded.digest, "
     "verify = MAX(slot_states.verify, excluded.verify), seq = slot_states.seq + 1, "
-    "due_at = CASE WHEN slot_states.dead OR slot_states.due_at IS NULL THEN excluded.due_at ELSE slot_states.due_at END, "
-    "since = COALESCE(slot_states.since, excluded.since), attempts = CASE WHEN slot_states.dead THEN 0 ELSE slot_states.attempts END, "
-    "strikes = CASE WHEN slot_states.dead THEN 0 ELSE slot_states.strikes END, dead = 0 "
-    "WHERE slot_states.digest != excluded.digest OR excluded.verify > slot_states.verify OR (slot_states.dead AND excluded.verify)"
+    "due_at = CASE WHEN slot_states.dead = 1 OR slot_states.due_at IS NULL THEN excluded.due_at ELSE slot_states.due_at END, "
+    "since = COALESCE(slot_states.since, excluded.since), attempts = CASE WHEN slot_states.dead = 1 THEN 0 ELSE slot_states.attempts END, "
+    "strikes = CASE WHEN slot_states.dead = 1 THEN 0 ELSE slot_states.strikes END, dead = 0 "
+    "WHERE slot_states.digest != excluded.digest OR excluded.verify > slot_states.verify OR (slot_states.dead = 1 AND excluded.verify = 1)"
 )
 _VERIFY_SLOTS = (
-    "UPDATE slot_states SET verify = 1, seq = seq + 1, dead = 0, due_at = CASE WHEN dead OR due_at IS NULL THEN ? ELSE due_at END, "
+    "UPDATE slot_states SET verify = 1, seq = seq + 1, dead = 0, due_at = CASE WHEN dead = 1 OR due_at IS NULL THEN ? ELSE due_at END, "
     "since = COALESCE(since, ?) WHERE connector = ? AND clinician = ? AND day = ? AND (verify = 0 OR dead = 1)"
 )
 
@@ -99,6 +99,8 @@ class Tx:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.conn = store.conn
+        #: PostgreSQL's upsert may not touch one row twice in a statement (SQLite applies each in turn)
+        self._once_per_statement = store.engine != "sqlite"
         self._appts: dict[str, Appointment | None] = {}
         self._keys: dict[str, int] = {}  # appointment -> its integer key (creation order)
         self._next_key: int | None = None
@@ -412,9 +414,22 @@ class Tx:
         self.conn.execute("DELETE FROM busy WHERE connector = ? AND clinician = ?", (connector, clinician))
         self.conn.executemany("INSERT INTO busy VALUES (?,?,?,?)", [(connector, clinician, s, e) for s, e in intervals])
 
+    def put_secret(self, connector: str, key: str, value: bytes, at: str) -> None:
+        """Keep a secret a connector obtained at run time (already encrypted: host.Vault)."""
+        self.conn.execute(
+            "INSERT INTO secrets (connector, key, value, updated_at) VALUES (?,?,?,?) "
+            "ON CONFLICT (connector, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            (connector, key, value, at),
+        )
+
+    def delete_secret(self, connector: str, key: str) -> None:
+        self.conn.execute("DELETE FROM secrets WHERE connector = ? AND key = ?", (connector, key))
+
     def inbox_put(self, connector: str, at: str, headers: dict[str, str], body: bytes) -> int:
-        cur = self.conn.execute("INSERT INTO webhook_inbox (connector, received_at, headers, body) VALUES (?,?,?,?)", (connector, at, dumps(headers), body))
-        return int(cur.lastrowid or 0)
+        row = self.conn.execute(
+            "INSERT INTO webhook_inbox (connector, received_at, headers, body) VALUES (?,?,?,?) RETURNING id", (connector, at, dumps(headers), body)
+        ).fetchall()[0]  # read to the end: the statement is finished before the commit
+        return int(row[0])
 
     def inbox_done(self, ids: Iterable[int], at: str) -> None:
         self.conn.executemany("UPDATE webhook_inbox SET processed_at = ? WHERE id = ?", [(at, i) for i in ids])
@@ -443,9 +458,7 @@ class Tx:
         """Desired slots per (connector, clinician, day, slots, digest, verify); returns the dates that
         became due. A date is due when its slots changed or its directory must be looked at; one
         waiting out a backoff keeps its due time, a dead one comes back, due now."""
-        before = self.conn.total_changes
-        self.conn.executemany(_PLAN_SLOTS, [(*r, now, now) for r in rows])
-        return self.conn.total_changes - before
+        return int(self.conn.executemany(_PLAN_SLOTS, [(*r, now, now) for r in rows]).rowcount)
 
     def slot_verify(self, keys: Iterable[tuple[str, str, str]], now: float) -> None:
         """The directory's own state of these dates may differ from ours (a booking there, a restart):
@@ -473,8 +486,9 @@ class Tx:
     def slot_probe_now(self, connector: str, now: float) -> None:
         """The connector's earliest waiting date is due now (a probe after its backoff was lifted)."""
         self.conn.execute(
-            "UPDATE slot_states SET due_at = ? WHERE rowid = (SELECT rowid FROM slot_states WHERE connector = ? "
-            "AND due_at IS NOT NULL AND dead = 0 ORDER BY written IS NOT NULL AND written = digest, due_at LIMIT 1) AND due_at > ?",
+            "UPDATE slot_states SET due_at = ? WHERE (connector, clinician, day) IN (SELECT connector, clinician, day FROM slot_states "
+            "WHERE connector = ? AND due_at IS NOT NULL AND dead = 0 ORDER BY written IS NOT NULL AND written = digest, due_at LIMIT 1) "
+            "AND due_at > ?",
             (now, connector, now),
         )
 
@@ -582,7 +596,10 @@ class Tx:
         if self._series:
             insert_rows(self.conn, "INSERT INTO series (id, clinician, timezone, created_at)", list(self._series.values()), "ON CONFLICT (id) DO NOTHING")
         if self._link_updates:
-            insert_flat(self.conn, _REWRITE_LINK, self._link_updates, _REWRITE_LINK_CONFLICT)
+            updates = self._link_updates
+            if self._once_per_statement:  # a link rewritten twice in this transaction: its last state
+                updates = last_of_each(updates, columns(_REWRITE_LINK), 2)
+            insert_flat(self.conn, _REWRITE_LINK, updates, _REWRITE_LINK_CONFLICT)
         if self._ext_moves:
             self.conn.executemany(
                 "UPDATE links SET external_id = NULL WHERE connector = ? AND external_id = ? AND appointment_id != ?", self._ext_moves
