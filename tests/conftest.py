@@ -43,3 +43,82 @@ def _logging() -> None:
     from syncbridge.logging import configure
 
     configure(level="info", json_logs=True)
+
+
+# --- the store on both engines ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():  # type: ignore[no-untyped-def]
+    """A throwaway PostgreSQL cluster for the session (tests/support/postgres.py), or a skip saying why not."""
+    from tests.support.postgres import MISSING, Cluster, driver_missing, find_binaries
+
+    missing = driver_missing()
+    if missing:
+        pytest.skip(missing)
+    binaries = find_binaries()
+    if binaries is None:
+        pytest.skip(MISSING)
+    cluster = Cluster(binaries)
+    yield cluster
+    cluster.stop()
+
+
+class Stores:
+    """Opens stores of one engine for a test: ``stores(path)`` is ``Store(path)`` on SQLite and a
+    store on this test's own database on PostgreSQL (``path`` then only names which database:
+    the same path, the same database). ``raw(path)`` is a bare connection to it (the store's SQL
+    spelled SQLite's way works on both). Everything opened is closed after the test."""
+
+    def __init__(self, engine: str, cluster) -> None:  # type: ignore[no-untyped-def]
+        self.engine = engine
+        self.cluster = cluster
+        self._urls: dict[str, str] = {}
+        self._opened: list = []  # type: ignore[type-arg]
+
+    def target(self, path) -> str:  # type: ignore[no-untyped-def]
+        if self.engine == "sqlite":
+            return str(path)
+        key = str(path)
+        if key not in self._urls:
+            self._urls[key] = self.cluster.database()
+        return self._urls[key]
+
+    def __call__(self, path, **kwargs):  # type: ignore[no-untyped-def]
+        from syncbridge.store import Store
+
+        store = Store(self.target(path), **kwargs)
+        self._opened.append(store)
+        return store
+
+    def raw(self, path):  # type: ignore[no-untyped-def]
+        if self.engine == "sqlite":
+            import sqlite3
+
+            conn = sqlite3.connect(path, isolation_level=None)
+        else:
+            from syncbridge.pg import PgConnection
+
+            conn = PgConnection(self.target(path), pool_size=1)
+        self._opened.append(conn)
+        return conn
+
+    def close(self) -> None:
+        for thing in reversed(self._opened):
+            try:
+                thing.close()
+            except Exception:  # noqa: BLE001 - a test may have closed it already
+                pass
+        self._opened.clear()
+        for url in self._urls.values():
+            self.cluster.drop(url)
+        self._urls.clear()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stores(request):  # type: ignore[no-untyped-def]
+    """Run the test once per store engine; PostgreSQL's half skips, saying why, where it is not installed."""
+    cluster = request.getfixturevalue("postgres_cluster") if request.param == "postgresql" else None
+    opened = Stores(request.param, cluster)
+    yield opened
+    opened.close()

@@ -21,9 +21,9 @@ from .anchors import check_anchors, read_anchors
 from .cli_bulk import add_bulk_parser
 from .config import PracticeConfig, load_config
 from .errors import ConfigError, MalformedRecord, StoreError, SyncbridgeError
-from .instance_lock import daemon_pid
+from .instance_lock import store_daemon_pid
 from .model import CANCELLED_STATES, CancelKind, CancelledBy, iso
-from .store import Store, store_error
+from .store import Store, database_errors, store_error
 
 __all__ = ["main"]
 
@@ -37,6 +37,9 @@ def _config(args: argparse.Namespace) -> PracticeConfig:
 def _store(cfg: PracticeConfig, *, create: bool = False) -> Store:
     """The configured store. Only the daemon (and `auth`, which may run before it) creates one: a
     command pointed at the wrong path must not answer from a new, empty store."""
+    if cfg.store.url:
+        # a PostgreSQL store: the daemon upgrades its schema, a command only uses it
+        return cfg.store.open(migrate=False)
     path = Path(cfg.store.path)
     if not create and not path.exists():
         raise StoreError(
@@ -44,7 +47,7 @@ def _store(cfg: PracticeConfig, *, create: bool = False) -> Store:
             f"(a relative path is taken from the directory the command runs in)"
         )
     # only the daemon changes a store's schema (under its lock); a new one is created here by `auth`
-    return Store(path, cache_mb=cfg.store.cache_mb, migrate=not path.exists())
+    return cfg.store.open(migrate=not path.exists())
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -110,7 +113,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if st["degraded"]:
             health = f"DEGRADED: {st['degraded']}" if st["healthy"] else f"{health}; degraded: {st['degraded']}"
         rows.append((name, conn.type, health, st["last_good_pull"] or "never", age, pending, dead, work))
-    pid = daemon_pid(Path(cfg.store.path))
+    pid = store_daemon_pid(cfg.store)
     running = "not running: nothing is synced until it starts (`systemctl start syncbridge`)" if pid is None else (
         f"running (pid {pid})" if pid > 0 else "running"
     )
@@ -297,6 +300,11 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     from .retry import Backoff, retrying
 
     cfg = _config(args)
+    if cfg.store.url:
+        raise StoreError(
+            "dry-run pulls into a scratch copy of a SQLite store; a copy of a PostgreSQL store comes with "
+            "`syncbridge migrate-store` (not in this release): run dry-run against a SQLite copy of the configuration"
+        )
     scratch = Path(tempfile.mkdtemp(prefix="syncbridge-dry-run-")) / "scratch.db"
     if Path(cfg.store.path).exists():
         with sqlite3.connect(cfg.store.path) as live, sqlite3.connect(scratch) as copy:
@@ -505,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MalformedRecord as err:
         print(f"syncbridge: {err}", file=sys.stderr)
         return 2
-    except sqlite3.DatabaseError as err:
+    except database_errors() as err:
         print(f"syncbridge: {store_error(err)}", file=sys.stderr)
         return 1
     except SyncbridgeError as err:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -22,6 +22,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from .errors import ConfigError, MalformedRecord
 from .model import CancelledBy, Role, check_timezone
 from .secrets import SecretRef
+
+if TYPE_CHECKING:
+    from .store import Store
 
 __all__ = [
     "CancellationPolicy",
@@ -57,12 +60,46 @@ class Practice(_Strict):
 
 
 class StoreConfig(_Strict):
+    #: the SQLite file (the default engine); not used when ``url`` is set
     path: Path = Path("syncbridge.db")
     #: SQLite page cache, MiB: most of the daemon's memory beyond Python itself. The store's pages
     #: are in the operating system's file cache anyway; a larger cache saves system calls, not I/O.
     cache_mb: int = Field(16, ge=1, le=4096)
     #: encrypts tokens obtained at run time (``syncbridge auth``); a reference, never the value
     secret_key: SecretRef | None = None
+    #: a PostgreSQL database instead of the SQLite file: ``postgresql://ROLE@HOST:PORT/DATABASE?sslmode=...``
+    #: (libpq's URL), without a password in it (docs/postgresql.md)
+    url: str | None = None
+    #: the role's password, by reference; unset: none, or libpq's own (~/.pgpass, a client certificate)
+    password: SecretRef | None = None
+    #: connections to PostgreSQL this process opens at most
+    pool_size: int = Field(4, ge=1, le=100)
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"{value.split('://')[0]}:// is not a store engine: give postgresql://ROLE@HOST/DATABASE, or leave url out for SQLite (path)")
+        if urlsplit(value).password is not None or "password=" in value.lower():
+            raise ValueError("the URL holds a password: leave it out and give store.password by reference ({credential: NAME}, {file: ...} or {env: ...})")
+        return value
+
+    @property
+    def where(self) -> str:
+        """The store as an admin names it: the URL or the file."""
+        return self.url or str(self.path)
+
+    def open(self, *, migrate: bool = True) -> Store:
+        """The configured store, SQLite or PostgreSQL (its password revealed from its reference here)."""
+        from .store import Store
+
+        if self.url:
+            return Store(self.url, migrate=migrate, password=self.password.reveal() if self.password else None, pool_size=self.pool_size)
+        return Store(self.path, cache_mb=self.cache_mb, migrate=migrate)
 
 
 _WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -5,18 +5,28 @@ system twice (a second event in a calendar). The daemon holds an exclusive ``flo
 ``<store>.lock`` for its whole life; the kernel drops it when the process ends, however it ends
 (a SIGKILL included), so a crashed daemon never blocks its successor. CLI commands do not take
 it: they work in short transactions alongside the daemon.
+
+On PostgreSQL the same rule is kept with a session advisory lock, held on a connection of the
+daemon's own for its whole life: the server drops it when that connection ends, however the
+daemon ends (a machine lost too, once TCP keepalives give up on it). Several workers sharing one
+database by leases come with the next step of issue 26; until then, one daemon per database.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import StoreError
 
-__all__ = ["daemon_pid", "hold_instance_lock"]
+if TYPE_CHECKING:
+    from .config import StoreConfig
+
+__all__ = ["daemon_pid", "hold_instance_lock", "hold_store_lock", "release", "store_daemon_pid"]
 
 #: how long a starting daemon waits for the lock: ``daemon_pid`` holds it for an instant
 _PATIENCE_S = 2.0
@@ -73,3 +83,65 @@ def daemon_pid(store_path: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def _lock_session(cfg: StoreConfig, name: str) -> Any:
+    from .pg import PgConnection
+
+    password = cfg.password.reveal() if cfg.password else None
+    return PgConnection.connect_once(str(cfg.url), password=password, application_name=name)
+
+
+def _database_holder(conn: Any) -> str | None:
+    """The application name of the session holding the daemon's lock (None: nobody holds it)."""
+    from .pg import DAEMON_LOCK
+
+    row = conn.execute(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = %s AND l.granted",
+        DAEMON_LOCK,
+    ).fetchone()
+    return str(row[0]) if row else None
+
+
+def hold_store_lock(cfg: StoreConfig) -> Any:
+    """The daemon's lock on its store, whichever the engine; give it back with :func:`release`."""
+    if not cfg.url:
+        return hold_instance_lock(Path(cfg.path))
+    from .pg import DAEMON_LOCK
+
+    conn = _lock_session(cfg, f"syncbridge daemon pid {os.getpid()} on {socket.gethostname()}")
+    if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", DAEMON_LOCK).fetchone()[0]:
+        holder = _database_holder(conn) or "a syncbridge daemon"
+        conn.close()
+        raise StoreError(
+            f"another syncbridge daemon ({holder}) is already running on the store {cfg.where}: stop it first "
+            f"(`systemctl stop syncbridge` there), or give this one a database of its own"
+        )
+    return conn
+
+
+def release(lock: Any) -> None:
+    """Let go of what :func:`hold_store_lock` took."""
+    if isinstance(lock, int):
+        os.close(lock)
+    else:
+        lock.close()
+
+
+def store_daemon_pid(cfg: StoreConfig) -> int | None:
+    """:func:`daemon_pid` for either engine: on PostgreSQL the pid where the daemon runs on this
+    machine, -1 where it runs on another one."""
+    if not cfg.url:
+        return daemon_pid(Path(cfg.path))
+    conn = _lock_session(cfg, "syncbridge status")
+    try:
+        holder = _database_holder(conn)
+    finally:
+        conn.close()
+    if holder is None:
+        return None
+    words = holder.split()
+    if len(words) == 6 and words[4] == "on" and words[5] == socket.gethostname() and words[3].isdigit():
+        return int(words[3])
+    return -1

@@ -388,10 +388,13 @@ MIGRATIONS: list[tuple[int, str]] = [
 
 #: where a step cannot be said in both engines, PostgreSQL's words for SQLite's (the store's SQL is
 #: otherwise translated statement by statement, pg.py): step 4 numbered appointments by SQLite's
-#: rowid, their order of creation, which on PostgreSQL is the order the rows were written (ctid)
+#: rowid, their order of creation. PostgreSQL has no such number (a row's ctid moves when it is
+#: updated); the history table is only ever appended to, so the place of an appointment's first
+#: version there is its order of creation
 _POSTGRESQL_WORDS: dict[int, tuple[tuple[str, str], ...]] = {
     4: (
-        ("SELECT rowid, id,", "SELECT row_number() OVER (ORDER BY ctid), id,"),
+        ("SELECT rowid, id,", "SELECT row_number() OVER (ORDER BY (SELECT min(v.ctid) FROM appointment_versions v "
+                              "WHERE v.appointment_id = appointments.id), ctid), id,"),
         ("FROM appointments ORDER BY rowid", "FROM appointments"),
         ("ORDER BY v.rowid", "ORDER BY v.ctid"),
     ),
@@ -453,7 +456,7 @@ def migrate(conn: Any, engine: str = "sqlite") -> int:
             # the data breaks a rule the new schema enforces: rolled back whole, nothing is lost
             conn.execute("ROLLBACK")
             raise StoreError(
-                f"the upgrade of the store to schema {version} was refused and rolled back ({err}); the store is as it "
+                f"the upgrade of the store to schema {version} was refused and rolled back ({' '.join(str(err).split())}); the store is as it "
                 f"was, at schema {current}, and the previous syncbridge release still runs on it"
             ) from err
         except BaseException:

@@ -44,6 +44,8 @@ WRITE_LOCK = (0x73796E63, 1)
 DAEMON_LOCK = (0x73796E63, 2)
 
 _SCHEMES = ("postgresql://", "postgres://")
+#: a server that stops answering (a machine lost) is given up on within about 25 s
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 _GREATEST = re.compile(r"\bMAX\(([\w.]+), ([\w.]+)\)")
 _IS_NOT = re.compile(r"\bIS NOT (?!NULL\b)")
 _IS = re.compile(r"\bIS (?!NOT\b|NULL\b|DISTINCT\b)")
@@ -136,10 +138,9 @@ class PgConnection:
         self.DatabaseError: type[Exception] = psycopg.DatabaseError
         self.IntegrityError: type[Exception] = psycopg.IntegrityError
         self.OperationalError: type[Exception] = psycopg.OperationalError
-        kwargs: dict[str, Any] = {"autocommit": True, "application_name": application_name}
+        kwargs: dict[str, Any] = {"autocommit": True, "application_name": application_name, **_KEEPALIVES}
         if password is not None:
             kwargs["password"] = password
-        self._kwargs = kwargs
         try:  # once directly, so that a refusal is reported in the server's words, not as a pool timeout
             psycopg.connect(url, connect_timeout=15, **kwargs).close()
         except psycopg.Error as err:
@@ -151,14 +152,19 @@ class PgConnection:
         self._raw: Any = None
         self.in_transaction = False
 
-    def connect_apart(self) -> Any:
-        """A connection of its own, outside the pool (the daemon's lock is held on one for its life)."""
+    @staticmethod
+    def connect_once(url: str, *, password: str | None = None, application_name: str = "syncbridge") -> Any:
+        """A plain psycopg connection (autocommit), outside any pool: the daemon's lock is held on
+        one for its whole life. TCP keepalives let the server notice a machine that is gone."""
         import psycopg
 
+        kwargs: dict[str, Any] = {"autocommit": True, "application_name": application_name, **_KEEPALIVES}
+        if password is not None:
+            kwargs["password"] = password
         try:
-            return psycopg.connect(self.url, connect_timeout=15, **self._kwargs)
+            return psycopg.connect(url, connect_timeout=15, **kwargs)
         except psycopg.Error as err:
-            raise pg_error(err, self.where) from err
+            raise pg_error(err, redacted(url)) from err
 
     def _conn(self) -> Any:
         raw = self._raw

@@ -32,7 +32,7 @@ from .connector import Connector
 from .engine import Engine, ObserveReport
 from .anchors import EVENT, append_anchor, make_anchor
 from .errors import AuthError, ConfigError, RateLimited, SyncbridgeError, TransientError, error_kind
-from .instance_lock import hold_instance_lock
+from .instance_lock import hold_store_lock, release
 from .logging import configure
 from .reloading import effects
 from .host import DaemonHost, Vault
@@ -62,12 +62,12 @@ class Daemon:
     def __init__(self, config_path: str | os.PathLike[str] | None, config: PracticeConfig) -> None:
         self.config_path = Path(config_path) if config_path else None
         self.config = config
-        self._instance_lock = hold_instance_lock(Path(config.store.path))
+        self._instance_lock = hold_store_lock(config.store)
         #: settings changed by a reload that only a restart applies (reloading.py)
         self.pending_restart: tuple[str, ...] = ()
         #: the audit head last anchored (anchors.py)
         self._anchored: tuple[int, str] | None = None
-        self.store = Store(config.store.path, cache_mb=config.store.cache_mb)
+        self.store: Store = config.store.open()
         self.store.check_integrity()
         self.connectors: dict[str, Connector] = build_connectors(config)
         self.engine = Engine(self.store, self.connectors, config)
@@ -470,8 +470,8 @@ class Daemon:
         except ConfigError as err:
             log.error("reload_refused", problem=str(err))
             return
-        if new.store.path != self.config.store.path:
-            log.error("reload_refused", problem="store.path cannot change while running; restart instead")
+        if new.store.where != self.config.store.where:
+            log.error("reload_refused", problem="store.path and store.url cannot change while running; restart instead")
             return
         old, effect = self.connectors, effects(self.config, new)
         relog = self.config.logging != new.logging
@@ -519,7 +519,7 @@ class Daemon:
             )
             server_task = asyncio.create_task(self._serve(self.http))
         self.ready.set()
-        log.info("started", connectors=sorted(self.connectors), store=str(self.config.store.path))
+        log.info("started", connectors=sorted(self.connectors), store=self.config.store.where)
         notify(ready=1, status=f"syncing {len(self.connectors)} connectors")
         interval = watchdog_interval()
         if interval:
@@ -554,7 +554,7 @@ class Daemon:
             await c.close()
         self.anchor()
         self.store.close()
-        os.close(self._instance_lock)
+        release(self._instance_lock)
 
 
 class _QuietServer(uvicorn.Server):
