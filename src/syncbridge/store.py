@@ -480,7 +480,7 @@ class Store:
             "coalesce(a.clinician, '') AS clinician, "
             "row_number() OVER (PARTITION BY coalesce(a.clinician, '') ORDER BY o.due_at) AS turn "
             "FROM outbox o LEFT JOIN appointments a ON a.key = o.appt WHERE o.dead = 0 AND o.due_at <= ? AND o.connector = ?"
-            ") WHERE turn <= ? ORDER BY due_at",
+            ") AS turns WHERE turn <= ? ORDER BY due_at",
             (now, connector, depth),
         ).fetchall()
         return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows]

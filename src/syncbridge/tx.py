@@ -285,7 +285,7 @@ class Tx:
         if not accounts:
             return 0
         self.flush()
-        sql = (f"UPDATE outbox SET due_at = ? WHERE connector = ? AND appt IN (SELECT appt FROM ({_WAITING}) "
+        sql = (f"UPDATE outbox SET due_at = ? WHERE connector = ? AND appt IN (SELECT appt FROM ({_WAITING}) AS waiting "
                f"WHERE clinician IN ({','.join('?' * len(accounts))}))")
         return int(self.conn.execute(sql, (now, connector, connector, now, *accounts)).rowcount)
 
@@ -296,7 +296,7 @@ class Tx:
         skipped = sorted(set(skip))
         self.flush()
         sql = (f"UPDATE outbox SET due_at = ? WHERE connector = ? AND appt IN (SELECT appt FROM (SELECT appt, clinician, "
-               f"ROW_NUMBER() OVER (PARTITION BY clinician ORDER BY due_at) AS n FROM ({_WAITING})) "
+               f"ROW_NUMBER() OVER (PARTITION BY clinician ORDER BY due_at) AS n FROM ({_WAITING}) AS waiting) AS turns "
                f"WHERE n = 1 AND clinician NOT IN ({','.join('?' * len(skipped))}))")
         return int(self.conn.execute(sql, (now, connector, connector, now, *skipped)).rowcount)
 

@@ -2,7 +2,8 @@
 duplicate notifications, expired cursors and lost write responses, always converge.
 
 After quiescence every replica equals the canonical record, no cancellation is lost, and no
-appointment has two copies in one system.
+appointment has two copies in one system. It runs on both store engines (``stores``,
+tests/conftest.py), each example on a store of its own.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from syncbridge.engine import Engine
 from syncbridge.model import CANCELLED_STATES
 from syncbridge.outbox import Outbox
 from syncbridge.registry import build_connectors
-from syncbridge.store import Store
 from tests.support.converge import divergences
 from tests.support.practice import replica_practice
 from tests.support.replica import ReplicaVendor
@@ -43,7 +43,7 @@ op = st.one_of(
 )
 
 
-def world(tmp: Path, lossy: bool):
+def world(tmp: Path, lossy: bool, stores):  # type: ignore[no-untyped-def]
     conf = replica_practice(
         tmp,
         connector={"fail_rate": 0.2 if lossy else 0.0, "seed": lambda i: i},
@@ -51,7 +51,7 @@ def world(tmp: Path, lossy: bool):
         policy={"mass_cancel_guard": {"min_count": 1000}},
     )
     cfg = parse_config(yaml.safe_dump(conf))
-    store = Store(cfg.store.path)
+    store = stores(cfg.store.path)
     connectors = build_connectors(cfg)
     engine = Engine(store, connectors, cfg)
     vendors = {name: ReplicaVendor(str(tmp / f"{name}.db")) for name in REPLICAS}
@@ -62,8 +62,8 @@ def live_items(vendor: ReplicaVendor) -> list[dict]:
     return [i for i in vendor.all_items() if not i["deleted"] and i["status"] not in CANCELLED_STATES and i["start"]]
 
 
-async def scenario(ops: list[tuple], rnd, tmp: Path, lossy: bool) -> None:
-    store, engine, outbox, vendors = world(tmp, lossy)
+async def scenario(ops: list[tuple], rnd, tmp: Path, lossy: bool, stores) -> None:  # type: ignore[no-untyped-def]
+    store, engine, outbox, vendors = world(tmp, lossy, stores)
     cancelled_ext: set[tuple[str, str]] = set()
 
     def pick(name: str, idx: int) -> dict | None:
@@ -168,9 +168,10 @@ async def scenario(ops: list[tuple], rnd, tmp: Path, lossy: bool) -> None:
     store.close()
 
 
-@settings(max_examples=int(os.environ.get("SYNCBRIDGE_PROPERTY_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("SYNCBRIDGE_PROPERTY_EXAMPLES", "60")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(st.tuples(op, st.booleans()), min_size=5, max_size=40), seed=st.integers(0, 2**32), lossy=st.booleans())
-def test_replicas_converge(ops: list[tuple], seed: int, lossy: bool) -> None:
+def test_replicas_converge(stores, ops: list[tuple], seed: int, lossy: bool) -> None:  # type: ignore[no-untyped-def]
     """Whatever order edits, cancellations and syncs arrive in, all systems end up agreeing and no cancellation is lost."""
     with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(scenario(ops, random.Random(seed), Path(tmp), lossy))
+        asyncio.run(scenario(ops, random.Random(seed), Path(tmp), lossy, stores))

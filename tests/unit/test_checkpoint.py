@@ -1,4 +1,6 @@
-"""WAL checkpoints from their own thread: the WAL is copied back after commits, and no thread outlives its use."""
+"""WAL checkpoints from their own thread: the WAL is copied back after commits, and no thread outlives its use.
+
+Checkpoints are SQLite's own: only the last test runs on both engines."""
 
 from __future__ import annotations
 
@@ -51,4 +53,15 @@ def test_an_idle_store_holds_no_thread_and_the_next_commit_starts_one(tmp_path: 
     done = store._checkpointer.checkpoints
     _write(store, 3)
     assert _until(lambda: store._checkpointer.checkpoints > done), "a commit after the idle time was not checkpointed"
+    store.close()
+
+
+def test_only_sqlite_has_a_checkpoint_thread(stores, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """WAL checkpoints are SQLite's; a PostgreSQL store commits without starting any thread."""
+    before = len(_threads())
+    store = stores(tmp_path / "s.db")
+    _write(store, 3)
+    assert (store._checkpointer is not None) == (stores.engine == "sqlite")
+    if stores.engine == "postgresql":
+        assert len(_threads()) == before
     store.close()

@@ -1,4 +1,6 @@
-"""Engine behaviours a practice would notice: the mass-cancel guard, conflicts in the audit, echoes."""
+"""Engine behaviours a practice would notice: the mass-cancel guard, conflicts in the audit, echoes.
+
+Each runs on both store engines (``stores``, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from syncbridge.connector import Observation
 from syncbridge.engine import Engine
 from syncbridge.outbox import Outbox
 from syncbridge.registry import build_connectors
-from syncbridge.store import Store
 from tests.support.practice import replica_practice
 from tests.support.replica import ReplicaVendor
 
@@ -24,9 +25,9 @@ START = datetime(2027, 4, 5, 14, tzinfo=UTC)
 
 
 @pytest.fixture
-def practice(tmp_path: Path):  # type: ignore[no-untyped-def]
+def practice(tmp_path: Path, stores):  # type: ignore[no-untyped-def]
     cfg = parse_config(yaml.safe_dump(replica_practice(tmp_path, ("cal",), policy={"mass_cancel_guard": {"max_share": 0.3, "min_count": 5}})))
-    engine = Engine(Store(cfg.store.path), build_connectors(cfg), cfg)
+    engine = Engine(stores(cfg.store.path), build_connectors(cfg), cfg)
     ehr, cal = ReplicaVendor(str(tmp_path / "ehr.db")), ReplicaVendor(str(tmp_path / "cal.db"))
     for i in range(20):
         asyncio.run(ehr.book(START + timedelta(hours=i), START + timedelta(hours=i, minutes=50), f"c{i}", clinician="dr_a"))
@@ -89,12 +90,12 @@ def test_own_writes_come_back_as_echoes(practice) -> None:  # type: ignore[no-un
     assert {a.id: a.version for a in engine.store.appointments()} == versions
 
 
-def test_full_listing_does_not_cancel_copies_written_meanwhile(tmp_path: Path) -> None:
+def test_full_listing_does_not_cancel_copies_written_meanwhile(tmp_path: Path, stores) -> None:  # type: ignore[no-untyped-def]
     """A full listing taken while sessions are being written cancels none of the new ones."""
     from syncbridge.model import utcnow
 
     cfg = parse_config(yaml.safe_dump(replica_practice(tmp_path, ("cal",), policy={"mass_cancel_guard": {"min_count": 1000}})))
-    engine = Engine(Store(cfg.store.path), build_connectors(cfg), cfg)
+    engine = Engine(stores(cfg.store.path), build_connectors(cfg), cfg)
     ehr = ReplicaVendor(str(tmp_path / "ehr.db"))
     for i in range(3):
         asyncio.run(ehr.book(START + timedelta(hours=i), START + timedelta(hours=i, minutes=50), f"c{i}", clinician="dr_a"))
