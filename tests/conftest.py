@@ -48,18 +48,22 @@ def _logging() -> None:
 # --- the store on both engines ------------------------------------------------------------------
 
 
+def pytest_report_header() -> str:
+    """Say once, at the top, whether the store's PostgreSQL tests can run here."""
+    from tests.support.postgres import unavailable
+
+    return f"store engines: sqlite; postgresql {'SKIPPED: ' + why if (why := unavailable()) else 'available'}"
+
+
 @pytest.fixture(scope="session")
 def postgres_cluster():  # type: ignore[no-untyped-def]
     """A throwaway PostgreSQL cluster for the session (tests/support/postgres.py), or a skip saying why not."""
-    from tests.support.postgres import MISSING, Cluster, driver_missing, find_binaries
+    from tests.support.postgres import Cluster, find_binaries, unavailable
 
-    missing = driver_missing()
-    if missing:
-        pytest.skip(missing)
-    binaries = find_binaries()
-    if binaries is None:
-        pytest.skip(MISSING)
-    cluster = Cluster(binaries)
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    cluster = Cluster(find_binaries())  # type: ignore[arg-type]
     yield cluster
     cluster.stop()
 

@@ -189,7 +189,13 @@ class PgConnection:
         with self._lock:
             raw = self._conn()
             if word == "BEGIN IMMEDIATE":
-                raw.execute("BEGIN")
+                try:
+                    raw.execute("BEGIN")
+                except self.OperationalError:
+                    if not (raw.broken or raw.closed):
+                        raise
+                    raw = self._conn()  # dropped since the last transaction: nothing was lost, begin on a new one
+                    raw.execute("BEGIN")
                 self.in_transaction = True
                 return raw.execute("SELECT pg_advisory_xact_lock(%s, %s)", WRITE_LOCK)
             if word in ("COMMIT", "ROLLBACK"):
@@ -198,7 +204,17 @@ class PgConnection:
                     if word == "ROLLBACK":
                         return None
                 return raw.execute(word)
-            return raw.execute(self._q(sql), tuple(parameters))
+            try:
+                return raw.execute(self._q(sql), tuple(parameters))
+            except self.OperationalError as err:
+                if self.in_transaction or not (raw.broken or raw.closed):
+                    raise
+                # the server dropped the connection between transactions: a read is asked again
+                # on a new one; a write outside a transaction may or may not have landed, so it is
+                # reported rather than sent twice
+                if not word.startswith("SELECT"):
+                    raise pg_error(err, self.where) from err
+                return self._conn().execute(self._q(sql), tuple(parameters))
 
     def executemany(self, sql: str, seq_of_parameters: Iterable[Sequence[Any]]) -> Any:
         rows = [tuple(p) for p in seq_of_parameters]

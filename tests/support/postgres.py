@@ -18,12 +18,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["Cluster", "find_binaries", "MISSING"]
+__all__ = ["Cluster", "MISSING", "NO_DRIVER", "find_binaries", "unavailable"]
 
 MISSING = (
-    "PostgreSQL is not installed, so the store's PostgreSQL tests are skipped: install Debian's package "
-    "(`sudo apt-get install postgresql`; `make test` does it as root) and the driver (`pip install '.[postgresql]'`, "
-    "which `make install` does)"
+    "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb), so the store's PostgreSQL tests are skipped: "
+    "install Debian's package (`sudo apt-get install postgresql`; `make test` does it when run as root)"
+)
+NO_DRIVER = (
+    "the PostgreSQL driver is not installed, so the store's PostgreSQL tests are skipped: install the extra "
+    "(`pip install '.[postgresql]'`; `make install` does it)"
 )
 
 
@@ -42,8 +45,13 @@ def driver_missing() -> str | None:
         import psycopg  # noqa: F401
         import psycopg_pool  # noqa: F401
     except ImportError as err:
-        return f"{MISSING} ({err})"
+        return f"{NO_DRIVER} ({err})"
     return None
+
+
+def unavailable() -> str | None:
+    """Why the PostgreSQL tests cannot run here, or None when they can."""
+    return driver_missing() or (MISSING if find_binaries() is None else None)
 
 
 class Cluster:

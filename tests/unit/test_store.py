@@ -223,7 +223,7 @@ def test_one_writer_at_a_time(stores, tmp_path: Path) -> None:  # type: ignore[n
 
 def test_an_unreachable_postgresql_says_what_to_do(tmp_path: Path) -> None:
     """A PostgreSQL store nobody answers for is refused with the server's words and what to check."""
-    pytest.importorskip("psycopg")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is not installed: `pip install '.[postgresql]'`")
     with pytest.raises(StoreError) as err:
         Store(f"postgresql://syncbridge@/syncbridge?host={tmp_path}&connect_timeout=2", password="not-shown")
     said = str(err.value)
