@@ -15,6 +15,7 @@ SQLite                             PostgreSQL
 ``MAX(a, b)`` of two columns       ``GREATEST(a, b)``
 ``x IS y`` / ``x IS NOT y``        ``IS NOT DISTINCT FROM`` / ``IS DISTINCT FROM``
 ``json_extract(col, '$.key')``     ``(col::jsonb ->> 'key')``
+``IN ()``, an empty list           ``IN (SELECT NULL WHERE false)`` (PostgreSQL has no empty list)
 ``CREATE TABLE``, ``ADD COLUMN``   INTEGER -> BIGINT, REAL -> DOUBLE PRECISION, BLOB -> BYTEA,
                                    TEXT -> TEXT COLLATE "C" (bytewise order, as SQLite compares),
                                    ``id INTEGER PRIMARY KEY`` -> an identity column,
@@ -49,6 +50,7 @@ _KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
 _GREATEST = re.compile(r"\bMAX\(([\w.]+), ([\w.]+)\)")
 _IS_NOT = re.compile(r"\bIS NOT (?!NULL\b)")
 _IS = re.compile(r"\bIS (?!NOT\b|NULL\b|DISTINCT\b)")
+_EMPTY_LIST = re.compile(r"\bIN \(\)")
 _JSON = re.compile(r"json_extract\(([\w.]+), '\$\.(\w+)'\)")
 _DDL = re.compile(r"^\s*(CREATE\s+TABLE|ALTER\s+TABLE)", re.IGNORECASE)
 _COMMENT = re.compile(r"--[^\n]*")
@@ -88,6 +90,7 @@ def to_postgresql(sql: str) -> str:
     sql = _GREATEST.sub(r"GREATEST(\1, \2)", sql)
     sql = _IS_NOT.sub("IS DISTINCT FROM ", sql)
     sql = _IS.sub("IS NOT DISTINCT FROM ", sql)
+    sql = _EMPTY_LIST.sub("IN (SELECT NULL WHERE false)", sql)
     return sql.replace("?", "%s")
 
 

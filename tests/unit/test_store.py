@@ -229,3 +229,89 @@ def test_an_unreachable_postgresql_says_what_to_do(tmp_path: Path) -> None:
     said = str(err.value)
     assert said.startswith("the store postgresql://syncbridge@/syncbridge") and "check that PostgreSQL runs" in said
     assert "not-shown" not in said
+
+
+def test_every_statement_runs_on_both_engines(stores, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Each read and write of the store, once, with what it answers: none is spelled for one engine only."""
+    from syncbridge.connector import Link
+    from syncbridge.model import empty_snapshot
+
+    store = stores(tmp_path / "s.db")
+    snap = empty_snapshot()
+    snap.update(clinician="dr_a", client_key="c1", start="2027-01-04T14:00:00Z", end="2027-01-04T14:50:00Z", timezone="UTC", status="booked")
+    with store.tx() as tx:
+        tx.put_appointment("sb-1", snap, 1, "2027-01-01T00:00:00Z", "ehr")
+        tx.put_link(Link("cal", "sb-1", "e1", "x", {}, 1), applied_at="2027-01-01T00:00:00Z")
+        tx.enqueue("ehr", "sb-1", 1, 10.0)
+        assert tx.set_cursor("cal", "c1", "2027-01-01T00:00:00Z", full=True, only_from=(None,))
+        assert not tx.set_cursor("cal", "c2", "2027-01-01T00:00:01Z", only_from=("other",))
+        tx.set_health("cal", False, "down")
+        tx.forget_cursor("ehr")
+        assert tx.open_work("k:1", "mass_cancel_guard", "look", "2027-01-01T00:00:00Z", "cal", "sb-1")
+        assert not tx.open_work("k:1", "mass_cancel_guard", "look", "2027-01-01T00:00:00Z", "cal", "sb-1")
+        assert tx.open_work_keys("k:") == ["k:1"]
+        tx.hold("cal", "2027-01-01T00:00:00Z", 5, 10)
+        assert not tx.take_approved_hold("cal")
+        tx.approve_held("cal")
+        assert tx.take_approved_hold("cal")
+        assert tx.first_via("sb-1") == "ehr"
+        tx.add_operation("op1", "cancel", {"why": "x"}, "2027-01-01T00:00:00Z", "admin", [("sb-1", 1)])
+        tx.operation_item_done("op1", "sb-1", "changed", 2)
+        tx.finish_operation("op1", "2027-01-01T00:00:01Z")
+        tx.replace_busy("cal", "dr_a", [("2027-01-04T09:00:00Z", "2027-01-04T10:00:00Z")])
+        tx.set_pending("zd", "sb-1", "z1", True, "2027-01-01T00:00:00Z")
+        tx.pending_failed("zd", "sb-1", "HTTP 500")
+        inbox = tx.inbox_put("cal", "2027-01-01T00:00:00Z", {}, b"x")
+        tx.inbox_done([inbox], "2027-01-01T00:00:01Z")
+        assert tx.inbox_prune("2027-01-02T00:00:00Z") == 1
+        assert tx.linked_statuses("cal") == [("e1", "booked")]
+        assert tx.plan_slots([("zd", "dr_a", "2027-01-04", "[]", "d1", 1), ("zd", "dr_a", "2027-01-05", "[]", "d1", 0)], 1.0) == 2
+        tx.slot_verify([("zd", "dr_a", "2027-01-05")], 1.0)
+        tx.slot_settled("zd", "dr_a", "2027-01-05", 2, "d1", "2027-01-01T00:00:00Z")
+        assert tx.slot_retry("zd", "dr_a", "2027-01-04", 50.0, "HTTP 503", strike=True) == 1
+        tx.slot_probe_now("zd", 2.0)
+        tx.slot_all_due("zd", 3.0)
+        tx.slot_dead("zd", "dr_a", "2027-01-06", "gone")
+        tx.slot_forget("zd", "dr_a", before="2027-01-01", keep=["2027-01-04", "2027-01-05"])
+        assert tx.set_degraded("cal", "one by one") and tx.set_degraded("cal", None)
+    with store.tx() as tx:
+        tx.outbox_retry("ehr", "sb-1", 100.0, "transient: refused")
+        assert tx.outbox_release("ehr", ["dr_a"], 20.0) == 1
+        tx.outbox_retry("ehr", "sb-1", 100.0, "transient: refused")
+        assert tx.outbox_probe("ehr", 30.0) == 1
+        assert tx.outbox_waiting("ehr") == 1
+        assert tx.outage_failed("ehr", 1.0, "refused").failures == 1
+        assert tx.outage_failed("ehr", 2.0, "refused").failures == 2
+        assert tx.outage_over("ehr") is not None
+        tx.outbox_dead("ehr", "sb-1", "HTTP 400")
+        assert tx.close_work("k:1", "2027-01-01T00:00:02Z", "admin")
+    state = store.connector_state("cal")
+    assert (state["cursor"], state["healthy"], state["note"], state["degraded"]) == ("c1", 0, "down", None)
+    assert [i.appointment_id for i in store.dead_letters()] == ["sb-1"] and store.outbox_counts() == {"ehr": (0, 1)}
+    assert "1 write dead-lettered" in store.connector_state("ehr")["note"]
+    with store.tx() as tx:
+        tx.outbox_now("ehr", "sb-1", 1, 5.0)
+    assert [(i.appointment_id, i.account) for i in store.outbox_due_per_account(10.0, "ehr", 2)] == [("sb-1", "dr_a")]
+    assert store.outbox_due_connectors(10.0) == ["ehr"] and store.outbox_next_due() == 5.0
+    assert [w.key for w in store.worklist(include_closed=True)] == ["k:1"] and store.worklist() == []
+    assert store.linked_live("cal", "2027-01-01") == ["e1"]
+    assert store.linked_in_window("cal", 1e12, "2027-01-01", "2027-02-01", ["dr_a"], within=True) == ["e1"]
+    assert store.linked_in_window("cal", 1e12, "2027-01-01", "2027-02-01", ["dr_a"], within=False) == []
+    assert store.busy_of("dr_a", "2027-01-04T00:00:00Z", "2027-01-05T00:00:00Z") == [("2027-01-04T09:00:00Z", "2027-01-04T10:00:00Z")]
+    assert [s["client_key"] for s in store.sessions_of("dr_a", "2027-01-01", "2027-02-01")] == ["c1"]
+    assert store.upcoming_of(["sb-1", "sb-none"], "2027-01-01") == [("sb-1", "dr_a")]
+    assert [a.id for a in store.live_sessions("dr_a", "2027-01-01", "2027-02-01")] == ["sb-1"]
+    assert [a.id for a in store.sessions_between(["dr_a"], "2027-01-01", "2027-02-01")] == ["sb-1"]
+    op = store.operation("op1")
+    assert op is not None and op.params == {"why": "x"} and op.finished_at == "2027-01-01T00:00:01Z"
+    assert [o.id for o in store.operations()] == ["op1"] and store.unfinished_operations() == []
+    assert [(i.state, i.version) for i in store.operation_items("op1")] == [("changed", 2)]
+    assert [s.day for s in store.slot_states("zd")] == ["2027-01-04", "2027-01-05"]
+    assert [s.day for s in store.slot_due(10.0)] == ["2027-01-04"] and store.slot_next_due() == 2.0
+    assert store.slot_due_by_connector() == {"zd": 2.0} and store.slot_dead_days("zd", "dr_a") == []
+    assert store.slot_counts() == {"zd": (2, 1, 0)}
+    assert [(p.external_id, p.last_error) for p in store.pending_bookings()] == [("z1", "HTTP 500")]
+    assert [v for v, *_ in store.history("sb-1")] == [1] and [link.external_id for link in store.links_of("cal")] == ["e1"]
+    assert set(store.applied_stamps("sb-1")) == {"cal"} and store.cursor("cal") == "c1"
+    head = store.audit_head()
+    assert head is None or store.audit_hashes([head[0]]) == {head[0]: head[1]}
