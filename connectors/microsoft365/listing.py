@@ -11,8 +11,9 @@ tags). The clinician's own events are never read further.
 
 A listing is complete for its mailboxes and window: the result names the mailboxes listed
 (``listed_accounts``, or ``complete`` for a pull from scratch) and the window, so the engine
-counts a linked session missing from it as gone. A missing session the connector remembers
-starting inside the window is read first, which tells a deletion from a move out of the window.
+counts a linked session missing from it as gone. A missing session the store links (or the
+connector remembers) starting inside the window is read first, which tells a deletion from a move
+out of the window: one read per session gone.
 A mailbox that fails is reported in ``failed_accounts`` and is not in the listing's scope; the
 next pull lists it again. The cursor holds no position, only the mode: a delta cursor met here (the
 option changed) raises CursorExpired, and the engine lists the window from scratch, matching
@@ -65,7 +66,7 @@ async def pull(connector: Microsoft365Connector, cursor: str | None, accounts: f
     if cursor is not None and not is_listing_cursor(cursor):
         raise CursorExpired("the stored cursor holds delta positions (changes was delta); listing the window")
     window = connector._window()
-    expected = _remembered_in(connector, window)
+    expected = _expected_in(connector, window, [c for c in connector.mailboxes if accounts is None or c in accounts])
     observations: list[Observation] = []
     failed: dict[str, SyncbridgeError] = {}
     listed: set[str] = set()
@@ -125,10 +126,13 @@ def _unchanged(connector: Microsoft365Connector, clinician: str, ext: str, event
     return None
 
 
-def _remembered_in(connector: Microsoft365Connector, window: tuple[datetime, datetime]) -> dict[str, set[str]]:
-    """Sessions remembered live and starting inside ``window``, by clinician: what each listing must show."""
+def _expected_in(connector: Microsoft365Connector, window: tuple[datetime, datetime], clinicians: list[str]) -> dict[str, set[str]]:
+    """Sessions live and starting inside ``window``, by clinician: what each listing must show.
+    Those the store holds (``Host.linked_between``, so after a restart too) and those remembered."""
     lo, hi = iso(window[0]), iso(window[1])
     out: dict[str, set[str]] = {}
+    for ext in connector.host.linked_between(lo, hi, clinicians):
+        out.setdefault(ext.partition("/")[0], set()).add(ext)
     for ext, seen in connector._seen.items():
         obs = seen.observation
         start = obs.fields.get("start")
