@@ -559,14 +559,16 @@ async def test_switching_changes_on_an_existing_store_relists_without_duplicates
 
 async def test_listing_mode_costs_the_pages_of_the_window_per_poll(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A poll with nothing changed costs one call per page of each mailbox's window: 200 events in
-    Dr Avery's calendar at ``page_size: 100`` are 2 pages, the other two mailboxes 1 each; no read."""
+    Dr Avery's calendar at ``page_size: 100`` are 2 pages, the other two mailboxes 1 each; no read,
+    and nothing for the merge (the unchanged sessions are not handed to it again)."""
     async with practice(tmp_path, monkeypatch, push=False, **LISTING) as p:
         assert p.connector.options.page_size == 100
         for i in range(199):  # beside her one session
             p.add_private("dr_a", next_weekday_at(7, days_ahead=1 + i))
         await p.engine.sync("outlook")
         mark = len(p.graph.emulator.log)
-        await p.engine.sync("outlook")
+        report = await p.engine.sync("outlook")
+        assert report.seen == 0
         calls = _calls_since(p.graph, mark)
         assert [path.split("/")[3] for _, path, _ in calls] == [MAILBOXES["dr_a"]] * 2 + [MAILBOXES["dr_b"], MAILBOXES["dr_c"]]
         assert all(path.endswith("/calendarView") and q["$top"] == "100" for _, path, q in calls), calls
