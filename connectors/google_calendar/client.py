@@ -3,9 +3,9 @@
 The client library is synchronous (httplib2), so each call runs in a worker thread of the
 connector's own pool (``in_thread``: the event loop's default pool has cpu count + 4 threads,
 fewer than the calls the outbox keeps in flight across a practice's calendars). An
-``httplib2.Http`` must not be shared between threads, so calls of one account take turns under an
-asyncio lock: waiting calls hold no worker thread, and other connectors' threaded work is never
-starved by a queue of Google calls. Knows events,
+``httplib2.Http`` must not be shared between threads, so each call takes an idle connection of its
+account (or opens one) for as long as it runs: calls of one calendar go side by side, as many as
+the outbox lets in flight for it (``account_concurrency``). Knows events,
 channels and credentials, nothing of appointments. Every failure leaves as a
 :mod:`syncbridge.errors` exception, translated here and only here; messages name the call and
 the status, never event content.
@@ -18,7 +18,8 @@ import contextlib
 import functools
 import json
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, TypeVar
@@ -168,11 +169,12 @@ class CalendarClient:
         self.notes = notes
         self._credentials = credentials
         self._timeout = timeout
-        self._http = google_auth_httplib2.AuthorizedHttp(credentials, http=httplib2.Http(timeout=timeout))
-        self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
-        #: idle connections for batch requests: each batch takes one, so batches run side by side
+        #: what a request is bound to for its credentials (a batch part's token); never sent over
+        self._http = google_auth_httplib2.AuthorizedHttp(credentials, http=_Unbound())
+        #: idle connections: each call or batch takes one while it runs, so calls run side by side
         #: without ever sharing an Http between threads
         self._spare: list[httplib2.Http] = []
+        self._refreshing = threading.Lock()
         #: API requests made (batch parts counted one by one, as Google's quota does)
         self.requests = 0
 
@@ -185,13 +187,15 @@ class CalendarClient:
         request.http = self._http
         return request
 
-    @property
-    def lock(self) -> asyncio.Lock:
-        """This account's turn to use its Http (one lock per event loop: the CLI runs several loops)."""
-        loop = asyncio.get_running_loop()
-        if loop not in self._locks:
-            self._locks = {loop: asyncio.Lock()}
-        return self._locks[loop]
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[google_auth_httplib2.AuthorizedHttp]:
+        """An idle connection of this account, as its own, for one call in a worker thread."""
+        self._fresh_credentials()
+        http = self._spare.pop() if self._spare else httplib2.Http(timeout=self._timeout)
+        try:
+            yield google_auth_httplib2.AuthorizedHttp(self._credentials, http=http)
+        finally:
+            self._spare.append(http)
 
     async def _run(self, what: str, make: Callable[[Any], HttpRequest], *, etag: str | None = None, changes: str | None = None) -> Any:
         """One call as this account; ``changes``: the calendar a write changes (``notes`` hear of
@@ -199,17 +203,17 @@ class CalendarClient:
 
         def run() -> Any:
             events, channels = _resources(self.api_root)
-            request = self.bind(make(events if what.startswith("events") else channels))
+            request = make(events if what.startswith("events") else channels)
             if etag is not None:
                 request.headers["If-Match"] = etag
             self.requests += 1
-            return _retry_dropped(lambda: request.execute(num_retries=0))
+            with self.connection() as http:
+                return _retry_dropped(lambda: request.execute(http=http, num_retries=0))
 
         try:
-            async with self.lock:
-                if changes is not None and self.notes is not None:
-                    self.notes.expect(changes)
-                return await in_thread(run)
+            if changes is not None and self.notes is not None:
+                self.notes.expect(changes)
+            return await in_thread(run)
         except Exception as err:
             raise translate(err, what, self.api_root) from err
 
@@ -295,9 +299,13 @@ class CalendarClient:
         await self._status("channels.stop", lambda c: c.stop(body={"id": channel_id, "resourceId": resource_id}), allow=(404,))
 
     def _fresh_credentials(self) -> None:
-        """Obtain an access token now (a batch part carries its own account's token)."""
-        if not self._credentials.valid:
-            self._credentials.refresh(google_auth_httplib2.Request(httplib2.Http(timeout=self._timeout)))
+        """Obtain an access token now, once for the calls starting together (a batch part carries
+        its own account's token)."""
+        if self._credentials.valid:
+            return
+        with self._refreshing:
+            if not self._credentials.valid:
+                self._credentials.refresh(google_auth_httplib2.Request(httplib2.Http(timeout=self._timeout)))
 
 
 async def _batch_read(parts: list[tuple[CalendarClient, Callable[[Any], HttpRequest]]], what: str, *, absent: int | None = None) -> list[Any]:
@@ -320,16 +328,13 @@ async def _batch_read(parts: list[tuple[CalendarClient, Callable[[Any], HttpRequ
             client._fresh_credentials()
             batch.add(client.bind(make(client.events)), request_id=str(offset + i))
             client.requests += 1
-        _retry_dropped(lambda: batch.execute(http=owner._http))
+        with owner.connection() as http:
+            _retry_dropped(lambda: batch.execute(http=http))
 
     for offset in range(0, len(parts), 50):
         chunk = parts[offset : offset + 50]
-        clients = sorted({id(c): c for c, _ in chunk}.values(), key=id)  # one order, so two batches never deadlock
         try:
-            async with contextlib.AsyncExitStack() as held:
-                for client in clients:
-                    await held.enter_async_context(client.lock)
-                await in_thread(run, offset, chunk)
+            await in_thread(run, offset, chunk)
         except Exception as err:
             raise batch_failed(err, what) from err
     return [results[i] for i in range(len(parts))]
@@ -420,11 +425,8 @@ async def batch_write(parts: Sequence[Part]) -> list[dict[str, Any] | int | None
             part.client._fresh_credentials()
             batch.add(part.request(), request_id=str(i))
             part.client.requests += 1
-        http = owner._spare.pop() if owner._spare else httplib2.Http(timeout=owner._timeout)
-        try:
-            _retry_dropped(lambda: batch.execute(http=google_auth_httplib2.AuthorizedHttp(owner._credentials, http=http)))
-        finally:
-            owner._spare.append(http)
+        with owner.connection() as http:
+            _retry_dropped(lambda: batch.execute(http=http))
 
     for part in parts:  # before sending: Google may notify a change before the batch is answered
         if part.client.notes is not None:

@@ -109,9 +109,8 @@ class GoogleCalendarConnector(CalendarConnector):
 
     capabilities = calendar_capabilities(push=True)
     Options = GoogleOptions
-    #: calls per calendar at once: its batch requests each take a connection of their own and run
-    #: side by side, its single calls share one and take turns (client.py); the accounts take turns
-    #: first, so with many clinicians each calendar has one call in flight
+    #: calls per calendar at once, each on a connection of its own (client.py); the accounts take
+    #: turns first, so every calendar has a call in flight before any has a second
     account_concurrency = 4
 
     def __init__(self, name: str, config: ConnectorConfig, practice: PracticeConfig) -> None:

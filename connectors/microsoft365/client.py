@@ -97,16 +97,40 @@ class GraphClient:
         self.graph_url = graph_url.rstrip("/")
         self.tokens = tokens
         self.page_size = page_size
-        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_bundle)) if ca_bundle else True
-        # as many idle connections kept as calls the outbox keeps in flight: with httpx's default of
-        # 20, each burst of writes closed the rest and opened them again, a TLS handshake each
-        self._http = httpx.AsyncClient(timeout=30.0, verify=verify, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+        # one TLS context for every pool (loading the CA file once)
+        self._verify = ssl.create_default_context(cafile=str(ca_bundle)) if ca_bundle else httpx.create_ssl_context()
+        # calls that span mailboxes (batches, subscriptions): as many idle connections kept as calls
+        # the outbox keeps in flight, so a burst of writes does not close and reopen them
+        self._http = self._pool(64)
+        # each mailbox's own calls on a pool of its own, as large as its concurrency: httpcore checks
+        # every pooled connection before each request, which with one pool of 64 cost more CPU than
+        # the rest of a write (bench/RESULTS.md, "single writes")
+        self._mailbox_http: dict[str, httpx.AsyncClient] = {}
         self._sems: dict[str, asyncio.Semaphore] = {}
         self._gathering: dict[str, asyncio.Lock] = {}
         self.requests = 0
 
+    def _pool(self, connections: int) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            timeout=30.0, verify=self._verify, limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        )
+
+    def _http_for(self, slots: dict[str, int]) -> httpx.AsyncClient:
+        """The mailbox's own pool for a call to one mailbox; the shared one for the rest."""
+        if len(slots) != 1:
+            return self._http
+        mailbox = next(iter(slots))
+        if not mailbox:
+            return self._http
+        pool = self._mailbox_http.get(mailbox)
+        if pool is None:
+            pool = self._mailbox_http[mailbox] = self._pool(MAILBOX_CONCURRENCY)
+        return pool
+
     async def close(self) -> None:
-        await self._http.aclose()
+        pools, self._mailbox_http = list(self._mailbox_http.values()), {}
+        for pool in (self._http, *pools):
+            await pool.aclose()
 
     def _sem(self, mailbox: str) -> asyncio.Semaphore:
         return self._sems.setdefault(mailbox.lower(), asyncio.Semaphore(MAILBOX_CONCURRENCY))
@@ -148,10 +172,11 @@ class GraphClient:
         full = url if url.startswith("https://") or url.startswith("http://") else f"{self.graph_url}/{url.lstrip('/')}"
         for attempt in range(2):
             hdrs = {"Authorization": f"Bearer {await self.tokens.token(clinician)}", "Accept": "application/json", **(headers or {})}
-            async with self._hold(slots if slots is not None else {mailbox.lower(): 1}):
+            held = slots if slots is not None else {mailbox.lower(): 1}
+            async with self._hold(held):
                 self.requests += 1
                 try:
-                    r = await self._http.request(method, full, json=json, headers=hdrs, params=params)
+                    r = await self._http_for(held).request(method, full, json=json, headers=hdrs, params=params)
                 except httpx.HTTPError as err:
                     raise unreachable(what, err) from err
             if r.status_code == 401 and attempt == 0:

@@ -9,10 +9,10 @@ etag already known (remembered, or the store's ``Host.known_etag`` after a resta
 without a further call; a changed or unknown one is read alone (``_fetch``: its own text, to find
 tags). The clinician's own events are never read further.
 
-A listing is complete for its mailboxes and window: the result names the mailboxes listed
-(``listed_accounts``, or ``complete`` for a pull from scratch) and the window, so the engine
-counts a linked session missing from it as gone. A missing session the connector remembers
-starting inside the window is read first, which tells a deletion from a move out of the window.
+Every session the store links (or the connector remembers) starting inside the window that a
+listing lacks is read on its own, which tells a deletion from a move out of the window: one read
+per session gone. So an incremental pull answers only what changed (unchanged sessions cost the
+merge nothing), and a pull from scratch answers every session as a ``complete`` listing.
 A mailbox that fails is reported in ``failed_accounts`` and is not in the listing's scope; the
 next pull lists it again. The cursor holds no position, only the mode: a delta cursor met here (the
 option changed) raises CursorExpired, and the engine lists the window from scratch, matching
@@ -65,21 +65,19 @@ async def pull(connector: Microsoft365Connector, cursor: str | None, accounts: f
     if cursor is not None and not is_listing_cursor(cursor):
         raise CursorExpired("the stored cursor holds delta positions (changes was delta); listing the window")
     window = connector._window()
-    expected = _remembered_in(connector, window)
+    expected = _expected_in(connector, window, [c for c in connector.mailboxes if accounts is None or c in accounts])
     observations: list[Observation] = []
     failed: dict[str, SyncbridgeError] = {}
-    listed: set[str] = set()
     for clinician, mailbox in connector.mailboxes.items():
         if accounts is not None and clinician not in accounts:
             continue
         try:
             may_read(connector, clinician)
-            found = await list_mailbox(connector, clinician, mailbox, window, expected.get(clinician, set()))
+            found = await list_mailbox(connector, clinician, mailbox, window, expected.get(clinician, set()), unchanged=cursor is None)
         except SyncbridgeError as err:  # this mailbox's own outcome: it is left out of the listing's scope
             failed[clinician] = unread(connector, clinician, mailbox, err)
             continue
         observations += found
-        listed.add(clinician)
     full = cursor is None
     log.debug("pulled", connector=connector.name, full=full, listing=True, scoped=accounts is not None, observations=len(observations),
               failed=sorted(failed))
@@ -87,13 +85,15 @@ async def pull(connector: Microsoft365Connector, cursor: str | None, accounts: f
     failed = unless_all_failed(failed, len(connector.mailboxes))
     if full:
         return PullResult(observations, CURSOR, complete=True, window=span, failed_accounts=failed)
-    return PullResult(observations, CURSOR, failed_accounts=failed, listed_accounts=frozenset(listed), window=span if listed else None)
+    # every session missing from a listing was read above: what changed is all there is to merge
+    return PullResult(observations, CURSOR, failed_accounts=failed)
 
 
 async def list_mailbox(connector: Microsoft365Connector, clinician: str, mailbox: str, window: tuple[datetime, datetime],
-                       expected: set[str]) -> list[Observation]:
-    """Every session in one mailbox's window. ``expected``: sessions remembered in the window; one
-    the listing lacks is read, so a move out of the window is not taken for a deletion."""
+                       expected: set[str], *, unchanged: bool = True) -> list[Observation]:
+    """The sessions in one mailbox's window (``unchanged``: those at a known etag too, else only
+    those that changed). ``expected``: sessions linked or remembered in the window; one the
+    listing lacks is read, so a move out of the window is not taken for a deletion."""
     events = await connector.client.calendar_view(clinician, mailbox, window, select=list(LISTING_FIELDS), expand=[EXT_ID, EXT_FIELDS])
     found: list[Observation] = []
     listed: set[str] = set()
@@ -104,7 +104,10 @@ async def list_mailbox(connector: Microsoft365Connector, clinician: str, mailbox
         ext = f"{clinician}/{event_id}"
         listed.add(ext)
         obs = _unchanged(connector, clinician, ext, event)
-        found.append(obs if obs is not None else await connector._fetch(clinician, mailbox, event_id, session=True))
+        if obs is None:
+            found.append(await connector._fetch(clinician, mailbox, event_id, session=True))
+        elif unchanged:
+            found.append(obs)
     for ext in sorted(expected - listed):
         found.append(await connector._fetch(clinician, mailbox, ext.partition("/")[2]))
     return found
@@ -125,10 +128,13 @@ def _unchanged(connector: Microsoft365Connector, clinician: str, ext: str, event
     return None
 
 
-def _remembered_in(connector: Microsoft365Connector, window: tuple[datetime, datetime]) -> dict[str, set[str]]:
-    """Sessions remembered live and starting inside ``window``, by clinician: what each listing must show."""
+def _expected_in(connector: Microsoft365Connector, window: tuple[datetime, datetime], clinicians: list[str]) -> dict[str, set[str]]:
+    """Sessions live and starting inside ``window``, by clinician: what each listing must show.
+    Those the store holds (``Host.linked_between``, so after a restart too) and those remembered."""
     lo, hi = iso(window[0]), iso(window[1])
     out: dict[str, set[str]] = {}
+    for ext in connector.host.linked_between(lo, hi, clinicians):
+        out.setdefault(ext.partition("/")[0], set()).add(ext)
     for ext, seen in connector._seen.items():
         obs = seen.observation
         start = obs.fields.get("start")

@@ -31,9 +31,10 @@ class Checkpointer:
     :meth:`close`), so a store that is no longer written holds no thread or connection.
     """
 
-    def __init__(self, path: Path, *, idle: float = 10.0) -> None:
+    def __init__(self, path: Path, *, idle: float = 10.0, gather: float = 0.2) -> None:
         self.path = path
         self.idle = idle
+        self.gather = gather
         self.checkpoints = 0
         #: what the last checkpoint reported: (busy, frames in the WAL, frames copied back)
         self.last: tuple[int, int, int] | None = None
@@ -83,6 +84,10 @@ class Checkpointer:
     def _next(self) -> bool:
         """Wait for a commit; False (and the thread forgotten) once idle or closed."""
         woken = self._wake.wait(self.idle)
+        if woken:
+            # the commits of the next moment join this checkpoint: the WAL starts over (and its
+            # writer syncs the new header) a few times a second under load, not after every commit
+            self._closed.wait(self.gather)
         with self._lock:
             if not woken or self._closed.is_set():
                 self._thread = None

@@ -286,7 +286,7 @@ class OutboxConfig(_Strict):
     #: calls in flight per connector (one write or one vendor batch each), within each system's own
     #: limits: per account (4 per Google calendar or Graph mailbox) and per server (an EHR, a
     #: directory, a CalDAV server: 8)
-    concurrency: int = Field(32, ge=1, le=64)
+    concurrency: int = Field(64, ge=1, le=64)
 
 
 class HttpConfig(_Strict):

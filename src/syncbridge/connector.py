@@ -253,6 +253,12 @@ class Host:
         listing tells an unchanged copy from an edited one after a restart too; None if unknown."""
         return None
 
+    def linked_between(self, lo: str, hi: str, clinicians: Sequence[str]) -> list[str]:
+        """External ids of the live copies of these clinicians' sessions starting in [lo, hi), as
+        the store holds them: what a listing of that window must show. A connector reads one
+        its listing lacks before it counts as gone (a move out of the window is not a deletion)."""
+        return []
+
     def degraded(self, note: str | None) -> None:
         """Say the connector works, but not as it should (its batch endpoint refused: each call goes
         on its own); None when it is back to normal. The status shows it beside the health."""

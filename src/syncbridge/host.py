@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from cryptography.fernet import Fernet, InvalidToken
 
@@ -90,6 +90,9 @@ class DaemonHost(Host):
     def known_etag(self, external_id: str) -> str | None:
         link = self.store.link_by_external(self.name, external_id)
         return link.etag if link is not None else None
+
+    def linked_between(self, lo: str, hi: str, clinicians: Sequence[str]) -> list[str]:
+        return self.store.linked_in_window(self.name, float("inf"), lo, hi, list(clinicians), within=True) if clinicians else []
 
     def degraded(self, note: str | None) -> None:
         super().degraded(note)

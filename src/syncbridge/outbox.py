@@ -23,17 +23,25 @@ import structlog
 
 from .account_turns import AccountTurns
 from .batching import BatchFallback
-from .connector import ApplyResult, Link, Observation, PullResult, Write
+from .connector import ApplyResult, Connector, Link, Observation, PullResult, Write
 from .engine import Engine
 from .errors import AuthError, ConflictError, PermanentError, SyncbridgeError, TransientError, error_kind
 from .model import CANCELLED_STATES, Appointment, Snapshot, iso
 from .retry import backoff_delay
 from .store import OutboxItem
 from .tx import Tx
+from .tx_group import TxGroup
 
 __all__ = ["ApplyReport", "Outbox", "backoff_delay"]
 
 log = structlog.get_logger("syncbridge.outbox")
+
+#: a due item about to be written: the item, the appointment, its copy's link and what the copy should hold
+Todo = tuple[OutboxItem, Appointment, Link | None, Snapshot]
+#: a write that landed: its todo and the system's answer
+Landed = tuple[OutboxItem, Appointment, Link | None, Snapshot, ApplyResult]
+#: fields a system reported back while applying: (appointment id, answer, what was written)
+Reported = tuple[str, ApplyResult, Snapshot]
 
 
 def chunks(items: list[OutboxItem], size: int) -> list[list[OutboxItem]]:
@@ -74,6 +82,8 @@ class Outbox:
         self.listeners: list[Callable[[str, str, float | None], None]] = []
         #: a refused vendor batch falls back to single writes (and the connector shows degraded)
         self.batches = BatchFallback(self.store, self.cfg.backoff_max)
+        #: the calls' decisions and records, sharing transactions
+        self.group = TxGroup(self.store)
 
     async def drain(self) -> ApplyReport:
         """Apply every due item, including items that fall due through re-merges meanwhile."""
@@ -151,33 +161,21 @@ class Outbox:
             await asyncio.gather(*running, return_exceptions=True)
 
     async def apply_chunk(self, name: str, items: list[OutboxItem], report: ApplyReport) -> None:
-        """Send one chunk of a connector's due items (one vendor batch) and record each outcome."""
+        """Send one chunk of a connector's due items (one vendor batch) and record each outcome.
+
+        The decision and the record each share a transaction with the chunks ready at the same
+        moment (:class:`TxGroup`): with one write per call, that is most of a write's store work."""
         connector = self.engine.connectors.get(name)
         now = iso(self.engine.clock())
-        todo: list[tuple[OutboxItem, Appointment, Link | None, Snapshot]] = []
-        with self.store.tx() as tx:
-            tx.prefetch(name, (), [i.appointment_id for i in items])
-            for item in items:
-                appt = tx.appointment(item.appointment_id)
-                if connector is None or appt is None:
-                    tx.outbox_done(name, item.appointment_id, 1 << 62)
-                    report.skipped += 1
-                    continue
-                link = tx.link(name, item.appointment_id)
-                desired = connector.capabilities.project(appt.fields)
-                if link is not None and (desired == link.base and not link.gone or link.gone and appt.fields["status"] in CANCELLED_STATES):
-                    # converged already, or a cancelled session whose copy is gone (the fan-out's rule)
-                    tx.outbox_done(name, item.appointment_id, appt.version)
-                    report.skipped += 1
-                    continue
-                todo.append((item, appt, link, desired))
+        todo, skipped = await self.group.run(functools.partial(self._decide, name, connector, items))
+        report.skipped += skipped
         if not todo or connector is None:
             return
         results = await self.batches.apply(connector, [Write(appt.id, desired, link) for _, appt, link, desired in todo])
         if len(results) != len(todo):
             log.error("apply_many_mismatch", connector=name, sent=len(todo), answered=len(results))
             results = [TransientError("the connector answered a batch with the wrong number of results")] * len(todo)
-        landed: list[tuple[OutboxItem, Appointment, Link | None, Snapshot, ApplyResult]] = []
+        landed: list[Landed] = []
         for (item, appt, link, desired), result in zip(todo, results, strict=True):
             if isinstance(result, ApplyResult):
                 landed.append((item, appt, link, desired, result))
@@ -185,43 +183,7 @@ class Outbox:
                 await self._failed(item, link, result, report)
         if not landed:
             return
-        reported: list[tuple[str, ApplyResult, Snapshot]] = []
-        vanished: list[Observation] = []
-        with self.store.tx() as tx:
-            self._reachable(tx, name, now, {appt.fields.get("clinician") or "" for _, appt, _, _, _ in landed})
-            tx.prefetch(name, (), [appt.id for _, appt, _, _, _ in landed])
-            for _item, appt, link, desired, result in landed:
-                if tx.link(name, appt.id) != link:
-                    # a pull recorded a later state of the copy while we were writing (someone edited it
-                    # right after our write landed): our answer is older, so keep the pull's view and
-                    # decide again from it rather than overwrite it with a stale etag
-                    tx.outbox_retry(name, appt.id, time.time(), "the copy changed while it was written; deciding again")
-                    tx.audit.add(now, "applied", name, appt.id, {"version": appt.version, "status": appt.fields["status"],
-                                 "disclosed": list(result.disclosed), "superseded": True})
-                    continue
-                if result.gone and link is not None and not link.gone and link.external_id:
-                    # the copy was deleted in the system since it was last read: that is what a read
-                    # answering 404 says, so it is merged as the system's deletion, never dead-lettered
-                    tx.outbox_done(name, appt.id, appt.version)
-                    tx.audit.add(now, "applied", name, appt.id, {"version": appt.version, "status": appt.fields["status"], "gone": True})
-                    vanished.append(Observation(external_id=link.external_id, canonical_id=appt.id, deleted=True))
-                    continue
-                # with fields reported back, the etag is left unknown until they are merged: if we stop
-                # in between, the next pull reads the copy as a change instead of as our echo
-                etag = None if result.reported else result.etag
-                tx.put_link(Link(name, appt.id, result.external_id, etag, desired, appt.version, gone=result.gone), applied_at=now)
-                tx.outbox_done(name, appt.id, appt.version)
-                tx.audit.add(now, "applied", name, appt.id, {"version": appt.version, "status": appt.fields["status"], "disclosed": list(result.disclosed)}
-                    | ({"steps": list(result.steps)} if result.steps else {}) | ({"attention": list(result.attention)} if result.attention else {}))
-                self._attention(tx, name, appt.id, result.attention, now)
-                current = tx.appointment(appt.id)
-                if current is not None and current.version > appt.version and connector.capabilities.project(current.fields) != desired:
-                    # the record moved on while we wrote, and its fan-out compared against the copy as
-                    # it was before this write (say, moved back to where the copy then was): the copy
-                    # now holds what we wrote, so it needs the record's current state after all
-                    tx.enqueue(name, appt.id, current.version, time.time())
-                if result.reported:
-                    reported.append((appt.id, result, desired))
+        vanished, reported = await self.group.run(functools.partial(self._record, name, connector, landed, now))
         if vanished:
             self.engine.observe(name, PullResult(vanished, cursor=None), advance=False)
         for appt_id, result, desired in reported:
@@ -234,6 +196,70 @@ class Outbox:
         for item, appt, _, _, _ in landed:
             self._tell(name, "applied", clock - item.due_at if item.attempts == 0 else None)
             log.info("applied", connector=name, appointment=appt.id, version=appt.version)
+
+    @staticmethod
+    def _decide(name: str, connector: Connector | None, items: list[OutboxItem], tx: Tx) -> tuple[list[Todo], int]:
+        """Which items still need a write (the rest are done already), and how many were skipped."""
+        tx.prefetch(name, (), [i.appointment_id for i in items])
+        todo: list[Todo] = []
+        skipped = 0
+        for item in items:
+            appt = tx.appointment(item.appointment_id)
+            if connector is None or appt is None:
+                tx.outbox_done(name, item.appointment_id, 1 << 62)
+                skipped += 1
+                continue
+            link = tx.link(name, item.appointment_id)
+            desired = connector.capabilities.project(appt.fields)
+            if link is not None and (desired == link.base and not link.gone or link.gone and appt.fields["status"] in CANCELLED_STATES):
+                # converged already, or a cancelled session whose copy is gone (the fan-out's rule)
+                tx.outbox_done(name, item.appointment_id, appt.version)
+                skipped += 1
+                continue
+            todo.append((item, appt, link, desired))
+        return todo, skipped
+
+    def _record(self, name: str, connector: Connector, landed: list[Landed], now: str, tx: Tx) -> tuple[list[Observation], list[Reported]]:
+        """Record the writes that landed: the copies' links, the outbox, the audit and the worklist.
+        Answers the copies found deleted meanwhile and the fields the systems reported back, for
+        the merge."""
+        reported: list[Reported] = []
+        vanished: list[Observation] = []
+        self._reachable(tx, name, now, {appt.fields.get("clinician") or "" for _, appt, _, _, _ in landed})
+        tx.prefetch(name, (), [appt.id for _, appt, _, _, _ in landed])
+        for _item, appt, link, desired, result in landed:
+            if tx.link(name, appt.id) != link:
+                # a pull recorded a later state of the copy while we were writing (someone edited it
+                # right after our write landed): our answer is older, so keep the pull's view and
+                # decide again from it rather than overwrite it with a stale etag
+                tx.outbox_retry(name, appt.id, time.time(), "the copy changed while it was written; deciding again")
+                tx.audit.add(now, "applied", name, appt.id, {"version": appt.version, "status": appt.fields["status"],
+                             "disclosed": list(result.disclosed), "superseded": True})
+                continue
+            if result.gone and link is not None and not link.gone and link.external_id:
+                # the copy was deleted in the system since it was last read: that is what a read
+                # answering 404 says, so it is merged as the system's deletion, never dead-lettered
+                tx.outbox_done(name, appt.id, appt.version)
+                tx.audit.add(now, "applied", name, appt.id, {"version": appt.version, "status": appt.fields["status"], "gone": True})
+                vanished.append(Observation(external_id=link.external_id, canonical_id=appt.id, deleted=True))
+                continue
+            # with fields reported back, the etag is left unknown until they are merged: if we stop
+            # in between, the next pull reads the copy as a change instead of as our echo
+            etag = None if result.reported else result.etag
+            tx.put_link(Link(name, appt.id, result.external_id, etag, desired, appt.version, gone=result.gone), applied_at=now)
+            tx.outbox_done(name, appt.id, appt.version)
+            tx.audit.add(now, "applied", name, appt.id, {"version": appt.version, "status": appt.fields["status"], "disclosed": list(result.disclosed)}
+                | ({"steps": list(result.steps)} if result.steps else {}) | ({"attention": list(result.attention)} if result.attention else {}))
+            self._attention(tx, name, appt.id, result.attention, now)
+            current = tx.appointment(appt.id)
+            if current is not None and current.version > appt.version and connector.capabilities.project(current.fields) != desired:
+                # the record moved on while we wrote, and its fan-out compared against the copy as
+                # it was before this write (say, moved back to where the copy then was): the copy
+                # now holds what we wrote, so it needs the record's current state after all
+                tx.enqueue(name, appt.id, current.version, time.time())
+            if result.reported:
+                reported.append((appt.id, result, desired))
+        return vanished, reported
 
     @staticmethod
     def _attention(tx: Tx, name: str, appt_id: str, lines: tuple[str, ...], now: str) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ import yaml
 from syncbridge.config import parse_config
 from syncbridge.connector import ApplyResult, Host, Write
 from syncbridge.engine import Engine
+from syncbridge.host import DaemonHost
 from syncbridge.model import empty_snapshot, iso, new_canonical_id
 from syncbridge.outbox import Outbox
 from syncbridge.registry import build_connectors
@@ -395,14 +398,11 @@ def _deltas(graph: RunningGraph) -> list[str]:
     return [path for _, path in graph.emulator.log if path.endswith("/calendarView/delta")]
 
 
-def _from_store(p: Practice) -> Any:
-    """What the daemon's host answers for ``known_etag``: the etag the store last recorded."""
-
-    def known_etag(external_id: str) -> str | None:
-        link = p.store.link_by_external("outlook", external_id)
-        return link.etag if link is not None else None
-
-    return known_etag
+def _as_daemon_host(p: Practice) -> None:
+    """Answer ``known_etag`` and ``linked_between`` as the daemon's host does: from the store."""
+    shim = SimpleNamespace(store=p.store, name="outlook")
+    p.connector.host.known_etag = functools.partial(DaemonHost.known_etag, shim)  # type: ignore[method-assign]
+    p.connector.host.linked_between = functools.partial(DaemonHost.linked_between, shim)  # type: ignore[method-assign]
 
 
 async def test_listing_mode_never_receives_a_private_event_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -471,25 +471,31 @@ async def test_listing_mode_after_a_restart_sees_deletions_but_not_in_a_mailbox_
 ) -> None:
     """After a restart (nothing remembered; the store knows each copy's etag) a poll reads no
     unchanged session and a retitled one in a single call; a session deleted in Outlook
-    meanwhile, missing from its mailbox's listing, is cancelled; the sessions of a mailbox that
+    meanwhile, missing from its mailbox's listing, is read once and cancelled; one moved beyond
+    the window, missing too, is read and moved, not cancelled; the sessions of a mailbox that
     answered 403 stay booked, in an incremental poll and in a full listing alike."""
     async with practice(tmp_path, monkeypatch, push=False, **LISTING) as p:
-        gone, kept, edited = (p.book("dr_a", next_weekday_at(h, days_ahead=9)) for h in (13, 14, 15))
+        gone, kept, edited, away = (p.book("dr_a", next_weekday_at(h, days_ahead=9)) for h in (13, 14, 15, 16))
         b_kept = p.book("dr_b", next_weekday_at(13, days_ahead=9))
         await p.outbox.drain()
         await p.engine.sync("outlook")
-        p.connector.host.known_etag = _from_store(p)  # type: ignore[method-assign]
+        _as_daemon_host(p)
         p.connector._seen.clear()  # what a restart forgets
         emu = p.graph.emulator
         emu.user_delete(MAILBOXES["dr_a"], p.event_id(gone))
         emu.user_update(MAILBOXES["dr_a"], p.event_id(edited), {"subject": "Client session #noshow"})
+        far = next_weekday_at(10, days_ahead=p.connector.options.window_days_ahead + 20)
+        emu.user_update(MAILBOXES["dr_a"], p.event_id(away), {"start": _utc(far), "end": _utc(far + timedelta(minutes=50))})
         emu.fail_mailbox(MAILBOXES["dr_b"], 403)
         mark = len(emu.log)
         report = await p.engine.sync("outlook")
         assert set(report.failed_accounts) == {"dr_b"}
-        reads = [q for _, path, q in _calls_since(p.graph, mark) if "/events/" in path]
-        assert len(reads) == 1 and "subject" in reads[0]["$select"], reads
+        reads = {path.rsplit("/", 1)[1]: q for _, path, q in _calls_since(p.graph, mark) if "/events/" in path}
+        assert sorted(reads) == sorted(p.event_id(a) for a in (gone, edited, away)), reads
+        assert "subject" in reads[p.event_id(edited)]["$select"]
         assert (p.store.appointment(gone) or _missing(gone)).cancelled
+        moved = p.store.appointment(away) or _missing(away)
+        assert not moved.cancelled and moved.fields["start"] == iso(far)
         assert (p.store.appointment(edited) or _missing(edited)).fields["cancellation"]["kind"] == "no_show"
         b_sessions = [link.appointment_id for link in p.store.links_of("outlook") if link.external_id and link.external_id.startswith("dr_b/")]
         assert b_kept in b_sessions and len(b_sessions) == 2
@@ -553,14 +559,16 @@ async def test_switching_changes_on_an_existing_store_relists_without_duplicates
 
 async def test_listing_mode_costs_the_pages_of_the_window_per_poll(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A poll with nothing changed costs one call per page of each mailbox's window: 200 events in
-    Dr Avery's calendar at ``page_size: 100`` are 2 pages, the other two mailboxes 1 each; no read."""
+    Dr Avery's calendar at ``page_size: 100`` are 2 pages, the other two mailboxes 1 each; no read,
+    and nothing for the merge (the unchanged sessions are not handed to it again)."""
     async with practice(tmp_path, monkeypatch, push=False, **LISTING) as p:
         assert p.connector.options.page_size == 100
         for i in range(199):  # beside her one session
             p.add_private("dr_a", next_weekday_at(7, days_ahead=1 + i))
         await p.engine.sync("outlook")
         mark = len(p.graph.emulator.log)
-        await p.engine.sync("outlook")
+        report = await p.engine.sync("outlook")
+        assert report.seen == 0
         calls = _calls_since(p.graph, mark)
         assert [path.split("/")[3] for _, path, _ in calls] == [MAILBOXES["dr_a"]] * 2 + [MAILBOXES["dr_b"], MAILBOXES["dr_c"]]
         assert all(path.endswith("/calendarView") and q["$top"] == "100" for _, path, q in calls), calls
