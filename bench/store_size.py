@@ -190,11 +190,12 @@ def main() -> None:
         per = {t: now[t][0] - before.get(t, (0, 0))[0] for t in now if now[t][0] != before.get(t, (0, 0))[0]}
         out["steps"].append({"step": step, "changes": changes, "rows_added": rows, "bytes_added": grown,
                              "rows_written_per_change": round((total_changes - written) / changes, 2),
-                             "bytes_per_change": round(grown / changes), "rows_per_change": {t: round(v / changes, 2) for t, v in per.items()}})
+                             "bytes_per_change": round(grown / changes),
+                             "rows_per_change": {t: round(v / changes, 2) for t, v in per.items()}})
         before, written = now, total_changes
     if args.postgresql:
-        done = subprocess.run([sys.executable, "-m", "syncbridge.cli", "migrate-store", "--config", str(tmp / "config.yaml"), "--to", args.postgresql],
-                              capture_output=True, text=True, env={"PYTHONPATH": f"{ROOT / 'bench'}:{':'.join(sys.path)}"})
+        command = [sys.executable, "-m", "syncbridge.cli", "migrate-store", "--config", str(tmp / "config.yaml"), "--to", args.postgresql]
+        done = subprocess.run(command, capture_output=True, text=True, env={"PYTHONPATH": f"{ROOT / 'bench'}:{':'.join(sys.path)}"})
         if done.returncode:
             print(done.stdout, done.stderr, file=sys.stderr)
         else:

@@ -370,7 +370,8 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
     if args.password_ref:
         kind, _, value = args.password_ref.partition(":")
         if kind not in ("env", "file", "credential") or not value:
-            raise ConfigError("--password-ref", f"{args.password_ref!r} is not a secret reference: give env:NAME, file:PATH or credential:NAME")
+            raise ConfigError("--password-ref", f"{args.password_ref!r} is not a secret reference: give env:NAME, file:PATH or "
+                              "credential:NAME")
         if not is_url(target):
             raise ConfigError("--password-ref", "the target is a SQLite file, which has no password")
         secret = SecretRef(**{kind: value})

@@ -247,7 +247,8 @@ def hold_lock(where: str, password: str | None) -> Any:
         return hold_instance_lock(Path(where))
     from .pg import PgConnection
 
-    conn = PgConnection.connect_once(where, password=password, application_name=f"syncbridge migrate-store pid {os.getpid()} on {socket.gethostname()}")
+    name = f"syncbridge migrate-store pid {os.getpid()} on {socket.gethostname()}"
+    conn = PgConnection.connect_once(where, password=password, application_name=name)
     if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", DAEMON_LOCK).fetchone()[0]:
         row = conn.execute(
             "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
@@ -390,7 +391,8 @@ def _next_step(target: str, password_ref: str | None) -> str:
         "next: point the config at the new store, keeping store.secret_key as it is (it decrypts the tokens copied with it):\n"
         f"  {store}\n"
         "then `syncbridge check --no-connect` and start the daemon (`systemctl start syncbridge`). The old store is unchanged: "
-        "keep it until the daemon runs well on the new one, and do not start a daemon on it again (it would miss what changes on the new one)"
+        "keep it until the daemon runs well on the new one, and do not start a daemon on it again (it would miss what changes "
+        "on the new one)"
     )
 
 

@@ -90,7 +90,8 @@ def fill(config: Path, sessions: int = 12) -> None:
         tx.plan_slots([("ehr", "dr_lee", "2027-03-02", '[["09:00","10:00"]]', "d1", 1)], 1.5e9)
         tx.add_operation("op-1", "cancel", {"clinician": "dr_kim"}, "2027-03-01T09:00:00Z", "admin", [(second.id, 2)])
         tx.hold("cal", "2027-03-01T09:00:00Z", 40, 50)
-        tx.replace_busy("cal", "dr_lee", [("2027-03-02T12:00:00Z", "2027-03-02T13:00:00Z"), ("2027-03-02T12:00:00Z", "2027-03-02T13:00:00Z")])
+        hour = ("2027-03-02T12:00:00Z", "2027-03-02T13:00:00Z")
+        tx.replace_busy("cal", "dr_lee", [hour, hour])  # the same interval twice: a table without a key keeps both
         tx.outage_failed("cal", 1.7e9 + 0.125, "503 from the vendor")
         tx.audit.add("2027-03-01T09:00:04Z", "note", None, None, {"text": "ünïcode ✓", "n": 1.25})
     store.close()
@@ -119,7 +120,9 @@ def practice(tmp_path: Path) -> Path:
     return config
 
 
-def test_a_store_goes_to_postgresql_and_back_unchanged(practice: Path, tmp_path: Path, postgres_cluster) -> None:  # type: ignore[no-untyped-def]
+def test_a_store_goes_to_postgresql_and_back_unchanged(  # type: ignore[no-untyped-def]
+    practice: Path, tmp_path: Path, postgres_cluster,
+) -> None:
     """SQLite -> PostgreSQL -> SQLite: every table, every row, the audit chain with its head, the same
     on all three; the source is not changed; the copy on PostgreSQL works as a store afterwards."""
     source = tmp_path / "store.db"
@@ -316,7 +319,9 @@ def test_a_copy_that_fails_half_way_leaves_an_empty_target(practice: Path, tmp_p
     assert done.returncode == 0, done.stderr
 
 
-def test_a_tampered_audit_chain_is_copied_as_evidence_when_asked(practice: Path, tmp_path: Path, postgres_cluster) -> None:  # type: ignore[no-untyped-def]
+def test_a_tampered_audit_chain_is_copied_as_evidence_when_asked(  # type: ignore[no-untyped-def]
+    practice: Path, tmp_path: Path, postgres_cluster,
+) -> None:
     """With --copy-broken-audit the chain is copied as it is, and breaks on the target exactly where it does on the source."""
     _tamper(tmp_path / "store.db")
     url = postgres_cluster.database()
