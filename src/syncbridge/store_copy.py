@@ -249,17 +249,33 @@ def hold_lock(where: str, password: str | None) -> Any:
 
     name = f"syncbridge migrate-store pid {os.getpid()} on {socket.gethostname()}"
     conn = PgConnection.connect_once(where, password=password, application_name=name)
-    if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", DAEMON_LOCK).fetchone()[0]:
-        row = conn.execute(
-            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = %s AND l.granted", DAEMON_LOCK,
-        ).fetchone()
+    taken = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", DAEMON_LOCK).fetchone()[0]
+    holder = _daemon_session(conn)
+    if not taken or holder is not None:
         conn.close()
         raise StoreError(
-            f"a syncbridge daemon ({row[0] if row else 'another session'}) is running on the store {redacted(where)}: stop it first "
+            f"a syncbridge daemon ({holder or 'another session'}) is running on the store {redacted(where)}: stop it first "
             "(`systemctl stop syncbridge`, on every machine that runs it), then copy"
         )
     return conn
+
+
+def _daemon_session(conn: Any) -> str | None:
+    """The application name of another session of this database holding a daemon's lock for its
+    life: the daemon's (``pg.DAEMON_LOCK``) or, where several workers share a database by leases,
+    any worker's (first key ``pg.WORKER_LOCK``). None: no daemon runs on it."""
+    from . import pg
+
+    worker = getattr(pg, "WORKER_LOCK", None)
+    either = " OR l.classid = %s" if worker is not None else ""
+    row = conn.execute(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid() "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        f"AND ((l.classid = %s AND l.objid = %s){either}) ORDER BY a.backend_start LIMIT 1",
+        (*DAEMON_LOCK, *((worker,) if worker is not None else ())),
+    ).fetchone()
+    return str(row[0]) if row else None
 
 
 def release_lock(lock: Any) -> None:

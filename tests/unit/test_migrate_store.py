@@ -212,6 +212,28 @@ def test_a_running_daemon_on_postgresql_is_refused(tmp_path: Path, postgres_clus
     assert not (tmp_path / "copy.db").exists()
 
 
+def test_a_running_worker_on_postgresql_is_refused(  # type: ignore[no-untyped-def]
+    tmp_path: Path, postgres_cluster, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where several workers share a database, each holds a lock of its own name (pg.WORKER_LOCK):
+    any of them running refuses the copy, named by its session."""
+    import psycopg
+
+    from syncbridge import pg, store_copy
+    from syncbridge.errors import StoreError
+
+    monkeypatch.setattr(pg, "WORKER_LOCK", getattr(pg, "WORKER_LOCK", 0x73796E64), raising=False)
+    url = postgres_cluster.database()
+    Store(url).close()
+    config = write_config(tmp_path, "pg.yaml", {"url": url})
+    with psycopg.connect(url, autocommit=True, application_name="syncbridge worker w1") as worker:
+        worker.execute("SELECT pg_advisory_lock(%s, hashtext('w1'))", (pg.WORKER_LOCK,))
+        with pytest.raises(StoreError) as err:
+            store_copy.migrate_store(load_config(config).store, str(tmp_path / "copy.db"), report=lambda _: None)
+    assert "a syncbridge daemon (syncbridge worker w1) is running on the store" in str(err.value)
+    assert not (tmp_path / "copy.db").exists()
+
+
 def test_a_target_with_rows_is_refused(practice: Path, tmp_path: Path) -> None:
     """A target that holds anything is refused, naming the tables with rows; it is not changed."""
     other = tmp_path / "other.db"
