@@ -302,8 +302,8 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg.store.url:
         raise StoreError(
-            "dry-run pulls into a scratch copy of a SQLite store; a copy of a PostgreSQL store comes with "
-            "`syncbridge migrate-store` (not in this release): run dry-run against a SQLite copy of the configuration"
+            "dry-run pulls into a scratch copy of a SQLite store: make one with `syncbridge migrate-store --to FILE` "
+            "(the daemon stopped), then run dry-run with a configuration whose store.path is that file"
         )
     scratch = Path(tempfile.mkdtemp(prefix="syncbridge-dry-run-")) / "scratch.db"
     if Path(cfg.store.path).exists():
@@ -350,6 +350,34 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     store.close()
     scratch.unlink(missing_ok=True)
     return 1 if failures else 0
+
+
+def cmd_migrate_store(args: argparse.Namespace) -> int:
+    """Copy the configured store into another (SQLite <-> PostgreSQL) and verify the copy (store_copy.py)."""
+    from .pg import is_url
+    from .secrets import SecretRef
+    from .store_copy import migrate_store
+
+    cfg = _config(args)
+    target = args.to
+    if is_url(target):
+        from urllib.parse import urlsplit
+
+        if urlsplit(target).password is not None or "password=" in target.lower():
+            raise ConfigError("--to", "the URL holds a password: leave it out and give it by reference, --password-ref env:NAME, "
+                              "file:PATH or credential:NAME (or libpq's ~/.pgpass)")
+    password, ref = None, None
+    if args.password_ref:
+        kind, _, value = args.password_ref.partition(":")
+        if kind not in ("env", "file", "credential") or not value:
+            raise ConfigError("--password-ref", f"{args.password_ref!r} is not a secret reference: give env:NAME, file:PATH or "
+                              "credential:NAME")
+        if not is_url(target):
+            raise ConfigError("--password-ref", "the target is a SQLite file, which has no password")
+        secret = SecretRef(**{kind: value})
+        password, ref = secret.reveal(), f"{{{kind}: {value}}}"
+    return migrate_store(cfg.store, target, password=password, password_ref=ref, copy_broken_audit=args.copy_broken_audit,
+                         report=functools.partial(print, flush=True))
 
 
 def cmd_auth(args: argparse.Namespace) -> int:
@@ -484,6 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     dr = add("dry-run", cmd_dry_run, "read every system and show what the daemon would write, without writing anything")
     dr.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
     dr.add_argument("--all", action="store_true", help="show every row")
+    ms = add("migrate-store", cmd_migrate_store, "copy the store into a new PostgreSQL database or SQLite file, every table and "
+             "the audit chain, then verify the copy (the daemon stopped; the source is only read)")
+    ms.add_argument("--to", required=True, metavar="URL_OR_PATH", help="the new store: postgresql://ROLE@HOST/DATABASE (no password in "
+                    "it; the database exists and is empty) or the path of a new SQLite file")
+    ms.add_argument("--password-ref", metavar="REF", help="the target database's password by reference: env:NAME, file:PATH or "
+                    "credential:NAME (systemd); default: libpq's own (~/.pgpass, peer or certificate authentication)")
+    ms.add_argument("--copy-broken-audit", action="store_true", help="copy an audit chain that does not verify as it is (refused "
+                    "by default): the copy is verified to break exactly where the source does")
     au = add("auth", cmd_auth, "sign one clinician in to a connector interactively (OAuth); the token is stored encrypted")
     au.add_argument("connector", help="connector name from the config (e.g. google)")
     au.add_argument("clinician", help="clinician key from the config")
