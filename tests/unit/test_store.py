@@ -8,6 +8,7 @@ import os
 import sqlite3
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,9 +151,8 @@ def test_integrity_check_refuses_a_damaged_file(tmp_path: Path) -> None:
         damaged.check_integrity()
 
 
-def test_both_engines_hold_the_same_rows(stores, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """What the store is given comes back the same on either engine: text, numbers, bytes, JSON, NULLs."""
-    from syncbridge.connector import Link
+def _one_session(stores, tmp_path: Path) -> tuple[Store, dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """A store on the engine under test holding Dr A's booked session sb-1, and its snapshot."""
     from syncbridge.model import empty_snapshot
 
     store = stores(tmp_path / "s.db")
@@ -160,6 +160,15 @@ def test_both_engines_hold_the_same_rows(stores, tmp_path: Path) -> None:  # typ
     snap.update(clinician="dr_a", client_key="c1", start="2027-01-04T14:00:00Z", end="2027-01-04T14:50:00Z", timezone="UTC", status="booked")
     with store.tx() as tx:
         tx.put_appointment("sb-1", snap, 1, "2027-01-01T00:00:00Z", "ehr")
+    return store, snap
+
+
+def test_both_engines_hold_the_same_rows(stores, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """What the store is given comes back the same on either engine: text, numbers, bytes, JSON, NULLs."""
+    from syncbridge.connector import Link
+
+    store, snap = _one_session(stores, tmp_path)
+    with store.tx() as tx:
         tx.put_link(Link("cal", "sb-1", "e1", "x", {"start": "é"}, 1))
         tx.enqueue("cal", "sb-1", 1, 1234567890.123456)
         inbox = tx.inbox_put("cal", "2027-01-01T00:00:00Z", {"x-sig": "1"}, b"\x00\xffbody")
@@ -234,13 +243,9 @@ def test_an_unreachable_postgresql_says_what_to_do(tmp_path: Path) -> None:
 def test_every_statement_runs_on_both_engines(stores, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Each read and write of the store, once, with what it answers: none is spelled for one engine only."""
     from syncbridge.connector import Link
-    from syncbridge.model import empty_snapshot
 
-    store = stores(tmp_path / "s.db")
-    snap = empty_snapshot()
-    snap.update(clinician="dr_a", client_key="c1", start="2027-01-04T14:00:00Z", end="2027-01-04T14:50:00Z", timezone="UTC", status="booked")
+    store, snap = _one_session(stores, tmp_path)
     with store.tx() as tx:
-        tx.put_appointment("sb-1", snap, 1, "2027-01-01T00:00:00Z", "ehr")
         tx.put_link(Link("cal", "sb-1", "e1", "x", {}, 1), applied_at="2027-01-01T00:00:00Z")
         tx.enqueue("ehr", "sb-1", 1, 10.0)
         assert tx.set_cursor("cal", "c1", "2027-01-01T00:00:00Z", full=True, only_from=(None,))
