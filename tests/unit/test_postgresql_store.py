@@ -10,17 +10,9 @@ import pytest
 from syncbridge.config import parse_config
 from syncbridge.errors import ConfigError, StoreError
 from syncbridge.pg import redacted, to_postgresql
+from tests.unit.test_config import GOOD
 
-BASE = """\
-clinicians:
-  dr_lee:
-    accounts:
-      cal: {}
-connectors:
-  cal:
-    type: tests.support.replica:ReplicaConnector
-    path: /tmp/x.db
-"""
+BASE = GOOD  # a valid config, to which each test adds its store section
 
 
 def _config(store: str):  # type: ignore[no-untyped-def]
