@@ -21,7 +21,9 @@ class AccountTurns:
     """One connector's due writes per account, refreshed from the store at most every ``refresh`` seconds
     (or sooner, once every account's share was handed out)."""
 
-    def __init__(self, store: Store, connector: str, *, size: int, per_account: int, refresh: float = 0.5, lease_seconds: float = 30.0) -> None:
+    def __init__(
+        self, store: Store, connector: str, *, size: int, per_account: int, refresh: float = 0.5, lease_seconds: float = 30.0,
+    ) -> None:
         self.store, self.connector, self.size, self.per_account, self.refresh = store, connector, size, per_account, refresh
         #: how long the writes read stay this worker's (several workers on PostgreSQL claim them)
         self.lease_seconds = lease_seconds

@@ -127,7 +127,8 @@ class Outbox:
             if account is not None and (left := busy.pop(account) - 1) > 0:
                 busy[account] = left
 
-        turns = AccountTurns(self.store, name, size=size, per_account=per_account, lease_seconds=self.lease_seconds) if per_account is not None else None
+        turns = (AccountTurns(self.store, name, size=size, per_account=per_account, lease_seconds=self.lease_seconds)
+                 if per_account is not None else None)
         while not self.halt.is_set() and self.may(name):
             if turns is not None:  # the accounts take turns, each with its vendor's limit of calls in flight
                 if turns.due() and not turns.read(inflight, sends, self.max_sends) and not running:

@@ -569,11 +569,14 @@ class Store:
             self.conn.execute("UPDATE outbox SET leased_by = NULL, lease_until = NULL WHERE leased_by = ?", (worker,))
             self.conn.execute("UPDATE leases SET leased_by = NULL, lease_until = 0 WHERE leased_by = ?", (worker,))
             return
-        self.conn.executemany("UPDATE leases SET leased_by = NULL, lease_until = 0 WHERE name = ? AND leased_by = ?", [(n, worker) for n in names])
+        self.conn.executemany(
+            "UPDATE leases SET leased_by = NULL, lease_until = 0 WHERE name = ? AND leased_by = ?", [(n, worker) for n in names]
+        )
 
     def inbox_connectors(self) -> list[str]:
         """Connectors with notifications waiting (stored by whichever worker received them)."""
-        return [r[0] for r in self.conn.execute("SELECT DISTINCT connector FROM webhook_inbox WHERE processed_at IS NULL ORDER BY connector")]
+        sql = "SELECT DISTINCT connector FROM webhook_inbox WHERE processed_at IS NULL ORDER BY connector"
+        return [r[0] for r in self.conn.execute(sql)]
 
     def outbox_due_connectors(self, now: float) -> list[str]:
         """Connectors with at least one write due now."""

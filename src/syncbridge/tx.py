@@ -262,10 +262,12 @@ class Tx:
         self.flush()
         key = self._key_of(appointment_id)
         held, holder = self._held()
-        if self.conn.execute(f"DELETE FROM outbox WHERE connector = ? AND appt = ? AND target_version <= ?{held}", (connector, key, version, *holder)).rowcount:
+        done = f"DELETE FROM outbox WHERE connector = ? AND appt = ? AND target_version <= ?{held}"
+        if self.conn.execute(done, (connector, key, version, *holder)).rowcount:
             return
         if held:  # a newer version stays queued: free for the next claim at once
-            self.conn.execute(f"UPDATE outbox SET leased_by = NULL, lease_until = NULL WHERE connector = ? AND appt = ?{held}", (connector, key, *holder))
+            free = f"UPDATE outbox SET leased_by = NULL, lease_until = NULL WHERE connector = ? AND appt = ?{held}"
+            self.conn.execute(free, (connector, key, *holder))
         # a newer version stays queued: this write landed, so the failures before it no longer count
         self.conn.execute(
             "UPDATE outbox SET attempts = 0, strikes = 0, last_error = NULL WHERE connector = ? AND appt = ? AND attempts > 0", (connector, key)
@@ -277,7 +279,8 @@ class Tx:
         held, holder = self._held()
         lease = ", leased_by = NULL, lease_until = NULL" if held else ""
         self.conn.execute(
-            f"UPDATE outbox SET attempts = attempts + 1, strikes = strikes + ?, due_at = ?, last_error = ?{lease} WHERE connector = ? AND appt = ?{held}",
+            f"UPDATE outbox SET attempts = attempts + 1, strikes = strikes + ?, due_at = ?, last_error = ?{lease} "
+            f"WHERE connector = ? AND appt = ?{held}",
             (int(strike), due_at, error, connector, self._key_of(appointment_id), *holder),
         )
 
