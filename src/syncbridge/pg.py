@@ -40,7 +40,7 @@ from .errors import StoreError
 __all__ = ["DAEMON_LOCK", "WORKER_LOCK", "WRITE_LOCK", "PgConnection", "is_url", "redacted", "to_postgresql"]
 
 #: advisory lock keys (one namespace per database): every write transaction holds the first; the
-#: daemon holds the second for its whole life (instance_lock.py), as it holds a flock on SQLite
+#: second was the one daemon's of the releases before workers (no longer taken: see WORKER_LOCK)
 WRITE_LOCK = (0x73796E63, 1)
 DAEMON_LOCK = (0x73796E63, 2)
 #: the first key of each worker's lock, held for its whole life; the second is ``hashtext`` of its

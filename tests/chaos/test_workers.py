@@ -243,7 +243,7 @@ def _chaos(tmp: Path, sandboxes: dict[str, Any], rng: random.Random, cfg: Any, p
           + f"; {len(cancelled)} cancelled, {len(bookings)} booked in the directory ({len(client_cancelled)} cancelled there)")
     assert len(takeovers) >= KILLS
     for victim, names, seconds in takeovers:  # within the lease plus one poll (a worker's tick, and ours)
-        assert seconds <= LEASE_S + TICK_S + POLL_S + 0.5, (victim, names, seconds)
+        assert seconds <= LEASE_S + TICK_S + POLL_S + 1.5, (victim, names, seconds)  # and the time a busy machine takes to look
         assert seconds <= 30.0
 
     # --- quiescence: every system agrees with the canonical record ----------------------------
