@@ -116,10 +116,19 @@ def hold_store_lock(cfg: StoreConfig) -> Any:
     On PostgreSQL, one per worker name (several workers share the database by leases)."""
     if not cfg.url:
         return hold_instance_lock(Path(cfg.path))
-    from .pg import WORKER_LOCK
+    from .pg import DAEMON_LOCK, WORKER_LOCK
 
     worker = worker_name(cfg)
     conn = _lock_session(cfg, f"syncbridge pid {os.getpid()} on {socket.gethostname()} worker {worker}"[:63])
+    # a daemon of a release before workers holds DAEMON_LOCK alone and knows nothing of leases: it
+    # would work on everything beside the workers. Every worker holds it shared, so neither starts
+    # while the other kind runs
+    if not conn.execute("SELECT pg_try_advisory_lock_shared(%s, %s)", DAEMON_LOCK).fetchone()[0]:
+        conn.close()
+        raise StoreError(
+            f"a syncbridge daemon of an earlier release (one daemon per database, no workers) is running on the store "
+            f"{cfg.where}: stop it first (`systemctl stop syncbridge` there), then start the workers"
+        )
     if not conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (WORKER_LOCK, worker)).fetchone()[0]:
         holder = next(iter(_database_holders(conn, worker)), None) or "a syncbridge daemon"
         conn.close()

@@ -40,7 +40,8 @@ from .errors import StoreError
 __all__ = ["DAEMON_LOCK", "WORKER_LOCK", "WRITE_LOCK", "PgConnection", "is_url", "redacted", "to_postgresql"]
 
 #: advisory lock keys (one namespace per database): every write transaction holds the first; the
-#: second was the one daemon's of the releases before workers (no longer taken: see WORKER_LOCK)
+#: second was the one daemon's of the releases before workers, taken alone; every worker now holds
+#: it shared, so a daemon of an earlier release and workers never run on one database at once
 WRITE_LOCK = (0x73796E63, 1)
 DAEMON_LOCK = (0x73796E63, 2)
 #: the first key of each worker's lock, held for its whole life; the second is ``hashtext`` of its
