@@ -83,6 +83,8 @@ class Daemon:
             self.store.worker = self.worker
         self.leases = Leases(self.store, self.worker, config.store.lease_seconds, [*self.connectors, PRACTICE_JOBS])
         self.leases.gained.append(self._gained)
+        #: push channels being set up for connectors taken over
+        self._maintaining: set[asyncio.Task[None]] = set()
         self.leases.busy = self._pulling
         self.outbox.may = self.leases.holds
         self.outbox.lease_seconds = config.store.lease_seconds
@@ -158,7 +160,10 @@ class Daemon:
             self.availability_due.set()
         elif name in self.connectors:
             self.wake(name)
-            asyncio.get_running_loop().create_task(self._maintain_one(name))
+            if self.ready.is_set():  # at start the scheduled maintenance does it, once the listener is up
+                task = asyncio.get_running_loop().create_task(self._maintain_one(name))
+                self._maintaining.add(task)
+                task.add_done_callback(self._maintaining.discard)
         self.poke.set()
 
     def _shared_inbox(self) -> None:
