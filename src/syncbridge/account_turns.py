@@ -21,8 +21,12 @@ class AccountTurns:
     """One connector's due writes per account, refreshed from the store at most every ``refresh`` seconds
     (or sooner, once every account's share was handed out)."""
 
-    def __init__(self, store: Store, connector: str, *, size: int, per_account: int, refresh: float = 0.5) -> None:
+    def __init__(
+        self, store: Store, connector: str, *, size: int, per_account: int, refresh: float = 0.5, lease_seconds: float = 30.0,
+    ) -> None:
         self.store, self.connector, self.size, self.per_account, self.refresh = store, connector, size, per_account, refresh
+        #: how long the writes read stay this worker's (several workers on PostgreSQL claim them)
+        self.lease_seconds = lease_seconds
         #: writes read per account: enough for every call the account may have in flight, twice over
         self.depth = max(size * per_account * 2, 4)
         self._queues: dict[str, deque[OutboxItem]] = {}
@@ -36,7 +40,8 @@ class AccountTurns:
     def read(self, skip: Container[str], skip_sends: Mapping[str, int], max_sends: int) -> bool:
         """Read the due writes again (leaving out those in flight or sent too often); False if none."""
         self._read_at = time.monotonic()
-        items = self.store.outbox_due_per_account(time.time(), self.connector, self.depth)
+        clock = time.time()
+        items = self.store.claim_writes_per_account(self.store.worker, self.connector, self.depth, clock, clock + self.lease_seconds)
         queues: dict[str, deque[OutboxItem]] = {}
         for item in items:
             if item.appointment_id in skip or skip_sends.get(item.appointment_id, 0) >= max_sends:

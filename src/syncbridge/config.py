@@ -74,6 +74,12 @@ class StoreConfig(_Strict):
     password: SecretRef | None = None
     #: connections to PostgreSQL this process opens at most
     pool_size: int = Field(4, ge=1, le=100)
+    #: this worker's name among the workers sharing one PostgreSQL database (default HOSTNAME:PID);
+    #: two running workers never share a name (the second is refused). Not used with SQLite.
+    worker: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:@-]{1,40}$")
+    #: seconds a worker's leases (connectors, claimed writes) last unless renewed (every third of
+    #: it): a worker killed or cut off has its work taken over within this plus one second
+    lease_seconds: float = Field(30.0, ge=2, le=600)
 
     @field_validator("url")
     @classmethod

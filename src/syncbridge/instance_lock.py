@@ -6,10 +6,11 @@ system twice (a second event in a calendar). The daemon holds an exclusive ``flo
 (a SIGKILL included), so a crashed daemon never blocks its successor. CLI commands do not take
 it: they work in short transactions alongside the daemon.
 
-On PostgreSQL the same rule is kept with a session advisory lock, held on a connection of the
-daemon's own for its whole life: the server drops it when that connection ends, however the
-daemon ends (a machine lost too, once TCP keepalives give up on it). Several workers sharing one
-database by leases come with the next step of issue 26; until then, one daemon per database.
+On PostgreSQL several daemons (workers) share one database, each working only on what it holds
+a lease for (leases.py). The rule becomes one daemon per worker name: a session advisory lock
+keyed by the name, held on a connection of the worker's own for its whole life; the server drops
+it when that connection ends, however the worker ends (a machine lost too, once TCP keepalives
+give up on it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .errors import StoreError
 if TYPE_CHECKING:
     from .config import StoreConfig
 
-__all__ = ["daemon_pid", "hold_instance_lock", "hold_store_lock", "release", "store_daemon_pid"]
+__all__ = ["daemon_pid", "hold_instance_lock", "hold_store_lock", "release", "store_daemon_pid", "worker_name"]
 
 #: how long a starting daemon waits for the lock: ``daemon_pid`` holds it for an instant
 _PATIENCE_S = 2.0
@@ -92,31 +93,48 @@ def _lock_session(cfg: StoreConfig, name: str) -> Any:
     return PgConnection.connect_once(str(cfg.url), password=password, application_name=name)
 
 
-def _database_holder(conn: Any) -> str | None:
-    """The application name of the session holding the daemon's lock (None: nobody holds it)."""
-    from .pg import DAEMON_LOCK
+def _database_holders(conn: Any, worker: str | None = None) -> list[str]:
+    """The application names of the sessions holding a worker's lock (of ``worker``, or of any)."""
+    from .pg import WORKER_LOCK
 
-    row = conn.execute(
+    named = " AND l.objid = (hashtext(%s)::bigint & 4294967295)::oid" if worker is not None else ""
+    rows = conn.execute(
         "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-        "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = %s AND l.granted",
-        DAEMON_LOCK,
-    ).fetchone()
-    return str(row[0]) if row else None
+        f"WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objsubid = 2 AND l.granted{named} ORDER BY a.backend_start",
+        (WORKER_LOCK, *((worker,) if worker is not None else ())),
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def worker_name(cfg: StoreConfig) -> str:
+    """This worker's name: ``store.worker``, or HOSTNAME:PID."""
+    return cfg.worker or f"{socket.gethostname()}:{os.getpid()}"
 
 
 def hold_store_lock(cfg: StoreConfig) -> Any:
-    """The daemon's lock on its store, whichever the engine; give it back with :func:`release`."""
+    """The daemon's lock on its store, whichever the engine; give it back with :func:`release`.
+    On PostgreSQL, one per worker name (several workers share the database by leases)."""
     if not cfg.url:
         return hold_instance_lock(Path(cfg.path))
-    from .pg import DAEMON_LOCK
+    from .pg import DAEMON_LOCK, WORKER_LOCK
 
-    conn = _lock_session(cfg, f"syncbridge daemon pid {os.getpid()} on {socket.gethostname()}")
-    if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", DAEMON_LOCK).fetchone()[0]:
-        holder = _database_holder(conn) or "a syncbridge daemon"
+    worker = worker_name(cfg)
+    conn = _lock_session(cfg, f"syncbridge pid {os.getpid()} on {socket.gethostname()} worker {worker}"[:63])
+    # a daemon of a release before workers holds DAEMON_LOCK alone and knows nothing of leases: it
+    # would work on everything beside the workers. Every worker holds it shared, so neither starts
+    # while the other kind runs
+    if not conn.execute("SELECT pg_try_advisory_lock_shared(%s, %s)", DAEMON_LOCK).fetchone()[0]:
         conn.close()
         raise StoreError(
-            f"another syncbridge daemon ({holder}) is already running on the store {cfg.where}: stop it first "
-            f"(`systemctl stop syncbridge` there), or give this one a database of its own"
+            f"a syncbridge daemon of an earlier release (one daemon per database, no workers) is running on the store "
+            f"{cfg.where}: stop it first (`systemctl stop syncbridge` there), then start the workers"
+        )
+    if not conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (WORKER_LOCK, worker)).fetchone()[0]:
+        holder = next(iter(_database_holders(conn, worker)), None) or "a syncbridge daemon"
+        conn.close()
+        raise StoreError(
+            f"another syncbridge daemon ({holder}) is already running as worker {worker} on the store {cfg.where}: stop it "
+            f"first (`systemctl stop syncbridge` there), or give this one another store.worker name"
         )
     return conn
 
@@ -136,12 +154,13 @@ def store_daemon_pid(cfg: StoreConfig) -> int | None:
         return daemon_pid(Path(cfg.path))
     conn = _lock_session(cfg, "syncbridge status")
     try:
-        holder = _database_holder(conn)
+        holders = _database_holders(conn)
     finally:
         conn.close()
-    if holder is None:
+    if not holders:
         return None
-    words = holder.split()
-    if len(words) == 6 and words[4] == "on" and words[5] == socket.gethostname() and words[3].isdigit():
-        return int(words[3])
+    for holder in holders:  # "syncbridge pid N on HOST worker NAME"
+        words = holder.split()
+        if len(words) >= 5 and words[1] == "pid" and words[2].isdigit() and words[4] == socket.gethostname()[: len(words[4])]:
+            return int(words[2])
     return -1

@@ -383,6 +383,25 @@ MIGRATIONS: list[tuple[int, str]] = [
         ) WITHOUT ROWID
         """,
     ),
+    (
+        13,
+        """
+        -- several workers on one PostgreSQL database share the work by leases with an expiry
+        -- (docs/postgresql.md, Workers): a claimed outbox row names its worker until lease_until,
+        -- and the worker's record of the write holds only while the row is still its own
+        ALTER TABLE outbox ADD COLUMN leased_by TEXT;
+        ALTER TABLE outbox ADD COLUMN lease_until REAL;
+        CREATE INDEX outbox_leased ON outbox (leased_by) WHERE leased_by IS NOT NULL;
+        -- one row per connector (what is pulled, one cursor per connector) and per job run once
+        -- for the practice (availability, audit anchors), held by one worker at a time, and one
+        -- row per live worker (its heartbeat, named worker:NAME), renewed with its leases
+        CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            leased_by TEXT,
+            lease_until REAL NOT NULL DEFAULT 0
+        ) WITHOUT ROWID
+        """,
+    ),
 ]
 
 

@@ -84,6 +84,10 @@ class Outbox:
         self.batches = BatchFallback(self.store, self.cfg.backoff_max)
         #: the calls' decisions and records, sharing transactions
         self.group = TxGroup(self.store)
+        #: whether this worker may write to a connector now (it holds the connector's lease; with one
+        #: worker, always), and how long a claimed write stays its own (runtime.py, leases.py)
+        self.may: Callable[[str], bool] = lambda _name: True
+        self.lease_seconds = 30.0
 
     async def drain(self) -> ApplyReport:
         """Apply every due item, including items that fall due through re-merges meanwhile."""
@@ -92,7 +96,7 @@ class Outbox:
         try:
             while not self.halt.is_set():
                 for name in self.store.outbox_due_connectors(time.time()):
-                    if name not in feeders:
+                    if name not in feeders and self.may(name):
                         feeders[name] = asyncio.create_task(self._feed(name, report))
                 if not feeders:
                     break
@@ -123,15 +127,17 @@ class Outbox:
             if account is not None and (left := busy.pop(account) - 1) > 0:
                 busy[account] = left
 
-        turns = AccountTurns(self.store, name, size=size, per_account=per_account) if per_account is not None else None
-        while not self.halt.is_set():
+        turns = (AccountTurns(self.store, name, size=size, per_account=per_account, lease_seconds=self.lease_seconds)
+                 if per_account is not None else None)
+        while not self.halt.is_set() and self.may(name):
             if turns is not None:  # the accounts take turns, each with its vendor's limit of calls in flight
                 if turns.due() and not turns.read(inflight, sends, self.max_sends) and not running:
                     break
                 pending = iter(lambda: turns.take(busy) if not self.halt.is_set() else None, None)
             else:
                 want = max(self.cfg.batch, size * at_once * 2)
-                due = self.store.outbox_due(time.time(), want + len(inflight), connector=name)
+                clock = time.time()
+                due = self.store.claim_writes(self.store.worker, name, want + len(inflight), clock, clock + self.lease_seconds)
                 items = [i for i in due if i.appointment_id not in inflight and sends[i.appointment_id] < self.max_sends][:want]
                 if not items and not running:
                     break
@@ -342,9 +348,10 @@ class Outbox:
             return
         self.engine.observe(item.connector, PullResult([obs], cursor=None), advance=False)
         with self.store.tx() as tx:
-            tx.outbox_retry(item.connector, item.appointment_id, time.time(), "precondition failed; re-merged", strike=True)
             if item.strikes + 1 >= self.cfg.max_attempts:
                 tx.outbox_dead(item.connector, item.appointment_id, "precondition kept failing")
+            else:
+                tx.outbox_retry(item.connector, item.appointment_id, time.time(), "precondition failed; re-merged", strike=True)
 
     def _retry(self, item: OutboxItem, err: BaseException, retry_after: float | None, report: ApplyReport, *, strike: bool = False) -> None:
         """Try again after the backoff; a ``strike`` (not transient) dead-letters at ``max_attempts``."""

@@ -37,12 +37,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .errors import StoreError
 
-__all__ = ["DAEMON_LOCK", "WRITE_LOCK", "PgConnection", "is_url", "redacted", "to_postgresql"]
+__all__ = ["DAEMON_LOCK", "WORKER_LOCK", "WRITE_LOCK", "PgConnection", "is_url", "redacted", "to_postgresql"]
 
 #: advisory lock keys (one namespace per database): every write transaction holds the first; the
-#: daemon holds the second for its whole life (instance_lock.py), as it holds a flock on SQLite
+#: second was the one daemon's of the releases before workers, taken alone; every worker now holds
+#: it shared, so a daemon of an earlier release and workers never run on one database at once
 WRITE_LOCK = (0x73796E63, 1)
 DAEMON_LOCK = (0x73796E63, 2)
+#: the first key of each worker's lock, held for its whole life; the second is ``hashtext`` of its
+#: name: several workers share a database, two of one name never run at once (instance_lock.py)
+WORKER_LOCK = 0x73796E64
 
 _SCHEMES = ("postgresql://", "postgres://")
 #: a server that stops answering (a machine lost) is given up on within about 25 s

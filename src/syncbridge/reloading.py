@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 __all__ = ["RESTART_KEYS", "Reload", "effects"]
 
 #: settings the running process cannot take up: the listener is bound, the store opened
-RESTART_KEYS = ("http.enabled", "http.host", "http.port", "http.public_url", "store.cache_mb")
+RESTART_KEYS = ("http.enabled", "http.host", "http.port", "http.public_url", "store.cache_mb", "store.worker", "store.lease_seconds")
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,8 @@ from .connector import Connector
 from .engine import Engine, ObserveReport
 from .anchors import EVENT, append_anchor, make_anchor
 from .errors import AuthError, ConfigError, RateLimited, SyncbridgeError, TransientError, error_kind
-from .instance_lock import hold_store_lock, release
+from .instance_lock import hold_store_lock, release, worker_name
+from .leases import PRACTICE_JOBS, Leases
 from .logging import configure
 from .reloading import effects
 from .host import DaemonHost, Vault
@@ -75,6 +76,18 @@ class Daemon:
         self.publisher = Publisher(self.store, self.connectors, config)
         self.slots = SlotWriter(self.store, self.connectors, config)
         self.confirmer = Confirmer(self.engine)
+        #: this worker's name and its leases: with several workers on one PostgreSQL database, each
+        #: works on the connectors (and the practice's jobs) it holds a lease for (leases.py)
+        self.worker = worker_name(config.store)
+        if self.store.engine == "postgresql":
+            self.store.worker = self.worker
+        self.leases = Leases(self.store, self.worker, config.store.lease_seconds, [*self.connectors, PRACTICE_JOBS])
+        self.leases.gained.append(self._gained)
+        #: push channels being set up for connectors taken over
+        self._maintaining: set[asyncio.Task[None]] = set()
+        self.leases.busy = self._pulling
+        self.outbox.may = self.leases.holds
+        self.outbox.lease_seconds = config.store.lease_seconds
         self.vault = Vault(self.store, config.store.secret_key)
         #: connectors a push hint or webhook asked to pull; drained by ``wake_loop``
         self.woken: set[str] = set()
@@ -133,6 +146,32 @@ class Daemon:
             url = f"{base.rstrip('/')}/webhooks/{name}" if base else None
             connector.host = DaemonHost(name, self.store, self.vault, url, self.wake)
 
+    def _pulling(self, name: str) -> bool:
+        lock = self._pull_lock.get(name)
+        return lock is not None and lock.locked()
+
+    def _gained(self, name: str) -> None:
+        """This worker took over ``name``: its notifications and a pull now, its push channels; the
+        practice's jobs: bulk operations left unfinished, and every directory date looked at."""
+        if name == PRACTICE_JOBS:
+            if resumed := resume_operations(self.engine):
+                log.info("bulk_operations_resumed", operations=resumed)
+            self.publisher.note_everything(look=True)
+            self.availability_due.set()
+        elif name in self.connectors:
+            self.wake(name)
+            if self.ready.is_set():  # at start the scheduled maintenance does it, once the listener is up
+                task = asyncio.get_running_loop().create_task(self._maintain_one(name))
+                self._maintaining.add(task)
+                task.add_done_callback(self._maintaining.discard)
+        self.poke.set()
+
+    def _shared_inbox(self) -> None:
+        """Notifications another worker received for a connector this one holds."""
+        for name in self.store.inbox_connectors():
+            if name in self.connectors and self.leases.holds(name) and self.read_backoff.wait(name) <= 0:
+                self.wake(name)
+
     def wake(self, name: str) -> None:
         """A push hint for ``name``: process its inbox and pull soon (many hints, one pull)."""
         self.woken.add(name)
@@ -159,6 +198,8 @@ class Daemon:
                     await self.process_inbox(name)
 
     async def process_inbox(self, name: str) -> None:
+        if not self.leases.holds(name):  # stored: the connector's lease holder processes them
+            return
         connector = self.connectors[name]
         pending = self.store.inbox_pending(name)
         targets: list[str] = []
@@ -207,13 +248,19 @@ class Daemon:
             if self.http is None or self.http.started or self.stopping.is_set():
                 break
             await asyncio.sleep(0.1)
-        for name, connector in list(self.connectors.items()):
-            try:
-                await connector.maintain()
-            except SyncbridgeError as err:
-                log.warning("maintain_failed", connector=name, kind=error_kind(err))
-            except Exception:
-                log.exception("maintain_unexpected", connector=name)
+        for name in list(self.connectors):
+            await self._maintain_one(name)
+
+    async def _maintain_one(self, name: str) -> None:
+        connector = self.connectors.get(name)
+        if connector is None or not self.leases.holds(name):
+            return
+        try:
+            await connector.maintain()
+        except SyncbridgeError as err:
+            log.warning("maintain_failed", connector=name, kind=error_kind(err))
+        except Exception:
+            log.exception("maintain_unexpected", connector=name)
 
     async def availability_loop(self) -> None:
         """Keep every directory date converged to its wanted slots (publisher.py, slot_writer.py).
@@ -226,7 +273,7 @@ class Daemon:
         while not self.stopping.is_set():
             cfg = self.config.availability
             self.availability_due.clear()  # a change during this run triggers the next one
-            if self.publisher.active():
+            if self.publisher.active() and self.leases.holds(PRACTICE_JOBS):
                 try:
                     now = time.time()
                     if self.publisher.busy_read_at is None or now - self.publisher.busy_read_at >= cfg.busy_refresh_interval:
@@ -266,7 +313,7 @@ class Daemon:
     async def poll(self, name: str, full: bool = False, accounts: frozenset[str] | None = None) -> None:
         """Pull ``name`` now, or, while it is backing off, once the backoff ends (then every account:
         what a push named is read with the rest). ``accounts``: only these (a push named them)."""
-        if name not in self.connectors:
+        if name not in self.connectors or not self.leases.holds(name):
             return
         if self.read_backoff.wait(name) > 0:
             self._owe(name, full)
@@ -366,12 +413,14 @@ class Daemon:
         while not self.stopping.is_set():
             try:
                 await self.outbox.drain()
-                if not self.outbox.halt.is_set():
+                if not self.outbox.halt.is_set() and self.leases.holds(PRACTICE_JOBS):
                     await self.confirmer.run()  # pending directory bookings the record system now holds
             except Exception:
                 log.exception("outbox_unexpected")
             next_due = self.store.outbox_next_due()
             wait = 1.0 if next_due is None else min(1.0, max(0.0, next_due - time.time()))
+            if not self.leases.single:  # the write due first may be another worker's: look again soon, not at once
+                wait = max(wait, 0.25)
             self.poke.clear()
             try:
                 await asyncio.wait_for(self.poke.wait(), timeout=wait)
@@ -401,6 +450,8 @@ class Daemon:
     def anchor(self) -> None:
         """Sign the audit chain's head and keep it outside the store (anchors.py): the journal, and the
         anchor file when one is set. Nothing is written while the head has not moved."""
+        if not self.leases.holds(PRACTICE_JOBS):
+            return
         head = self.store.audit_head()
         if head is None or head == self._anchored:
             return
@@ -481,6 +532,7 @@ class Daemon:
         self.connectors = build_connectors(new)
         self.engine.connectors = self.connectors
         self.engine.config = new
+        self.leases.set_names([*self.connectors, PRACTICE_JOBS])
         self.publisher.connectors, self.publisher.config = self.connectors, new
         self.slots.reconfigure(self.connectors, new)
         self.publisher.note_everything(look=True)  # a location or a rule may have changed: look at every date
@@ -504,12 +556,14 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        if resumed := resume_operations(self.engine):  # bulk operations a stop interrupted
+        if self.leases.single and (resumed := resume_operations(self.engine)):  # bulk operations a stop interrupted
             log.info("bulk_operations_resumed", operations=resumed)
+        self.leases.tick()  # several workers: take a share of the leases before the first polls
         self.schedule()
         self.scheduler.start()
         worker = asyncio.create_task(self.outbox_loop())
-        helpers = [asyncio.create_task(self.wake_loop()), asyncio.create_task(self.availability_loop())]
+        helpers = [asyncio.create_task(self.wake_loop()), asyncio.create_task(self.availability_loop()),
+                   asyncio.create_task(self.leases.run(self.stopping, every=self._shared_inbox))]
         server_task = None
         if self.config.http.enabled:
             from .http import build_app
@@ -553,6 +607,10 @@ class Daemon:
         for c in self.connectors.values():
             await c.close()
         self.anchor()
+        try:
+            self.leases.release_all()  # the other workers take over at once, not after the expiry
+        except Exception as err:
+            log.warning("lease_release_failed", problem=str(err)[:300])
         self.store.close()
         release(self._instance_lock)
 

@@ -245,6 +245,10 @@ class Store:
         its secret reference)."""
         self._migrate = migrate
         self._checkpointer: Checkpointer | None = None
+        #: the worker this store object works for when several share a PostgreSQL database (None: the
+        #: only one, as on SQLite, or a CLI command): the outbox's records of a write then hold only
+        #: for rows the worker still leases (Tx.outbox_done, outbox_retry, outbox_dead)
+        self.worker: str | None = None
         if is_url(str(path)):
             self.engine = "postgresql"
             self.path = Path()
@@ -484,6 +488,95 @@ class Store:
             (now, connector, depth),
         ).fetchall()
         return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows]
+
+    # --- leases: several workers on one PostgreSQL database (docs/postgresql.md, Workers) ---------
+    # Each is a statement of its own, outside the store's write transactions (which serialise every
+    # writer): claims skip rows another worker's claim holds this instant (FOR UPDATE SKIP LOCKED).
+
+    def claim_writes(self, worker: str | None, connector: str, limit: int, now: float, until: float) -> list[OutboxItem]:
+        """Up to ``limit`` of ``connector``'s due writes, leased to ``worker`` until ``until``: rows
+        free, expired or its own already (renewed). Without a worker (SQLite: one daemon) the due
+        writes, as :meth:`outbox_due`."""
+        if worker is None or self.engine != "postgresql":
+            return self.outbox_due(now, limit, connector)
+        rows = self.conn.execute(
+            "UPDATE outbox SET leased_by = ?, lease_until = ? WHERE (connector, appt) IN (SELECT connector, appt FROM outbox "
+            "WHERE connector = ? AND dead = 0 AND due_at <= ? AND (leased_by IS NULL OR lease_until < ? OR leased_by = ?) "
+            "ORDER BY due_at LIMIT ? FOR UPDATE SKIP LOCKED) "
+            "RETURNING connector, appointment_id, target_version, due_at, attempts, last_error, dead, strikes",
+            (worker, until, connector, now, now, worker, limit),
+        ).fetchall()
+        return sorted((OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7]) for r in rows), key=lambda i: i.due_at)
+
+    def claim_writes_per_account(self, worker: str | None, connector: str, depth: int, now: float, until: float) -> list[OutboxItem]:
+        """:meth:`outbox_due_per_account`, each row leased to ``worker`` until ``until`` (as :meth:`claim_writes`)."""
+        if worker is None or self.engine != "postgresql":
+            return self.outbox_due_per_account(now, connector, depth)
+        rows = self.conn.execute(
+            "UPDATE outbox SET leased_by = ?, lease_until = ? WHERE (connector, appt) IN (SELECT connector, appt FROM outbox "
+            "WHERE (connector, appt) IN (SELECT connector, appt FROM ("
+            "SELECT o.connector, o.appt, row_number() OVER (PARTITION BY coalesce(a.clinician, '') ORDER BY o.due_at) AS turn "
+            "FROM outbox o LEFT JOIN appointments a ON a.key = o.appt WHERE o.dead = 0 AND o.due_at <= ? AND o.connector = ? "
+            "AND (o.leased_by IS NULL OR o.lease_until < ? OR o.leased_by = ?)) AS turns WHERE turn <= ?) "
+            "FOR UPDATE SKIP LOCKED) "
+            "RETURNING connector, appointment_id, target_version, due_at, attempts, last_error, dead, strikes, "
+            "coalesce((SELECT a.clinician FROM appointments a WHERE a.key = outbox.appt), '')",
+            (worker, until, now, connector, now, worker, depth),
+        ).fetchall()
+        items = [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows]
+        return sorted(items, key=lambda i: i.due_at)
+
+    def leases(self) -> list[tuple[str, str | None, float]]:
+        """Every lease: (name, worker holding it or None, until when). Connectors by their name, jobs
+        as ``job:NAME``, each live worker's heartbeat as ``worker:NAME``."""
+        return [(r[0], r[1], r[2]) for r in self.conn.execute("SELECT name, leased_by, lease_until FROM leases ORDER BY name")]
+
+    def lease_beat(self, worker: str, until: float) -> None:
+        """``worker`` is alive until ``until`` (its heartbeat row; renewed with its leases)."""
+        self.conn.execute(
+            "INSERT INTO leases (name, leased_by, lease_until) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET leased_by = excluded.leased_by, lease_until = excluded.lease_until",
+            (f"worker:{worker}", worker, until),
+        )
+
+    def lease_claim(self, worker: str, names: Sequence[str], limit: int, now: float, until: float) -> list[str]:
+        """Claim up to ``limit`` of ``names`` that are free or expired for ``worker``; the names it got."""
+        if not names or limit <= 0:
+            return []
+        self.conn.executemany(
+            "INSERT INTO leases (name, leased_by, lease_until) VALUES (?, NULL, 0) ON CONFLICT (name) DO NOTHING", [(n,) for n in names]
+        )
+        marks = ",".join("?" * len(names))
+        rows = self.conn.execute(
+            f"UPDATE leases SET leased_by = ?, lease_until = ? WHERE name IN (SELECT name FROM leases WHERE name IN ({marks}) "
+            "AND (leased_by IS NULL OR lease_until < ?) ORDER BY lease_until, name LIMIT ? FOR UPDATE SKIP LOCKED) RETURNING name",
+            (worker, until, *names, now, limit),
+        ).fetchall()
+        return sorted(r[0] for r in rows)
+
+    def lease_renew(self, worker: str, until: float, now: float) -> None:
+        """Extend every lease ``worker`` holds and has not let expire, its claimed outbox rows too, in one statement."""
+        self.conn.execute(
+            "WITH writes AS (UPDATE outbox SET lease_until = ? WHERE leased_by = ? AND lease_until >= ? RETURNING appt) "
+            "UPDATE leases SET lease_until = ? WHERE leased_by = ? AND lease_until >= ?",
+            (until, worker, now, until, worker, now),
+        )
+
+    def lease_release(self, worker: str, names: Sequence[str] | None = None) -> None:
+        """Give up ``names`` (None: everything ``worker`` holds, its outbox rows and heartbeat too:
+        a worker stopping cleanly hands its work over at once rather than after the expiry)."""
+        if names is None:
+            self.conn.execute("UPDATE outbox SET leased_by = NULL, lease_until = NULL WHERE leased_by = ?", (worker,))
+            self.conn.execute("UPDATE leases SET leased_by = NULL, lease_until = 0 WHERE leased_by = ?", (worker,))
+            return
+        self.conn.executemany(
+            "UPDATE leases SET leased_by = NULL, lease_until = 0 WHERE name = ? AND leased_by = ?", [(n, worker) for n in names]
+        )
+
+    def inbox_connectors(self) -> list[str]:
+        """Connectors with notifications waiting (stored by whichever worker received them)."""
+        sql = "SELECT DISTINCT connector FROM webhook_inbox WHERE processed_at IS NULL ORDER BY connector"
+        return [r[0] for r in self.conn.execute(sql)]
 
     def outbox_due_connectors(self, now: float) -> list[str]:
         """Connectors with at least one write due now."""

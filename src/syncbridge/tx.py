@@ -250,12 +250,24 @@ class Tx:
         )
         return cur.rowcount > 0
 
+    def _held(self) -> tuple[str, tuple[str, ...]]:
+        """The condition a worker's record of a write adds when several workers share the store: the
+        row is still leased to it (a worker whose lease was taken over records nothing; the new
+        holder decides again from the copy as it is). None with one worker (SQLite, the CLI)."""
+        worker = self.store.worker
+        return (" AND leased_by = ?", (worker,)) if worker is not None else ("", ())
+
     def outbox_done(self, connector: str, appointment_id: str, version: int) -> None:
         """Remove the item unless a newer version was enqueued meanwhile."""
         self.flush()
         key = self._key_of(appointment_id)
-        if self.conn.execute("DELETE FROM outbox WHERE connector = ? AND appt = ? AND target_version <= ?", (connector, key, version)).rowcount:
+        held, holder = self._held()
+        done = f"DELETE FROM outbox WHERE connector = ? AND appt = ? AND target_version <= ?{held}"
+        if self.conn.execute(done, (connector, key, version, *holder)).rowcount:
             return
+        if held:  # a newer version stays queued: free for the next claim at once
+            free = f"UPDATE outbox SET leased_by = NULL, lease_until = NULL WHERE connector = ? AND appt = ?{held}"
+            self.conn.execute(free, (connector, key, *holder))
         # a newer version stays queued: this write landed, so the failures before it no longer count
         self.conn.execute(
             "UPDATE outbox SET attempts = 0, strikes = 0, last_error = NULL WHERE connector = ? AND appt = ? AND attempts > 0", (connector, key)
@@ -264,9 +276,12 @@ class Tx:
     def outbox_retry(self, connector: str, appointment_id: str, due_at: float, error: str, *, strike: bool = False) -> None:
         """Try again at ``due_at``; a ``strike`` (a failure that is not transient) counts towards dead-lettering."""
         self.flush()
+        held, holder = self._held()
+        lease = ", leased_by = NULL, lease_until = NULL" if held else ""
         self.conn.execute(
-            "UPDATE outbox SET attempts = attempts + 1, strikes = strikes + ?, due_at = ?, last_error = ? WHERE connector = ? AND appt = ?",
-            (int(strike), due_at, error, connector, self._key_of(appointment_id)),
+            f"UPDATE outbox SET attempts = attempts + 1, strikes = strikes + ?, due_at = ?, last_error = ?{lease} "
+            f"WHERE connector = ? AND appt = ?{held}",
+            (int(strike), due_at, error, connector, self._key_of(appointment_id), *holder),
         )
 
     def outbox_now(self, connector: str, appointment_id: str, version: int, now: float) -> None:
@@ -321,9 +336,11 @@ class Tx:
 
     def outbox_dead(self, connector: str, appointment_id: str, error: str) -> None:
         self.flush()
+        held, holder = self._held()
+        lease = ", leased_by = NULL, lease_until = NULL" if held else ""
         self.conn.execute(
-            "UPDATE outbox SET dead = 1, attempts = attempts + 1, last_error = ? WHERE connector = ? AND appt = ?",
-            (error, connector, self._key_of(appointment_id)),
+            f"UPDATE outbox SET dead = 1, attempts = attempts + 1, last_error = ?{lease} WHERE connector = ? AND appt = ?{held}",
+            (error, connector, self._key_of(appointment_id), *holder),
         )
 
     def open_work(self, key: str, kind: str, instruction: str, at: str, connector: str | None = None, appointment_id: str | None = None) -> bool:

@@ -74,19 +74,33 @@ def test_the_password_comes_from_its_reference(postgres_cluster, tmp_path: Path)
         postgres_cluster.drop(url)
 
 
-def test_one_daemon_per_database(postgres_cluster) -> None:  # type: ignore[no-untyped-def]
-    """A second daemon on the same database is refused, naming the first; the lock goes with the first's connection."""
+def test_one_daemon_per_worker_name(postgres_cluster) -> None:  # type: ignore[no-untyped-def]
+    """A second daemon of the same worker name is refused, naming the first; another name runs beside it; the lock goes with the connection."""
     from syncbridge.instance_lock import hold_store_lock, release, store_daemon_pid
+    import psycopg
+
+    from syncbridge.pg import DAEMON_LOCK
 
     url = postgres_cluster.database()
-    cfg = _config(f"  url: {url}\n")
+    cfg = _config(f"  url: {url}\n  worker: w1\n")
+    other = _config(f"  url: {url}\n  worker: w2\n")
     try:
         assert store_daemon_pid(cfg.store) is None
         first = hold_store_lock(cfg.store)
         assert store_daemon_pid(cfg.store) == os.getpid()
-        with pytest.raises(StoreError, match=rf"another syncbridge daemon \(syncbridge daemon pid {os.getpid()} on .+\) is already running"):
+        with pytest.raises(StoreError, match=rf"another syncbridge daemon \(syncbridge pid {os.getpid()} on .+ worker w1\) is already running as worker w1"):
             hold_store_lock(cfg.store)
+        second = hold_store_lock(other.store)
         release(first)
+        assert store_daemon_pid(cfg.store) == os.getpid()  # w2 still runs
+        release(second)
+        assert store_daemon_pid(cfg.store) is None
+        release(hold_store_lock(cfg.store))
+        old = psycopg.connect(url, autocommit=True)  # a daemon of the release before workers: the one lock, taken alone
+        old.execute(f"SELECT pg_advisory_lock({DAEMON_LOCK[0]}, {DAEMON_LOCK[1]})")
+        with pytest.raises(StoreError, match="a syncbridge daemon of an earlier release"):
+            hold_store_lock(cfg.store)
+        old.close()
         release(hold_store_lock(cfg.store))
     finally:
         postgres_cluster.drop(url)
