@@ -22,7 +22,7 @@ class AccountTurns:
     (or sooner, once every account's share was handed out)."""
 
     def __init__(
-        self, store: Store, connector: str, *, size: int, per_account: int, refresh: float = 0.5, lease_seconds: float = 30.0,
+        self, store: Store, connector: str, *, size: int, per_account: int, refresh: float = 0.5, lease_seconds: float = 25.0,
     ) -> None:
         self.store, self.connector, self.size, self.per_account, self.refresh = store, connector, size, per_account, refresh
         #: how long the writes read stay this worker's (several workers on PostgreSQL claim them)

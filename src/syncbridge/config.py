@@ -79,7 +79,7 @@ class StoreConfig(_Strict):
     worker: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:@-]{1,40}$")
     #: seconds a worker's leases (connectors, claimed writes) last unless renewed (every third of
     #: it): a worker killed or cut off has its work taken over within this plus one second
-    lease_seconds: float = Field(30.0, ge=2, le=600)
+    lease_seconds: float = Field(25.0, ge=2, le=600)
 
     @field_validator("url")
     @classmethod

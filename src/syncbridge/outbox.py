@@ -87,7 +87,7 @@ class Outbox:
         #: whether this worker may write to a connector now (it holds the connector's lease; with one
         #: worker, always), and how long a claimed write stays its own (runtime.py, leases.py)
         self.may: Callable[[str], bool] = lambda _name: True
-        self.lease_seconds = 30.0
+        self.lease_seconds = 25.0
 
     async def drain(self) -> ApplyReport:
         """Apply every due item, including items that fall due through re-merges meanwhile."""
