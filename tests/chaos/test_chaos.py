@@ -288,48 +288,9 @@ def _chaos(
 
     # --- quiescence: every system agrees with the canonical record ----------------------------
     def problems() -> list[str]:
-        out: list[str] = []
         if not settled():
             return ["outbox not empty"]
-        booked_ids = []
-        for name, ext in bookings:
-            link = watch.link_by_external(name, ext)
-            if link is None:
-                out.append(f"booking {ext} in {name} never reached the record")
-                continue
-            booked_ids.append(link.appointment_id)
-            if (name, ext) in client_cancelled:
-                cancelled.add(link.appointment_id)
-        for appt in ids + booked_ids:
-            record = watch.appointment(appt)
-            assert record is not None
-            if appt in cancelled and not record.cancelled:
-                out.append(f"lost cancellation of {appt}")
-            in_record = [lk.connector for lk, _ in watch.links_for(appt) if roles.get(lk.connector) == Role.RECORD and lk.external_id]
-            if record.cancelled and in_record and record.fields.get("billing") not in (Billing.SUPPRESSED, Billing.FEE_SELF_PAY, Billing.NEEDS_VOID):
-                # (a session cancelled before it ever reached the EHR has nothing there to bill)
-                out.append(f"{appt} cancelled but billing {record.fields.get('billing')} in {in_record}")
-            for name, sandbox in sandboxes.items():
-                copy = linked(appt, name)
-                if sandbox.look is None or copy is None:
-                    continue
-                seen = asyncio.run(sandbox.look(copy))
-                if record.cancelled and seen.state == "live":
-                    out.append(f"{appt} cancelled but live in {name}")
-                if not record.cancelled and (seen.state != "live" or seen.start != record.start):
-                    out.append(f"{appt} in {name}: {seen.state} at {seen.start}, record says {record.start}")
-        if ehr is not None:
-            out += _billing_problems(sandboxes[ehr], watch, ehr)
-        for name, sandbox in sandboxes.items():
-            if sandbox.live_ids is None:
-                continue
-            for ext in asyncio.run(sandbox.live_ids()):
-                link = watch.link_by_external(name, ext)
-                if link is None:
-                    out.append(f"{name} has an event no appointment owns (a duplicate): {ext}")
-                elif (rec := watch.appointment(link.appointment_id)) is not None and rec.cancelled:
-                    out.append(f"{name} still shows cancelled {link.appointment_id} as {ext}")
-        return out
+        return disagreements(watch, sandboxes, roles, ehr, ids, bookings, client_cancelled, cancelled)
 
     deadline = time.monotonic() + 240
     found = problems()
@@ -349,6 +310,57 @@ def _chaos(
         [sys.executable, "-m", "syncbridge.cli", "audit", "--verify", "--config", str(path)], cwd=ROOT, capture_output=True, text=True,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def disagreements(
+    watch: Store, sandboxes: dict[str, Any], roles: dict[str, Role], ehr: str | None, ids: list[str],
+    bookings: list[tuple[str, str]], client_cancelled: set[tuple[str, str]], cancelled: set[str],
+) -> list[str]:
+    """Where a system and the canonical record disagree once the outbox is empty: a booking that
+    never reached the record, a lost cancellation, a cancelled session still billable in the EHR or
+    live in a system, a live copy at another time, an event no appointment owns (a duplicate).
+    ``cancelled`` gains the sessions the clients cancelled through a system (``client_cancelled``)."""
+    out: list[str] = []
+    booked_ids = []
+    for name, ext in bookings:
+        link = watch.link_by_external(name, ext)
+        if link is None:
+            out.append(f"booking {ext} in {name} never reached the record")
+            continue
+        booked_ids.append(link.appointment_id)
+        if (name, ext) in client_cancelled:
+            cancelled.add(link.appointment_id)
+    for appt in ids + booked_ids:
+        record = watch.appointment(appt)
+        assert record is not None
+        if appt in cancelled and not record.cancelled:
+            out.append(f"lost cancellation of {appt}")
+        in_record = [lk.connector for lk, _ in watch.links_for(appt) if roles.get(lk.connector) == Role.RECORD and lk.external_id]
+        if record.cancelled and in_record and record.fields.get("billing") not in (Billing.SUPPRESSED, Billing.FEE_SELF_PAY, Billing.NEEDS_VOID):
+            # (a session cancelled before it ever reached the EHR has nothing there to bill)
+            out.append(f"{appt} cancelled but billing {record.fields.get('billing')} in {in_record}")
+        for name, sandbox in sandboxes.items():
+            link = watch.link(name, appt)
+            copy = link.external_id if link is not None and not link.gone else None
+            if sandbox.look is None or copy is None:
+                continue
+            seen = asyncio.run(sandbox.look(copy))
+            if record.cancelled and seen.state == "live":
+                out.append(f"{appt} cancelled but live in {name}")
+            if not record.cancelled and (seen.state != "live" or seen.start != record.start):
+                out.append(f"{appt} in {name}: {seen.state} at {seen.start}, record says {record.start}")
+    if ehr is not None:
+        out += _billing_problems(sandboxes[ehr], watch, ehr)
+    for name, sandbox in sandboxes.items():
+        if sandbox.live_ids is None:
+            continue
+        for ext in asyncio.run(sandbox.live_ids()):
+            link = watch.link_by_external(name, ext)
+            if link is None:
+                out.append(f"{name} has an event no appointment owns (a duplicate): {ext}")
+            elif (rec := watch.appointment(link.appointment_id)) is not None and rec.cancelled:
+                out.append(f"{name} still shows cancelled {link.appointment_id} as {ext}")
+    return out
 
 
 def _serves(cfg: Any, name: str, appt: str, store: Store) -> bool:

@@ -33,9 +33,9 @@ from syncbridge.config import load_config
 from syncbridge.demo import sandbox_config
 from syncbridge.emulation import free_port
 from syncbridge.engine import Engine
-from syncbridge.model import Billing, Role, empty_snapshot, iso, new_canonical_id
+from syncbridge.model import Role, empty_snapshot, iso, new_canonical_id
 from syncbridge.registry import build_connectors, connector_class
-from tests.chaos.test_chaos import _billing_problems, _seed_billing
+from tests.chaos.test_chaos import _seed_billing, disagreements
 from tests.support.daemon import ROOT, DaemonProcess
 
 pytestmark = pytest.mark.slow
@@ -250,42 +250,7 @@ def _chaos(tmp: Path, sandboxes: dict[str, Any], rng: random.Random, cfg: Any, p
     def problems() -> list[str]:
         if not settled():
             return ["outbox not empty"]
-        out: list[str] = []
-        booked: list[str] = []
-        for name, ext in bookings:
-            link = watch.link_by_external(name, ext)
-            if link is None:
-                out.append(f"booking {ext} in {name} never reached the record")
-                continue
-            booked.append(link.appointment_id)
-            if (name, ext) in client_cancelled:
-                cancelled.add(link.appointment_id)
-        for appt in ids + booked:
-            record = watch.appointment(appt)
-            assert record is not None
-            if appt in cancelled and not record.cancelled:
-                out.append(f"lost cancellation of {appt}")
-            in_record = [lk.connector for lk, _ in watch.links_for(appt) if roles.get(lk.connector) == Role.RECORD and lk.external_id]
-            if record.cancelled and in_record and record.fields.get("billing") not in (Billing.SUPPRESSED, Billing.FEE_SELF_PAY, Billing.NEEDS_VOID):
-                out.append(f"{appt} cancelled but billing {record.fields.get('billing')} in {in_record}")
-            for name, sandbox in sandboxes.items():
-                copy = linked(appt, name)
-                if sandbox.look is None or copy is None:
-                    continue
-                seen = asyncio.run(sandbox.look(copy))
-                if record.cancelled and seen.state == "live":
-                    out.append(f"{appt} cancelled but live in {name}")
-        out += _billing_problems(sandboxes[ehr], watch, ehr)
-        for name, sandbox in sandboxes.items():
-            if sandbox.live_ids is None:
-                continue
-            for ext in asyncio.run(sandbox.live_ids()):
-                link = watch.link_by_external(name, ext)
-                if link is None:
-                    out.append(f"{name} has an event no appointment owns (a duplicate): {ext}")
-                elif (rec := watch.appointment(link.appointment_id)) is not None and rec.cancelled:
-                    out.append(f"{name} still shows cancelled {link.appointment_id} as {ext}")
-        return out
+        return disagreements(watch, sandboxes, roles, ehr, ids, bookings, client_cancelled, cancelled)
 
     deadline = time.monotonic() + 90
     found = problems()
