@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -98,17 +98,7 @@ def _run(tmp: Path, sandboxes: dict[str, Any], rng: random.Random) -> None:
     holds_all = {n for n, c in connectors.items() if c.capabilities.accepts_new}  # a directory holds only its own bookings
     store = Store(cfg.store.path)
     engine = Engine(store, connectors, cfg)
-    today = datetime.now(NY).replace(hour=9, minute=0, second=0, microsecond=0)
-    ids: list[str] = []
-    for clinician in CLINICIANS:
-        for n in range(PER_CLINICIAN):
-            start = today + timedelta(days=1 + n // 4, hours=2 * (n % 4))
-            appt = new_canonical_id()
-            engine.change(appt, empty_snapshot() | {
-                "clinician": clinician, "client_key": f"k{len(ids)}", "start": iso(start), "end": iso(start + timedelta(minutes=50)),
-                "timezone": "America/New_York", "service_code": "90834", "location": "Room 1",
-            }, via="front-desk", kind="booked")
-            ids.append(appt)
+    today, ids = seed_sessions(engine, CLINICIANS, PER_CLINICIAN)
     store.close()
     for c in connectors.values():
         asyncio.run(c.close())
@@ -310,6 +300,23 @@ def _chaos(
         [sys.executable, "-m", "syncbridge.cli", "audit", "--verify", "--config", str(path)], cwd=ROOT, capture_output=True, text=True,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def seed_sessions(engine: Engine, clinicians: Iterable[str], per_clinician: int) -> tuple[datetime, list[str]]:
+    """Sessions booked at the front desk from tomorrow on, four a day per clinician, two hours apart
+    from 9:00 New York time: today's 9:00 and the appointment ids."""
+    today = datetime.now(NY).replace(hour=9, minute=0, second=0, microsecond=0)
+    ids: list[str] = []
+    for clinician in clinicians:
+        for n in range(per_clinician):
+            start = today + timedelta(days=1 + n // 4, hours=2 * (n % 4))
+            appt = new_canonical_id()
+            engine.change(appt, empty_snapshot() | {
+                "clinician": clinician, "client_key": f"k{len(ids)}", "start": iso(start), "end": iso(start + timedelta(minutes=50)),
+                "timezone": "America/New_York", "service_code": "90834", "location": "Room 1",
+            }, via="front-desk", kind="booked")
+            ids.append(appt)
+    return today, ids
 
 
 def disagreements(

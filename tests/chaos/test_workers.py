@@ -33,9 +33,9 @@ from syncbridge.config import load_config
 from syncbridge.demo import sandbox_config
 from syncbridge.emulation import free_port
 from syncbridge.engine import Engine
-from syncbridge.model import Role, empty_snapshot, iso, new_canonical_id
+from syncbridge.model import Role
 from syncbridge.registry import build_connectors, connector_class
-from tests.chaos.test_chaos import _seed_billing, disagreements
+from tests.chaos.test_chaos import _seed_billing, disagreements, seed_sessions
 from tests.support.daemon import ROOT, DaemonProcess
 
 pytestmark = pytest.mark.slow
@@ -87,17 +87,7 @@ def _run(tmp: Path, url: str, sandboxes: dict[str, Any], rng: random.Random) -> 
     holds_all = {n for n, c in connectors.items() if c.capabilities.accepts_new}
     watch = cfg.store.open()
     engine = Engine(watch, connectors, cfg)
-    today = datetime.now(NY).replace(hour=9, minute=0, second=0, microsecond=0)
-    ids: list[str] = []
-    for clinician in CLINICIANS:
-        for n in range(PER_CLINICIAN):
-            start = today + timedelta(days=1 + n // 4, hours=2 * (n % 4))
-            appt = new_canonical_id()
-            engine.change(appt, empty_snapshot() | {
-                "clinician": clinician, "client_key": f"k{len(ids)}", "start": iso(start), "end": iso(start + timedelta(minutes=50)),
-                "timezone": "America/New_York", "service_code": "90834", "location": "Room 1",
-            }, via="front-desk", kind="booked")
-            ids.append(appt)
+    today, ids = seed_sessions(engine, CLINICIANS, PER_CLINICIAN)
     for c in connectors.values():
         asyncio.run(c.close())
 
