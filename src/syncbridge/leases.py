@@ -8,11 +8,12 @@ what it holds every ``ttl / 3`` seconds in one statement, and a worker that stop
 cut off from the database) loses everything once it expires; the others look every
 :data:`TICK` seconds, so its work is taken over within ``ttl`` plus a tick.
 
-Work is shared out evenly: each worker holds at most its share (the leases over the live workers,
-rounded up; each live worker keeps a heartbeat lease ``worker:NAME``), claims free or expired
-leases up to it, and gives back one idle lease a tick while it holds more, or more than the share
-rounded down while another worker holds less than that (a worker joining takes its part within a
-few ticks).
+Connectors are shared out evenly: each worker holds at most its share (the connectors over the
+live workers, rounded up; each live worker keeps a heartbeat lease ``worker:NAME``), claims free or
+expired ones up to it, and gives back one idle connector a tick while it holds more, or more than
+the share rounded down while another worker holds less than that (a worker joining takes its part
+within a few ticks). The practice's jobs are light and not counted in the share: whichever worker
+finds their lease free takes it, so three workers and three connectors put one connector on each.
 
 On SQLite there is one worker (the store's file lock), which holds everything: no lease is
 written. A pull is leased per connector, not per account: a connector's cursor is one record
@@ -96,18 +97,23 @@ class Leases:
         for n in lost:
             log.warning("lease_lost", worker=self.worker, lease=n)
         self._held = dict(mine)
-        share, least = math.ceil(len(self.names) / len(live)), len(self.names) // len(live)
+        # the connectors are shared out; the practice's jobs are light and go to whoever finds them free
+        work = [n for n in self.names if n != PRACTICE_JOBS]
+        share, least = math.ceil(len(work) / len(live)), len(work) // len(live)
         counts = dict.fromkeys(live, 0)
         for name, holder, t in rows:
-            if holder in counts and t >= now and name in self.names:
+            if holder in counts and t >= now and name in work:
                 counts[holder] += 1
+        held_work = [n for n in mine if n != PRACTICE_JOBS]
         gained: list[str] = []
-        if len(mine) < share:
-            gained = self.store.lease_claim(self.worker, self.names, share - len(mine), now, until)
-            for n in gained:
-                self._held[n] = until
-        elif len(mine) > share or len(mine) > least and min(counts.values()) < least:
-            idle = [n for n in sorted(mine) if not self.busy(n)]
+        if len(held_work) < share:
+            gained = self.store.lease_claim(self.worker, work, share - len(held_work), now, until)
+        if PRACTICE_JOBS in self.names and PRACTICE_JOBS not in mine:
+            gained += self.store.lease_claim(self.worker, [PRACTICE_JOBS], 1, now, until)
+        for n in gained:
+            self._held[n] = until
+        if len(held_work) > share or len(held_work) > least and min(counts.values()) < least:
+            idle = [n for n in sorted(held_work) if not self.busy(n)]
             if idle:
                 self.store.lease_release(self.worker, [idle[-1]])
                 self._held.pop(idle[-1], None)
