@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timedelta
+from collections.abc import Iterable
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -52,6 +53,25 @@ def vm_hwm(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) // 1024
     return 0
+
+
+def seed(engine: Engine, names: Iterable[str], per_clinician: int, weeks: int = 0) -> int:
+    """The canonical record as the practice's EHR export would fill it, from next Monday:
+    ``per_clinician`` sessions for each clinician (or, if 0, ``weeks`` whole weeks); how many."""
+    monday = datetime.now(NY).date() + timedelta(days=7 - datetime.now(NY).weekday())
+    weeks = -(-per_clinician // len(SLOTS)) if per_clinician else weeks
+    slots = [(w, d, h) for w in range(weeks) for d, h in SLOTS][: per_clinician or None]
+    n = 0
+    for k in names:
+        for w, d, h in slots:
+            day = monday + timedelta(days=7 * w + d)
+            start = datetime(day.year, day.month, day.day, h, tzinfo=NY)
+            engine.change(new_canonical_id(), empty_snapshot() | {
+                "clinician": k, "client_key": f"c{n}", "start": iso(start), "end": iso(start + timedelta(minutes=50)),
+                "timezone": "America/New_York", "service_code": "90834",
+            }, via="import", kind="booked")
+            n += 1
+    return n
 
 
 def main() -> None:
@@ -95,21 +115,8 @@ def main() -> None:
         holds = [n for n, c in connectors.items() if c.capabilities.accepts_new]
         store = Store(cfg.store.path)
         engine = Engine(store, connectors, cfg)
-        # the canonical record as the practice's EHR export would fill it (not timed)
-        monday = datetime.now(NY).date() + timedelta(days=7 - datetime.now(NY).weekday())
         seeded = time.perf_counter()
-        n = 0
-        weeks = -(-args.per_clinician // len(SLOTS)) if args.per_clinician else args.weeks
-        slots = [(w, d, h) for w in range(weeks) for d, h in SLOTS][: args.per_clinician or None]
-        for k in names:
-            for w, d, h in slots:
-                day = monday + timedelta(days=7 * w + d)
-                start = datetime(day.year, day.month, day.day, h, tzinfo=NY)
-                engine.change(new_canonical_id(), empty_snapshot() | {
-                    "clinician": k, "client_key": f"c{n}", "start": iso(start), "end": iso(start + timedelta(minutes=50)),
-                    "timezone": "America/New_York", "service_code": "90834",
-                }, via="import", kind="booked")
-                n += 1
+        n = seed(engine, names, args.per_clinician, args.weeks)
         print(f"{n} appointments in the canonical record ({time.perf_counter() - seeded:.0f}s to seed, not timed); systems: {', '.join(sandboxes)}")
         store.close()
         for c in connectors.values():

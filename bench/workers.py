@@ -29,10 +29,8 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import yaml
 
@@ -44,15 +42,12 @@ from syncbridge.demo import sandbox_config  # noqa: E402
 from syncbridge.emulation import free_port  # noqa: E402
 from syncbridge.engine import Engine  # noqa: E402
 from syncbridge.logging import configure  # noqa: E402
-from syncbridge.model import empty_snapshot, iso, new_canonical_id  # noqa: E402
 from syncbridge.registry import build_connectors, connector_class  # noqa: E402
 from tests.support.daemon import DaemonProcess  # noqa: E402
 from tests.support.postgres import Cluster, find_binaries, unavailable  # noqa: E402
 
-NY = ZoneInfo("America/New_York")
-#: connector types with a ``write_batch`` option
-BATCHING = ("google_calendar", "microsoft365")
-SLOTS = [(d, h) for d in range(5) for h in (9, 10, 11, 13, 14, 15)][:26]  # 26 sessions a week, as bench/initial_sync.py
+from bench.initial_sync import BATCHING, seed  # noqa: E402
+
 TICK = os.sysconf("SC_CLK_TCK")
 #: the child processes run this checkout, whatever syncbridge the interpreter has installed
 ENV = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
@@ -82,24 +77,6 @@ def server_cpu(postmaster: int) -> float:
         if c[1] == str(postmaster):
             total += int(c[11]) + int(c[12])
     return total / TICK
-
-
-def seed(engine: Engine, names: dict[str, str], per_clinician: int) -> int:
-    """``per_clinician`` weekly sessions for each clinician in the canonical record, as an EHR export fills it."""
-    monday = datetime.now(NY).date() + timedelta(days=7 - datetime.now(NY).weekday())
-    weeks = -(-per_clinician // len(SLOTS))
-    slots = [(w, d, h) for w in range(weeks) for d, h in SLOTS][:per_clinician]
-    n = 0
-    for k in names:
-        for w, d, h in slots:
-            day = monday + timedelta(days=7 * w + d)
-            start = datetime(day.year, day.month, day.day, h, tzinfo=NY)
-            engine.change(new_canonical_id(), empty_snapshot() | {
-                "clinician": k, "client_key": f"c{n}", "start": iso(start), "end": iso(start + timedelta(minutes=50)),
-                "timezone": "America/New_York", "service_code": "90834",
-            }, via="import", kind="booked")
-            n += 1
-    return n
 
 
 def main() -> None:
